@@ -1,0 +1,117 @@
+//! `ferry content …`: export files from the library and verify chunks.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use ferry_site::api::{VerifyRequest, HASH_HEADER};
+use ferry_site::images::VerifyReport;
+use futures_util::StreamExt;
+use reqwest::Method;
+
+use crate::client::Client;
+use crate::output::{bytes, print_json, table};
+use crate::Global;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ContentCmd {
+    /// Rebuild a package's file from the library, byte for byte.
+    Export {
+        /// Package id.
+        id: String,
+        /// Where to write the file (replaced only once complete and verified).
+        #[arg(long)]
+        out: PathBuf,
+        /// Revision (default: the latest).
+        #[arg(long)]
+        revision: Option<u32>,
+    },
+    /// Re-hash stored chunks and report damaged ones (all packages, or one).
+    Verify {
+        /// Package id; the whole library when omitted.
+        id: Option<String>,
+    },
+}
+
+pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    match cmd {
+        ContentCmd::Export { id, out, revision } => export(&client, g, &id, &out, revision).await,
+        ContentCmd::Verify { id } => {
+            let report: VerifyReport = client
+                .json(client.request(Method::POST, "/content/verify").json(&VerifyRequest { id }))
+                .await?;
+            if g.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "checked {} chunks ({}) of {} package(s): {} damaged",
+                    report.chunks,
+                    bytes(report.bytes),
+                    report.packages.len(),
+                    report.damaged.len()
+                );
+                if !report.damaged.is_empty() {
+                    let mut t = table(&["CHUNK", "PROBLEM", "USED BY"]);
+                    for d in &report.damaged {
+                        let used = if d.used_by.is_empty() { "(unreferenced)".to_string() } else { d.used_by.join("\n") };
+                        t.add_row(vec![d.chunk.to_hex(), d.detail.clone(), used]);
+                    }
+                    println!("{t}");
+                }
+            }
+            if report.damaged.is_empty() {
+                Ok(())
+            } else {
+                bail!("{} damaged chunk(s) in the library", report.damaged.len())
+            }
+        }
+    }
+}
+
+async fn export(client: &Client, g: &Global, id: &str, out: &PathBuf, revision: Option<u32>) -> anyhow::Result<()> {
+    let mut req = client.request(Method::GET, &format!("/content/{id}/file"));
+    if let Some(r) = revision {
+        req = req.query(&[("revision", r)]);
+    }
+    let resp = client.send(req).await?;
+    let expected = resp
+        .headers()
+        .get(HASH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .context("the site sent no file hash")?;
+    let size = resp.content_length().unwrap_or(0);
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ferry-export-")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut written = 0u64;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| {
+            format!("the transfer of {id} stopped at byte {written} of {size}; `ferry content verify {id}` checks the library")
+        })?;
+        hasher.update(&chunk);
+        tmp.write_all(&chunk).with_context(|| format!("cannot write {}", tmp.path().display()))?;
+        written += chunk.len() as u64;
+    }
+    let got = hasher.finalize().to_hex().to_string();
+    if got != expected || written != size {
+        bail!("the rebuilt file does not match: {written} bytes with BLAKE3 {got}, expected {size} bytes with {expected}; {} was left as it was", out.display());
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(out).with_context(|| format!("cannot move the export into place at {}", out.display()))?;
+    if g.json {
+        print_json(&serde_json::json!({ "id": id, "path": out, "size": written, "blake3": got }))
+    } else {
+        println!("wrote {} ({}, blake3 {got})", out.display(), bytes(written));
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+//! `ferry image …`: import, list, show and remove OS images.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use ferry_site::api::ImportEvent;
+use ferry_site::catalog::{PackageSummary, PackageView, SourceState};
+use ferry_site::images::{ImportRequest, RemoveView};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+
+use crate::client::Client;
+use crate::output::{bytes, percent, print_json, table};
+use crate::Global;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ImageCmd {
+    /// Import a WIM file as a new package; prints its id.
+    Add {
+        /// The .wim file (on the site server's file system).
+        path: PathBuf,
+        /// Package name (default: the name of the WIM's first image).
+        #[arg(long)]
+        name: Option<String>,
+        /// Your organisation's version string.
+        #[arg(long)]
+        version: Option<String>,
+        /// Free-text comment.
+        #[arg(long)]
+        comment: Option<String>,
+        /// Import only this image index (Ferry exports it into a WIM of its
+        /// own; the source file is not modified).
+        #[arg(long)]
+        index: Option<u32>,
+    },
+    /// List the images in the library.
+    List,
+    /// Show one image: its WIM metadata and library figures.
+    Show {
+        /// Package id (from `ferry image list`).
+        id: String,
+    },
+    /// Remove an image; chunks nothing else uses are freed.
+    Remove {
+        /// Package id.
+        id: String,
+    },
+}
+
+pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    match cmd {
+        ImageCmd::Add {
+            path,
+            name,
+            version,
+            comment,
+            index,
+        } => add(&client, g, path, name, version, comment, index).await,
+        ImageCmd::List => {
+            let list: Vec<PackageSummary> = client.json(client.request(Method::GET, "/images")).await?;
+            if g.json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no images yet; add one with `ferry image add PATH`");
+                return Ok(());
+            }
+            let mut t = table(&["ID", "NAME", "VERSION", "REV", "IMAGES", "SIZE", "NEWLY STORED", "CREATED"]);
+            for p in &list {
+                t.add_row(vec![
+                    p.id.clone(),
+                    p.name.clone(),
+                    p.version.clone(),
+                    p.revision.to_string(),
+                    p.image_count.to_string(),
+                    bytes(p.size),
+                    bytes(p.new_bytes),
+                    p.created.clone(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        ImageCmd::Show { id } => {
+            let view: PackageView = client.json(client.request(Method::GET, &format!("/images/{id}"))).await?;
+            if g.json {
+                return print_json(&view);
+            }
+            print_view(&view);
+            Ok(())
+        }
+        ImageCmd::Remove { id } => {
+            let r: RemoveView = client.json(client.request(Method::DELETE, &format!("/images/{id}"))).await?;
+            if g.json {
+                return print_json(&r);
+            }
+            println!("removed {id}; freed {} chunks ({})", r.freed_chunks, bytes(r.freed_bytes));
+            Ok(())
+        }
+    }
+}
+
+async fn add(
+    client: &Client,
+    g: &Global,
+    path: PathBuf,
+    name: Option<String>,
+    version: Option<String>,
+    comment: Option<String>,
+    index: Option<u32>,
+) -> anyhow::Result<()> {
+    // The site reads the file itself: send an absolute path. A path that does
+    // not exist is still sent so the site explains it in one place.
+    let path = std::path::absolute(&path).with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
+    let req = ImportRequest {
+        path,
+        name,
+        version,
+        comment,
+        index,
+    };
+    let resp = client.send(client.request(Method::POST, "/images").json(&req)).await?;
+    let bar = ProgressBar::hidden();
+    if !g.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message("importing");
+    }
+    let mut stream = resp.bytes_stream();
+    let mut pending = Vec::new();
+    let mut outcome: Option<ImportEvent> = None;
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk.context("the site closed the connection during the import")?);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            match serde_json::from_slice::<ImportEvent>(&line).context("unexpected answer from the site")? {
+                ImportEvent::Progress(p) => {
+                    bar.set_length(p.total);
+                    bar.set_position(p.done);
+                }
+                other => outcome = Some(other),
+            }
+        }
+    }
+    bar.finish_and_clear();
+    match outcome {
+        Some(ImportEvent::Done { package }) => {
+            if g.json {
+                return print_json(&package);
+            }
+            let r = package.record.latest();
+            let st = r.map(|r| r.stats).unwrap_or_default();
+            println!("{}", package.record.id);
+            eprintln!(
+                "imported {} ({}): {} in {} chunks, {} newly stored, {} shared with the library ({})",
+                package.record.name,
+                package.record.id,
+                bytes(st.logical_bytes),
+                st.chunks,
+                bytes(st.new_bytes),
+                bytes(st.shared_bytes),
+                percent(st.shared_bytes, st.logical_bytes),
+            );
+            Ok(())
+        }
+        Some(ImportEvent::Failed { error }) => bail!("{error}"),
+        _ => bail!("the site ended the import without a result; see its log"),
+    }
+}
+
+fn print_view(v: &PackageView) {
+    let r = &v.record;
+    println!("{}  {}", r.id, r.name);
+    println!("  version     {}", if r.version.is_empty() { "-" } else { &r.version });
+    println!("  comment     {}", if r.comment.is_empty() { "-" } else { &r.comment });
+    println!("  created     {}", r.created);
+    let Some(rev) = r.latest() else { return };
+    let state = match v.source_state {
+        SourceState::Unchanged => "unchanged since import",
+        SourceState::Changed => "CHANGED since import (not picked up; import again to use it)",
+        SourceState::Missing => "missing",
+        SourceState::NotChecked => "not checked",
+    };
+    println!("  revision    {} of {}", rev.revision, r.revisions.len());
+    println!("  source      {} ({state})", rev.source.path);
+    println!("  source hash {}", rev.source.hash);
+    if let Some(i) = rev.exported_index {
+        println!("  index       {i} of the source, exported into a WIM of Ferry's own");
+    }
+    println!(
+        "  wim         {} image(s), {} compression, {} chunks, boot index {}",
+        rev.wim.image_count,
+        rev.wim.compression,
+        bytes(u64::from(rev.wim.chunk_size)),
+        rev.wim.boot_index
+    );
+    for f in &rev.files {
+        println!("  file        {} {} blake3 {}", f.path, bytes(f.size), f.hash);
+    }
+    let st = rev.stats;
+    println!(
+        "  library     {} logical in {} chunks from {} segments; {} newly stored ({} chunks), {} shared ({})",
+        bytes(st.logical_bytes),
+        st.chunks,
+        st.segments,
+        bytes(st.new_bytes),
+        st.new_chunks,
+        bytes(st.shared_bytes),
+        percent(st.shared_bytes, st.logical_bytes)
+    );
+    let mut t = table(&["INDEX", "NAME", "DESCRIPTION", "ARCH", "LANGUAGES", "BUILD", "EDITION", "FILES", "DIRS", "TOTAL BYTES"]);
+    for i in &rev.images {
+        t.add_row(vec![
+            i.index.to_string(),
+            i.name.clone(),
+            i.description.clone(),
+            i.architecture.clone(),
+            i.languages.join(","),
+            i.build.clone(),
+            i.edition.clone(),
+            i.file_count.to_string(),
+            i.dir_count.to_string(),
+            bytes(i.total_bytes),
+        ]);
+    }
+    println!("{t}");
+}

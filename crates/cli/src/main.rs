@@ -1,0 +1,95 @@
+//! `ferry`: the site server and every operator command.
+//!
+//! `Cli` → [`Command`] → one module per subcommand. Operator commands talk to
+//! a running site through its operator API ([`client`]); they never open the
+//! site's library themselves.
+
+mod client;
+mod content;
+mod image;
+mod output;
+mod site;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry: content-addressed distribution of Windows OS images.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, propagate_version = true)]
+struct Cli {
+    /// The site's data folder (from `ferry site init`); operator commands
+    /// read the API address and token from it.
+    #[arg(long, global = true, env = "FERRY_DATA")]
+    data: Option<PathBuf>,
+    /// Operator API URL (http://HOST:PORT), instead of reading it from --data.
+    #[arg(long, global = true, env = "FERRY_SITE")]
+    site: Option<String>,
+    /// Operator token, instead of reading it from --data.
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create or run a site server.
+    #[command(subcommand)]
+    Site(site::SiteCmd),
+    /// Import, list, show and remove OS images.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+    /// Export or verify stored content.
+    #[command(subcommand)]
+    Content(content::ContentCmd),
+}
+
+/// Options every operator command shares.
+pub(crate) struct Global {
+    pub(crate) data: Option<PathBuf>,
+    pub(crate) site: Option<String>,
+    pub(crate) token: Option<String>,
+    pub(crate) json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let global = Global {
+        data: cli.data,
+        site: cli.site,
+        token: cli.token,
+        json: cli.json,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Site(cmd) => site::run(cmd, &global).await,
+            Command::Image(cmd) => image::run(cmd, &global).await,
+            Command::Content(cmd) => content::run(cmd, &global).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

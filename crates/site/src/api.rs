@@ -1,0 +1,262 @@
+//! The operator API: JSON over HTTP, every route behind the operator token.
+//!
+//! | method | path | body / answer |
+//! |---|---|---|
+//! | GET | `/healthz` | `ok` (no token needed) |
+//! | GET | `/api/v1/images` | `[PackageSummary]` |
+//! | POST | `/api/v1/images` | `ImportRequest` → NDJSON `ImportEvent`s |
+//! | GET | `/api/v1/images/{id}` | `PackageView` |
+//! | DELETE | `/api/v1/images/{id}` | `RemoveView` |
+//! | GET | `/api/v1/content/{id}/file?revision=&path=` | the file's bytes; `x-ferry-blake3` header |
+//! | POST | `/api/v1/content/verify` | `VerifyRequest` → `VerifyReport` |
+//!
+//! Errors answer `{"error": "..."}` with 4xx for bad input, 5xx for site
+//! failures.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_store::Library;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::images::{self, ImageError, ImportRequest, Progress};
+use crate::catalog::PackageView;
+
+/// Header carrying the exported file's whole-file BLAKE3.
+pub const HASH_HEADER: &str = "x-ferry-blake3";
+/// Header carrying the exported file's path inside the package.
+pub const PATH_HEADER: &str = "x-ferry-path";
+/// Largest request body accepted (JSON requests are small).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// One line of the import response stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum ImportEvent {
+    /// Bytes processed so far.
+    Progress(Progress),
+    /// The package was added.
+    Done {
+        /// The new package.
+        package: Box<PackageView>,
+    },
+    /// The import failed; nothing was added.
+    Failed {
+        /// What went wrong, for the operator.
+        error: String,
+    },
+}
+
+/// Body of `POST /api/v1/content/verify`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    /// One package, or the whole library when absent.
+    pub id: Option<String>,
+}
+
+/// Query of `GET /api/v1/content/{id}/file`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct FileQuery {
+    /// Revision; the latest when absent.
+    pub revision: Option<u32>,
+    /// File path inside the package; the first file when absent.
+    pub path: Option<String>,
+}
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The content library.
+    pub lib: Arc<Library>,
+    /// The site's data folder.
+    pub data: PathBuf,
+    /// Site code for new package ids.
+    pub site_code: String,
+    /// BLAKE3 of the operator token (compared in constant time).
+    pub token_hash: blake3::Hash,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        let status = match &e {
+            ImageError::NoPackage(_) | ImageError::NoRevision { .. } => StatusCode::NOT_FOUND,
+            e if e.is_input() => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: e.to_string(),
+    }
+}
+
+/// Runs blocking library work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?.map_err(ApiError::from)
+}
+
+/// The router for the operator API.
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/images", get(list_images).post(add_image))
+        .route("/images/{id}", get(show_image).delete(remove_image))
+        .route("/content/{id}/file", get(export_file))
+        .route("/content/verify", post(verify))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .nest("/api/v1", api)
+        .with_state(state)
+}
+
+async fn authenticate(State(state): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // blake3::Hash compares in constant time.
+    match given {
+        Some(t) if blake3::hash(t.trim().as_bytes()) == state.token_hash => next.run(req).await,
+        _ => {
+            tracing::warn!(path = %req.uri().path(), "operator request refused: missing or wrong token");
+            ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "operator token missing or wrong (see operator.token in the site's data folder)".into(),
+            }
+            .into_response()
+        }
+    }
+}
+
+async fn list_images(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    Ok(Json(blocking(move || images::list(&lib)).await?).into_response())
+}
+
+async fn show_image(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    Ok(Json(blocking(move || images::show(&lib, &id)).await?).into_response())
+}
+
+async fn remove_image(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    let out = blocking(move || {
+        let r = images::remove(&lib, &id)?;
+        tracing::info!(package = %id, freed_bytes = r.freed_bytes, "package removed");
+        Ok(r)
+    })
+    .await?;
+    Ok(Json(out).into_response())
+}
+
+async fn verify(State(s): State<ApiState>, Json(req): Json<VerifyRequest>) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    Ok(Json(blocking(move || images::verify(&lib, req.id.as_deref())).await?).into_response())
+}
+
+fn ndjson_line<T: Serialize>(v: &T) -> Bytes {
+    let mut line = serde_json::to_vec(v).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn add_image(State(s): State<ApiState>, Json(req): Json<ImportRequest>) -> Result<Response, ApiError> {
+    if !req.path.is_absolute() {
+        return Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: format!("{}: the path must be absolute (the CLI makes it so)", req.path.display()),
+        });
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let lib = s.lib.clone();
+    tokio::task::spawn_blocking(move || {
+        let span = tracing::info_span!("import", path = %req.path.display());
+        let _g = span.enter();
+        let mut last_percent = u64::MAX;
+        let result = images::import(&lib, &s.data, &s.site_code, &req, |p| {
+            let percent = if p.total == 0 { 100 } else { p.done * 100 / p.total };
+            if percent != last_percent {
+                last_percent = percent;
+                // A slow reader only misses progress lines, never the result.
+                let _ = tx.try_send(ndjson_line(&ImportEvent::Progress(p)));
+            }
+        });
+        let event = match result {
+            Ok(view) => {
+                let st = view.record.latest().map(|r| r.stats).unwrap_or_default();
+                tracing::info!(package = %view.record.id, new_bytes = st.new_bytes, logical = st.logical_bytes, "image imported");
+                ImportEvent::Done { package: Box::new(view) }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "import failed");
+                ImportEvent::Failed { error: e.to_string() }
+            }
+        };
+        let _ = tx.blocking_send(ndjson_line(&event));
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+async fn export_file(State(s): State<ApiState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    let m = blocking(move || images::manifest(&lib, &id, q.revision, q.path.as_deref())).await?;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let lib = s.lib.clone();
+    let (size, hash, path) = (m.size, m.hash, m.path.clone());
+    tokio::task::spawn_blocking(move || {
+        for c in &m.chunks {
+            let item = lib.read_chunk(&c.id).map(Bytes::from).map_err(|e| {
+                tracing::error!(error = %e, file = %m.path, "export stopped");
+                std::io::Error::other(e.to_string())
+            });
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                break;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    headers.insert(HASH_HEADER, HeaderValue::from_str(&hash.to_hex()).map_err(internal)?);
+    if let Ok(v) = HeaderValue::from_str(&path) {
+        headers.insert(PATH_HEADER, v);
+    }
+    Ok((headers, Body::from_stream(stream)).into_response())
+}

@@ -1,0 +1,120 @@
+//! `site.toml`: the site server's configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the configuration inside the data folder.
+pub const CONFIG_FILE: &str = "site.toml";
+/// File name of the operator API token inside the data folder.
+pub const TOKEN_FILE: &str = "operator.token";
+/// Default address of the operator API.
+pub const DEFAULT_OPERATOR_LISTEN: &str = "127.0.0.1:4480";
+
+/// The site server's configuration, read from `DIR/site.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Three letters or digits that start every package id (`FRY00001`).
+    pub site_code: String,
+    /// The operator API (CLI, status page).
+    pub operator: OperatorConfig,
+}
+
+/// Where operators reach the site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Address the operator API listens on. Keep it on loopback unless a
+    /// TLS-terminating proxy stands in front; every request needs the token
+    /// in `operator.token`.
+    pub listen: SocketAddr,
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("{path} is not a valid site configuration: {detail}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the line and key).
+        detail: String,
+    },
+}
+
+impl SiteConfig {
+    /// The commented default written by `ferry site init`.
+    pub fn template(site_code: &str, listen: SocketAddr) -> String {
+        format!(
+            "# Ferry site server configuration.\n\
+             # Read by `ferry site serve --data DIR` and by the CLI to find the site.\n\
+             \n\
+             # Three letters or digits that start every package id (FRY00001).\n\
+             site_code = \"{site_code}\"\n\
+             \n\
+             [operator]\n\
+             # Address of the operator API (CLI, status page). Every request needs\n\
+             # the token in operator.token. Keep it on loopback unless a\n\
+             # TLS-terminating proxy stands in front.\n\
+             listen = \"{listen}\"\n"
+        )
+    }
+
+    /// Parses configuration text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: SiteConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let code_ok = cfg.site_code.len() == 3 && cfg.site_code.chars().all(|c| c.is_ascii_alphanumeric());
+        if !code_ok {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                detail: format!("site_code {:?} must be three letters or digits", cfg.site_code),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Reads `DIR/site.toml`.
+    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_back() {
+        let addr: SocketAddr = DEFAULT_OPERATOR_LISTEN.parse().unwrap();
+        let cfg = SiteConfig::parse(&SiteConfig::template("FRY", addr), Path::new("x")).unwrap();
+        assert_eq!(cfg.site_code, "FRY");
+        assert_eq!(cfg.operator.listen, addr);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_codes() {
+        let e = SiteConfig::parse("site_code = \"FRY\"\ncolour = 1\n[operator]\nlisten = \"127.0.0.1:1\"\n", Path::new("s.toml"));
+        assert!(e.unwrap_err().to_string().contains("colour"));
+        let e = SiteConfig::parse("site_code = \"TOOLONG\"\n[operator]\nlisten = \"127.0.0.1:1\"\n", Path::new("s.toml"));
+        assert!(e.unwrap_err().to_string().contains("three letters"));
+    }
+}

@@ -1,0 +1,504 @@
+//! Importing, inspecting, exporting, verifying and removing OS images.
+//!
+//! These are the blocking halves of the operator API's handlers; each runs
+//! on a blocking thread and talks to the [`Library`] directly.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use ferry_core::{ChunkId, FileHash, Manifest};
+use ferry_store::{Library, StoreError};
+use ferry_wim::{Layout, Wim};
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::catalog::{
+    FileRecord, ImportStats, PackageKind, PackageRecord, PackageSummary, PackageView, RevisionRecord, SourceRecord,
+    SourceState,
+};
+use crate::ingest::{ingest, IngestError};
+
+/// What `ferry image add` asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRequest {
+    /// Absolute path of the WIM on the site server.
+    pub path: PathBuf,
+    /// Name; defaults to the first image's name in the WIM.
+    pub name: Option<String>,
+    /// Version string.
+    pub version: Option<String>,
+    /// Comment.
+    pub comment: Option<String>,
+    /// Import only this image index (exported into a new WIM first).
+    pub index: Option<u32>,
+}
+
+/// Why an operation on images failed. The text is shown to operators as is.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The path cannot be imported (missing, a folder, empty, unreadable).
+    #[error("{path}: {reason}")]
+    Source {
+        /// The path given.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file is not a usable WIM.
+    #[error("{path}: not a usable WIM: {reason}")]
+    NotWim {
+        /// The path given.
+        path: String,
+        /// wimlib's or the layout parser's explanation.
+        reason: String,
+    },
+    /// `--index` names an image the WIM does not have.
+    #[error("{path}: there is no image index {index}; the WIM has {count} image(s) (1..={count})")]
+    NoIndex {
+        /// The path given.
+        path: String,
+        /// The index asked for.
+        index: u32,
+        /// How many images there are.
+        count: u32,
+    },
+    /// The file changed while it was being imported.
+    #[error("{path}: the file changed while it was being imported; nothing was added, import it again")]
+    Changed {
+        /// The path given.
+        path: String,
+    },
+    /// No package with that id.
+    #[error("no package {0}; `ferry image list` shows the ids")]
+    NoPackage(String),
+    /// No such revision.
+    #[error("package {id} has no revision {revision}")]
+    NoRevision {
+        /// Package id.
+        id: String,
+        /// Revision asked for.
+        revision: u32,
+    },
+    /// Reading the source failed midway.
+    #[error("{path}: {source}")]
+    Ingest {
+        /// The path given.
+        path: String,
+        /// What failed.
+        source: IngestError,
+    },
+    /// The library failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A temporary export could not be written.
+    #[error("cannot prepare a work file in {dir}: {source}")]
+    Work {
+        /// The work folder.
+        dir: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl ImageError {
+    /// True when the operator's input is at fault (HTTP 4xx), false when the
+    /// site failed (5xx).
+    pub fn is_input(&self) -> bool {
+        matches!(
+            self,
+            ImageError::Source { .. }
+                | ImageError::NotWim { .. }
+                | ImageError::NoIndex { .. }
+                | ImageError::Changed { .. }
+                | ImageError::NoPackage(_)
+                | ImageError::NoRevision { .. }
+        )
+    }
+}
+
+/// Import progress, as the API streams it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Bytes processed.
+    pub done: u64,
+    /// Bytes in all.
+    pub total: u64,
+}
+
+fn now() -> String {
+    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+}
+
+fn modified_ns(meta: &std::fs::Metadata) -> i128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+fn decode_record(id: &str, bytes: &[u8]) -> Result<PackageRecord, ImageError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ImageError::Store(StoreError::Corrupt {
+            what: format!("catalog record of {id}"),
+            detail: e.to_string(),
+        })
+    })
+}
+
+/// Checks the path the way an operator would want it explained.
+fn check_source(path: &Path) -> Result<std::fs::Metadata, ImageError> {
+    let err = |reason: String| ImageError::Source {
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => err("no such file".into()),
+        std::io::ErrorKind::PermissionDenied => err("permission denied".into()),
+        _ => err(e.to_string()),
+    })?;
+    if meta.is_dir() {
+        return Err(err("is a folder, not a WIM file (upgrade packages from a folder are added with `ferry upgrade add`)".into()));
+    }
+    if !meta.is_file() {
+        return Err(err("is not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(err("is empty (0 bytes)".into()));
+    }
+    Ok(meta)
+}
+
+/// Where the site keeps temporary files (exports for `--index`).
+pub fn work_dir(data: &Path) -> PathBuf {
+    data.join("work")
+}
+
+/// Imports a WIM as a new package. Nothing is added unless everything
+/// succeeds; chunks written by a failed import are reclaimed.
+pub fn import(
+    lib: &Library,
+    data: &Path,
+    site_code: &str,
+    req: &ImportRequest,
+    mut progress: impl FnMut(Progress),
+) -> Result<PackageView, ImageError> {
+    let shown = req.path.display().to_string();
+    let source_meta = check_source(&req.path)?;
+    let not_wim = |reason: String| ImageError::NotWim {
+        path: shown.clone(),
+        reason,
+    };
+    let mut wim = Wim::open(&req.path).map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
+
+    // With --index, import a single-image export of Ferry's own; the source
+    // file is only read.
+    let mut export: Option<tempfile::TempPath> = None;
+    if let Some(index) = req.index {
+        let count = wim.info().image_count;
+        if index == 0 || index > count {
+            return Err(ImageError::NoIndex {
+                path: shown,
+                index,
+                count,
+            });
+        }
+        let dir = work_dir(data);
+        let work_err = |source| ImageError::Work {
+            dir: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(work_err)?;
+        let tmp = tempfile::Builder::new()
+            .prefix("export-")
+            .suffix(".wim")
+            .tempfile_in(&dir)
+            .map_err(work_err)?
+            .into_temp_path();
+        std::fs::remove_file(&tmp).map_err(work_err)?;
+        wim.export_image(index, &tmp).map_err(|e| not_wim(e.to_string()))?;
+        wim = Wim::open(&tmp).map_err(|e| not_wim(e.to_string()))?;
+        export = Some(tmp);
+    }
+    let file_path: &Path = export.as_deref().unwrap_or(&req.path);
+    let wim_info = wim.info();
+    let images = wim.images();
+    drop(wim);
+
+    let file = File::open(file_path).map_err(|e| ImageError::Source {
+        path: file_path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let layout = Layout::read(&mut reader, file_len).map_err(|e| not_wim(e.to_string()))?;
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(|e| ImageError::Source {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+
+    let file_name = req
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| ferry_core::manifest::check_rel_path(n).is_ok())
+        .unwrap_or_else(|| "image.wim".into());
+
+    let mut import = lib.begin_import();
+    let manifest = ingest(&mut import, &mut reader, &layout.segments, &file_name, |done| {
+        progress(Progress { done, total: file_len })
+    });
+    let manifest = match manifest {
+        Ok(m) => m,
+        Err(source) => {
+            drop(import);
+            lib.try_collect()?;
+            return Err(ImageError::Ingest { path: shown, source });
+        }
+    };
+
+    // The source must not have changed under us (without --index we read it
+    // directly; with --index we read our own export and compare the source).
+    let after = std::fs::metadata(&req.path).ok();
+    if after.as_ref().map(|m| (m.len(), modified_ns(m))) != Some((source_meta.len(), modified_ns(&source_meta))) {
+        drop(import);
+        lib.try_collect()?;
+        return Err(ImageError::Changed { path: shown });
+    }
+
+    let source_hash = if export.is_some() {
+        FileHash::from(hash_file(&req.path).map_err(|e| ImageError::Source {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?)
+    } else {
+        manifest.hash
+    };
+    let number = lib.next_package_number()?;
+    let id = format!("{site_code}{number:05X}");
+    let created = now();
+    let name = req
+        .name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .or_else(|| images.first().map(|i| i.name.clone()).filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| file_name.clone());
+    let mut record = PackageRecord {
+        id: id.clone(),
+        kind: PackageKind::Image,
+        name,
+        version: req.version.clone().unwrap_or_default(),
+        comment: req.comment.clone().unwrap_or_default(),
+        created: created.clone(),
+        revisions: vec![RevisionRecord {
+            revision: 1,
+            created,
+            source: SourceRecord {
+                path: shown.clone(),
+                size: source_meta.len(),
+                modified_ns: modified_ns(&source_meta),
+                hash: source_hash,
+            },
+            exported_index: req.index,
+            wim: wim_info,
+            images,
+            files: vec![FileRecord {
+                path: manifest.path.clone(),
+                size: manifest.size,
+                hash: manifest.hash,
+            }],
+            stats: ImportStats::default(),
+        }],
+    };
+    let segments = manifest.segments.len() as u64;
+    let committed = import.commit(&id, 1, std::slice::from_ref(&manifest), |c| {
+        if let Some(r) = record.revisions.last_mut() {
+            r.stats = import_stats(c, segments);
+        }
+        serde_json::to_vec(&record).unwrap_or_default()
+    })?;
+    if let Some(r) = record.revisions.last_mut() {
+        r.stats = import_stats(&committed, segments);
+    }
+    lib.try_collect()?;
+    Ok(PackageView {
+        source_state: source_state(&record),
+        record,
+    })
+}
+
+fn import_stats(c: &ferry_store::CommitStats, segments: u64) -> ImportStats {
+    ImportStats {
+        logical_bytes: c.logical_bytes,
+        chunks: c.chunks,
+        segments,
+        new_chunks: c.new_chunks,
+        new_bytes: c.new_bytes,
+        shared_bytes: c.logical_bytes.saturating_sub(c.new_bytes),
+    }
+}
+
+fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(File::open(path)?)?;
+    Ok(h.finalize())
+}
+
+/// Compares the latest revision's source with the file on disk now.
+pub fn source_state(record: &PackageRecord) -> SourceState {
+    let Some(rev) = record.latest() else { return SourceState::NotChecked };
+    match std::fs::metadata(&rev.source.path) {
+        Err(_) => SourceState::Missing,
+        Ok(m) if m.len() == rev.source.size && modified_ns(&m) == rev.source.modified_ns => SourceState::Unchanged,
+        Ok(_) => SourceState::Changed,
+    }
+}
+
+/// Every package, in id order.
+pub fn list(lib: &Library) -> Result<Vec<PackageSummary>, ImageError> {
+    lib.packages()?
+        .into_iter()
+        .map(|(id, bytes)| decode_record(&id, &bytes).map(|r| r.summary()))
+        .collect()
+}
+
+/// One package's record.
+pub fn record(lib: &Library, id: &str) -> Result<PackageRecord, ImageError> {
+    let bytes = lib.package(id)?.ok_or_else(|| ImageError::NoPackage(id.to_string()))?;
+    decode_record(id, &bytes)
+}
+
+/// One package with live facts.
+pub fn show(lib: &Library, id: &str) -> Result<PackageView, ImageError> {
+    let record = record(lib, id)?;
+    Ok(PackageView {
+        source_state: source_state(&record),
+        record,
+    })
+}
+
+/// What a removal freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveView {
+    /// Chunks freed now.
+    pub freed_chunks: u64,
+    /// Their bytes.
+    pub freed_bytes: u64,
+}
+
+/// Deletes a package and frees chunks nothing else references.
+pub fn remove(lib: &Library, id: &str) -> Result<RemoveView, ImageError> {
+    match lib.remove_package(id) {
+        Ok(s) => Ok(RemoveView {
+            freed_chunks: s.freed_chunks,
+            freed_bytes: s.freed_bytes,
+        }),
+        Err(StoreError::NoPackage(id)) => Err(ImageError::NoPackage(id)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The manifest of one file of a package revision (latest when `revision`
+/// is `None`; first file when `path` is `None`).
+pub fn manifest(lib: &Library, id: &str, revision: Option<u32>, path: Option<&str>) -> Result<Manifest, ImageError> {
+    let rec = record(lib, id)?;
+    let rev = match revision {
+        Some(r) => r,
+        None => rec.latest().map_or(0, |r| r.revision),
+    };
+    let manifests = lib.manifests(id, rev)?;
+    if manifests.is_empty() {
+        return Err(ImageError::NoRevision {
+            id: id.to_string(),
+            revision: rev,
+        });
+    }
+    let found = match path {
+        Some(p) => manifests.into_iter().find(|m| m.path == p),
+        None => manifests.into_iter().next(),
+    };
+    found.ok_or_else(|| ImageError::NoRevision {
+        id: id.to_string(),
+        revision: rev,
+    })
+}
+
+/// One damaged chunk and the packages that use it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedChunk {
+    /// The chunk id.
+    pub chunk: ChunkId,
+    /// What is wrong.
+    pub detail: String,
+    /// `ID rREV path@offset` of every place that uses it.
+    pub used_by: Vec<String>,
+}
+
+/// The result of `ferry content verify`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Packages whose chunks were checked.
+    pub packages: Vec<String>,
+    /// Distinct chunks checked.
+    pub chunks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Chunks that are damaged or missing.
+    pub damaged: Vec<DamagedChunk>,
+}
+
+/// Re-hashes the chunks of one package (every revision), or of the whole
+/// library, and names every damaged chunk with where it is used.
+pub fn verify(lib: &Library, id: Option<&str>) -> Result<VerifyReport, ImageError> {
+    let ids: Vec<String> = match id {
+        Some(id) => {
+            record(lib, id)?;
+            vec![id.to_string()]
+        }
+        None => lib.packages()?.into_iter().map(|(id, _)| id).collect(),
+    };
+    let mut uses: std::collections::HashMap<ChunkId, Vec<String>> = std::collections::HashMap::new();
+    let mut order = Vec::new();
+    for pkg in &ids {
+        for rev in lib.revisions(pkg)? {
+            for m in lib.manifests(pkg, rev)? {
+                for (offset, c) in m.offsets() {
+                    let e = uses.entry(c.id).or_default();
+                    if e.is_empty() {
+                        order.push(c.id);
+                    }
+                    e.push(format!("{pkg} r{rev} {}@{offset}", m.path));
+                }
+            }
+        }
+    }
+    if id.is_none() {
+        // Unreferenced chunks are checked too: they may be needed again.
+        for c in lib.chunk_ids()? {
+            if !uses.contains_key(&c) {
+                order.push(c);
+                uses.insert(c, Vec::new());
+            }
+        }
+    }
+    let mut report = VerifyReport {
+        packages: ids,
+        ..VerifyReport::default()
+    };
+    let damage = lib.verify(order.iter().copied(), |len| {
+        report.chunks += 1;
+        report.bytes += len;
+    })?;
+    report.chunks += damage.len() as u64;
+    report.damaged = damage
+        .into_iter()
+        .map(|d| DamagedChunk {
+            used_by: uses.remove(&d.id).unwrap_or_default(),
+            chunk: d.id,
+            detail: d.detail,
+        })
+        .collect();
+    Ok(report)
+}

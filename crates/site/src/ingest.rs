@@ -1,0 +1,216 @@
+//! Streaming a file into the library: read each segment, cut it into
+//! chunks, hash and store them, and build the manifest.
+//!
+//! Memory stays bounded by the read window (a few MiB) whatever the file's
+//! size: a segment is read as it is chunked, never whole.
+
+use std::io::Read;
+
+use ferry_core::chunker::{Cdc, Chunker, ResourceChunker, MAX_CHUNK_BYTES};
+use ferry_core::manifest::SegmentRecord;
+use ferry_core::segment::{fingerprint, HINT_PREFIX_BYTES};
+use ferry_core::{ChunkId, ChunkRef, FileHash, Manifest, Segment, SegmentKind, Split};
+use ferry_store::{Import, StoreError};
+
+/// Bytes read from the file at a time.
+const READ_BYTES: usize = 4 * 1024 * 1024;
+
+/// Reading or storing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Reading the file failed (or it ended early: it changed while read).
+    #[error("reading at offset {offset}: {source}")]
+    Read {
+        /// Where in the file.
+        offset: u64,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The library refused a write.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The bytes of the current segment read but not yet cut.
+struct Window<'r, R: Read> {
+    reader: &'r mut R,
+    buf: Vec<u8>,
+    pos: usize,
+    /// Bytes of the segment still unread.
+    unread: u64,
+    /// File offset of `buf[pos]`.
+    offset: u64,
+    whole: blake3::Hasher,
+    read_total: u64,
+}
+
+impl<R: Read> Window<'_, R> {
+    fn view(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn eof(&self) -> bool {
+        self.unread == 0
+    }
+
+    /// Reads until `want` bytes are in view or the segment ends.
+    fn fill(&mut self, want: usize) -> Result<(), IngestError> {
+        if self.buf.len() - self.pos >= want || self.unread == 0 {
+            return Ok(());
+        }
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        while self.buf.len() < want && self.unread > 0 {
+            let n = (READ_BYTES.max(want - self.buf.len()) as u64).min(self.unread) as usize;
+            let start = self.buf.len();
+            self.buf.resize(start + n, 0);
+            let offset = self.offset + start as u64;
+            self.reader
+                .read_exact(&mut self.buf[start..])
+                .map_err(|source| IngestError::Read { offset, source })?;
+            self.whole.update(&self.buf[start..]);
+            self.unread -= n as u64;
+            self.read_total += n as u64;
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        self.offset += n as u64;
+    }
+}
+
+/// Builds one manifest while chunks are stored.
+struct Builder<'i, 'l> {
+    import: &'i mut Import<'l>,
+    chunks: Vec<ChunkRef>,
+}
+
+impl Builder<'_, '_> {
+    fn emit(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.emit_as(ChunkId::of(data), data)
+    }
+
+    /// Stores a chunk whose id the caller has computed already.
+    fn emit_as(&mut self, id: ChunkId, data: &[u8]) -> Result<(), StoreError> {
+        self.import.put_chunk(&id, data)?;
+        self.chunks.push(ChunkRef {
+            id,
+            len: data.len() as u32,
+        });
+        Ok(())
+    }
+}
+
+/// Reads `reader` (positioned at offset 0) segment by segment and stores
+/// its chunks through `import`; returns the manifest for `path`.
+/// `progress` is called with the bytes read so far.
+pub fn ingest<R: Read>(
+    import: &mut Import<'_>,
+    reader: &mut R,
+    segments: &[Segment],
+    path: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<Manifest, IngestError> {
+    let mut b = Builder {
+        import,
+        chunks: Vec::new(),
+    };
+    let mut records = Vec::with_capacity(segments.len());
+    let mut w = Window {
+        reader,
+        buf: Vec::with_capacity(READ_BYTES + MAX_CHUNK_BYTES),
+        pos: 0,
+        unread: 0,
+        offset: 0,
+        whole: blake3::Hasher::new(),
+        read_total: 0,
+    };
+    for seg in segments {
+        debug_assert!(w.view().is_empty(), "the previous segment was consumed whole");
+        w.unread = seg.len;
+        w.fill(HINT_PREFIX_BYTES)?;
+        let first_chunk = b.chunks.len() as u32;
+        let fp = if seg.kind == SegmentKind::Header {
+            None
+        } else {
+            fingerprint(w.view())
+        };
+        let mut chunker: Box<dyn Chunker> = match seg.split {
+            Split::Resource {
+                uncompressed,
+                chunk_size,
+            } => Box::new(ResourceChunker::new(seg.len, uncompressed, chunk_size)),
+            Split::Cdc => Box::new(Cdc),
+            Split::Known => {
+                reuse_known(&mut b, &mut w)?;
+                Box::new(Cdc)
+            }
+        };
+        loop {
+            w.fill(MAX_CHUNK_BYTES)?;
+            if w.view().is_empty() {
+                break;
+            }
+            let eof = w.eof();
+            let n = chunker.cut(w.view(), eof).unwrap_or(w.view().len().min(MAX_CHUNK_BYTES));
+            let n = n.clamp(1, w.view().len());
+            b.emit(&w.view()[..n])?;
+            w.consume(n);
+            progress(w.read_total);
+        }
+        records.push(SegmentRecord {
+            kind: seg.kind,
+            offset: seg.offset,
+            len: seg.len,
+            first_chunk,
+            chunk_count: b.chunks.len() as u32 - first_chunk,
+            fingerprint: fp,
+        });
+    }
+    let size = w.read_total;
+    let hash = FileHash::from(w.whole.finalize());
+    Ok(Manifest {
+        path: path.to_string(),
+        size,
+        hash,
+        chunks: b.chunks,
+        segments: records,
+    })
+}
+
+/// At the start of a gap: while the bytes ahead repeat a segment seen
+/// before, cut them exactly as that segment was cut (an in-place append
+/// leaves old metadata, blob table, XML and dropped resources behind in just
+/// this way). Stops at the first chunk that does not match; the caller
+/// chunks whatever is left.
+fn reuse_known<R: Read>(b: &mut Builder<'_, '_>, w: &mut Window<'_, R>) -> Result<(), IngestError> {
+    'next_segment: loop {
+        w.fill(HINT_PREFIX_BYTES)?;
+        let Some(fp) = fingerprint(w.view()) else { return Ok(()) };
+        let ahead = w.view().len() as u64 + w.unread;
+        for candidate in b.import.hints(&fp, ahead)? {
+            let mut matched = 0usize;
+            for c in &candidate {
+                let len = c.len as usize;
+                w.fill(len)?;
+                if w.view().len() < len || ChunkId::of(&w.view()[..len]) != c.id {
+                    break;
+                }
+                b.emit_as(c.id, &w.view()[..len])?;
+                w.consume(len);
+                matched += 1;
+            }
+            if matched == candidate.len() {
+                continue 'next_segment;
+            }
+            if matched > 0 {
+                return Ok(());
+            }
+        }
+        return Ok(());
+    }
+}

@@ -1,0 +1,20 @@
+//! Ferry's content library over RocksDB.
+//!
+//! What it is: [`Library`] stores chunks once, keyed by BLAKE3, counts how
+//! many manifests reference each, keeps manifests and opaque catalog records
+//! per package, and frees chunks nothing references any more. Imports write
+//! chunks as they go through an [`Import`] and make the package visible in
+//! one synced write batch ([`Import::commit`]); an import that fails or is
+//! killed leaves only unreferenced chunks, which [`Library::collect`]
+//! reclaims. See `DESIGN.md` beside this crate for the keyspace.
+//!
+//! What it is not: it does not know what a package *means* (images, upgrade
+//! packages — that is `ferry-site`), and it does no chunking.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod library;
+
+pub use library::{
+    CommitStats, Damage, Import, Library, LibraryStats, RemoveStats, StoreError, CF_CHUNKS, CF_HINTS,
+    CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PENDING,
+};

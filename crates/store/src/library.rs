@@ -1,0 +1,663 @@
+//! The [`Library`]: RocksDB column families and the operations over them.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+use ferry_core::{ChunkId, ChunkRef, Manifest};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, FlushOptions,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use thiserror::Error;
+
+/// key: [`ChunkId`] (32 bytes) → value: the chunk's bytes. Large values live
+/// in RocksDB blob files, so compaction does not rewrite them.
+pub const CF_CHUNKS: &str = "chunks";
+/// key: [`ChunkId`] → value: reference count (u64 LE) ++ chunk length (u32
+/// LE). Present exactly when the chunk is in [`CF_CHUNKS`]; a count of 0
+/// means stored but not (yet, or no longer) referenced.
+pub const CF_INDEX: &str = "index";
+/// key: package id (UTF-8) → value: the catalog record, opaque to the store.
+pub const CF_PACKAGES: &str = "packages";
+/// key: package id ++ 0x00 ++ revision (u32 BE) ++ file number (u32 BE) →
+/// value: [`Manifest::encode`] bytes.
+pub const CF_MANIFESTS: &str = "manifests";
+/// key: import id (u64 BE) ++ [`ChunkId`] → empty. Chunks written by an
+/// import that has not committed, and (import id 0) chunks whose count fell
+/// to 0; [`Library::collect`] deletes those still unreferenced.
+pub const CF_PENDING: &str = "pending";
+/// key: segment fingerprint ([`ferry_core::segment::fingerprint`], 16
+/// bytes) ++ segment length (u64 BE) → value: postcard
+/// `Vec<ChunkRef>`, the chunks that segment was cut into. Lets the importer
+/// recognise old resources an in-place append left behind as gaps.
+pub const CF_HINTS: &str = "hints";
+/// key: setting name (UTF-8) → value: setting bytes (`next-package`: u64 LE).
+pub const CF_META: &str = "meta";
+
+
+const ALL_CFS: [&str; 7] = [CF_CHUNKS, CF_INDEX, CF_PACKAGES, CF_MANIFESTS, CF_PENDING, CF_HINTS, CF_META];
+/// Unlogged chunk writes are batched up to this many bytes.
+const CHUNK_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Pending-list id for chunks whose reference count fell to zero.
+const GARBAGE_IMPORT: u64 = 0;
+
+/// What went wrong in the library.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// RocksDB reported an error (I/O, corruption, disk full).
+    #[error("content library at {path}: {source}")]
+    Db {
+        /// The library folder.
+        path: PathBuf,
+        /// RocksDB's error.
+        source: rocksdb::Error,
+    },
+    /// A chunk a manifest needs is not in the library.
+    #[error("chunk {0} is missing from the content library")]
+    MissingChunk(ChunkId),
+    /// A chunk's bytes do not hash to its id.
+    #[error("chunk {id} is damaged: {detail}")]
+    Damaged {
+        /// The chunk.
+        id: ChunkId,
+        /// What is wrong (hash mismatch, checksum error from storage).
+        detail: String,
+    },
+    /// A stored manifest or record cannot be read.
+    #[error("stored {what} is unreadable: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// Why.
+        detail: String,
+    },
+    /// No such package.
+    #[error("no package {0} in the content library")]
+    NoPackage(String),
+}
+
+impl StoreError {
+    /// Whether trying the same operation again may succeed (a full disk may
+    /// be cleared, a busy file released); damage and missing data stay.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Db { source, .. } => matches!(
+                source.kind(),
+                rocksdb::ErrorKind::IOError | rocksdb::ErrorKind::Busy | rocksdb::ErrorKind::TryAgain | rocksdb::ErrorKind::TimedOut
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Library-wide figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LibraryStats {
+    /// Distinct chunks stored.
+    pub chunks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// What one commit added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Bytes of the files described (sum of manifest sizes).
+    pub logical_bytes: u64,
+    /// Chunk references in the manifests.
+    pub chunks: u64,
+    /// Distinct chunks nothing referenced before this commit.
+    pub new_chunks: u64,
+    /// Their bytes: what this import added to the library.
+    pub new_bytes: u64,
+}
+
+/// What a removal freed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoveStats {
+    /// Chunks whose last reference went away.
+    pub freed_chunks: u64,
+    /// Their bytes.
+    pub freed_bytes: u64,
+}
+
+/// One damaged or missing chunk found by verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// The chunk.
+    pub id: ChunkId,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// The content library.
+pub struct Library {
+    db: DB,
+    path: PathBuf,
+    /// Imports hold it shared; deleting unreferenced chunks takes it
+    /// exclusively, so no import can lose a chunk it found already stored.
+    gate: RwLock<()>,
+    /// Serialises reference-count read-modify-write between commits and removals.
+    counts: Mutex<()>,
+    next_import: AtomicU64,
+    chunks: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn index_value(count: u64, len: u32) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..8].copy_from_slice(&count.to_le_bytes());
+    v[8..].copy_from_slice(&len.to_le_bytes());
+    v
+}
+
+fn parse_index(v: &[u8]) -> Option<(u64, u32)> {
+    if v.len() != 12 {
+        return None;
+    }
+    let count = u64::from_le_bytes(v[..8].try_into().ok()?);
+    let len = u32::from_le_bytes(v[8..].try_into().ok()?);
+    Some((count, len))
+}
+
+fn manifest_prefix(package: &str, revision: u32) -> Vec<u8> {
+    let mut k = package.as_bytes().to_vec();
+    k.push(0);
+    k.extend(revision.to_be_bytes());
+    k
+}
+
+fn pending_key(import: u64, id: &ChunkId) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&import.to_be_bytes());
+    k[8..].copy_from_slice(id.as_bytes());
+    k
+}
+
+fn hint_key(fingerprint: &[u8; 16], len: u64) -> Vec<u8> {
+    let mut k = fingerprint.to_vec();
+    k.extend(len.to_be_bytes());
+    k
+}
+
+/// Hint entries of a manifest: (key, chunk list) per fingerprinted segment.
+fn hints_of(m: &Manifest) -> impl Iterator<Item = (Vec<u8>, &[ChunkRef])> {
+    m.segments
+        .iter()
+        .filter_map(move |s| s.fingerprint.map(|f| (hint_key(&f, s.len), m.segment_chunks(s))))
+}
+
+impl Library {
+    /// Opens (creating if needed) the library in `path` and reclaims chunks
+    /// an earlier process wrote but never committed.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Chunk data, index and pending lists flush together, so a crash never
+        // keeps a chunk while losing the entry that says it is uncommitted.
+        opts.set_atomic_flush(true);
+        opts.increase_parallelism(2);
+        opts.set_max_open_files(512);
+        opts.set_keep_log_file_num(5);
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        let cfs = ALL_CFS.iter().map(|&name| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            if name == CF_CHUNKS {
+                // WIM resources are compressed already; keep values in blob
+                // files so compaction moves keys, not gigabytes.
+                o.set_compression_type(DBCompressionType::None);
+                o.set_enable_blob_files(true);
+                o.set_min_blob_size(4096);
+                o.set_blob_file_size(256 << 20);
+                o.set_blob_compression_type(DBCompressionType::None);
+                o.set_enable_blob_gc(true);
+                o.set_write_buffer_size(64 << 20);
+            } else {
+                o.set_compression_type(DBCompressionType::Lz4);
+            }
+            ColumnFamilyDescriptor::new(name, o)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Db {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let lib = Self {
+            db,
+            path: path.to_path_buf(),
+            gate: RwLock::new(()),
+            counts: Mutex::new(()),
+            next_import: AtomicU64::new(GARBAGE_IMPORT + 1),
+            chunks: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        };
+        lib.collect()?;
+        let (mut n, mut b) = (0u64, 0u64);
+        for item in lib.db.iterator_cf(lib.cf(CF_INDEX), IteratorMode::Start) {
+            let (_, v) = item.map_err(|e| lib.db_err(e))?;
+            if let Some((_, len)) = parse_index(&v) {
+                n += 1;
+                b += u64::from(len);
+            }
+        }
+        lib.chunks.store(n, Ordering::Relaxed);
+        lib.bytes.store(b, Ordering::Relaxed);
+        Ok(lib)
+    }
+
+    /// The folder the library lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every name in ALL_CFS is opened in `open`; a missing one is a bug.
+        self.db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} not opened"))
+    }
+
+    fn db_err(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn synced() -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        w
+    }
+
+    /// Chunks and bytes stored (referenced or awaiting collection).
+    pub fn stats(&self) -> LibraryStats {
+        LibraryStats {
+            chunks: self.chunks.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Starts an import. Chunks it writes stay uncommitted until
+    /// [`Import::commit`]; dropping it uncommitted leaves them for
+    /// [`Library::collect`].
+    pub fn begin_import(&self) -> Import<'_> {
+        Import {
+            lib: self,
+            _shared: self.gate.read().unwrap_or_else(|p| p.into_inner()),
+            id: self.next_import.fetch_add(1, Ordering::Relaxed),
+            batch: WriteBatch::default(),
+            batch_bytes: 0,
+            batch_ids: HashSet::new(),
+        }
+    }
+
+    /// Deletes every chunk that is listed as pending and has no reference,
+    /// and clears the pending lists. Waits for running imports to end.
+    pub fn collect(&self) -> Result<RemoveStats, StoreError> {
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = WriteBatch::default();
+        let mut freed = RemoveStats::default();
+        let mut seen = HashSet::new();
+        for item in self.db.iterator_cf(self.cf(CF_PENDING), IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.db_err(e))?;
+            batch.delete_cf(self.cf(CF_PENDING), &k);
+            let Some(id) = ChunkId::from_slice(&k[8..]) else { continue };
+            if !seen.insert(id) {
+                continue;
+            }
+            let idx = self.db.get_cf(self.cf(CF_INDEX), id.as_bytes()).map_err(|e| self.db_err(e))?;
+            if let Some((0, len)) = idx.as_deref().and_then(parse_index) {
+                batch.delete_cf(self.cf(CF_INDEX), id.as_bytes());
+                batch.delete_cf(self.cf(CF_CHUNKS), id.as_bytes());
+                freed.freed_chunks += 1;
+                freed.freed_bytes += u64::from(len);
+            }
+        }
+        if !batch.is_empty() {
+            self.db.write_opt(batch, &Self::synced()).map_err(|e| self.db_err(e))?;
+        }
+        self.chunks.fetch_sub(freed.freed_chunks, Ordering::Relaxed);
+        self.bytes.fetch_sub(freed.freed_bytes, Ordering::Relaxed);
+        Ok(freed)
+    }
+
+    /// Runs [`Library::collect`] only if no import is running right now.
+    pub fn try_collect(&self) -> Result<Option<RemoveStats>, StoreError> {
+        match self.gate.try_write() {
+            Ok(guard) => {
+                drop(guard);
+                self.collect().map(Some)
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Allocates the next package number (1, 2, …), durably.
+    pub fn next_package_number(&self) -> Result<u64, StoreError> {
+        let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self
+            .db
+            .get_cf(self.cf(CF_META), b"next-package")
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(1);
+        self.db
+            .put_cf_opt(self.cf(CF_META), b"next-package", (cur + 1).to_le_bytes(), &Self::synced())
+            .map_err(|e| self.db_err(e))?;
+        Ok(cur)
+    }
+
+    /// The catalog record of a package.
+    pub fn package(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(CF_PACKAGES), id.as_bytes()).map_err(|e| self.db_err(e))
+    }
+
+    /// Every package id with its record, in id order.
+    pub fn packages(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.db
+            .iterator_cf(self.cf(CF_PACKAGES), IteratorMode::Start)
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.db_err(e))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.into_vec()))
+            })
+            .collect()
+    }
+
+    /// Replaces a package's record (metadata edits; chunks untouched).
+    pub fn put_package(&self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .put_cf_opt(self.cf(CF_PACKAGES), id.as_bytes(), record, &Self::synced())
+            .map_err(|e| self.db_err(e))
+    }
+
+    /// The manifests of one revision of a package, in file order.
+    pub fn manifests(&self, package: &str, revision: u32) -> Result<Vec<Manifest>, StoreError> {
+        let prefix = manifest_prefix(package, revision);
+        let mut out = Vec::new();
+        let it = self
+            .db
+            .iterator_cf(self.cf(CF_MANIFESTS), IteratorMode::From(&prefix, Direction::Forward));
+        for item in it {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(Manifest::decode(&v).map_err(|e| StoreError::Corrupt {
+                what: format!("manifest of {package} revision {revision}"),
+                detail: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Revisions of `package` that have manifests.
+    pub fn revisions(&self, package: &str) -> Result<Vec<u32>, StoreError> {
+        let mut prefix = package.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        let it = self
+            .db
+            .iterator_cf(self.cf(CF_MANIFESTS), IteratorMode::From(&prefix, Direction::Forward));
+        for item in it {
+            let (k, _) = item.map_err(|e| self.db_err(e))?;
+            if !k.starts_with(&prefix) || k.len() < prefix.len() + 8 {
+                break;
+            }
+            let rev = u32::from_be_bytes([k[prefix.len()], k[prefix.len() + 1], k[prefix.len() + 2], k[prefix.len() + 3]]);
+            if out.last() != Some(&rev) {
+                out.push(rev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the chunk is stored (referenced or not).
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_INDEX), id.as_bytes())
+            .map_err(|e| self.db_err(e))?
+            .is_some())
+    }
+
+    /// Reads a chunk and checks it against its id.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let v = match self.db.get_cf(self.cf(CF_CHUNKS), id.as_bytes()) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Err(StoreError::MissingChunk(*id)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                return Err(StoreError::Damaged {
+                    id: *id,
+                    detail: format!("storage checksum failed: {e}"),
+                })
+            }
+            Err(e) => return Err(self.db_err(e)),
+        };
+        if ChunkId::of(&v) != *id {
+            return Err(StoreError::Damaged {
+                id: *id,
+                detail: "its bytes do not hash to its id".into(),
+            });
+        }
+        Ok(v)
+    }
+
+    /// Checks each chunk of `ids` (each once) and returns the damaged or
+    /// missing ones. `on_chunk` is told each chunk's length as it is checked.
+    pub fn verify(&self, ids: impl IntoIterator<Item = ChunkId>, mut on_chunk: impl FnMut(u64)) -> Result<Vec<Damage>, StoreError> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
+            match self.read_chunk(&id) {
+                Ok(v) => on_chunk(v.len() as u64),
+                Err(StoreError::MissingChunk(id)) => out.push(Damage {
+                    id,
+                    detail: "missing".into(),
+                }),
+                Err(StoreError::Damaged { id, detail }) => out.push(Damage { id, detail }),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored chunk id, from the index.
+    pub fn chunk_ids(&self) -> Result<Vec<ChunkId>, StoreError> {
+        self.db
+            .iterator_cf(self.cf(CF_INDEX), IteratorMode::Start)
+            .filter_map(|item| match item {
+                Ok((k, _)) => ChunkId::from_slice(&k).map(Ok),
+                Err(e) => Some(Err(self.db_err(e))),
+            })
+            .collect()
+    }
+
+    /// Reference count and length of a chunk, if stored.
+    pub fn chunk_info(&self, id: &ChunkId) -> Result<Option<(u64, u32)>, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_INDEX), id.as_bytes())
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| parse_index(&v)))
+    }
+
+    /// Deletes a package: its record, every revision's manifests, and one
+    /// reference per manifest entry. Chunks left unreferenced are freed at
+    /// once when no import runs, else by the next [`Library::collect`].
+    pub fn remove_package(&self, package: &str) -> Result<RemoveStats, StoreError> {
+        if self.package(package)?.is_none() {
+            return Err(StoreError::NoPackage(package.to_string()));
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_PACKAGES), package.as_bytes());
+        {
+            let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            let mut drops: HashMap<ChunkId, u64> = HashMap::new();
+            let mut hints = Vec::new();
+            for rev in self.revisions(package)? {
+                let prefix = manifest_prefix(package, rev);
+                let mut end = prefix.clone();
+                end.extend([0xFF; 8]);
+                batch.delete_range_cf(self.cf(CF_MANIFESTS), &prefix, &end);
+                for m in self.manifests(package, rev)? {
+                    for c in &m.chunks {
+                        *drops.entry(c.id).or_default() += 1;
+                    }
+                    hints.extend(hints_of(&m).map(|(k, _)| k));
+                }
+            }
+            for (id, n) in drops {
+                let Some((count, len)) = self.chunk_info(&id)? else { continue };
+                let left = count.saturating_sub(n);
+                batch.put_cf(self.cf(CF_INDEX), id.as_bytes(), index_value(left, len));
+                if left == 0 {
+                    batch.put_cf(self.cf(CF_PENDING), pending_key(GARBAGE_IMPORT, &id), []);
+                }
+            }
+            for k in hints {
+                batch.delete_cf(self.cf(CF_HINTS), k);
+            }
+            self.db.write_opt(batch, &Self::synced()).map_err(|e| self.db_err(e))?;
+        }
+        Ok(self.try_collect()?.unwrap_or_default())
+    }
+}
+
+/// One import in progress. See [`Library::begin_import`].
+pub struct Import<'a> {
+    lib: &'a Library,
+    _shared: RwLockReadGuard<'a, ()>,
+    id: u64,
+    batch: WriteBatch,
+    batch_bytes: usize,
+    batch_ids: HashSet<ChunkId>,
+}
+
+impl Import<'_> {
+    /// Whether the chunk is stored already (or written by this import).
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self.batch_ids.contains(id) || self.lib.has_chunk(id)?)
+    }
+
+    /// Stores a chunk unless it is there already. Returns whether it was new.
+    /// The caller has hashed `data` to `id`.
+    pub fn put_chunk(&mut self, id: &ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+        if self.has_chunk(id)? {
+            return Ok(false);
+        }
+        let lib = self.lib;
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        self.batch.put_cf(lib.cf(CF_CHUNKS), id.as_bytes(), data);
+        self.batch.put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(0, len));
+        self.batch.put_cf(lib.cf(CF_PENDING), pending_key(self.id, id), []);
+        self.batch_ids.insert(*id);
+        self.batch_bytes += data.len();
+        lib.chunks.fetch_add(1, Ordering::Relaxed);
+        lib.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if self.batch_bytes >= CHUNK_BATCH_BYTES {
+            self.write_batch()?;
+        }
+        Ok(true)
+    }
+
+    fn write_batch(&mut self) -> Result<(), StoreError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let mut w = WriteOptions::default();
+        // Made durable by the flush in `commit`; a crash before that loses
+        // chunks and their pending entries together.
+        w.disable_wal(true);
+        let batch = std::mem::take(&mut self.batch);
+        self.lib.db.write_opt(batch, &w).map_err(|e| self.lib.db_err(e))?;
+        self.batch_bytes = 0;
+        self.batch_ids.clear();
+        Ok(())
+    }
+
+    /// Chunk lists of segments seen before with this
+    /// [`fingerprint`](ferry_core::segment::fingerprint) and at most
+    /// `max_len` bytes, longest first.
+    pub fn hints(&self, fp: &[u8; 16], max_len: u64) -> Result<Vec<Vec<ChunkRef>>, StoreError> {
+        let lib = self.lib;
+        let mut out = Vec::new();
+        let it = lib.db.iterator_cf(lib.cf(CF_HINTS), IteratorMode::From(&fp, Direction::Forward));
+        for item in it {
+            let (k, v) = item.map_err(|e| lib.db_err(e))?;
+            if !k.starts_with(&fp) || k.len() != 24 {
+                break;
+            }
+            let len = u64::from_be_bytes(k[16..24].try_into().unwrap_or([0xFF; 8]));
+            if len > max_len {
+                break;
+            }
+            if let Ok(chunks) = postcard::from_bytes::<Vec<ChunkRef>>(&v) {
+                out.push(chunks);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Makes the import visible: writes the manifests as `revision` of
+    /// `package`, the catalog record, one reference per manifest entry, and
+    /// the segment hints, all in one synced batch after the import's chunks
+    /// are flushed to disk. `record` builds the catalog record from the
+    /// commit's figures, which are exact: no other commit runs meanwhile.
+    pub fn commit(
+        mut self,
+        package: &str,
+        revision: u32,
+        manifests: &[Manifest],
+        record: impl FnOnce(&CommitStats) -> Vec<u8>,
+    ) -> Result<CommitStats, StoreError> {
+        self.write_batch()?;
+        let lib = self.lib;
+        let mut fo = FlushOptions::default();
+        fo.set_wait(true);
+        let cfs = [lib.cf(CF_CHUNKS), lib.cf(CF_INDEX), lib.cf(CF_PENDING)];
+        lib.db.flush_cfs_opt(&cfs, &fo).map_err(|e| lib.db_err(e))?;
+
+        let mut batch = WriteBatch::default();
+        let mut stats = CommitStats::default();
+        let mut adds: HashMap<ChunkId, u64> = HashMap::new();
+        for (n, m) in manifests.iter().enumerate() {
+            let mut key = manifest_prefix(package, revision);
+            key.extend((n as u32).to_be_bytes());
+            batch.put_cf(lib.cf(CF_MANIFESTS), key, m.encode());
+            stats.logical_bytes += m.size;
+            stats.chunks += m.chunks.len() as u64;
+            for c in &m.chunks {
+                *adds.entry(c.id).or_default() += 1;
+            }
+            for (key, chunks) in hints_of(m) {
+                batch.put_cf(lib.cf(CF_HINTS), key, postcard::to_stdvec(chunks).unwrap_or_default());
+            }
+        }
+        let mut start = self.id.to_be_bytes().to_vec();
+        start.extend([0u8; 32]);
+        let mut end = (self.id + 1).to_be_bytes().to_vec();
+        end.extend([0u8; 32]);
+        batch.delete_range_cf(lib.cf(CF_PENDING), start, end);
+
+        let _counts = lib.counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, n) in adds {
+            let (count, len) = lib.chunk_info(&id)?.ok_or(StoreError::MissingChunk(id))?;
+            if count == 0 {
+                stats.new_chunks += 1;
+                stats.new_bytes += u64::from(len);
+            }
+            batch.put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(count + n, len));
+        }
+        batch.put_cf(lib.cf(CF_PACKAGES), package.as_bytes(), record(&stats));
+        lib.db.write_opt(batch, &Library::synced()).map_err(|e| lib.db_err(e))?;
+        Ok(stats)
+    }
+}

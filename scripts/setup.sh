@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what Ferry needs on a Debian machine, when it is missing:
+# libclang-dev (bindgen for rocksdb and wimlib-sys), libwim-dev with the
+# packages its wimlib.pc names (ntfs-3g-dev, libfuse-dev), pkg-config, and the
+# tools the tests and benches check against (wimtools, rsync, casync, zsync,
+# b3sum). Safe to run again: it installs only what is absent.
+set -euo pipefail
+
+packages=(libclang-dev libwim-dev ntfs-3g-dev libfuse-dev pkg-config wimtools rsync casync zsync b3sum)
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "setup: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust (https://rustup.rs) and run again" >&2
+  exit 1
+fi
