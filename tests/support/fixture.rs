@@ -14,7 +14,9 @@ use ferry_tests::wimtools::{self, ServiceSpec};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, rest) = args.split_first().context("usage: ferry-fixture pair DIR [--files N] [--scale X] [--compress C]")?;
+    let (cmd, rest) = args
+        .split_first()
+        .context("usage: ferry-fixture pair DIR [--files N] [--scale X] [--compress C]")?;
     if cmd != "pair" {
         bail!("unknown command {cmd}; try `pair`");
     }

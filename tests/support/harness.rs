@@ -46,16 +46,28 @@ impl SiteProc {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         let bin = ferry_bin();
         if !bin.exists() {
-            bail!("{} is not built: run `cargo build -p ferry-cli` first (scripts/test.sh does)", bin.display());
+            bail!(
+                "{} is not built: run `cargo build -p ferry-cli` first (scripts/test.sh does)",
+                bin.display()
+            );
         }
         let data = dir.join("site");
         let port = free_port()?;
         let out = Command::new(&bin)
-            .args(["site", "init", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+            .args([
+                "site",
+                "init",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data",
+            ])
             .arg(&data)
             .output()?;
         if !out.status.success() {
-            bail!("ferry site init failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ferry site init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let mut site = Self {
             log: dir.join("site.log"),
@@ -69,7 +81,10 @@ impl SiteProc {
 
     /// Starts (or restarts) `ferry site serve` and waits until it answers.
     pub fn serve(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new(ferry_bin())
             .args(["site", "serve", "--data"])
             .arg(&self.data)
@@ -84,7 +99,10 @@ impl SiteProc {
             }
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    bail!("site exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+                    bail!(
+                        "site exited with {status}: {}",
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    );
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -93,9 +111,13 @@ impl SiteProc {
     }
 
     fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+        if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .is_err()
+        {
             return false;
         }
         let mut resp = String::new();
@@ -114,7 +136,10 @@ impl SiteProc {
     /// Stops the server gracefully (SIGTERM) and waits for it.
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
-            Command::new("kill").arg("-TERM").arg(c.id().to_string()).status()?;
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status()?;
             c.wait()?;
         }
         Ok(())
@@ -140,7 +165,10 @@ impl SiteProc {
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.cli(args);
         if !out.status.success() {
-            bail!("ferry {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ferry {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -150,7 +178,8 @@ impl SiteProc {
         let mut a = args.to_vec();
         a.push("--json");
         let text = self.cli_ok(&a)?;
-        serde_json::from_str(&text).with_context(|| format!("ferry {args:?} printed no JSON: {text}"))
+        serde_json::from_str(&text)
+            .with_context(|| format!("ferry {args:?} printed no JSON: {text}"))
     }
 
     /// Imports a WIM and returns the package JSON.
@@ -170,6 +199,11 @@ impl Drop for SiteProc {
 
 /// The latest revision's stats of a package JSON, as `(logical, new)` bytes.
 pub fn stats_of(pkg: &serde_json::Value) -> (u64, u64) {
-    let st = &pkg["revisions"][pkg["revisions"].as_array().map_or(0, |r| r.len().saturating_sub(1))]["stats"];
-    (st["logical_bytes"].as_u64().unwrap_or(0), st["new_bytes"].as_u64().unwrap_or(0))
+    let st = &pkg["revisions"][pkg["revisions"]
+        .as_array()
+        .map_or(0, |r| r.len().saturating_sub(1))]["stats"];
+    (
+        st["logical_bytes"].as_u64().unwrap_or(0),
+        st["new_bytes"].as_u64().unwrap_or(0),
+    )
 }

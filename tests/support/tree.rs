@@ -91,7 +91,14 @@ impl Content {
 /// Generates a tree under `root` and returns the relative paths of its files.
 pub fn make_tree(root: &Path, spec: &TreeSpec) -> anyhow::Result<Vec<PathBuf>> {
     let mut c = Content::new(spec.seed);
-    let dirs = ["Windows/System32", "Windows/SysWOW64", "Windows/WinSxS/amd64_pkg", "Program Files/App", "Users/Default", "Windows/Fonts"];
+    let dirs = [
+        "Windows/System32",
+        "Windows/SysWOW64",
+        "Windows/WinSxS/amd64_pkg",
+        "Program Files/App",
+        "Users/Default",
+        "Windows/Fonts",
+    ];
     let mut files = Vec::with_capacity(spec.files);
     for i in 0..spec.files {
         let dir = dirs[i % dirs.len()];

@@ -13,10 +13,9 @@ use anyhow::{bail, Context};
 use crate::tree::Content;
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}: are wimtools installed? (scripts/setup.sh)"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| {
+        format!("cannot run {cmd:?}: are wimtools installed? (scripts/setup.sh)")
+    })?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -42,9 +41,18 @@ fn with_props<'c>(cmd: &'c mut Command, props: &[(&str, &str)]) -> &'c mut Comma
 }
 
 /// `wimcapture TREE WIM NAME --compress=COMPRESS` with image properties.
-pub fn capture(tree: &Path, wim: &Path, name: &str, compress: &str, props: &[(&str, &str)]) -> anyhow::Result<()> {
+pub fn capture(
+    tree: &Path,
+    wim: &Path,
+    name: &str,
+    compress: &str,
+    props: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let mut cmd = Command::new("wimcapture");
-    cmd.arg(tree).arg(wim).arg(name).arg(format!("--compress={compress}"));
+    cmd.arg(tree)
+        .arg(wim)
+        .arg(name)
+        .arg(format!("--compress={compress}"));
     run(with_props(&mut cmd, props)).map(drop)
 }
 
@@ -99,7 +107,13 @@ pub struct Changes {
 /// Services image 1 of `wim` in place with `wimupdate` (committed by
 /// appending, as DISM does), changing files of `tree` (the captured folder,
 /// left untouched). Staging files go to `staging`.
-pub fn service(wim: &Path, tree: &Path, files: &[PathBuf], staging: &Path, spec: &ServiceSpec) -> anyhow::Result<Changes> {
+pub fn service(
+    wim: &Path,
+    tree: &Path,
+    files: &[PathBuf],
+    staging: &Path,
+    spec: &ServiceSpec,
+) -> anyhow::Result<Changes> {
     fs::create_dir_all(staging)?;
     let mut c = Content::new(spec.seed);
     let mut changes = Changes::default();
@@ -121,7 +135,11 @@ pub fn service(wim: &Path, tree: &Path, files: &[PathBuf], staging: &Path, spec:
     }
     let large: Vec<&PathBuf> = files
         .iter()
-        .filter(|f| fs::metadata(tree.join(f)).map(|m| m.len() >= 96 << 10).unwrap_or(false))
+        .filter(|f| {
+            fs::metadata(tree.join(f))
+                .map(|m| m.len() >= 96 << 10)
+                .unwrap_or(false)
+        })
         .collect();
     let n_patch = (large.len() as f64 * spec.patch) as usize;
     for i in 0..n_patch {
@@ -182,7 +200,11 @@ pub fn verify(wim: &Path) -> anyhow::Result<()> {
 
 /// `wimexport SRC INDEX DEST`.
 pub fn export(src: &Path, index: u32, dest: &Path) -> anyhow::Result<()> {
-    run(Command::new("wimexport").arg(src).arg(index.to_string()).arg(dest)).map(drop)
+    run(Command::new("wimexport")
+        .arg(src)
+        .arg(index.to_string())
+        .arg(dest))
+    .map(drop)
 }
 
 /// The file paths in an image, from `wimdir --detailed`-free listing.
@@ -212,7 +234,9 @@ pub fn blobs(wim: &Path) -> anyhow::Result<Vec<BlobInfo>> {
     let flush = |cur: &mut HashMap<&str, &str>, v: &mut Vec<BlobInfo>| -> anyhow::Result<()> {
         if let Some(h) = cur.get("Hash") {
             let num = |k: &str| -> anyhow::Result<u64> {
-                let s = cur.get(k).with_context(|| format!("wiminfo printed no {k}"))?;
+                let s = cur
+                    .get(k)
+                    .with_context(|| format!("wiminfo printed no {k}"))?;
                 Ok(s.split_whitespace().next().unwrap_or("").parse()?)
             };
             v.push(BlobInfo {
@@ -251,7 +275,11 @@ pub fn header(wim: &Path) -> anyhow::Result<HashMap<String, String>> {
 /// metadata resources, blob table, XML data and integrity table. Computed
 /// from wimlib's own view of both blob tables.
 pub fn blob_floor(base: &Path, serviced: &Path) -> anyhow::Result<u64> {
-    let old: HashSet<String> = blobs(base)?.into_iter().filter(|b| !b.metadata).map(|b| b.hash).collect();
+    let old: HashSet<String> = blobs(base)?
+        .into_iter()
+        .filter(|b| !b.metadata)
+        .map(|b| b.hash)
+        .collect();
     let mut floor = 0u64;
     for b in blobs(serviced)? {
         if b.metadata || !old.contains(&b.hash) {
@@ -260,7 +288,10 @@ pub fn blob_floor(base: &Path, serviced: &Path) -> anyhow::Result<u64> {
     }
     let h = header(serviced)?;
     for k in ["Blob Table Size", "XML Data Size", "Integrity Size"] {
-        floor += h.get(k).with_context(|| format!("wiminfo printed no {k}"))?.parse::<u64>()?;
+        floor += h
+            .get(k)
+            .with_context(|| format!("wiminfo printed no {k}"))?
+            .parse::<u64>()?;
     }
     Ok(floor)
 }
@@ -279,11 +310,22 @@ pub struct ServicedPair {
 
 /// Makes `base.wim` from a generated tree and `serviced.wim`, a copy
 /// serviced with `spec`.
-pub fn serviced_pair(dir: &Path, tree_spec: &crate::tree::TreeSpec, compress: &str, spec: &ServiceSpec) -> anyhow::Result<ServicedPair> {
+pub fn serviced_pair(
+    dir: &Path,
+    tree_spec: &crate::tree::TreeSpec,
+    compress: &str,
+    spec: &ServiceSpec,
+) -> anyhow::Result<ServicedPair> {
     let tree = dir.join("tree");
     let files = crate::tree::make_tree(&tree, tree_spec)?;
     let base = dir.join("base.wim");
-    capture(&tree, &base, "Windows 11 Enterprise", compress, WINDOWS_PROPS)?;
+    capture(
+        &tree,
+        &base,
+        "Windows 11 Enterprise",
+        compress,
+        WINDOWS_PROPS,
+    )?;
     let serviced = dir.join("serviced.wim");
     fs::copy(&base, &serviced)?;
     let changes = service(&serviced, &tree, &files, &dir.join("staging"), spec)?;

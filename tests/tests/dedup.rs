@@ -13,10 +13,18 @@ const MAX_OVER_FLOOR: f64 = 1.05;
 #[test]
 fn serviced_and_rebuilt_images_store_at_most_the_blob_floor() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TreeSpec { files: 1500, seed: 7, ..TreeSpec::default() };
+    let spec = TreeSpec {
+        files: 1500,
+        seed: 7,
+        ..TreeSpec::default()
+    };
     let pair = wimtools::serviced_pair(dir.path(), &spec, "LZX", &ServiceSpec::default()).unwrap();
     wimtools::verify(&pair.serviced).unwrap();
-    assert!(!pair.changes.patched.is_empty() && !pair.changes.deleted.is_empty() && !pair.changes.added.is_empty());
+    assert!(
+        !pair.changes.patched.is_empty()
+            && !pair.changes.deleted.is_empty()
+            && !pair.changes.added.is_empty()
+    );
     let floor = wimtools::blob_floor(&pair.base, &pair.serviced).unwrap();
 
     let site = SiteProc::start(dir.path()).unwrap();
@@ -27,10 +35,16 @@ fn serviced_and_rebuilt_images_store_at_most_the_blob_floor() {
         "serviced: {logical} bytes, blob floor {floor}, newly stored {new} ({:.3}× floor)",
         new as f64 / floor as f64
     );
-    assert!((new as f64) <= floor as f64 * MAX_OVER_FLOOR, "stored {new} > {MAX_OVER_FLOOR}× floor {floor}");
+    assert!(
+        (new as f64) <= floor as f64 * MAX_OVER_FLOOR,
+        "stored {new} > {MAX_OVER_FLOOR}× floor {floor}"
+    );
     // Patched files keep most of their compressed chunks: Ferry goes below
     // the floor, which counts every patched file's resource in full.
-    assert!(new < floor, "stored {new}, floor {floor}: patched resources should be partly shared");
+    assert!(
+        new < floor,
+        "stored {new}, floor {floor}: patched resources should be partly shared"
+    );
 
     // Rebuilt (wimoptimize): resources at new offsets, no gaps. Measured
     // against the base alone, so the serviced import goes first.
@@ -39,7 +53,8 @@ fn serviced_and_rebuilt_images_store_at_most_the_blob_floor() {
     wimtools::optimize(&rebuilt).unwrap();
     assert!(fs::metadata(&rebuilt).unwrap().len() < fs::metadata(&pair.serviced).unwrap().len());
     let rebuilt_floor = wimtools::blob_floor(&pair.base, &rebuilt).unwrap();
-    site.cli_ok(&["image", "remove", serviced["id"].as_str().unwrap()]).unwrap();
+    site.cli_ok(&["image", "remove", serviced["id"].as_str().unwrap()])
+        .unwrap();
     let after = site.add_image(&rebuilt, &[]).unwrap();
     let (_, new_rebuilt) = stats_of(&after);
     eprintln!(
@@ -50,8 +65,22 @@ fn serviced_and_rebuilt_images_store_at_most_the_blob_floor() {
 
     // Both still rebuild byte for byte.
     let out = dir.path().join("out.wim");
-    site.cli_ok(&["content", "export", after["id"].as_str().unwrap(), "--out", out.to_str().unwrap()]).unwrap();
+    site.cli_ok(&[
+        "content",
+        "export",
+        after["id"].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
     assert_eq!(fs::read(&out).unwrap(), fs::read(&rebuilt).unwrap());
-    site.cli_ok(&["content", "export", base["id"].as_str().unwrap(), "--out", out.to_str().unwrap()]).unwrap();
+    site.cli_ok(&[
+        "content",
+        "export",
+        base["id"].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
     assert_eq!(fs::read(&out).unwrap(), fs::read(&pair.base).unwrap());
 }

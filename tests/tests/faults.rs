@@ -56,18 +56,41 @@ fn site_killed_mid_import_keeps_nothing_and_reclaims_chunks() {
     // Wait until chunks of the import have reached disk, then kill -9.
     let start = Instant::now();
     while blob_files(&library).len() == before {
-        assert!(cli.try_wait().unwrap().is_none(), "the import finished before any chunk was flushed");
-        assert!(start.elapsed() < Duration::from_secs(60), "no chunk was ever flushed");
+        assert!(
+            cli.try_wait().unwrap().is_none(),
+            "the import finished before any chunk was flushed"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no chunk was ever flushed"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     site.kill();
     let _ = cli.wait();
     site.serve().unwrap();
-    assert_eq!(site.cli_json(&["image", "list"]).unwrap().as_array().unwrap().len(), 0, "no half-registered package");
-    assert_eq!(site.cli_json(&["content", "verify"]).unwrap()["chunks"], 0, "orphaned chunks were reclaimed");
+    assert_eq!(
+        site.cli_json(&["image", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0,
+        "no half-registered package"
+    );
+    assert_eq!(
+        site.cli_json(&["content", "verify"]).unwrap()["chunks"],
+        0,
+        "orphaned chunks were reclaimed"
+    );
     // And the same import works after the restart.
     let pkg = site.add_image(&wim, &[]).unwrap();
-    assert_eq!(pkg["revisions"][0]["stats"]["logical_bytes"].as_u64().unwrap(), fs::metadata(&wim).unwrap().len());
+    assert_eq!(
+        pkg["revisions"][0]["stats"]["logical_bytes"]
+            .as_u64()
+            .unwrap(),
+        fs::metadata(&wim).unwrap().len()
+    );
 }
 
 #[test]
@@ -92,10 +115,16 @@ fn damaged_chunk_is_named_and_export_refuses_it() {
 
     site.serve().unwrap();
     let out = site.cli(&["content", "verify", &id]);
-    assert!(!out.status.success(), "verify fails when a chunk is damaged");
+    assert!(
+        !out.status.success(),
+        "verify fails when a chunk is damaged"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&id), "the report names the package: {text}");
-    assert!(text.contains("damaged") || text.contains("checksum"), "{text}");
+    assert!(
+        text.contains("damaged") || text.contains("checksum"),
+        "{text}"
+    );
     let report = site.cli_json(&["content", "verify"]);
     assert!(report.is_err(), "whole-library verify fails too");
 
@@ -103,6 +132,10 @@ fn damaged_chunk_is_named_and_export_refuses_it() {
     let out = site.cli(&["content", "export", &id, "--out", dest.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(!dest.exists(), "no partial file where the export was to go");
-    let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with(".ferry-export")).collect();
+    let leftovers: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".ferry-export"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary export removed");
 }

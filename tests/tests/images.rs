@@ -15,7 +15,16 @@ fn b3(path: &Path) -> String {
 }
 
 fn small_tree(dir: &Path, seed: u64) -> Vec<std::path::PathBuf> {
-    make_tree(dir, &TreeSpec { files: 400, seed, size_scale: 0.5, duplicates: 0.05 }).unwrap()
+    make_tree(
+        dir,
+        &TreeSpec {
+            files: 400,
+            seed,
+            size_scale: 0.5,
+            duplicates: 0.05,
+        },
+    )
+    .unwrap()
 }
 
 /// A two-image WIM: image 1 from one tree, image 2 from another.
@@ -23,8 +32,21 @@ fn two_image_wim(dir: &Path) -> std::path::PathBuf {
     small_tree(&dir.join("t1"), 1);
     small_tree(&dir.join("t2"), 2);
     let wim = dir.join("install.wim");
-    wimtools::capture(&dir.join("t1"), &wim, "Windows 11 Pro", "XPRESS", WINDOWS_PROPS).unwrap();
-    wimtools::append(&dir.join("t2"), &wim, "Windows 11 Education", &[("WINDOWS/ARCH", "12"), ("WINDOWS/EDITIONID", "Education")]).unwrap();
+    wimtools::capture(
+        &dir.join("t1"),
+        &wim,
+        "Windows 11 Pro",
+        "XPRESS",
+        WINDOWS_PROPS,
+    )
+    .unwrap();
+    wimtools::append(
+        &dir.join("t2"),
+        &wim,
+        "Windows 11 Education",
+        &[("WINDOWS/ARCH", "12"), ("WINDOWS/EDITIONID", "Education")],
+    )
+    .unwrap();
     wim
 }
 
@@ -34,10 +56,15 @@ fn import_show_export_verify_remove() {
     let wim = two_image_wim(dir.path());
     let site = SiteProc::start(dir.path()).unwrap();
 
-    let pkg = site.add_image(&wim, &["--version", "23H2", "--comment", "golden"]).unwrap();
+    let pkg = site
+        .add_image(&wim, &["--version", "23H2", "--comment", "golden"])
+        .unwrap();
     let id = pkg["id"].as_str().unwrap().to_string();
     assert_eq!(id, "FRY00001");
-    assert_eq!(pkg["name"], "Windows 11 Pro", "name defaults to the first image's name");
+    assert_eq!(
+        pkg["name"], "Windows 11 Pro",
+        "name defaults to the first image's name"
+    );
     assert_eq!(pkg["version"], "23H2");
     let rev = &pkg["revisions"][0];
     let images = rev["images"].as_array().unwrap();
@@ -60,12 +87,16 @@ fn import_show_export_verify_remove() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
     let table = site.cli_ok(&["image", "show", &id]).unwrap();
-    assert!(table.contains("Windows 11 Education") && table.contains("arm64"), "{table}");
+    assert!(
+        table.contains("Windows 11 Education") && table.contains("arm64"),
+        "{table}"
+    );
     assert!(table.contains("unchanged since import"), "{table}");
 
     // Export rebuilds the exact bytes, and wimlib accepts the result.
     let out = dir.path().join("exported.wim");
-    site.cli_ok(&["content", "export", &id, "--out", out.to_str().unwrap()]).unwrap();
+    site.cli_ok(&["content", "export", &id, "--out", out.to_str().unwrap()])
+        .unwrap();
     assert_eq!(b3(&out), b3(&wim));
     wimtools::verify(&out).unwrap();
 
@@ -83,14 +114,33 @@ fn import_show_export_verify_remove() {
     assert_eq!(r1["freed_bytes"], 0);
     let r2 = site.cli_json(&["image", "remove", &id]).unwrap();
     assert_eq!(r2["freed_bytes"].as_u64().unwrap(), new);
-    assert_eq!(site.cli_json(&["image", "list"]).unwrap().as_array().unwrap().len(), 0);
-    assert_eq!(site.cli_json(&["content", "verify"]).unwrap()["chunks"], 0, "no chunk left behind");
+    assert_eq!(
+        site.cli_json(&["image", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        site.cli_json(&["content", "verify"]).unwrap()["chunks"],
+        0,
+        "no chunk left behind"
+    );
 
     // The source changing after import is noticed.
     let pkg = site.add_image(&wim, &[]).unwrap();
     let id = pkg["id"].as_str().unwrap();
-    fs::OpenOptions::new().append(true).open(&wim).unwrap().set_len(fs::metadata(&wim).unwrap().len() + 1).unwrap();
-    assert_eq!(site.cli_json(&["image", "show", id]).unwrap()["source_state"], "changed");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&wim)
+        .unwrap()
+        .set_len(fs::metadata(&wim).unwrap().len() + 1)
+        .unwrap();
+    assert_eq!(
+        site.cli_json(&["image", "show", id]).unwrap()["source_state"],
+        "changed"
+    );
 }
 
 #[test]
@@ -108,14 +158,27 @@ fn index_import_exports_one_image_and_leaves_the_source_alone() {
     assert_eq!(rev["source"]["hash"], before);
 
     let out = dir.path().join("index2.wim");
-    site.cli_ok(&["content", "export", pkg["id"].as_str().unwrap(), "--out", out.to_str().unwrap()]).unwrap();
+    site.cli_ok(&[
+        "content",
+        "export",
+        pkg["id"].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
     wimtools::verify(&out).unwrap();
-    assert_eq!(wimtools::list_files(&out, 1).unwrap(), wimtools::list_files(&wim, 2).unwrap());
+    assert_eq!(
+        wimtools::list_files(&out, 1).unwrap(),
+        wimtools::list_files(&wim, 2).unwrap()
+    );
     // Exported resources are copied, not recompressed: the full import of the
     // same WIM afterwards shares image 2's file data.
     let full = site.add_image(&wim, &[]).unwrap();
     let (logical, new) = stats_of(&full);
-    assert!(new < logical * 3 / 4, "image 2's blobs are shared: {new} new of {logical}");
+    assert!(
+        new < logical * 3 / 4,
+        "image 2's blobs are shared: {new} new of {logical}"
+    );
     // No temporary export is left in the work folder.
     let left: Vec<_> = fs::read_dir(site.data.join("work")).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
@@ -134,7 +197,13 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
     let empty = d.join("empty.wim");
     fs::write(&empty, b"").unwrap();
     let random = d.join("random.wim");
-    fs::write(&random, (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    fs::write(
+        &random,
+        (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     let truncated = d.join("truncated.wim");
     fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let header_only = d.join("header-only.wim");
@@ -152,7 +221,10 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
     fs::write(&overlap, layout).unwrap();
 
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec![d.join("missing.wim").display().to_string()], "no such file"),
+        (
+            vec![d.join("missing.wim").display().to_string()],
+            "no such file",
+        ),
         (vec![d.join("t").display().to_string()], "is a folder"),
         (vec![empty.display().to_string()], "empty"),
         (vec![random.display().to_string()], "not a usable WIM"),
@@ -160,7 +232,10 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
         (vec![header_only.display().to_string()], "not a usable WIM"),
         (vec![past_end.display().to_string()], "not a usable WIM"),
         (vec![overlap.display().to_string()], "overlaps"),
-        (vec![good.display().to_string(), "--index".into(), "9".into()], "no image index 9"),
+        (
+            vec![good.display().to_string(), "--index".into(), "9".into()],
+            "no image index 9",
+        ),
     ];
     for (args, expect) in &cases {
         let mut a = vec!["image", "add"];
@@ -168,13 +243,34 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
         let out = site.cli(&a);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err}");
-        let named = Path::new(&args[0]).file_name().unwrap().to_string_lossy().to_string();
-        assert!(err.contains(&named), "{args:?}: the error names the file: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err}"
+        );
+        let named = Path::new(&args[0])
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        assert!(
+            err.contains(&named),
+            "{args:?}: the error names the file: {err}"
+        );
         assert!(!err.contains("panick"), "{err}");
     }
-    assert_eq!(site.cli_json(&["image", "list"]).unwrap().as_array().unwrap().len(), 0);
-    assert_eq!(site.cli_json(&["content", "verify"]).unwrap()["chunks"], 0, "nothing was stored");
+    assert_eq!(
+        site.cli_json(&["image", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        site.cli_json(&["content", "verify"]).unwrap()["chunks"],
+        0,
+        "nothing was stored"
+    );
     // The site is still up and imports the good file afterwards.
     site.add_image(&good, &[]).unwrap();
 }
@@ -184,7 +280,8 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
 fn ferry_wim_layout(bytes: &[u8]) -> Vec<u8> {
     let mut out = bytes.to_vec();
     let table = u64::from_le_bytes(bytes[56..64].try_into().unwrap()) as usize;
-    let size = (u64::from_le_bytes(bytes[48..56].try_into().unwrap()) & 0x00FF_FFFF_FFFF_FFFF) as usize;
+    let size =
+        (u64::from_le_bytes(bytes[48..56].try_into().unwrap()) & 0x00FF_FFFF_FFFF_FFFF) as usize;
     let files: Vec<usize> = (0..size / 50)
         .map(|i| table + i * 50)
         .filter(|&e| bytes[e + 7] & 0x02 == 0)
@@ -199,9 +296,20 @@ fn operator_api_refuses_a_wrong_token() {
     let dir = tempfile::tempdir().unwrap();
     let site = SiteProc::start(dir.path()).unwrap();
     let out = std::process::Command::new(ferry_tests::harness::ferry_bin())
-        .args(["image", "list", "--site", &format!("http://127.0.0.1:{}", site.port), "--token", "wrong"])
+        .args([
+            "image",
+            "list",
+            "--site",
+            &format!("http://127.0.0.1:{}", site.port),
+            "--token",
+            "wrong",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("operator token"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("operator token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

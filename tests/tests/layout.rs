@@ -12,8 +12,14 @@ use ferry_wim::Layout;
 #[test]
 fn segments_match_wiminfo_and_cover_every_byte_once() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TreeSpec { files: 300, seed: 5, size_scale: 0.5, ..TreeSpec::default() };
-    let pair = wimtools::serviced_pair(dir.path(), &spec, "XPRESS", &ServiceSpec::default()).unwrap();
+    let spec = TreeSpec {
+        files: 300,
+        seed: 5,
+        size_scale: 0.5,
+        ..TreeSpec::default()
+    };
+    let pair =
+        wimtools::serviced_pair(dir.path(), &spec, "XPRESS", &ServiceSpec::default()).unwrap();
     for (wim, expect_gaps) in [(&pair.base, false), (&pair.serviced, true)] {
         let len = std::fs::metadata(wim).unwrap().len();
         let layout = Layout::read(&mut File::open(wim).unwrap(), len).unwrap();
@@ -32,9 +38,15 @@ fn segments_match_wiminfo_and_cover_every_byte_once() {
             if b.compressed == 0 {
                 continue;
             }
-            let s = by_offset.get(&b.offset).unwrap_or_else(|| panic!("no segment at {}", b.offset));
+            let s = by_offset
+                .get(&b.offset)
+                .unwrap_or_else(|| panic!("no segment at {}", b.offset));
             assert_eq!(s.len, b.compressed);
-            let kind = if b.metadata { SegmentKind::Metadata } else { SegmentKind::Blob };
+            let kind = if b.metadata {
+                SegmentKind::Metadata
+            } else {
+                SegmentKind::Blob
+            };
             assert_eq!(s.kind, kind);
         }
         let h = wimtools::header(wim).unwrap();
@@ -42,7 +54,15 @@ fn segments_match_wiminfo_and_cover_every_byte_once() {
         assert_eq!(by_offset[&table_off].kind, SegmentKind::BlobTable);
         let xml_off: u64 = h["XML Data Offset"].parse().unwrap();
         assert_eq!(by_offset[&xml_off].kind, SegmentKind::Xml);
-        let gaps = layout.segments.iter().filter(|s| s.kind == SegmentKind::Gap).count();
-        assert_eq!(gaps > 0, expect_gaps, "an in-place append leaves the old tables behind as gaps");
+        let gaps = layout
+            .segments
+            .iter()
+            .filter(|s| s.kind == SegmentKind::Gap)
+            .count();
+        assert_eq!(
+            gaps > 0,
+            expect_gaps,
+            "an in-place append leaves the old tables behind as gaps"
+        );
     }
 }

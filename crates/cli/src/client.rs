@@ -22,7 +22,9 @@ impl Client {
             (Some(site), Some(token), _) => (site.trim_end_matches('/').to_string(), token.clone()),
             (site, token, Some(data)) => {
                 let cfg = SiteConfig::load(data)?;
-                let base = site.clone().unwrap_or_else(|| format!("http://{}", cfg.operator.listen));
+                let base = site
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{}", cfg.operator.listen));
                 let token = match token {
                     Some(t) => t.clone(),
                     None => ferry_site::read_token(data)?,
@@ -49,10 +51,12 @@ impl Client {
 
     /// Sends and turns error answers into errors carrying the site's message.
     pub(crate) async fn send(&self, req: RequestBuilder) -> anyhow::Result<Response> {
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the site at {} (is `ferry site serve` running?)", self.base))?;
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the site at {} (is `ferry site serve` running?)",
+                self.base
+            )
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -67,6 +71,8 @@ impl Client {
 
     pub(crate) async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<T> {
         let resp = self.send(req).await?;
-        resp.json().await.context("the site's answer is not what this CLI expects (versions differ?)")
+        resp.json()
+            .await
+            .context("the site's answer is not what this CLI expects (versions differ?)")
     }
 }

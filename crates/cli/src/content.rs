@@ -40,7 +40,11 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
         ContentCmd::Export { id, out, revision } => export(&client, g, &id, &out, revision).await,
         ContentCmd::Verify { id } => {
             let report: VerifyReport = client
-                .json(client.request(Method::POST, "/content/verify").json(&VerifyRequest { id }))
+                .json(
+                    client
+                        .request(Method::POST, "/content/verify")
+                        .json(&VerifyRequest { id }),
+                )
                 .await?;
             if g.json {
                 print_json(&report)?;
@@ -55,7 +59,11 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
                 if !report.damaged.is_empty() {
                     let mut t = table(&["CHUNK", "PROBLEM", "USED BY"]);
                     for d in &report.damaged {
-                        let used = if d.used_by.is_empty() { "(unreferenced)".to_string() } else { d.used_by.join("\n") };
+                        let used = if d.used_by.is_empty() {
+                            "(unreferenced)".to_string()
+                        } else {
+                            d.used_by.join("\n")
+                        };
                         t.add_row(vec![d.chunk.to_hex(), d.detail.clone(), used]);
                     }
                     println!("{t}");
@@ -70,7 +78,13 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
     }
 }
 
-async fn export(client: &Client, g: &Global, id: &str, out: &PathBuf, revision: Option<u32>) -> anyhow::Result<()> {
+async fn export(
+    client: &Client,
+    g: &Global,
+    id: &str,
+    out: &PathBuf,
+    revision: Option<u32>,
+) -> anyhow::Result<()> {
     let mut req = client.request(Method::GET, &format!("/content/{id}/file"));
     if let Some(r) = revision {
         req = req.query(&[("revision", r)]);
@@ -99,7 +113,8 @@ async fn export(client: &Client, g: &Global, id: &str, out: &PathBuf, revision: 
             format!("the transfer of {id} stopped at byte {written} of {size}; `ferry content verify {id}` checks the library")
         })?;
         hasher.update(&chunk);
-        tmp.write_all(&chunk).with_context(|| format!("cannot write {}", tmp.path().display()))?;
+        tmp.write_all(&chunk)
+            .with_context(|| format!("cannot write {}", tmp.path().display()))?;
         written += chunk.len() as u64;
     }
     let got = hasher.finalize().to_hex().to_string();
@@ -107,7 +122,8 @@ async fn export(client: &Client, g: &Global, id: &str, out: &PathBuf, revision: 
         bail!("the rebuilt file does not match: {written} bytes with BLAKE3 {got}, expected {size} bytes with {expected}; {} was left as it was", out.display());
     }
     tmp.as_file().sync_all()?;
-    tmp.persist(out).with_context(|| format!("cannot move the export into place at {}", out.display()))?;
+    tmp.persist(out)
+        .with_context(|| format!("cannot move the export into place at {}", out.display()))?;
     if g.json {
         print_json(&serde_json::json!({ "id": id, "path": out, "size": written, "blake3": got }))
     } else {

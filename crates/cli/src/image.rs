@@ -60,7 +60,8 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
             index,
         } => add(&client, g, path, name, version, comment, index).await,
         ImageCmd::List => {
-            let list: Vec<PackageSummary> = client.json(client.request(Method::GET, "/images")).await?;
+            let list: Vec<PackageSummary> =
+                client.json(client.request(Method::GET, "/images")).await?;
             if g.json {
                 return print_json(&list);
             }
@@ -68,7 +69,16 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
                 println!("no images yet; add one with `ferry image add PATH`");
                 return Ok(());
             }
-            let mut t = table(&["ID", "NAME", "VERSION", "REV", "IMAGES", "SIZE", "NEWLY STORED", "CREATED"]);
+            let mut t = table(&[
+                "ID",
+                "NAME",
+                "VERSION",
+                "REV",
+                "IMAGES",
+                "SIZE",
+                "NEWLY STORED",
+                "CREATED",
+            ]);
             for p in &list {
                 t.add_row(vec![
                     p.id.clone(),
@@ -85,7 +95,9 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
             Ok(())
         }
         ImageCmd::Show { id } => {
-            let view: PackageView = client.json(client.request(Method::GET, &format!("/images/{id}"))).await?;
+            let view: PackageView = client
+                .json(client.request(Method::GET, &format!("/images/{id}")))
+                .await?;
             if g.json {
                 return print_json(&view);
             }
@@ -93,11 +105,17 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
             Ok(())
         }
         ImageCmd::Remove { id } => {
-            let r: RemoveView = client.json(client.request(Method::DELETE, &format!("/images/{id}"))).await?;
+            let r: RemoveView = client
+                .json(client.request(Method::DELETE, &format!("/images/{id}")))
+                .await?;
             if g.json {
                 return print_json(&r);
             }
-            println!("removed {id}; freed {} chunks ({})", r.freed_chunks, bytes(r.freed_bytes));
+            println!(
+                "removed {id}; freed {} chunks ({})",
+                r.freed_chunks,
+                bytes(r.freed_bytes)
+            );
             Ok(())
         }
     }
@@ -114,7 +132,8 @@ async fn add(
 ) -> anyhow::Result<()> {
     // The site reads the file itself: send an absolute path. A path that does
     // not exist is still sent so the site explains it in one place.
-    let path = std::path::absolute(&path).with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
+    let path = std::path::absolute(&path)
+        .with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
     let req = ImportRequest {
         path,
         name,
@@ -122,14 +141,18 @@ async fn add(
         comment,
         index,
     };
-    let resp = client.send(client.request(Method::POST, "/images").json(&req)).await?;
+    let resp = client
+        .send(client.request(Method::POST, "/images").json(&req))
+        .await?;
     let bar = ProgressBar::hidden();
     if !g.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_message("importing");
     }
@@ -137,10 +160,13 @@ async fn add(
     let mut pending = Vec::new();
     let mut outcome: Option<ImportEvent> = None;
     while let Some(chunk) = stream.next().await {
-        pending.extend_from_slice(&chunk.context("the site closed the connection during the import")?);
+        pending
+            .extend_from_slice(&chunk.context("the site closed the connection during the import")?);
         while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=nl).collect();
-            match serde_json::from_slice::<ImportEvent>(&line).context("unexpected answer from the site")? {
+            match serde_json::from_slice::<ImportEvent>(&line)
+                .context("unexpected answer from the site")?
+            {
                 ImportEvent::Progress(p) => {
                     bar.set_length(p.total);
                     bar.set_position(p.done);
@@ -178,8 +204,22 @@ async fn add(
 fn print_view(v: &PackageView) {
     let r = &v.record;
     println!("{}  {}", r.id, r.name);
-    println!("  version     {}", if r.version.is_empty() { "-" } else { &r.version });
-    println!("  comment     {}", if r.comment.is_empty() { "-" } else { &r.comment });
+    println!(
+        "  version     {}",
+        if r.version.is_empty() {
+            "-"
+        } else {
+            &r.version
+        }
+    );
+    println!(
+        "  comment     {}",
+        if r.comment.is_empty() {
+            "-"
+        } else {
+            &r.comment
+        }
+    );
     println!("  created     {}", r.created);
     let Some(rev) = r.latest() else { return };
     let state = match v.source_state {
@@ -202,7 +242,12 @@ fn print_view(v: &PackageView) {
         rev.wim.boot_index
     );
     for f in &rev.files {
-        println!("  file        {} {} blake3 {}", f.path, bytes(f.size), f.hash);
+        println!(
+            "  file        {} {} blake3 {}",
+            f.path,
+            bytes(f.size),
+            f.hash
+        );
     }
     let st = rev.stats;
     println!(
@@ -215,7 +260,18 @@ fn print_view(v: &PackageView) {
         bytes(st.shared_bytes),
         percent(st.shared_bytes, st.logical_bytes)
     );
-    let mut t = table(&["INDEX", "NAME", "DESCRIPTION", "ARCH", "LANGUAGES", "BUILD", "EDITION", "FILES", "DIRS", "TOTAL BYTES"]);
+    let mut t = table(&[
+        "INDEX",
+        "NAME",
+        "DESCRIPTION",
+        "ARCH",
+        "LANGUAGES",
+        "BUILD",
+        "EDITION",
+        "FILES",
+        "DIRS",
+        "TOTAL BYTES",
+    ]);
     for i in &rev.images {
         t.add_row(vec![
             i.index.to_string(),

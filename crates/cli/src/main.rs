@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 /// Ferry: content-addressed distribution of Windows OS images.
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about, propagate_version = true)]
+#[command(name = "ferry", version, about)]
 struct Cli {
     /// The site's data folder (from `ferry site init`); operator commands
     /// read the API address and token from it.
@@ -61,7 +61,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -71,7 +72,10 @@ fn main() -> ExitCode {
         token: cli.token,
         json: cli.json,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -91,5 +95,15 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

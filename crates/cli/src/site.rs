@@ -25,9 +25,9 @@ pub(crate) enum SiteCmd {
 }
 
 fn data_dir(g: &Global) -> anyhow::Result<PathBuf> {
-    g.data
-        .clone()
-        .context("pass --data DIR (or set FERRY_DATA): the folder that holds, or will hold, the site")
+    g.data.clone().context(
+        "pass --data DIR (or set FERRY_DATA): the folder that holds, or will hold, the site",
+    )
 }
 
 pub(crate) async fn run(cmd: SiteCmd, g: &Global) -> anyhow::Result<()> {
@@ -36,8 +36,14 @@ pub(crate) async fn run(cmd: SiteCmd, g: &Global) -> anyhow::Result<()> {
         SiteCmd::Init { site_code, listen } => {
             ferry_site::init(&data, &InitOptions { site_code, listen })?;
             println!("site created in {}", data.display());
-            println!("  configuration  {}", data.join(ferry_site::CONFIG_FILE).display());
-            println!("  operator token {}", data.join(ferry_site::TOKEN_FILE).display());
+            println!(
+                "  configuration  {}",
+                data.join(ferry_site::CONFIG_FILE).display()
+            );
+            println!(
+                "  operator token {}",
+                data.join(ferry_site::TOKEN_FILE).display()
+            );
             println!("start it with: ferry site serve --data {}", data.display());
             Ok(())
         }

@@ -102,7 +102,11 @@ enum State {
     /// Emitting groups of compressed chunks; `ends` are offsets (relative to
     /// the end of the table) where compressed chunks end, `next` the index of
     /// the next chunk to place, `pos` where it starts.
-    Chunks { ends: Vec<u64>, next: usize, pos: u64 },
+    Chunks {
+        ends: Vec<u64>,
+        next: usize,
+        pos: u64,
+    },
     /// The table was unusable: plain CDC.
     Fallback,
 }
@@ -115,7 +119,11 @@ impl ResourceChunker {
             State::Fallback
         } else {
             let chunks = uncompressed.div_ceil(u64::from(chunk_size));
-            let entry_bytes = if uncompressed > u64::from(u32::MAX) { 8 } else { 4 };
+            let entry_bytes = if uncompressed > u64::from(u32::MAX) {
+                8
+            } else {
+                4
+            };
             let table_len = chunks.saturating_sub(1).saturating_mul(entry_bytes as u64);
             if chunks <= SMALL_RESOURCE_CHUNKS && stored_len <= MAX_CHUNK_BYTES as u64 {
                 State::Whole
@@ -310,7 +318,16 @@ mod tests {
 
     #[test]
     fn cdc_sizes_at_the_edges() {
-        for len in [0usize, 1, MIN_CHUNK_BYTES - 1, MIN_CHUNK_BYTES, AVG_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_CHUNK_BYTES + 1, 3_000_000] {
+        for len in [
+            0usize,
+            1,
+            MIN_CHUNK_BYTES - 1,
+            MIN_CHUNK_BYTES,
+            AVG_CHUNK_BYTES,
+            MAX_CHUNK_BYTES,
+            MAX_CHUNK_BYTES + 1,
+            3_000_000,
+        ] {
             let data = pseudo_random(len, 7);
             let cuts = split_all(&mut Cdc, &data);
             assert_eq!(cuts.iter().sum::<usize>(), len, "len {len}");
@@ -346,9 +363,15 @@ mod tests {
         let mut pos = table_len;
         for c in &cuts[1..] {
             pos += c;
-            assert!(bounds.contains(&pos), "cut at {pos} is not a chunk boundary");
+            assert!(
+                bounds.contains(&pos),
+                "cut at {pos} is not a chunk boundary"
+            );
         }
-        assert!(cuts.len() > 3, "a 40-chunk resource is split into several pieces");
+        assert!(
+            cuts.len() > 3,
+            "a 40-chunk resource is split into several pieces"
+        );
     }
 
     #[test]
@@ -382,7 +405,10 @@ mod tests {
     #[test]
     fn small_resource_is_one_chunk() {
         let (data, unc) = resource(&[20_000, 10_000], 5);
-        let cuts = split_all(&mut ResourceChunker::new(data.len() as u64, unc, 32768), &data);
+        let cuts = split_all(
+            &mut ResourceChunker::new(data.len() as u64, unc, 32768),
+            &data,
+        );
         assert_eq!(cuts, vec![data.len()]);
     }
 
@@ -391,9 +417,13 @@ mod tests {
         let mut data = pseudo_random(600_000, 9);
         // Table claims 20 chunks with offsets going backwards.
         for i in 0..19u32 {
-            data[i as usize * 4..i as usize * 4 + 4].copy_from_slice(&(1_000_000 - i * 10).to_le_bytes());
+            data[i as usize * 4..i as usize * 4 + 4]
+                .copy_from_slice(&(1_000_000 - i * 10).to_le_bytes());
         }
-        let cuts = split_all(&mut ResourceChunker::new(data.len() as u64, 20 * 32768, 32768), &data);
+        let cuts = split_all(
+            &mut ResourceChunker::new(data.len() as u64, 20 * 32768, 32768),
+            &data,
+        );
         assert_eq!(cuts.iter().sum::<usize>(), data.len());
     }
 
@@ -402,7 +432,10 @@ mod tests {
         let sizes = vec![30_000usize; 10];
         let (mut data, unc) = resource(&sizes, 4);
         data.truncate(100_000);
-        let cuts = split_all(&mut ResourceChunker::new(data.len() as u64, unc, 32768), &data);
+        let cuts = split_all(
+            &mut ResourceChunker::new(data.len() as u64, unc, 32768),
+            &data,
+        );
         assert_eq!(cuts.iter().sum::<usize>(), data.len());
     }
 

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Length in bytes of every Ferry digest (BLAKE3's default output).
 pub const DIGEST_BYTES: usize = 32;
@@ -11,8 +11,30 @@ pub const DIGEST_BYTES: usize = 32;
 macro_rules! digest_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(pub [u8; DIGEST_BYTES]);
+
+        /// Hex in human-readable formats (JSON), 32 raw bytes otherwise.
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.serialize_str(&self.to_hex())
+                } else {
+                    self.0.serialize(s)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                if d.is_human_readable() {
+                    let s = String::deserialize(d)?;
+                    s.parse().map_err(serde::de::Error::custom)
+                } else {
+                    <[u8; DIGEST_BYTES]>::deserialize(d).map(Self)
+                }
+            }
+        }
 
         impl $name {
             /// Hashes `data` with BLAKE3.
@@ -92,5 +114,17 @@ mod tests {
         assert_eq!(id.short().len(), 12);
         assert!("zz".parse::<ChunkId>().is_err());
         assert!(ChunkId::from_slice(&[0u8; 31]).is_none());
+    }
+
+    #[test]
+    fn serde_is_hex_in_json_and_raw_in_postcard() {
+        let id = FileHash::of(b"x");
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{}\"", id.to_hex()));
+        assert_eq!(serde_json::from_str::<FileHash>(&json).unwrap(), id);
+        let bin = postcard::to_stdvec(&id).unwrap();
+        assert_eq!(bin.len(), 32);
+        assert_eq!(postcard::from_bytes::<FileHash>(&bin).unwrap(), id);
+        assert!(serde_json::from_str::<FileHash>("\"nothex\"").is_err());
     }
 }

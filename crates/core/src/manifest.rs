@@ -86,7 +86,9 @@ impl Manifest {
     /// The chunks of one segment.
     pub fn segment_chunks(&self, s: &SegmentRecord) -> &[ChunkRef] {
         let first = s.first_chunk as usize;
-        self.chunks.get(first..first + s.chunk_count as usize).unwrap_or(&[])
+        self.chunks
+            .get(first..first + s.chunk_count as usize)
+            .unwrap_or(&[])
     }
 
     /// Byte offset of each chunk in the file, in chunk order.
@@ -136,25 +138,37 @@ impl Manifest {
         }
         let total: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
         if total != self.size {
-            return Err(bad(format!("chunks add up to {total} bytes, size is {}", self.size)));
+            return Err(bad(format!(
+                "chunks add up to {total} bytes, size is {}",
+                self.size
+            )));
         }
         let mut pos = 0u64;
         let mut next_chunk = 0u64;
         for s in &self.segments {
             if s.offset != pos || s.len == 0 {
-                return Err(bad(format!("segment at {} does not follow {pos}", s.offset)));
+                return Err(bad(format!(
+                    "segment at {} does not follow {pos}",
+                    s.offset
+                )));
             }
             let first = u64::from(s.first_chunk);
             let end = first + u64::from(s.chunk_count);
             if first != next_chunk || end > self.chunks.len() as u64 {
-                return Err(bad(format!("segment at {} names chunks out of order", s.offset)));
+                return Err(bad(format!(
+                    "segment at {} names chunks out of order",
+                    s.offset
+                )));
             }
             let bytes: u64 = self.chunks[first as usize..end as usize]
                 .iter()
                 .map(|c| u64::from(c.len))
                 .sum();
             if bytes != s.len {
-                return Err(bad(format!("segment at {} holds {bytes} bytes of chunks, not {}", s.offset, s.len)));
+                return Err(bad(format!(
+                    "segment at {} holds {bytes} bytes of chunks, not {}",
+                    s.offset, s.len
+                )));
             }
             pos += s.len;
             next_chunk = end;
@@ -171,9 +185,9 @@ impl Manifest {
 /// of a package folder on Linux or Windows.
 pub fn check_rel_path(path: &str) -> Result<(), ManifestError> {
     let ok = !path.is_empty()
-        && path.split('/').all(|c| {
-            !c.is_empty() && c != "." && c != ".." && !c.contains(['\\', ':', '\0'])
-        });
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains(['\\', ':', '\0']));
     if ok {
         Ok(())
     } else {
@@ -193,12 +207,32 @@ mod tests {
             size: 11,
             hash: FileHash::of(b"hello world"),
             chunks: vec![
-                ChunkRef { id: ChunkId::of(&a), len: 6 },
-                ChunkRef { id: ChunkId::of(&b), len: 5 },
+                ChunkRef {
+                    id: ChunkId::of(&a),
+                    len: 6,
+                },
+                ChunkRef {
+                    id: ChunkId::of(&b),
+                    len: 5,
+                },
             ],
             segments: vec![
-                SegmentRecord { kind: SegmentKind::Header, offset: 0, len: 6, first_chunk: 0, chunk_count: 1, fingerprint: None },
-                SegmentRecord { kind: SegmentKind::Gap, offset: 6, len: 5, first_chunk: 1, chunk_count: 1, fingerprint: None },
+                SegmentRecord {
+                    kind: SegmentKind::Header,
+                    offset: 0,
+                    len: 6,
+                    first_chunk: 0,
+                    chunk_count: 1,
+                    fingerprint: None,
+                },
+                SegmentRecord {
+                    kind: SegmentKind::Gap,
+                    offset: 6,
+                    len: 5,
+                    first_chunk: 1,
+                    chunk_count: 1,
+                    fingerprint: None,
+                },
             ],
         }
     }
@@ -215,7 +249,10 @@ mod tests {
     fn rejects_inconsistent_and_garbage() {
         let mut m = sample();
         m.size = 12;
-        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestError::Inconsistent { .. })));
+        assert!(matches!(
+            Manifest::decode(&m.encode()),
+            Err(ManifestError::Inconsistent { .. })
+        ));
         let mut m = sample();
         m.segments[1].offset = 7;
         assert!(m.validate().is_err());

@@ -5,7 +5,9 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
 use thiserror::Error;
 
 /// Making or writing trust material failed.
@@ -43,7 +45,10 @@ pub struct CaFiles {
 
 /// Makes a self-signed CA for the site `site_code`.
 pub fn make_ca(site_code: &str) -> Result<CaFiles, PkiError> {
-    let gen = |source| PkiError::Generate { what: "site CA", source };
+    let gen = |source| PkiError::Generate {
+        what: "site CA",
+        source,
+    };
     let key = KeyPair::generate().map_err(gen)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -51,7 +56,11 @@ pub fn make_ca(site_code: &str) -> Result<CaFiles, PkiError> {
     dn.push(DnType::OrganizationName, "Ferry");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let cert = params.self_signed(&key).map_err(gen)?;
     Ok(CaFiles {
         cert_pem: cert.pem(),
@@ -89,7 +98,11 @@ pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
         path: path.display().to_string(),
         source,
     };
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(err)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(err)?;
     f.write_all(contents.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::metadata(path).map(|_| ()).map_err(err)
@@ -111,7 +124,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         write_secret(&p, &a).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(write_secret(&p, &b).is_err(), "never overwrites");
     }
 }

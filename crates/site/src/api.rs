@@ -27,8 +27,8 @@ use ferry_store::Library;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::images::{self, ImageError, ImportRequest, Progress};
 use crate::catalog::PackageView;
+use crate::images::{self, ImageError, ImportRequest, Progress};
 
 /// Header carrying the exported file's whole-file BLAKE3.
 pub const HASH_HEADER: &str = "x-ferry-blake3";
@@ -93,7 +93,11 @@ pub struct ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
     }
 }
 
@@ -122,8 +126,13 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// Runs blocking library work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?.map_err(ApiError::from)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(internal)?
+        .map_err(ApiError::from)
 }
 
 /// The router for the operator API.
@@ -141,7 +150,12 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-async fn authenticate(State(state): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn authenticate(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -153,7 +167,9 @@ async fn authenticate(State(state): State<ApiState>, headers: HeaderMap, req: Re
             tracing::warn!(path = %req.uri().path(), "operator request refused: missing or wrong token");
             ApiError {
                 status: StatusCode::UNAUTHORIZED,
-                message: "operator token missing or wrong (see operator.token in the site's data folder)".into(),
+                message:
+                    "operator token missing or wrong (see operator.token in the site's data folder)"
+                        .into(),
             }
             .into_response()
         }
@@ -165,12 +181,18 @@ async fn list_images(State(s): State<ApiState>) -> Result<Response, ApiError> {
     Ok(Json(blocking(move || images::list(&lib)).await?).into_response())
 }
 
-async fn show_image(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn show_image(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
     Ok(Json(blocking(move || images::show(&lib, &id)).await?).into_response())
 }
 
-async fn remove_image(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn remove_image(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
     let out = blocking(move || {
         let r = images::remove(&lib, &id)?;
@@ -181,7 +203,10 @@ async fn remove_image(State(s): State<ApiState>, Path(id): Path<String>) -> Resu
     Ok(Json(out).into_response())
 }
 
-async fn verify(State(s): State<ApiState>, Json(req): Json<VerifyRequest>) -> Result<Response, ApiError> {
+async fn verify(
+    State(s): State<ApiState>,
+    Json(req): Json<VerifyRequest>,
+) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
     Ok(Json(blocking(move || images::verify(&lib, req.id.as_deref())).await?).into_response())
 }
@@ -192,11 +217,17 @@ fn ndjson_line<T: Serialize>(v: &T) -> Bytes {
     Bytes::from(line)
 }
 
-async fn add_image(State(s): State<ApiState>, Json(req): Json<ImportRequest>) -> Result<Response, ApiError> {
+async fn add_image(
+    State(s): State<ApiState>,
+    Json(req): Json<ImportRequest>,
+) -> Result<Response, ApiError> {
     if !req.path.is_absolute() {
         return Err(ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
-            message: format!("{}: the path must be absolute (the CLI makes it so)", req.path.display()),
+            message: format!(
+                "{}: the path must be absolute (the CLI makes it so)",
+                req.path.display()
+            ),
         });
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
@@ -206,7 +237,11 @@ async fn add_image(State(s): State<ApiState>, Json(req): Json<ImportRequest>) ->
         let _g = span.enter();
         let mut last_percent = u64::MAX;
         let result = images::import(&lib, &s.data, &s.site_code, &req, |p| {
-            let percent = if p.total == 0 { 100 } else { p.done * 100 / p.total };
+            let percent = if p.total == 0 {
+                100
+            } else {
+                p.done * 100 / p.total
+            };
             if percent != last_percent {
                 last_percent = percent;
                 // A slow reader only misses progress lines, never the result.
@@ -217,11 +252,15 @@ async fn add_image(State(s): State<ApiState>, Json(req): Json<ImportRequest>) ->
             Ok(view) => {
                 let st = view.record.latest().map(|r| r.stats).unwrap_or_default();
                 tracing::info!(package = %view.record.id, new_bytes = st.new_bytes, logical = st.logical_bytes, "image imported");
-                ImportEvent::Done { package: Box::new(view) }
+                ImportEvent::Done {
+                    package: Box::new(view),
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "import failed");
-                ImportEvent::Failed { error: e.to_string() }
+                ImportEvent::Failed {
+                    error: e.to_string(),
+                }
             }
         };
         let _ = tx.blocking_send(ndjson_line(&event));
@@ -229,10 +268,18 @@ async fn add_image(State(s): State<ApiState>, Json(req): Json<ImportRequest>) ->
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
-async fn export_file(State(s): State<ApiState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+async fn export_file(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
     let m = blocking(move || images::manifest(&lib, &id, q.revision, q.path.as_deref())).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
@@ -250,11 +297,18 @@ async fn export_file(State(s): State<ApiState>, Path(id): Path<String>, Query(q)
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    headers.insert(HASH_HEADER, HeaderValue::from_str(&hash.to_hex()).map_err(internal)?);
+    headers.insert(
+        HASH_HEADER,
+        HeaderValue::from_str(&hash.to_hex()).map_err(internal)?,
+    );
     if let Ok(v) = HeaderValue::from_str(&path) {
         headers.insert(PATH_HEADER, v);
     }

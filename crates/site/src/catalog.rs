@@ -61,7 +61,7 @@ pub struct SourceRecord {
     /// Size when imported.
     pub size: u64,
     /// Modification time when imported, nanoseconds since the Unix epoch.
-    pub modified_ns: i128,
+    pub modified_ns: i64,
     /// BLAKE3 of the source file when imported.
     pub hash: FileHash,
 }

@@ -77,11 +77,15 @@ impl SiteConfig {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
-        let code_ok = cfg.site_code.len() == 3 && cfg.site_code.chars().all(|c| c.is_ascii_alphanumeric());
+        let code_ok =
+            cfg.site_code.len() == 3 && cfg.site_code.chars().all(|c| c.is_ascii_alphanumeric());
         if !code_ok {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
-                detail: format!("site_code {:?} must be three letters or digits", cfg.site_code),
+                detail: format!(
+                    "site_code {:?} must be three letters or digits",
+                    cfg.site_code
+                ),
             });
         }
         Ok(cfg)
@@ -112,9 +116,28 @@ mod tests {
 
     #[test]
     fn rejects_unknown_keys_and_bad_codes() {
-        let e = SiteConfig::parse("site_code = \"FRY\"\ncolour = 1\n[operator]\nlisten = \"127.0.0.1:1\"\n", Path::new("s.toml"));
+        let e = SiteConfig::parse(
+            "site_code = \"FRY\"\ncolour = 1\n[operator]\nlisten = \"127.0.0.1:1\"\n",
+            Path::new("s.toml"),
+        );
         assert!(e.unwrap_err().to_string().contains("colour"));
-        let e = SiteConfig::parse("site_code = \"TOOLONG\"\n[operator]\nlisten = \"127.0.0.1:1\"\n", Path::new("s.toml"));
+        let e = SiteConfig::parse(
+            "site_code = \"TOOLONG\"\n[operator]\nlisten = \"127.0.0.1:1\"\n",
+            Path::new("s.toml"),
+        );
         assert!(e.unwrap_err().to_string().contains("three letters"));
+    }
+}
+
+#[cfg(test)]
+mod deploy_examples {
+    use super::*;
+
+    #[test]
+    fn deploy_site_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/site.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg = SiteConfig::parse(&text, &path).unwrap();
+        assert_eq!(cfg.operator.listen.to_string(), DEFAULT_OPERATOR_LISTEN);
     }
 }

@@ -16,8 +16,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::catalog::{
-    FileRecord, ImportStats, PackageKind, PackageRecord, PackageSummary, PackageView, RevisionRecord, SourceRecord,
-    SourceState,
+    FileRecord, ImportStats, PackageKind, PackageRecord, PackageSummary, PackageView,
+    RevisionRecord, SourceRecord, SourceState,
 };
 use crate::ingest::{ingest, IngestError};
 
@@ -66,7 +66,9 @@ pub enum ImageError {
         count: u32,
     },
     /// The file changed while it was being imported.
-    #[error("{path}: the file changed while it was being imported; nothing was added, import it again")]
+    #[error(
+        "{path}: the file changed while it was being imported; nothing was added, import it again"
+    )]
     Changed {
         /// The path given.
         path: String,
@@ -129,14 +131,16 @@ pub struct Progress {
 }
 
 fn now() -> String {
-    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
-fn modified_ns(meta: &std::fs::Metadata) -> i128 {
+fn modified_ns(meta: &std::fs::Metadata) -> i64 {
     meta.modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as i128)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 fn decode_record(id: &str, bytes: &[u8]) -> Result<PackageRecord, ImageError> {
@@ -191,7 +195,8 @@ pub fn import(
         path: shown.clone(),
         reason,
     };
-    let mut wim = Wim::open(&req.path).map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
+    let mut wim = Wim::open(&req.path)
+        .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
 
     // With --index, import a single-image export of Ferry's own; the source
     // file is only read.
@@ -218,7 +223,8 @@ pub fn import(
             .map_err(work_err)?
             .into_temp_path();
         std::fs::remove_file(&tmp).map_err(work_err)?;
-        wim.export_image(index, &tmp).map_err(|e| not_wim(e.to_string()))?;
+        wim.export_image(index, &tmp)
+            .map_err(|e| not_wim(e.to_string()))?;
         wim = Wim::open(&tmp).map_err(|e| not_wim(e.to_string()))?;
         export = Some(tmp);
     }
@@ -234,9 +240,11 @@ pub fn import(
     let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let layout = Layout::read(&mut reader, file_len).map_err(|e| not_wim(e.to_string()))?;
-    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(|e| ImageError::Source {
-        path: shown.clone(),
-        reason: e.to_string(),
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(|e| {
+        ImageError::Source {
+            path: shown.clone(),
+            reason: e.to_string(),
+        }
     })?;
 
     let file_name = req
@@ -247,22 +255,36 @@ pub fn import(
         .unwrap_or_else(|| "image.wim".into());
 
     let mut import = lib.begin_import();
-    let manifest = ingest(&mut import, &mut reader, &layout.segments, &file_name, |done| {
-        progress(Progress { done, total: file_len })
-    });
+    let manifest = ingest(
+        &mut import,
+        &mut reader,
+        &layout.segments,
+        &file_name,
+        |done| {
+            progress(Progress {
+                done,
+                total: file_len,
+            })
+        },
+    );
     let manifest = match manifest {
         Ok(m) => m,
         Err(source) => {
             drop(import);
             lib.try_collect()?;
-            return Err(ImageError::Ingest { path: shown, source });
+            return Err(ImageError::Ingest {
+                path: shown,
+                source,
+            });
         }
     };
 
     // The source must not have changed under us (without --index we read it
     // directly; with --index we read our own export and compare the source).
     let after = std::fs::metadata(&req.path).ok();
-    if after.as_ref().map(|m| (m.len(), modified_ns(m))) != Some((source_meta.len(), modified_ns(&source_meta))) {
+    if after.as_ref().map(|m| (m.len(), modified_ns(m)))
+        != Some((source_meta.len(), modified_ns(&source_meta)))
+    {
         drop(import);
         lib.try_collect()?;
         return Err(ImageError::Changed { path: shown });
@@ -283,7 +305,12 @@ pub fn import(
         .name
         .clone()
         .filter(|n| !n.trim().is_empty())
-        .or_else(|| images.first().map(|i| i.name.clone()).filter(|n| !n.is_empty()))
+        .or_else(|| {
+            images
+                .first()
+                .map(|i| i.name.clone())
+                .filter(|n| !n.is_empty())
+        })
         .unwrap_or_else(|| file_name.clone());
     let mut record = PackageRecord {
         id: id.clone(),
@@ -317,7 +344,10 @@ pub fn import(
         if let Some(r) = record.revisions.last_mut() {
             r.stats = import_stats(c, segments);
         }
-        serde_json::to_vec(&record).unwrap_or_default()
+        serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+            what: format!("catalog record of {id}"),
+            detail: e.to_string(),
+        })
     })?;
     if let Some(r) = record.revisions.last_mut() {
         r.stats = import_stats(&committed, segments);
@@ -348,10 +378,14 @@ fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
 
 /// Compares the latest revision's source with the file on disk now.
 pub fn source_state(record: &PackageRecord) -> SourceState {
-    let Some(rev) = record.latest() else { return SourceState::NotChecked };
+    let Some(rev) = record.latest() else {
+        return SourceState::NotChecked;
+    };
     match std::fs::metadata(&rev.source.path) {
         Err(_) => SourceState::Missing,
-        Ok(m) if m.len() == rev.source.size && modified_ns(&m) == rev.source.modified_ns => SourceState::Unchanged,
+        Ok(m) if m.len() == rev.source.size && modified_ns(&m) == rev.source.modified_ns => {
+            SourceState::Unchanged
+        }
         Ok(_) => SourceState::Changed,
     }
 }
@@ -366,7 +400,9 @@ pub fn list(lib: &Library) -> Result<Vec<PackageSummary>, ImageError> {
 
 /// One package's record.
 pub fn record(lib: &Library, id: &str) -> Result<PackageRecord, ImageError> {
-    let bytes = lib.package(id)?.ok_or_else(|| ImageError::NoPackage(id.to_string()))?;
+    let bytes = lib
+        .package(id)?
+        .ok_or_else(|| ImageError::NoPackage(id.to_string()))?;
     decode_record(id, &bytes)
 }
 
@@ -402,7 +438,12 @@ pub fn remove(lib: &Library, id: &str) -> Result<RemoveView, ImageError> {
 
 /// The manifest of one file of a package revision (latest when `revision`
 /// is `None`; first file when `path` is `None`).
-pub fn manifest(lib: &Library, id: &str, revision: Option<u32>, path: Option<&str>) -> Result<Manifest, ImageError> {
+pub fn manifest(
+    lib: &Library,
+    id: &str,
+    revision: Option<u32>,
+    path: Option<&str>,
+) -> Result<Manifest, ImageError> {
     let rec = record(lib, id)?;
     let rev = match revision {
         Some(r) => r,
@@ -459,7 +500,8 @@ pub fn verify(lib: &Library, id: Option<&str>) -> Result<VerifyReport, ImageErro
         }
         None => lib.packages()?.into_iter().map(|(id, _)| id).collect(),
     };
-    let mut uses: std::collections::HashMap<ChunkId, Vec<String>> = std::collections::HashMap::new();
+    let mut uses: std::collections::HashMap<ChunkId, Vec<String>> =
+        std::collections::HashMap::new();
     let mut order = Vec::new();
     for pkg in &ids {
         for rev in lib.revisions(pkg)? {

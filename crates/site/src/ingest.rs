@@ -130,7 +130,10 @@ pub fn ingest<R: Read>(
         read_total: 0,
     };
     for seg in segments {
-        debug_assert!(w.view().is_empty(), "the previous segment was consumed whole");
+        debug_assert!(
+            w.view().is_empty(),
+            "the previous segment was consumed whole"
+        );
         w.unread = seg.len;
         w.fill(HINT_PREFIX_BYTES)?;
         let first_chunk = b.chunks.len() as u32;
@@ -156,7 +159,9 @@ pub fn ingest<R: Read>(
                 break;
             }
             let eof = w.eof();
-            let n = chunker.cut(w.view(), eof).unwrap_or(w.view().len().min(MAX_CHUNK_BYTES));
+            let n = chunker
+                .cut(w.view(), eof)
+                .unwrap_or(w.view().len().min(MAX_CHUNK_BYTES));
             let n = n.clamp(1, w.view().len());
             b.emit(&w.view()[..n])?;
             w.consume(n);
@@ -190,7 +195,9 @@ pub fn ingest<R: Read>(
 fn reuse_known<R: Read>(b: &mut Builder<'_, '_>, w: &mut Window<'_, R>) -> Result<(), IngestError> {
     'next_segment: loop {
         w.fill(HINT_PREFIX_BYTES)?;
-        let Some(fp) = fingerprint(w.view()) else { return Ok(()) };
+        let Some(fp) = fingerprint(w.view()) else {
+            return Ok(());
+        };
         let ahead = w.view().len() as u64 + w.unread;
         for candidate in b.import.hints(&fp, ahead)? {
             let mut matched = 0usize;

@@ -46,7 +46,11 @@ pub struct InitOptions {
 pub fn init(data: &Path, opts: &InitOptions) -> anyhow::Result<()> {
     let cfg_path = data.join(CONFIG_FILE);
     if cfg_path.exists() {
-        anyhow::bail!("{} already exists: {} holds a site already", cfg_path.display(), data.display());
+        anyhow::bail!(
+            "{} already exists: {} holds a site already",
+            cfg_path.display(),
+            data.display()
+        );
     }
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
     let text = SiteConfig::template(&opts.site_code, opts.listen);
@@ -57,14 +61,16 @@ pub fn init(data: &Path, opts: &InitOptions) -> anyhow::Result<()> {
     ferry_net::pki::write_secret(&data.join(TOKEN_FILE), &ferry_net::pki::random_token()?)?;
     Library::open(&data.join(LIBRARY_DIR))?;
     // The config goes last: its presence marks a complete site.
-    std::fs::write(&cfg_path, text).with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    std::fs::write(&cfg_path, text)
+        .with_context(|| format!("cannot write {}", cfg_path.display()))?;
     Ok(())
 }
 
 /// Reads the operator token from a data folder.
 pub fn read_token(data: &Path) -> anyhow::Result<String> {
     let p = data.join(TOKEN_FILE);
-    let t = std::fs::read_to_string(&p).with_context(|| format!("cannot read the operator token {}", p.display()))?;
+    let t = std::fs::read_to_string(&p)
+        .with_context(|| format!("cannot read the operator token {}", p.display()))?;
     Ok(t.trim().to_string())
 }
 
@@ -97,11 +103,19 @@ impl Site {
     }
 
     /// Serves the operator API until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let listen = self.config.operator.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("cannot listen on {listen} (operator.listen in {})", self.data.join(CONFIG_FILE).display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {listen} (operator.listen in {})",
+                    self.data.join(CONFIG_FILE).display()
+                )
+            })?;
         let state = api::ApiState {
             lib: self.lib.clone(),
             data: self.data.clone(),

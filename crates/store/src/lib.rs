@@ -15,6 +15,6 @@
 mod library;
 
 pub use library::{
-    CommitStats, Damage, Import, Library, LibraryStats, RemoveStats, StoreError, CF_CHUNKS, CF_HINTS,
-    CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PENDING,
+    CommitStats, Damage, Import, Library, LibraryStats, RemoveStats, StoreError, CF_CHUNKS,
+    CF_HINTS, CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PENDING,
 };

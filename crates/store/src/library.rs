@@ -7,8 +7,8 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use ferry_core::{ChunkId, ChunkRef, Manifest};
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, FlushOptions,
-    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use thiserror::Error;
 
@@ -36,8 +36,15 @@ pub const CF_HINTS: &str = "hints";
 /// key: setting name (UTF-8) → value: setting bytes (`next-package`: u64 LE).
 pub const CF_META: &str = "meta";
 
-
-const ALL_CFS: [&str; 7] = [CF_CHUNKS, CF_INDEX, CF_PACKAGES, CF_MANIFESTS, CF_PENDING, CF_HINTS, CF_META];
+const ALL_CFS: [&str; 7] = [
+    CF_CHUNKS,
+    CF_INDEX,
+    CF_PACKAGES,
+    CF_MANIFESTS,
+    CF_PENDING,
+    CF_HINTS,
+    CF_META,
+];
 /// Unlogged chunk writes are batched up to this many bytes.
 const CHUNK_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Pending-list id for chunks whose reference count fell to zero.
@@ -85,7 +92,10 @@ impl StoreError {
         match self {
             StoreError::Db { source, .. } => matches!(
                 source.kind(),
-                rocksdb::ErrorKind::IOError | rocksdb::ErrorKind::Busy | rocksdb::ErrorKind::TryAgain | rocksdb::ErrorKind::TimedOut
+                rocksdb::ErrorKind::IOError
+                    | rocksdb::ErrorKind::Busy
+                    | rocksdb::ErrorKind::TryAgain
+                    | rocksdb::ErrorKind::TimedOut
             ),
             _ => false,
         }
@@ -184,9 +194,10 @@ fn hint_key(fingerprint: &[u8; 16], len: u64) -> Vec<u8> {
 
 /// Hint entries of a manifest: (key, chunk list) per fingerprinted segment.
 fn hints_of(m: &Manifest) -> impl Iterator<Item = (Vec<u8>, &[ChunkRef])> {
-    m.segments
-        .iter()
-        .filter_map(move |s| s.fingerprint.map(|f| (hint_key(&f, s.len), m.segment_chunks(s))))
+    m.segments.iter().filter_map(move |s| {
+        s.fingerprint
+            .map(|f| (hint_key(&f, s.len), m.segment_chunks(s)))
+    })
 }
 
 impl Library {
@@ -256,7 +267,9 @@ impl Library {
 
     fn cf(&self, name: &str) -> &ColumnFamily {
         // Every name in ALL_CFS is opened in `open`; a missing one is a bug.
-        self.db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} not opened"))
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} not opened"))
     }
 
     fn db_err(&self, source: rocksdb::Error) -> StoreError {
@@ -302,14 +315,22 @@ impl Library {
         let mut batch = WriteBatch::default();
         let mut freed = RemoveStats::default();
         let mut seen = HashSet::new();
-        for item in self.db.iterator_cf(self.cf(CF_PENDING), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_PENDING), IteratorMode::Start)
+        {
             let (k, _) = item.map_err(|e| self.db_err(e))?;
             batch.delete_cf(self.cf(CF_PENDING), &k);
-            let Some(id) = ChunkId::from_slice(&k[8..]) else { continue };
+            let Some(id) = ChunkId::from_slice(&k[8..]) else {
+                continue;
+            };
             if !seen.insert(id) {
                 continue;
             }
-            let idx = self.db.get_cf(self.cf(CF_INDEX), id.as_bytes()).map_err(|e| self.db_err(e))?;
+            let idx = self
+                .db
+                .get_cf(self.cf(CF_INDEX), id.as_bytes())
+                .map_err(|e| self.db_err(e))?;
             if let Some((0, len)) = idx.as_deref().and_then(parse_index) {
                 batch.delete_cf(self.cf(CF_INDEX), id.as_bytes());
                 batch.delete_cf(self.cf(CF_CHUNKS), id.as_bytes());
@@ -318,7 +339,9 @@ impl Library {
             }
         }
         if !batch.is_empty() {
-            self.db.write_opt(batch, &Self::synced()).map_err(|e| self.db_err(e))?;
+            self.db
+                .write_opt(batch, &Self::synced())
+                .map_err(|e| self.db_err(e))?;
         }
         self.chunks.fetch_sub(freed.freed_chunks, Ordering::Relaxed);
         self.bytes.fetch_sub(freed.freed_bytes, Ordering::Relaxed);
@@ -346,14 +369,21 @@ impl Library {
             .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
             .unwrap_or(1);
         self.db
-            .put_cf_opt(self.cf(CF_META), b"next-package", (cur + 1).to_le_bytes(), &Self::synced())
+            .put_cf_opt(
+                self.cf(CF_META),
+                b"next-package",
+                (cur + 1).to_le_bytes(),
+                &Self::synced(),
+            )
             .map_err(|e| self.db_err(e))?;
         Ok(cur)
     }
 
     /// The catalog record of a package.
     pub fn package(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.cf(CF_PACKAGES), id.as_bytes()).map_err(|e| self.db_err(e))
+        self.db
+            .get_cf(self.cf(CF_PACKAGES), id.as_bytes())
+            .map_err(|e| self.db_err(e))
     }
 
     /// Every package id with its record, in id order.
@@ -378,9 +408,10 @@ impl Library {
     pub fn manifests(&self, package: &str, revision: u32) -> Result<Vec<Manifest>, StoreError> {
         let prefix = manifest_prefix(package, revision);
         let mut out = Vec::new();
-        let it = self
-            .db
-            .iterator_cf(self.cf(CF_MANIFESTS), IteratorMode::From(&prefix, Direction::Forward));
+        let it = self.db.iterator_cf(
+            self.cf(CF_MANIFESTS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
         for item in it {
             let (k, v) = item.map_err(|e| self.db_err(e))?;
             if !k.starts_with(&prefix) {
@@ -399,15 +430,21 @@ impl Library {
         let mut prefix = package.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
-        let it = self
-            .db
-            .iterator_cf(self.cf(CF_MANIFESTS), IteratorMode::From(&prefix, Direction::Forward));
+        let it = self.db.iterator_cf(
+            self.cf(CF_MANIFESTS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
         for item in it {
             let (k, _) = item.map_err(|e| self.db_err(e))?;
             if !k.starts_with(&prefix) || k.len() < prefix.len() + 8 {
                 break;
             }
-            let rev = u32::from_be_bytes([k[prefix.len()], k[prefix.len() + 1], k[prefix.len() + 2], k[prefix.len() + 3]]);
+            let rev = u32::from_be_bytes([
+                k[prefix.len()],
+                k[prefix.len() + 1],
+                k[prefix.len() + 2],
+                k[prefix.len() + 3],
+            ]);
             if out.last() != Some(&rev) {
                 out.push(rev);
             }
@@ -448,7 +485,11 @@ impl Library {
 
     /// Checks each chunk of `ids` (each once) and returns the damaged or
     /// missing ones. `on_chunk` is told each chunk's length as it is checked.
-    pub fn verify(&self, ids: impl IntoIterator<Item = ChunkId>, mut on_chunk: impl FnMut(u64)) -> Result<Vec<Damage>, StoreError> {
+    pub fn verify(
+        &self,
+        ids: impl IntoIterator<Item = ChunkId>,
+        mut on_chunk: impl FnMut(u64),
+    ) -> Result<Vec<Damage>, StoreError> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for id in ids {
@@ -514,7 +555,9 @@ impl Library {
                 }
             }
             for (id, n) in drops {
-                let Some((count, len)) = self.chunk_info(&id)? else { continue };
+                let Some((count, len)) = self.chunk_info(&id)? else {
+                    continue;
+                };
                 let left = count.saturating_sub(n);
                 batch.put_cf(self.cf(CF_INDEX), id.as_bytes(), index_value(left, len));
                 if left == 0 {
@@ -524,7 +567,9 @@ impl Library {
             for k in hints {
                 batch.delete_cf(self.cf(CF_HINTS), k);
             }
-            self.db.write_opt(batch, &Self::synced()).map_err(|e| self.db_err(e))?;
+            self.db
+                .write_opt(batch, &Self::synced())
+                .map_err(|e| self.db_err(e))?;
         }
         Ok(self.try_collect()?.unwrap_or_default())
     }
@@ -555,8 +600,10 @@ impl Import<'_> {
         let lib = self.lib;
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         self.batch.put_cf(lib.cf(CF_CHUNKS), id.as_bytes(), data);
-        self.batch.put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(0, len));
-        self.batch.put_cf(lib.cf(CF_PENDING), pending_key(self.id, id), []);
+        self.batch
+            .put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(0, len));
+        self.batch
+            .put_cf(lib.cf(CF_PENDING), pending_key(self.id, id), []);
         self.batch_ids.insert(*id);
         self.batch_bytes += data.len();
         lib.chunks.fetch_add(1, Ordering::Relaxed);
@@ -576,7 +623,10 @@ impl Import<'_> {
         // chunks and their pending entries together.
         w.disable_wal(true);
         let batch = std::mem::take(&mut self.batch);
-        self.lib.db.write_opt(batch, &w).map_err(|e| self.lib.db_err(e))?;
+        self.lib
+            .db
+            .write_opt(batch, &w)
+            .map_err(|e| self.lib.db_err(e))?;
         self.batch_bytes = 0;
         self.batch_ids.clear();
         Ok(())
@@ -588,10 +638,13 @@ impl Import<'_> {
     pub fn hints(&self, fp: &[u8; 16], max_len: u64) -> Result<Vec<Vec<ChunkRef>>, StoreError> {
         let lib = self.lib;
         let mut out = Vec::new();
-        let it = lib.db.iterator_cf(lib.cf(CF_HINTS), IteratorMode::From(&fp, Direction::Forward));
+        let it = lib.db.iterator_cf(
+            lib.cf(CF_HINTS),
+            IteratorMode::From(fp.as_slice(), Direction::Forward),
+        );
         for item in it {
             let (k, v) = item.map_err(|e| lib.db_err(e))?;
-            if !k.starts_with(&fp) || k.len() != 24 {
+            if !k.starts_with(fp) || k.len() != 24 {
                 break;
             }
             let len = u64::from_be_bytes(k[16..24].try_into().unwrap_or([0xFF; 8]));
@@ -616,7 +669,7 @@ impl Import<'_> {
         package: &str,
         revision: u32,
         manifests: &[Manifest],
-        record: impl FnOnce(&CommitStats) -> Vec<u8>,
+        record: impl FnOnce(&CommitStats) -> Result<Vec<u8>, StoreError>,
     ) -> Result<CommitStats, StoreError> {
         self.write_batch()?;
         let lib = self.lib;
@@ -638,7 +691,11 @@ impl Import<'_> {
                 *adds.entry(c.id).or_default() += 1;
             }
             for (key, chunks) in hints_of(m) {
-                batch.put_cf(lib.cf(CF_HINTS), key, postcard::to_stdvec(chunks).unwrap_or_default());
+                batch.put_cf(
+                    lib.cf(CF_HINTS),
+                    key,
+                    postcard::to_stdvec(chunks).unwrap_or_default(),
+                );
             }
         }
         let mut start = self.id.to_be_bytes().to_vec();
@@ -656,8 +713,10 @@ impl Import<'_> {
             }
             batch.put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(count + n, len));
         }
-        batch.put_cf(lib.cf(CF_PACKAGES), package.as_bytes(), record(&stats));
-        lib.db.write_opt(batch, &Library::synced()).map_err(|e| lib.db_err(e))?;
+        batch.put_cf(lib.cf(CF_PACKAGES), package.as_bytes(), record(&stats)?);
+        lib.db
+            .write_opt(batch, &Library::synced())
+            .map_err(|e| lib.db_err(e))?;
         Ok(stats)
     }
 }

@@ -115,7 +115,8 @@ impl BlobEntry {
     /// True for an entry that is not a physical resource of its own: a blob
     /// stored inside a solid resource (its offset is within the solid data).
     pub fn is_solid_member(&self) -> bool {
-        self.reshdr.flags & RESHDR_FLAG_SOLID != 0 && self.reshdr.uncompressed != SOLID_RESOURCE_MAGIC
+        self.reshdr.flags & RESHDR_FLAG_SOLID != 0
+            && self.reshdr.uncompressed != SOLID_RESOURCE_MAGIC
     }
 }
 
@@ -252,7 +253,9 @@ impl Layout {
             reason,
         };
         if bt.flags & RESHDR_FLAG_COMPRESSED != 0 {
-            return Err(bad_table("it is compressed, which Ferry does not read".into()));
+            return Err(bad_table(
+                "it is compressed, which Ferry does not read".into(),
+            ));
         }
         if bt.size_in_wim % BLOB_ENTRY_BYTES != 0 {
             return Err(bad_table(format!(
@@ -263,7 +266,11 @@ impl Layout {
         if bt.size_in_wim > MAX_BLOB_TABLE_BYTES {
             return Err(bad_table(format!("it claims {} bytes", bt.size_in_wim)));
         }
-        if bt.offset.checked_add(bt.size_in_wim).is_none_or(|e| e > file_len) {
+        if bt
+            .offset
+            .checked_add(bt.size_in_wim)
+            .is_none_or(|e| e > file_len)
+        {
             return Err(bad_table(format!(
                 "its {} bytes end past the end of the file ({file_len} bytes)",
                 bt.size_in_wim
@@ -295,7 +302,11 @@ impl Layout {
 
 /// The segments of a WIM: header, every physical resource, the tables, and
 /// gaps for whatever lies between.
-pub fn segments_of(header: &Header, blobs: &[BlobEntry], file_len: u64) -> Result<Vec<Segment>, LayoutError> {
+pub fn segments_of(
+    header: &Header,
+    blobs: &[BlobEntry],
+    file_len: u64,
+) -> Result<Vec<Segment>, LayoutError> {
     let table = |r: ResHdr, kind| Segment {
         offset: r.offset,
         len: r.size_in_wim,
@@ -367,7 +378,12 @@ mod tests {
         h.extend(1u16.to_le_bytes());
         h.extend(1u16.to_le_bytes());
         h.extend(1u32.to_le_bytes());
-        h.extend(reshdr_bytes(blobs.len() as u64 * 50, 0, table_off, blobs.len() as u64 * 50));
+        h.extend(reshdr_bytes(
+            blobs.len() as u64 * 50,
+            0,
+            table_off,
+            blobs.len() as u64 * 50,
+        ));
         h.extend(reshdr_bytes(100, 0, file_len - 100, 100));
         h.extend(reshdr_bytes(0, 0, 0, 0));
         h.extend(0u32.to_le_bytes());
@@ -394,7 +410,11 @@ mod tests {
     fn segments_cover_a_synthetic_wim() {
         let f = synthetic(&[(208, 1000, 0), (1300, 500, RESHDR_FLAG_METADATA)], 4000);
         let l = read(&f).unwrap();
-        let kinds: Vec<_> = l.segments.iter().map(|s| (s.kind, s.offset, s.len)).collect();
+        let kinds: Vec<_> = l
+            .segments
+            .iter()
+            .map(|s| (s.kind, s.offset, s.len))
+            .collect();
         assert_eq!(
             kinds,
             vec![

@@ -158,7 +158,11 @@ impl Wim {
         let mut raw = ptr::null_mut();
         // SAFETY: `c` is a valid C string; `raw` receives an owned WIMStruct.
         let code = unsafe {
-            sys::wimlib_open_wim(c.as_ptr(), sys::WIMLIB_OPEN_FLAG_ERROR_IF_SPLIT as c_int, &mut raw)
+            sys::wimlib_open_wim(
+                c.as_ptr(),
+                sys::WIMLIB_OPEN_FLAG_ERROR_IF_SPLIT as c_int,
+                &mut raw,
+            )
         };
         check(code, "open", path)?;
         let raw = NonNull::new(raw).ok_or_else(|| WimError {
@@ -204,7 +208,9 @@ impl Wim {
         let c = CString::new(name).ok()?;
         // SAFETY: live WIMStruct, valid C string; the result is NULL or a
         // string owned by the WIMStruct that we copy at once.
-        let p = unsafe { sys::wimlib_get_image_property(self.raw.as_ptr(), image as c_int, c.as_ptr()) };
+        let p = unsafe {
+            sys::wimlib_get_image_property(self.raw.as_ptr(), image as c_int, c.as_ptr())
+        };
         if p.is_null() {
             return None;
         }
@@ -214,7 +220,9 @@ impl Wim {
 
     /// Every image's properties, in index order.
     pub fn images(&self) -> Vec<ImageInfo> {
-        (1..=self.raw_info().image_count).map(|i| self.image(i)).collect()
+        (1..=self.raw_info().image_count)
+            .map(|i| self.image(i))
+            .collect()
     }
 
     /// One image's properties (1-based index; must be in range).
@@ -237,7 +245,8 @@ impl Wim {
                 p("WINDOWS/VERSION/MAJOR"),
                 p("WINDOWS/VERSION/MINOR"),
                 b,
-                self.property(index, "WINDOWS/VERSION/SPBUILD").unwrap_or_else(|| "0".into())
+                self.property(index, "WINDOWS/VERSION/SPBUILD")
+                    .unwrap_or_else(|| "0".into())
             ),
             None => String::new(),
         };
@@ -277,12 +286,20 @@ impl Wim {
                 op,
                 path: self.path.display().to_string(),
                 code: -1,
-                message: format!("the WIM has {} image(s); there is no index {index}", info.image_count),
+                message: format!(
+                    "the WIM has {} image(s); there is no index {index}",
+                    info.image_count
+                ),
             });
         }
         let mut out = ptr::null_mut();
         // SAFETY: out receives an owned WIMStruct.
-        let code = unsafe { sys::wimlib_create_new_wim(info.compression_type as sys::wimlib_compression_type, &mut out) };
+        let code = unsafe {
+            sys::wimlib_create_new_wim(
+                info.compression_type as sys::wimlib_compression_type,
+                &mut out,
+            )
+        };
         check(code, op.clone(), &self.path)?;
         let out = NonNull::new(out).ok_or_else(|| WimError {
             op: op.clone(),
@@ -299,13 +316,26 @@ impl Wim {
         // outlives dest_wim (dropped at the end of this function).
         let code = unsafe {
             sys::wimlib_set_output_chunk_size(dest_wim.raw.as_ptr(), info.chunk_size);
-            sys::wimlib_export_image(self.raw.as_ptr(), index as c_int, dest_wim.raw.as_ptr(), ptr::null(), ptr::null(), 0)
+            sys::wimlib_export_image(
+                self.raw.as_ptr(),
+                index as c_int,
+                dest_wim.raw.as_ptr(),
+                ptr::null(),
+                ptr::null(),
+                0,
+            )
         };
         check(code, op.clone(), &self.path)?;
         let c = cstring_path(dest)?;
         // SAFETY: live WIMStruct, valid path, all images, default threads.
         let code = unsafe {
-            sys::wimlib_write(dest_wim.raw.as_ptr(), c.as_ptr(), sys::WIMLIB_ALL_IMAGES, sys::WIMLIB_WRITE_FLAG_FSYNC as c_int, 0)
+            sys::wimlib_write(
+                dest_wim.raw.as_ptr(),
+                c.as_ptr(),
+                sys::WIMLIB_ALL_IMAGES,
+                sys::WIMLIB_WRITE_FLAG_FSYNC as c_int,
+                0,
+            )
         };
         check(code, "write", dest)
     }

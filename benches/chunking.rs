@@ -1,0 +1,64 @@
+//! Chunkers and hashing, in memory.
+#![allow(missing_docs)] // criterion_group! generates an undocumented function
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ferry_core::chunker::{split_all, Cdc, ResourceChunker};
+use ferry_tests::tree::Content;
+
+const LEN: usize = 64 << 20;
+
+/// A compressed-resource look-alike: chunk table + chunks of 12–20 KiB.
+fn resource(len: usize) -> (Vec<u8>, u64) {
+    let mut c = Content::new(3);
+    let mut sizes = Vec::new();
+    let mut total = 0;
+    while total < len {
+        let s = 12_000 + c.below(8_000);
+        sizes.push(s);
+        total += s;
+    }
+    let mut out = Vec::with_capacity(total + sizes.len() * 4);
+    let mut off = 0u32;
+    for s in &sizes[..sizes.len() - 1] {
+        off += *s as u32;
+        out.extend(off.to_le_bytes());
+    }
+    out.extend(c.bytes(total));
+    (out, sizes.len() as u64 * 32768)
+}
+
+fn bench(c: &mut Criterion) {
+    let data = Content::new(1).bytes(LEN);
+    let (res, unc) = resource(LEN);
+    let mut g = c.benchmark_group("chunking");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(LEN as u64));
+    g.bench_function(BenchmarkId::new("fastcdc", "64MiB"), |b| {
+        b.iter(|| split_all(&mut Cdc, &data).len())
+    });
+    g.bench_function(BenchmarkId::new("resource", "64MiB"), |b| {
+        b.iter(|| {
+            split_all(
+                &mut ResourceChunker::new(res.len() as u64, unc, 32768),
+                &res,
+            )
+            .len()
+        })
+    });
+    g.bench_function(BenchmarkId::new("blake3", "64MiB"), |b| {
+        b.iter(|| blake3::hash(&data))
+    });
+    g.bench_function(BenchmarkId::new("cdc+blake3 per chunk", "64MiB"), |b| {
+        b.iter(|| {
+            let mut pos = 0;
+            for n in split_all(&mut Cdc, &data) {
+                std::hint::black_box(blake3::hash(&data[pos..pos + n]));
+                pos += n;
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

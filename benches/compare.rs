@@ -1,0 +1,311 @@
+//! End-to-end comparison: Ferry beside the tools a user would otherwise use,
+//! on the same files, in the same run.
+//!
+//! ```text
+//! scripts/bench.sh            # builds ferry, then runs this
+//! ```
+//! Fixtures are cached in `$CARGO_TARGET_DIR/ferry-bench/` (the 1 GiB WIM
+//! takes a few minutes to make once). Prints a Markdown report and writes
+//! `ferry-bench/results.json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_tests::harness::{stats_of, SiteProc};
+use ferry_tests::tree::{make_tree, TreeSpec};
+use ferry_tests::wimtools::{self, ServiceSpec};
+use serde_json::json;
+
+fn root() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    target.join("ferry-bench")
+}
+
+/// A WIM captured from a generated tree, made once and cached.
+fn cached_wim(name: &str, spec: &TreeSpec, min_bytes: u64) -> anyhow::Result<PathBuf> {
+    let dir = root().join(name);
+    let wim = dir.join(format!("{name}.wim"));
+    if wim.exists() && fs::metadata(&wim)?.len() >= min_bytes {
+        return Ok(wim);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    eprintln!("making {} ({} files)…", wim.display(), spec.files);
+    make_tree(&dir.join("tree"), spec)?;
+    wimtools::capture(
+        &dir.join("tree"),
+        &wim,
+        "Windows 11 Enterprise",
+        "LZX",
+        wimtools::WINDOWS_PROPS,
+    )?;
+    fs::remove_dir_all(dir.join("tree"))?;
+    let len = fs::metadata(&wim)?.len();
+    if len < min_bytes {
+        bail!(
+            "{} is {len} bytes, less than {min_bytes}: raise the file count",
+            wim.display()
+        );
+    }
+    Ok(wim)
+}
+
+fn timed(cmd: &mut Command) -> anyhow::Result<(Duration, String)> {
+    let t = Instant::now();
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let d = t.elapsed();
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((
+        d,
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            total += if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                fs::metadata(&p).map(|m| m.len()).unwrap_or(0)
+            };
+        }
+    }
+    total
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// Imports `wim` into a fresh site; returns (time, peak site memory, package JSON).
+fn import_fresh(wim: &Path) -> anyhow::Result<(Duration, u64, serde_json::Value)> {
+    let dir = tempfile::tempdir_in(root())?;
+    let site = SiteProc::start(dir.path())?;
+    let t = Instant::now();
+    let pkg = site.add_image(wim, &[])?;
+    let d = t.elapsed();
+    let rss = peak_rss(site.pid().context("site pid")?)?;
+    Ok((d, rss, pkg))
+}
+
+fn rsync_literal(base: &Path, new: &Path) -> anyhow::Result<(u64, u64)> {
+    let dir = tempfile::tempdir_in(root())?;
+    let dest = dir.path().join("dest.wim");
+    fs::copy(base, &dest)?;
+    let (_, out) = timed(
+        Command::new("rsync")
+            .args(["--no-whole-file", "--stats", "--inplace"])
+            .arg(new)
+            .arg(&dest),
+    )?;
+    let num = |key: &str| -> anyhow::Result<u64> {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("rsync printed no {key}"))?;
+        let n: String = line[key.len()..]
+            .chars()
+            .take_while(|c| *c != 'b')
+            .filter(char::is_ascii_digit)
+            .collect();
+        Ok(n.parse()?)
+    };
+    Ok((num("Literal data:")?, num("Total bytes sent:")?))
+}
+
+/// Bytes of casync chunk files a client that has `base` must fetch for `new`.
+fn casync_new_chunks(base: &Path, new: &Path) -> anyhow::Result<u64> {
+    let dir = tempfile::tempdir_in(root())?;
+    let store = dir.path().join("store.castr");
+    timed(
+        Command::new("casync")
+            .arg("make")
+            .arg(format!("--store={}", store.display()))
+            .arg(dir.path().join("a.caibx"))
+            .arg(base),
+    )?;
+    let before = dir_bytes(&store);
+    timed(
+        Command::new("casync")
+            .arg("make")
+            .arg(format!("--store={}", store.display()))
+            .arg(dir.path().join("b.caibx"))
+            .arg(new),
+    )?;
+    Ok(dir_bytes(&store) - before)
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    fs::create_dir_all(root())?;
+    let mut report = String::new();
+    let mut results = serde_json::Map::new();
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+
+    // --- import throughput, 1 GiB+ WIM -------------------------------------
+    let big = cached_wim(
+        "big",
+        &TreeSpec {
+            files: 16_000,
+            seed: 11,
+            size_scale: 2.5,
+            duplicates: 0.03,
+        },
+        1 << 30,
+    )?;
+    let small = cached_wim(
+        "small",
+        &TreeSpec {
+            files: 4_000,
+            seed: 12,
+            size_scale: 2.5,
+            duplicates: 0.03,
+        },
+        200 << 20,
+    )?;
+    let big_len = fs::metadata(&big)?.len();
+    let small_len = fs::metadata(&small)?.len();
+    // Warm the page cache so every tool reads from memory alike.
+    timed(
+        Command::new("cat")
+            .arg(&big)
+            .stdout(std::process::Stdio::null()),
+    )?;
+    let (t_b3, _) = timed(Command::new("b3sum").arg(&big))?;
+    let (t_b3_1, _) = timed(
+        Command::new("b3sum")
+            .arg("--num-threads")
+            .arg("1")
+            .arg(&big),
+    )?;
+    let t = Instant::now();
+    let mut h = blake3::Hasher::new();
+    h.update_reader(fs::File::open(&big)?)?;
+    let t_blake3_lib = t.elapsed();
+    let casync_dir = tempfile::tempdir_in(root())?;
+    let (t_casync, _) = timed(
+        Command::new("casync")
+            .arg("make")
+            .arg(format!(
+                "--store={}",
+                casync_dir.path().join("s.castr").display()
+            ))
+            .arg(casync_dir.path().join("i.caibx"))
+            .arg(&big),
+    )?;
+    drop(casync_dir);
+    let (t_ferry, rss_big, _) = import_fresh(&big)?;
+    let (_, rss_small, _) = import_fresh(&small)?;
+    report += &format!(
+        "## Import of a {:.2} GiB WIM (page cache warm, {nproc} cores)\n\n\
+         | tool | time | MB/s | time ÷ ferry |\n|---|---|---|---|\n\
+         | `ferry image add` | {:.2} s | {:.0} | 1.00 |\n\
+         | `b3sum` ({nproc} threads) | {:.2} s | {:.0} | {:.2} |\n\
+         | `b3sum --num-threads 1` | {:.2} s | {:.0} | {:.2} |\n\
+         | blake3 crate, one thread, in process | {:.2} s | {:.0} | {:.2} |\n\
+         | `casync make` | {:.2} s | {:.0} | {:.2} |\n\n\
+         Ferry's import takes {:.2}× the time of hashing alone (b3sum, all threads).\n\n\
+         Peak site memory (VmHWM): {:.0} MiB importing {:.0} MiB, {:.0} MiB importing {:.0} MiB.\n\n",
+        big_len as f64 / (1u64 << 30) as f64,
+        t_ferry.as_secs_f64(), mbps(big_len, t_ferry),
+        t_b3.as_secs_f64(), mbps(big_len, t_b3), t_b3.as_secs_f64() / t_ferry.as_secs_f64(),
+        t_b3_1.as_secs_f64(), mbps(big_len, t_b3_1), t_b3_1.as_secs_f64() / t_ferry.as_secs_f64(),
+        t_blake3_lib.as_secs_f64(), mbps(big_len, t_blake3_lib), t_blake3_lib.as_secs_f64() / t_ferry.as_secs_f64(),
+        t_casync.as_secs_f64(), mbps(big_len, t_casync), t_casync.as_secs_f64() / t_ferry.as_secs_f64(),
+        t_ferry.as_secs_f64() / t_b3.as_secs_f64(),
+        rss_small as f64 / 1048576.0, small_len as f64 / 1048576.0,
+        rss_big as f64 / 1048576.0, big_len as f64 / 1048576.0,
+    );
+    results.insert(
+        "import".into(),
+        json!({"wim_bytes": big_len, "ferry_s": t_ferry.as_secs_f64(), "b3sum_s": t_b3.as_secs_f64(),
+               "b3sum_1t_s": t_b3_1.as_secs_f64(), "blake3_lib_s": t_blake3_lib.as_secs_f64(),
+               "casync_make_s": t_casync.as_secs_f64(), "peak_rss_big": rss_big, "peak_rss_small": rss_small,
+               "small_wim_bytes": small_len}),
+    );
+
+    // --- bytes stored for base + serviced ----------------------------------
+    let pair_dir = root().join("pair");
+    let _ = fs::remove_dir_all(&pair_dir);
+    let pair = wimtools::serviced_pair(
+        &pair_dir,
+        &TreeSpec {
+            files: 3000,
+            seed: 21,
+            ..TreeSpec::default()
+        },
+        "LZX",
+        &ServiceSpec::default(),
+    )?;
+    let rebuilt = pair_dir.join("rebuilt.wim");
+    fs::copy(&pair.serviced, &rebuilt)?;
+    wimtools::optimize(&rebuilt)?;
+    report += "## Bytes stored for a serviced image (base already stored)\n\n\
+               | serviced copy | image | blob floor | ferry stored | ferry ÷ floor | rsync literal | rsync sent | casync new chunks |\n\
+               |---|---|---|---|---|---|---|---|\n";
+    let mut pairs = Vec::new();
+    for (label, new) in [
+        ("appended (wimupdate)", &pair.serviced),
+        ("rebuilt (wimoptimize)", &rebuilt),
+    ] {
+        let dir = tempfile::tempdir_in(root())?;
+        let site = SiteProc::start(dir.path())?;
+        site.add_image(&pair.base, &[])?;
+        let (_, stored) = stats_of(&site.add_image(new, &[])?);
+        let floor = wimtools::blob_floor(&pair.base, new)?;
+        let (literal, sent) = rsync_literal(&pair.base, new)?;
+        let casync = casync_new_chunks(&pair.base, new)?;
+        let size = fs::metadata(new)?.len();
+        report += &format!(
+            "| {label} | {size} | {floor} | {stored} | {:.3} | {literal} | {sent} | {casync} |\n",
+            stored as f64 / floor as f64
+        );
+        pairs.push(json!({"label": label, "image": size, "floor": floor, "ferry": stored, "rsync_literal": literal, "rsync_sent": sent, "casync": casync}));
+    }
+    report += &format!(
+        "\nServicing: {} files replaced, {} patched in place, {} added, {} deleted (of 3000).\n",
+        pair.changes.replaced.len(),
+        pair.changes.patched.len(),
+        pair.changes.added.len(),
+        pair.changes.deleted.len()
+    );
+    results.insert("stored".into(), json!(pairs));
+    println!("{report}");
+    fs::write(
+        root().join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    fs::write(root().join("results.md"), report)?;
+    Ok(())
+}
