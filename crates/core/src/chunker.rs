@@ -241,7 +241,7 @@ impl Chunker for ResourceChunker {
                     }
                     i += 1;
                     let chunk = &window[(chunk_start - start) as usize..piece_len];
-                    if piece_len >= GROUP_MIN_BYTES && boundary_hash(chunk) % GROUP_SPREAD == 0 {
+                    if piece_len >= GROUP_MIN_BYTES && boundary_hash(chunk).is_multiple_of(GROUP_SPREAD) {
                         break;
                     }
                 }
