@@ -34,7 +34,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Bytes(LEN as u64));
     g.bench_function(BenchmarkId::new("fastcdc", "64MiB"), |b| {
-        b.iter(|| split_all(&mut Cdc, &data).len())
+        b.iter(|| split_all(&mut Cdc::default(), &data).len())
     });
     g.bench_function(BenchmarkId::new("resource", "64MiB"), |b| {
         b.iter(|| {
@@ -51,7 +51,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("cdc+blake3 per chunk", "64MiB"), |b| {
         b.iter(|| {
             let mut pos = 0;
-            for n in split_all(&mut Cdc, &data) {
+            for n in split_all(&mut Cdc::default(), &data) {
                 std::hint::black_box(blake3::hash(&data[pos..pos + n]));
                 pos += n;
             }

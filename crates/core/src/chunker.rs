@@ -10,18 +10,22 @@
 
 use fastcdc::v2020;
 
+use crate::SegmentKind;
+
 /// Smallest chunk content-defined chunking cuts (except at a segment's end).
 pub const MIN_CHUNK_BYTES: usize = 16 * 1024;
 /// Average chunk size content-defined chunking aims for.
 pub const AVG_CHUNK_BYTES: usize = 64 * 1024;
 /// Largest chunk any chunker produces.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
-/// A compressed resource is grouped into pieces of at least this many bytes
-/// (unless the resource ends first).
-pub const GROUP_MIN_BYTES: usize = 32 * 1024;
-/// After [`GROUP_MIN_BYTES`], a piece ends after a compressed chunk with
-/// probability 1 / `GROUP_SPREAD`, decided by that chunk's own bytes.
-pub const GROUP_SPREAD: u64 = 4;
+/// A piece of a compressed resource ends at the first compressed-chunk
+/// boundary at or past this many bytes. A 32 KiB chunk of OS files
+/// compresses to 10–20 KiB, so a piece is usually one compressed chunk: a
+/// patch costs about the compressed chunk it lands in, as it does for rsync.
+/// Runs of highly compressible chunks are grouped; their grouping depends only
+/// on the chunks since the last piece that ended on a chunk of at least this
+/// size, so a change disturbs pieces only until the next such chunk.
+pub const GROUP_MIN_BYTES: usize = 8 * 1024;
 /// Resources of at most this many compressed chunks stay one chunk.
 pub const SMALL_RESOURCE_CHUNKS: u64 = 2;
 /// WIM chunk sizes above this are not split at compressed-chunk boundaries.
@@ -36,29 +40,65 @@ pub trait Chunker {
     fn cut(&mut self, window: &[u8], eof: bool) -> Option<usize>;
 }
 
-/// FastCDC (2020) content-defined chunking with Ferry's sizes.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cdc;
+/// FastCDC (2020) content-defined chunking with given sizes.
+#[derive(Clone, Copy, Debug)]
+pub struct Cdc {
+    min: usize,
+    avg: usize,
+    max: usize,
+}
 
 impl Cdc {
-    fn masks() -> (u64, u64) {
+    /// For bulk data: uncompressed or solid resources, whole files.
+    pub const DATA: Cdc = Cdc {
+        min: MIN_CHUNK_BYTES,
+        avg: AVG_CHUNK_BYTES,
+        max: MAX_CHUNK_BYTES,
+    };
+    /// For tables (blob table, XML, integrity table, header, gaps): small and
+    /// rewritten with most entries unchanged, so finer chunks share more.
+    pub const TABLE: Cdc = Cdc {
+        min: 2 * 1024,
+        avg: 8 * 1024,
+        max: 64 * 1024,
+    };
+
+    /// The CDC for segments of `kind` that are not split by structure.
+    pub fn for_kind(kind: SegmentKind) -> Cdc {
+        match kind {
+            SegmentKind::Blob | SegmentKind::Metadata | SegmentKind::Data => Cdc::DATA,
+            SegmentKind::Header
+            | SegmentKind::BlobTable
+            | SegmentKind::Xml
+            | SegmentKind::Integrity
+            | SegmentKind::Gap => Cdc::TABLE,
+        }
+    }
+
+    fn masks(&self) -> (u64, u64) {
         // Normalisation level 1, as fastcdc's default constructor uses.
-        let bits = v2020::logarithm2(AVG_CHUNK_BYTES as u32) as usize;
+        let bits = v2020::logarithm2(self.avg as u32) as usize;
         (v2020::MASKS[bits + 1], v2020::MASKS[bits - 1])
+    }
+}
+
+impl Default for Cdc {
+    fn default() -> Self {
+        Cdc::DATA
     }
 }
 
 impl Chunker for Cdc {
     fn cut(&mut self, window: &[u8], eof: bool) -> Option<usize> {
-        if window.is_empty() || (!eof && window.len() < MAX_CHUNK_BYTES) {
+        if window.is_empty() || (!eof && window.len() < self.max) {
             return None;
         }
-        let (mask_s, mask_l) = Self::masks();
+        let (mask_s, mask_l) = self.masks();
         let (_, n) = v2020::cut(
             window,
-            MIN_CHUNK_BYTES,
-            AVG_CHUNK_BYTES,
-            MAX_CHUNK_BYTES,
+            self.min,
+            self.avg,
+            self.max,
             mask_s,
             mask_l,
             mask_s << 1,
@@ -142,17 +182,6 @@ impl ResourceChunker {
     }
 }
 
-/// Cheap content hash of a compressed chunk's tail; decides piece ends.
-fn boundary_hash(chunk: &[u8]) -> u64 {
-    let tail = &chunk[chunk.len().saturating_sub(16)..];
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in tail {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^ (h >> 29)
-}
-
 impl Chunker for ResourceChunker {
     fn cut(&mut self, window: &[u8], eof: bool) -> Option<usize> {
         if window.is_empty() {
@@ -226,7 +255,6 @@ impl Chunker for ResourceChunker {
                 let start = *pos;
                 let mut i = *next;
                 while i < ends.len() {
-                    let chunk_start = if i == 0 { 0 } else { ends[i - 1] };
                     let piece_len = (ends[i] - start) as usize;
                     if piece_len > MAX_CHUNK_BYTES {
                         break;
@@ -240,8 +268,7 @@ impl Chunker for ResourceChunker {
                         return self.cut(window, eof);
                     }
                     i += 1;
-                    let chunk = &window[(chunk_start - start) as usize..piece_len];
-                    if piece_len >= GROUP_MIN_BYTES && boundary_hash(chunk).is_multiple_of(GROUP_SPREAD) {
+                    if piece_len >= GROUP_MIN_BYTES {
                         break;
                     }
                 }
@@ -255,7 +282,7 @@ impl Chunker for ResourceChunker {
                 *pos = end;
                 Some((end - start) as usize)
             }
-            State::Fallback => Cdc.cut(window, eof),
+            State::Fallback => Cdc::default().cut(window, eof),
         }
     }
 }
@@ -329,7 +356,7 @@ mod tests {
             3_000_000,
         ] {
             let data = pseudo_random(len, 7);
-            let cuts = split_all(&mut Cdc, &data);
+            let cuts = split_all(&mut Cdc::default(), &data);
             assert_eq!(cuts.iter().sum::<usize>(), len, "len {len}");
             assert!(cuts.iter().all(|&c| c > 0 && c <= MAX_CHUNK_BYTES));
             if len > 0 && len <= MIN_CHUNK_BYTES {
@@ -340,7 +367,7 @@ mod tests {
 
     #[test]
     fn cdc_zeroes_cut_at_max() {
-        let cuts = split_all(&mut Cdc, &vec![0u8; MAX_CHUNK_BYTES * 2 + 5]);
+        let cuts = split_all(&mut Cdc::default(), &vec![0u8; MAX_CHUNK_BYTES * 2 + 5]);
         assert_eq!(cuts, vec![MAX_CHUNK_BYTES, MAX_CHUNK_BYTES, 5]);
     }
 
@@ -444,7 +471,7 @@ mod tests {
 
         #[test]
         fn chunks_concatenate_to_input(data in proptest::collection::vec(any::<u8>(), 0..600_000)) {
-            let cuts = split_all(&mut Cdc, &data);
+            let cuts = split_all(&mut Cdc::default(), &data);
             prop_assert_eq!(cuts.iter().sum::<usize>(), data.len());
         }
 
@@ -465,7 +492,7 @@ mod tests {
             b.insert(at, 0xAB);
             let ends = |d: &[u8]| {
                 let mut pos = 0;
-                split_all(&mut Cdc, d).into_iter().map(|c| { pos += c; pos }).collect::<Vec<_>>()
+                split_all(&mut Cdc::default(), d).into_iter().map(|c| { pos += c; pos }).collect::<Vec<_>>()
             };
             let ea: std::collections::HashSet<_> = ends(&a).into_iter().filter(|&e| e > at + MAX_CHUNK_BYTES * 2).map(|e| e + 1).collect();
             let eb: Vec<_> = ends(&b).into_iter().filter(|&e| e > at + MAX_CHUNK_BYTES * 2).collect();

@@ -131,7 +131,9 @@ pub struct Progress {
 }
 
 fn now() -> String {
-    OffsetDateTime::now_utc()
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0)
+        .unwrap_or(now)
         .format(&Rfc3339)
         .unwrap_or_default()
 }

@@ -5,6 +5,7 @@
 //! size: a segment is read as it is chunked, never whole.
 
 use std::io::Read;
+use std::sync::mpsc::{sync_channel, SyncSender};
 
 use ferry_core::chunker::{Cdc, Chunker, ResourceChunker, MAX_CHUNK_BYTES};
 use ferry_core::manifest::SegmentRecord;
@@ -40,7 +41,8 @@ struct Window<'r, R: Read> {
     unread: u64,
     /// File offset of `buf[pos]`.
     offset: u64,
-    whole: blake3::Hasher,
+    /// Every block read goes to the whole-file hasher thread, in order.
+    whole: SyncSender<Vec<u8>>,
     read_total: u64,
 }
 
@@ -70,7 +72,9 @@ impl<R: Read> Window<'_, R> {
             self.reader
                 .read_exact(&mut self.buf[start..])
                 .map_err(|source| IngestError::Read { offset, source })?;
-            self.whole.update(&self.buf[start..]);
+            // The hasher thread only stops early if it panicked; the join
+            // in `ingest` reports that.
+            let _ = self.whole.send(self.buf[start..].to_vec());
             self.unread -= n as u64;
             self.read_total += n as u64;
         }
@@ -105,15 +109,49 @@ impl Builder<'_, '_> {
     }
 }
 
+/// Blocks queued for the whole-file hasher (each up to [`READ_BYTES`]).
+const HASH_QUEUE_BLOCKS: usize = 4;
+
 /// Reads `reader` (positioned at offset 0) segment by segment and stores
 /// its chunks through `import`; returns the manifest for `path`.
-/// `progress` is called with the bytes read so far.
+/// `progress` is called with the bytes read so far. The whole-file BLAKE3 is
+/// computed on a second thread while this one chunks, hashes and stores.
 pub fn ingest<R: Read>(
     import: &mut Import<'_>,
     reader: &mut R,
     segments: &[Segment],
     path: &str,
+    progress: impl FnMut(u64),
+) -> Result<Manifest, IngestError> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = sync_channel::<Vec<u8>>(HASH_QUEUE_BLOCKS);
+        let hasher = scope.spawn(move || {
+            let mut h = blake3::Hasher::new();
+            for block in rx {
+                h.update(&block);
+            }
+            h.finalize()
+        });
+        let result = chunk_segments(import, reader, segments, path, progress, tx);
+        let hash = hasher.join().map_err(|_| IngestError::Read {
+            offset: 0,
+            source: std::io::Error::other("the whole-file hasher thread failed"),
+        })?;
+        result.map(|mut m| {
+            m.hash = FileHash::from(hash);
+            m
+        })
+    })
+}
+
+/// The chunking half of [`ingest`]; the manifest's hash is filled in there.
+fn chunk_segments<R: Read>(
+    import: &mut Import<'_>,
+    reader: &mut R,
+    segments: &[Segment],
+    path: &str,
     mut progress: impl FnMut(u64),
+    whole: SyncSender<Vec<u8>>,
 ) -> Result<Manifest, IngestError> {
     let mut b = Builder {
         import,
@@ -126,7 +164,7 @@ pub fn ingest<R: Read>(
         pos: 0,
         unread: 0,
         offset: 0,
-        whole: blake3::Hasher::new(),
+        whole,
         read_total: 0,
     };
     for seg in segments {
@@ -147,10 +185,10 @@ pub fn ingest<R: Read>(
                 uncompressed,
                 chunk_size,
             } => Box::new(ResourceChunker::new(seg.len, uncompressed, chunk_size)),
-            Split::Cdc => Box::new(Cdc),
+            Split::Cdc => Box::new(Cdc::for_kind(seg.kind)),
             Split::Known => {
                 reuse_known(&mut b, &mut w)?;
-                Box::new(Cdc)
+                Box::new(Cdc::for_kind(seg.kind))
             }
         };
         loop {
@@ -176,12 +214,10 @@ pub fn ingest<R: Read>(
             fingerprint: fp,
         });
     }
-    let size = w.read_total;
-    let hash = FileHash::from(w.whole.finalize());
     Ok(Manifest {
         path: path.to_string(),
-        size,
-        hash,
+        size: w.read_total,
+        hash: FileHash([0; 32]),
         chunks: b.chunks,
         segments: records,
     })

@@ -33,7 +33,8 @@ pub const CF_PENDING: &str = "pending";
 /// `Vec<ChunkRef>`, the chunks that segment was cut into. Lets the importer
 /// recognise old resources an in-place append left behind as gaps.
 pub const CF_HINTS: &str = "hints";
-/// key: setting name (UTF-8) → value: setting bytes (`next-package`: u64 LE).
+/// key: setting name (UTF-8) → value: setting bytes (`next-package`: u64 LE;
+/// `garbage-bytes`: u64 LE, bytes freed since the last space reclamation).
 pub const CF_META: &str = "meta";
 
 const ALL_CFS: [&str; 7] = [
@@ -49,6 +50,14 @@ const ALL_CFS: [&str; 7] = [
 const CHUNK_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Pending-list id for chunks whose reference count fell to zero.
 const GARBAGE_IMPORT: u64 = 0;
+/// Freed bytes wait in blob files until they exceed this share of the live
+/// bytes (and [`RECLAIM_MIN_BYTES`]); then one compaction rewrites the live
+/// chunks and drops the dead ones, so rewriting costs at most a few times
+/// what was freed.
+const RECLAIM_SHARE: u64 = 4;
+/// See [`RECLAIM_SHARE`].
+const RECLAIM_MIN_BYTES: u64 = 64 << 20;
+const META_GARBAGE: &[u8] = b"garbage-bytes";
 
 /// What went wrong in the library.
 #[derive(Debug, Error)]
@@ -226,7 +235,10 @@ impl Library {
                 o.set_min_blob_size(4096);
                 o.set_blob_file_size(256 << 20);
                 o.set_blob_compression_type(DBCompressionType::None);
-                o.set_enable_blob_gc(true);
+                // Blob GC inside every compaction rewrites live chunks while
+                // imports run; it is run on purpose after removals instead
+                // (`reclaim_space`).
+                o.set_enable_blob_gc(false);
                 o.set_write_buffer_size(64 << 20);
             } else {
                 o.set_compression_type(DBCompressionType::Lz4);
@@ -338,14 +350,61 @@ impl Library {
                 freed.freed_bytes += u64::from(len);
             }
         }
-        if !batch.is_empty() {
-            self.db
-                .write_opt(batch, &Self::synced())
-                .map_err(|e| self.db_err(e))?;
-        }
+        let garbage = self.meta_u64(META_GARBAGE)? + freed.freed_bytes;
+        batch.put_cf(self.cf(CF_META), META_GARBAGE, garbage.to_le_bytes());
+        self.db
+            .write_opt(batch, &Self::synced())
+            .map_err(|e| self.db_err(e))?;
         self.chunks.fetch_sub(freed.freed_chunks, Ordering::Relaxed);
         self.bytes.fetch_sub(freed.freed_bytes, Ordering::Relaxed);
+        let live = self.bytes.load(Ordering::Relaxed);
+        if garbage >= RECLAIM_MIN_BYTES.max(live / RECLAIM_SHARE) {
+            self.reclaim_space()?;
+        }
         Ok(freed)
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_META), key)
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Rewrites the chunk files without the chunks deleted since the last
+    /// time: a compaction of the chunk keys with blob garbage collection on.
+    /// Runs by itself once enough was freed; callable any time.
+    pub fn reclaim_space(&self) -> Result<(), StoreError> {
+        let cf = self.cf(CF_CHUNKS);
+        let set = |on: &str| {
+            self.db
+                .set_options_cf(
+                    cf,
+                    &[
+                        ("enable_blob_garbage_collection", on),
+                        ("blob_garbage_collection_age_cutoff", "1.0"),
+                    ],
+                )
+                .map_err(|e| self.db_err(e))
+        };
+        set("true")?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+        set("false")?;
+        self.db
+            .put_cf_opt(
+                self.cf(CF_META),
+                META_GARBAGE,
+                0u64.to_le_bytes(),
+                &Self::synced(),
+            )
+            .map_err(|e| self.db_err(e))?;
+        tracing::info!(path = %self.path.display(), "reclaimed the space of deleted chunks");
+        Ok(())
     }
 
     /// Runs [`Library::collect`] only if no import is running right now.
@@ -718,5 +777,129 @@ impl Import<'_> {
             .write_opt(batch, &Library::synced())
             .map_err(|e| lib.db_err(e))?;
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::manifest::SegmentRecord;
+    use ferry_core::{FileHash, SegmentKind};
+
+    /// Stores `data` as one file of `package` cut into 64 KiB chunks.
+    fn import(lib: &Library, package: &str, data: &[u8]) -> CommitStats {
+        let mut imp = lib.begin_import();
+        let chunks: Vec<ChunkRef> = data
+            .chunks(64 << 10)
+            .map(|c| {
+                let id = ChunkId::of(c);
+                imp.put_chunk(&id, c).unwrap();
+                ChunkRef {
+                    id,
+                    len: c.len() as u32,
+                }
+            })
+            .collect();
+        let m = Manifest {
+            path: "f.bin".into(),
+            size: data.len() as u64,
+            hash: FileHash::of(data),
+            segments: vec![SegmentRecord {
+                kind: SegmentKind::Data,
+                offset: 0,
+                len: data.len() as u64,
+                first_chunk: 0,
+                chunk_count: chunks.len() as u32,
+                fingerprint: None,
+            }],
+            chunks,
+        };
+        imp.commit(package, 1, &[m], |_| Ok(b"{}".to_vec()))
+            .unwrap()
+    }
+
+    /// `len` pseudo-random bytes (xorshift64; no two 64 KiB chunks alike).
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(seed);
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn shared_chunks_are_counted_and_freed_once_unreferenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(dir.path()).unwrap();
+        let a = data(1 << 20, 1);
+        let s1 = import(&lib, "A", &a);
+        assert_eq!(s1.new_bytes, 1 << 20);
+        let s2 = import(&lib, "B", &a);
+        assert_eq!(s2.new_bytes, 0, "the same content is stored once");
+        assert_eq!(lib.stats().bytes, 1 << 20);
+        assert_eq!(lib.remove_package("A").unwrap().freed_bytes, 0);
+        assert_eq!(lib.remove_package("B").unwrap().freed_bytes, 1 << 20);
+        assert_eq!(lib.stats(), LibraryStats::default());
+        assert!(matches!(
+            lib.remove_package("B"),
+            Err(StoreError::NoPackage(_))
+        ));
+    }
+
+    #[test]
+    fn uncommitted_chunks_are_reclaimed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let lib = Library::open(dir.path()).unwrap();
+            let mut imp = lib.begin_import();
+            let d = data(100_000, 3);
+            imp.put_chunk(&ChunkId::of(&d), &d).unwrap();
+            imp.write_batch().unwrap();
+            lib.db.flush().unwrap();
+            // Dropped without commit, as a failed import is.
+        }
+        let lib = Library::open(dir.path()).unwrap();
+        assert_eq!(lib.stats(), LibraryStats::default());
+        assert!(lib.chunk_ids().unwrap().is_empty());
+    }
+
+    #[test]
+    fn removal_waits_for_no_import_before_deleting() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(dir.path()).unwrap();
+        let a = data(200_000, 4);
+        import(&lib, "A", &a);
+        let imp = lib.begin_import();
+        // An import is running: the chunks lose their reference but stay.
+        let freed = lib.remove_package("A").unwrap();
+        assert_eq!(freed, RemoveStats::default());
+        assert!(lib.has_chunk(&ChunkId::of(&a[..64 << 10])).unwrap());
+        drop(imp);
+        assert_eq!(lib.collect().unwrap().freed_bytes, 200_000);
+    }
+
+    #[test]
+    fn freed_space_returns_to_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(dir.path()).unwrap();
+        let big = data(96 << 20, 5);
+        import(&lib, "A", &big);
+        let full = disk_bytes(dir.path());
+        assert!(full > 90 << 20, "chunks are on disk: {full}");
+        lib.remove_package("A").unwrap();
+        let after = disk_bytes(dir.path());
+        assert!(after < 16 << 20, "space came back: {full} → {after}");
     }
 }
