@@ -182,6 +182,21 @@ impl SiteProc {
             .with_context(|| format!("ferry {args:?} printed no JSON: {text}"))
     }
 
+    /// How many packages the site lists.
+    pub fn package_count(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .cli_json(&["image", "list"])?
+            .as_array()
+            .map_or(0, Vec::len))
+    }
+
+    /// How many chunks the whole library holds (from a full verify).
+    pub fn stored_chunks(&self) -> anyhow::Result<u64> {
+        self.cli_json(&["content", "verify"])?["chunks"]
+            .as_u64()
+            .context("verify printed no chunk count")
+    }
+
     /// Imports a WIM and returns the package JSON.
     pub fn add_image(&self, path: &Path, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
         let p = path.to_string_lossy();

@@ -114,19 +114,8 @@ fn import_show_export_verify_remove() {
     assert_eq!(r1["freed_bytes"], 0);
     let r2 = site.cli_json(&["image", "remove", &id]).unwrap();
     assert_eq!(r2["freed_bytes"].as_u64().unwrap(), new);
-    assert_eq!(
-        site.cli_json(&["image", "list"])
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
-    assert_eq!(
-        site.cli_json(&["content", "verify"]).unwrap()["chunks"],
-        0,
-        "no chunk left behind"
-    );
+    assert_eq!(site.package_count().unwrap(), 0);
+    assert_eq!(site.stored_chunks().unwrap(), 0, "no chunk left behind");
 
     // The source changing after import is noticed.
     let pkg = site.add_image(&wim, &[]).unwrap();
@@ -258,19 +247,8 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
         );
         assert!(!err.contains("panick"), "{err}");
     }
-    assert_eq!(
-        site.cli_json(&["image", "list"])
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
-    assert_eq!(
-        site.cli_json(&["content", "verify"]).unwrap()["chunks"],
-        0,
-        "nothing was stored"
-    );
+    assert_eq!(site.package_count().unwrap(), 0);
+    assert_eq!(site.stored_chunks().unwrap(), 0, "nothing was stored");
     // The site is still up and imports the good file afterwards.
     site.add_image(&good, &[]).unwrap();
 }

@@ -318,15 +318,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        use rand::{RngCore, SeedableRng};
+        let mut out = vec![0u8; len];
+        rand::rngs::SmallRng::seed_from_u64(seed).fill_bytes(&mut out);
+        out
     }
 
     /// A fake compressed resource: chunk table + chunks of the given sizes.

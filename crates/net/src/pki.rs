@@ -1,6 +1,6 @@
 //! The site CA and secret tokens.
 
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -78,22 +78,15 @@ pub fn random_token() -> Result<String, PkiError> {
 /// Writes `contents` to a new file only its owner can read (mode 0600).
 /// Refuses to overwrite an existing file.
 pub fn write_secret(path: &Path, contents: &str) -> Result<(), PkiError> {
-    let err = |source| PkiError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
-    f.write_all(contents.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+    write_new(path, contents, 0o600)
 }
 
 /// Writes a public file (a certificate), refusing to overwrite.
 pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
+    write_new(path, contents, 0o644)
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
     let err = |source| PkiError::Write {
         path: path.display().to_string(),
         source,
@@ -101,11 +94,11 @@ pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
         .open(path)
         .map_err(err)?;
     f.write_all(contents.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::metadata(path).map(|_| ()).map_err(err)
+    f.sync_all().map_err(err)
 }
 
 #[cfg(test)]
@@ -125,7 +118,7 @@ mod tests {
         let p = dir.path().join("k");
         write_secret(&p, &a).unwrap();
         assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
         assert!(write_secret(&p, &b).is_err(), "never overwrites");

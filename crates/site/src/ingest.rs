@@ -5,7 +5,7 @@
 //! size: a segment is read as it is chunked, never whole.
 
 use std::io::Read;
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use ferry_core::chunker::{Cdc, Chunker, ResourceChunker, MAX_CHUNK_BYTES};
 use ferry_core::manifest::SegmentRecord;
@@ -32,23 +32,28 @@ pub enum IngestError {
     Store(#[from] StoreError),
 }
 
-/// The bytes of the current segment read but not yet cut.
+/// The bytes of the current segment read but not yet cut: `buf[pos..end]`.
+/// The buffer is allocated once; reads go after `end`, and what is left is
+/// moved to the front only when more room is needed.
 struct Window<'r, R: Read> {
     reader: &'r mut R,
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
     /// Bytes of the segment still unread.
     unread: u64,
     /// File offset of `buf[pos]`.
     offset: u64,
     /// Every block read goes to the whole-file hasher thread, in order.
     whole: SyncSender<Vec<u8>>,
+    /// Blocks the hasher is done with, for reuse.
+    spare: Receiver<Vec<u8>>,
     read_total: u64,
 }
 
 impl<R: Read> Window<'_, R> {
     fn view(&self) -> &[u8] {
-        &self.buf[self.pos..]
+        &self.buf[self.pos..self.end]
     }
 
     fn eof(&self) -> bool {
@@ -57,24 +62,31 @@ impl<R: Read> Window<'_, R> {
 
     /// Reads until `want` bytes are in view or the segment ends.
     fn fill(&mut self, want: usize) -> Result<(), IngestError> {
-        if self.buf.len() - self.pos >= want || self.unread == 0 {
+        if self.end - self.pos >= want || self.unread == 0 {
             return Ok(());
         }
         if self.pos > 0 {
-            self.buf.drain(..self.pos);
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
             self.pos = 0;
         }
-        while self.buf.len() < want && self.unread > 0 {
-            let n = (READ_BYTES.max(want - self.buf.len()) as u64).min(self.unread) as usize;
-            let start = self.buf.len();
-            self.buf.resize(start + n, 0);
-            let offset = self.offset + start as u64;
+        while self.end < want && self.unread > 0 {
+            let n = (READ_BYTES.max(want - self.end) as u64).min(self.unread) as usize;
+            if self.buf.len() < self.end + n {
+                self.buf.resize(self.end + n, 0);
+            }
+            let offset = self.offset + self.end as u64;
+            let block = &mut self.buf[self.end..self.end + n];
             self.reader
-                .read_exact(&mut self.buf[start..])
+                .read_exact(block)
                 .map_err(|source| IngestError::Read { offset, source })?;
+            let mut copy = self.spare.try_recv().unwrap_or_default();
+            copy.clear();
+            copy.extend_from_slice(block);
             // The hasher thread only stops early if it panicked; the join
             // in `ingest` reports that.
-            let _ = self.whole.send(self.buf[start..].to_vec());
+            let _ = self.whole.send(copy);
+            self.end += n;
             self.unread -= n as u64;
             self.read_total += n as u64;
         }
@@ -125,14 +137,16 @@ pub fn ingest<R: Read>(
 ) -> Result<Manifest, IngestError> {
     std::thread::scope(|scope| {
         let (tx, rx) = sync_channel::<Vec<u8>>(HASH_QUEUE_BLOCKS);
+        let (give_back, spare) = sync_channel::<Vec<u8>>(HASH_QUEUE_BLOCKS + 1);
         let hasher = scope.spawn(move || {
             let mut h = blake3::Hasher::new();
             for block in rx {
                 h.update(&block);
+                let _ = give_back.try_send(block);
             }
             h.finalize()
         });
-        let result = chunk_segments(import, reader, segments, path, progress, tx);
+        let result = chunk_segments(import, reader, segments, path, progress, tx, spare);
         let hash = hasher.join().map_err(|_| IngestError::Read {
             offset: 0,
             source: std::io::Error::other("the whole-file hasher thread failed"),
@@ -152,6 +166,7 @@ fn chunk_segments<R: Read>(
     path: &str,
     mut progress: impl FnMut(u64),
     whole: SyncSender<Vec<u8>>,
+    spare: Receiver<Vec<u8>>,
 ) -> Result<Manifest, IngestError> {
     let mut b = Builder {
         import,
@@ -162,9 +177,11 @@ fn chunk_segments<R: Read>(
         reader,
         buf: Vec::with_capacity(READ_BYTES + MAX_CHUNK_BYTES),
         pos: 0,
+        end: 0,
         unread: 0,
         offset: 0,
         whole,
+        spare,
         read_total: 0,
     };
     for seg in segments {

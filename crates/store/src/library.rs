@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ferry_core::{ChunkId, ChunkRef, Manifest};
 use rocksdb::{
@@ -322,7 +322,23 @@ impl Library {
     /// Deletes every chunk that is listed as pending and has no reference,
     /// and clears the pending lists. Waits for running imports to end.
     pub fn collect(&self) -> Result<RemoveStats, StoreError> {
-        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.collect_locked(&exclusive)
+    }
+
+    /// Runs [`Library::collect`] only if no import is running right now.
+    pub fn try_collect(&self) -> Result<Option<RemoveStats>, StoreError> {
+        match self.gate.try_write() {
+            Ok(exclusive) => self.collect_locked(&exclusive).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// [`Library::collect`] with the gate held exclusively by the caller.
+    fn collect_locked(
+        &self,
+        _exclusive: &RwLockWriteGuard<'_, ()>,
+    ) -> Result<RemoveStats, StoreError> {
         let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = WriteBatch::default();
         let mut freed = RemoveStats::default();
@@ -405,17 +421,6 @@ impl Library {
             .map_err(|e| self.db_err(e))?;
         tracing::info!(path = %self.path.display(), "reclaimed the space of deleted chunks");
         Ok(())
-    }
-
-    /// Runs [`Library::collect`] only if no import is running right now.
-    pub fn try_collect(&self) -> Result<Option<RemoveStats>, StoreError> {
-        match self.gate.try_write() {
-            Ok(guard) => {
-                drop(guard);
-                self.collect().map(Some)
-            }
-            Err(_) => Ok(None),
-        }
     }
 
     /// Allocates the next package number (1, 2, …), durably.
@@ -818,17 +823,12 @@ mod tests {
             .unwrap()
     }
 
-    /// `len` pseudo-random bytes (xorshift64; no two 64 KiB chunks alike).
+    /// `len` pseudo-random bytes: no two 64 KiB chunks alike.
     fn data(len: usize, seed: u8) -> Vec<u8> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(seed);
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        use rand::{RngCore, SeedableRng};
+        let mut out = vec![0u8; len];
+        rand::rngs::SmallRng::seed_from_u64(u64::from(seed)).fill_bytes(&mut out);
+        out
     }
 
     fn disk_bytes(dir: &Path) -> u64 {
