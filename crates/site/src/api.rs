@@ -237,11 +237,7 @@ async fn add_image(
         let _g = span.enter();
         let mut last_percent = u64::MAX;
         let result = images::import(&lib, &s.data, &s.site_code, &req, |p| {
-            let percent = if p.total == 0 {
-                100
-            } else {
-                p.done * 100 / p.total
-            };
+            let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
             if percent != last_percent {
                 last_percent = percent;
                 // A slow reader only misses progress lines, never the result.

@@ -521,9 +521,9 @@ pub fn verify(lib: &Library, id: Option<&str>) -> Result<VerifyReport, ImageErro
     if id.is_none() {
         // Unreferenced chunks are checked too: they may be needed again.
         for c in lib.chunk_ids()? {
-            if !uses.contains_key(&c) {
+            if let std::collections::hash_map::Entry::Vacant(e) = uses.entry(c) {
+                e.insert(Vec::new());
                 order.push(c);
-                uses.insert(c, Vec::new());
             }
         }
     }

@@ -258,7 +258,6 @@ impl Library {
             chunks: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         };
-        lib.collect()?;
         let (mut n, mut b) = (0u64, 0u64);
         for item in lib.db.iterator_cf(lib.cf(CF_INDEX), IteratorMode::Start) {
             let (_, v) = item.map_err(|e| lib.db_err(e))?;
@@ -269,6 +268,8 @@ impl Library {
         }
         lib.chunks.store(n, Ordering::Relaxed);
         lib.bytes.store(b, Ordering::Relaxed);
+        // Chunks of imports that never committed (killed, failed) go now.
+        lib.collect()?;
         Ok(lib)
     }
 
