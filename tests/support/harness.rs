@@ -197,6 +197,12 @@ impl SiteProc {
             .context("verify printed no chunk count")
     }
 
+    /// `ferry content export ID --out OUT` (latest revision).
+    pub fn export(&self, id: &str, out: &Path) -> anyhow::Result<()> {
+        self.cli_ok(&["content", "export", id, "--out", &out.to_string_lossy()])
+            .map(drop)
+    }
+
     /// Imports a WIM and returns the package JSON.
     pub fn add_image(&self, path: &Path, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
         let p = path.to_string_lossy();

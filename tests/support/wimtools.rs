@@ -198,15 +198,6 @@ pub fn verify(wim: &Path) -> anyhow::Result<()> {
     run(Command::new("wimverify").arg(wim)).map(drop)
 }
 
-/// `wimexport SRC INDEX DEST`.
-pub fn export(src: &Path, index: u32, dest: &Path) -> anyhow::Result<()> {
-    run(Command::new("wimexport")
-        .arg(src)
-        .arg(index.to_string())
-        .arg(dest))
-    .map(drop)
-}
-
 /// The file paths in an image, from `wimdir --detailed`-free listing.
 pub fn list_files(wim: &Path, image: u32) -> anyhow::Result<Vec<String>> {
     let out = run(Command::new("wimdir").arg(wim).arg(image.to_string()))?;

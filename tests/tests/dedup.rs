@@ -65,22 +65,8 @@ fn serviced_and_rebuilt_images_store_at_most_the_blob_floor() {
 
     // Both still rebuild byte for byte.
     let out = dir.path().join("out.wim");
-    site.cli_ok(&[
-        "content",
-        "export",
-        after["id"].as_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
+    site.export(after["id"].as_str().unwrap(), &out).unwrap();
     assert_eq!(fs::read(&out).unwrap(), fs::read(&rebuilt).unwrap());
-    site.cli_ok(&[
-        "content",
-        "export",
-        base["id"].as_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
+    site.export(base["id"].as_str().unwrap(), &out).unwrap();
     assert_eq!(fs::read(&out).unwrap(), fs::read(&pair.base).unwrap());
 }

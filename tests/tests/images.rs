@@ -95,8 +95,7 @@ fn import_show_export_verify_remove() {
 
     // Export rebuilds the exact bytes, and wimlib accepts the result.
     let out = dir.path().join("exported.wim");
-    site.cli_ok(&["content", "export", &id, "--out", out.to_str().unwrap()])
-        .unwrap();
+    site.export(&id, &out).unwrap();
     assert_eq!(b3(&out), b3(&wim));
     wimtools::verify(&out).unwrap();
 
@@ -147,14 +146,7 @@ fn index_import_exports_one_image_and_leaves_the_source_alone() {
     assert_eq!(rev["source"]["hash"], before);
 
     let out = dir.path().join("index2.wim");
-    site.cli_ok(&[
-        "content",
-        "export",
-        pkg["id"].as_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
+    site.export(pkg["id"].as_str().unwrap(), &out).unwrap();
     wimtools::verify(&out).unwrap();
     assert_eq!(
         wimtools::list_files(&out, 1).unwrap(),

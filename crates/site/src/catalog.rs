@@ -104,8 +104,7 @@ pub enum SourceState {
     Changed,
     /// The source path no longer exists.
     Missing,
-    /// The import came from a temporary export (`--index`); the original
-    /// file is checked instead.
+    /// The package has no revision to compare.
     NotChecked,
 }
 

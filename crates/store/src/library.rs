@@ -462,13 +462,6 @@ impl Library {
             .collect()
     }
 
-    /// Replaces a package's record (metadata edits; chunks untouched).
-    pub fn put_package(&self, id: &str, record: &[u8]) -> Result<(), StoreError> {
-        self.db
-            .put_cf_opt(self.cf(CF_PACKAGES), id.as_bytes(), record, &Self::synced())
-            .map_err(|e| self.db_err(e))
-    }
-
     /// The manifests of one revision of a package, in file order.
     pub fn manifests(&self, package: &str, revision: u32) -> Result<Vec<Manifest>, StoreError> {
         let prefix = manifest_prefix(package, revision);

@@ -290,14 +290,6 @@ impl Layout {
             segments,
         })
     }
-
-    /// Bytes of the resources the blob table lists, by SHA-1, as stored.
-    pub fn stored_bytes_by_sha1(&self) -> impl Iterator<Item = ([u8; 20], u64)> + '_ {
-        self.blobs
-            .iter()
-            .filter(|b| !b.is_solid_member())
-            .map(|b| (b.sha1, b.reshdr.size_in_wim))
-    }
 }
 
 /// The segments of a WIM: header, every physical resource, the tables, and
