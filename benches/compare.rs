@@ -9,100 +9,16 @@
 //! `ferry-bench/results.json`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use ferry_benches::{cached_wim, casync_new_chunks, mbps, peak_rss, root, timed};
 use ferry_tests::harness::{stats_of, SiteProc};
-use ferry_tests::tree::{make_tree, TreeSpec};
+use ferry_tests::tree::TreeSpec;
 use ferry_tests::wimtools::{self, ServiceSpec};
 use serde_json::json;
-
-fn root() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"));
-    target.join("ferry-bench")
-}
-
-/// A WIM captured from a generated tree, made once and cached.
-fn cached_wim(name: &str, spec: &TreeSpec, min_bytes: u64) -> anyhow::Result<PathBuf> {
-    let dir = root().join(name);
-    let wim = dir.join(format!("{name}.wim"));
-    if wim.exists() && fs::metadata(&wim)?.len() >= min_bytes {
-        return Ok(wim);
-    }
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    eprintln!("making {} ({} files)…", wim.display(), spec.files);
-    make_tree(&dir.join("tree"), spec)?;
-    wimtools::capture(
-        &dir.join("tree"),
-        &wim,
-        "Windows 11 Enterprise",
-        "LZX",
-        wimtools::WINDOWS_PROPS,
-    )?;
-    fs::remove_dir_all(dir.join("tree"))?;
-    let len = fs::metadata(&wim)?.len();
-    if len < min_bytes {
-        bail!(
-            "{} is {len} bytes, less than {min_bytes}: raise the file count",
-            wim.display()
-        );
-    }
-    Ok(wim)
-}
-
-fn timed(cmd: &mut Command) -> anyhow::Result<(Duration, String)> {
-    let t = Instant::now();
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    let d = t.elapsed();
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((
-        d,
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    ))
-}
-
-/// Peak resident memory of a process (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> anyhow::Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM")?;
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("VmHWM value")?
-        .parse()?;
-    Ok(kb * 1024)
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            total += if p.is_dir() {
-                dir_bytes(&p)
-            } else {
-                fs::metadata(&p).map(|m| m.len()).unwrap_or(0)
-            };
-        }
-    }
-    total
-}
-
-fn mbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64()
-}
 
 /// Imports `wim` into a fresh site; returns (time, peak site memory, package JSON).
 fn import_fresh(wim: &Path) -> anyhow::Result<(Duration, u64, serde_json::Value)> {
@@ -138,28 +54,6 @@ fn rsync_literal(base: &Path, new: &Path) -> anyhow::Result<(u64, u64)> {
         Ok(n.parse()?)
     };
     Ok((num("Literal data:")?, num("Total bytes sent:")?))
-}
-
-/// Bytes of casync chunk files a client that has `base` must fetch for `new`.
-fn casync_new_chunks(base: &Path, new: &Path) -> anyhow::Result<u64> {
-    let dir = tempfile::tempdir_in(root())?;
-    let store = dir.path().join("store.castr");
-    timed(
-        Command::new("casync")
-            .arg("make")
-            .arg(format!("--store={}", store.display()))
-            .arg(dir.path().join("a.caibx"))
-            .arg(base),
-    )?;
-    let before = dir_bytes(&store);
-    timed(
-        Command::new("casync")
-            .arg("make")
-            .arg(format!("--store={}", store.display()))
-            .arg(dir.path().join("b.caibx"))
-            .arg(new),
-    )?;
-    Ok(dir_bytes(&store) - before)
 }
 
 fn main() -> anyhow::Result<()> {

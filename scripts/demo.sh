@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The whole job on one machine: a site on loopback, a WIM made on the spot,
-# import, service a copy, import that, show the dedup, export and compare.
+# The whole job on one machine: a site and two distribution points on
+# loopback, a WIM made on the spot, import, distribute, service a copy,
+# refresh (redistribute the delta), status.
 # Installs what it needs first. Leaves its files in $FERRY_DEMO_DIR (default:
 # a fresh folder under /tmp) and stops the site when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
-cargo build --locked -q -p ferry-cli -p ferry-tests --bins
+# The same build as scripts/test.sh (it makes `ferry` and `ferry-fixture`),
+# so RocksDB's C++ is compiled once for both.
+cargo test --locked -q --workspace --no-run
 ferry="$CARGO_TARGET_DIR/debug/ferry"
 fixture="$CARGO_TARGET_DIR/debug/ferry-fixture"
 
@@ -19,42 +22,79 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "Making a sample WIM (2000 files, LZX) and a serviced copy (wimupdate: files replaced, patched, added, deleted)"
 "$fixture" pair "$work/wims" --files 2000 | tee "$work/fixture.json"
 
-step "ferry site init / serve"
-"$ferry" site init --data "$work/site" --listen "127.0.0.1:$port"
+udp_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+dp_port=$(udp_port)
+
+step "ferry site init / serve (operator API on 127.0.0.1:$port, DP endpoint on UDP 127.0.0.1:$dp_port)"
+"$ferry" site init --data "$work/site" --listen "127.0.0.1:$port" --dp-listen "127.0.0.1:$dp_port"
 "$ferry" site serve --data "$work/site" 2>"$work/site.log" &
-site_pid=$!
-trap 'kill $site_pid 2>/dev/null; wait $site_pid 2>/dev/null || true' EXIT
+pids=($!)
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true' EXIT
 export FERRY_DATA="$work/site"
 for _ in $(seq 100); do "$ferry" image list >/dev/null 2>&1 && break; sleep 0.1; done
 
+for dp in dp1 dp2; do
+  step "ferry dp add $dp, then on the DP: ferry dp init / ferry dp serve"
+  token=$("$ferry" dp add "$dp")
+  "$ferry" dp init --data "$work/$dp" --site "127.0.0.1:$dp_port" --token "$token"
+  "$ferry" dp serve --data "$work/$dp" 2>"$work/$dp.log" &
+  pids+=($!)
+done
+
 step "ferry image add base.wim"
 base=$("$ferry" image add "$work/wims/base.wim" --version 23H2 --comment "golden image")
-step "ferry image add serviced.wim (the same image after offline servicing)"
-serviced=$("$ferry" image add "$work/wims/serviced.wim" --name "Windows 11 Enterprise (serviced)" --version 23H2.1)
-
-step "ferry image list"
 "$ferry" image list
-step "ferry image show $serviced"
-"$ferry" image show "$serviced"
 
-step "Dedup: bytes newly stored for the serviced image, beside its blob floor"
-new=$("$ferry" image show "$serviced" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["revisions"][-1]["stats"]["new_bytes"])')
-floor=$(python3 -c 'import json; print(json.load(open("'"$work/fixture.json"'"))["blob_floor"])')
-size=$(stat -c %s "$work/wims/serviced.wim")
-python3 - "$new" "$floor" "$size" <<'PY'
-import sys
-new, floor, size = map(int, sys.argv[1:])
-print(f"serviced image {size:>12,} bytes")
-print(f"blob floor     {floor:>12,} bytes (new resources + metadata + tables, from wiminfo)")
-print(f"ferry stored   {new:>12,} bytes = {new/floor:.3f}x the floor, {new*100/size:.2f}% of the image")
-PY
+# Waits until every DP row of package $1 is installed at revision $2.
+wait_installed() {
+  for _ in $(seq 600); do
+    if "$ferry" status "$1" --json | python3 -c '
+import json, sys
+rows = json.load(sys.stdin)
+want = int(sys.argv[1])
+failed = [r for r in rows if r["state"] == "failed"]
+if failed: print("failed:", failed[0]["dp"], failed[0]["error"], file=sys.stderr)
+sys.exit(0 if rows and all(r["state"] == "installed" and r["revision"] == want for r in rows) else 1)' "$2"; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "timed out waiting for $1 r$2; see $work/*.log" >&2
+  return 1
+}
 
-step "ferry content export $serviced, compared with the original"
-"$ferry" content export "$serviced" --out "$work/exported.wim"
-cmp "$work/exported.wim" "$work/wims/serviced.wim" && echo "byte-identical"
-wimverify "$work/exported.wim" | tail -1
+step "ferry distribute --dry-run $base --dp dp1 dp2 (bytes each DP still needs)"
+"$ferry" distribute --dry-run "$base" --dp dp1 dp2
+step "ferry distribute $base --dp dp1; ferry group create branch; group add branch dp2; distribute --group branch"
+"$ferry" distribute "$base" --dp dp1
+"$ferry" group create branch
+"$ferry" group add branch dp2
+"$ferry" distribute "$base" --group branch
+wait_installed "$base" 1
+"$ferry" status
+"$ferry" dp list
 
-step "ferry content verify"
-"$ferry" content verify
+step "Offline servicing done on a copy (wimupdate); ferry content refresh $base --source serviced.wim"
+"$ferry" content refresh "$base" --source "$work/wims/serviced.wim"
+wait_installed "$base" 2
+step "ferry status $base: the delta each DP received beside the full image"
+"$ferry" status "$base"
+"$ferry" image show "$base" | sed -n '1,12p'
 
-step "Done. Files are in $work (site log: $work/site.log)"
+step "Redistribution on the wire, beside the blob floor and the image size"
+"$ferry" status "$base" --json | python3 -c '
+import json, sys
+floor = json.load(open(sys.argv[1]))["blob_floor"]
+for r in json.load(sys.stdin):
+    print(f"{r[\"dp\"]}: {r[\"wire_bytes\"]:>12,} bytes at the socket, {r[\"bytes_done\"]:>12,} chunk bytes;"
+          f" blob floor {floor:,} ({r[\"wire_bytes\"]/floor:.3f}x); full image {r[\"full_bytes\"]:,}"
+          f" ({r[\"wire_bytes\"]*100/r[\"full_bytes\"]:.1f}%)")' "$work/fixture.json"
+
+step "Each DP's copy, compared with the serviced image"
+for dp in dp1 dp2; do
+  f="$work/$dp/content/$base/base.wim"
+  cmp "$f" "$work/wims/serviced.wim" && echo "$dp: $f byte-identical"
+  wimverify "$f" | tail -1
+done
+
+step "Done. Files are in $work (logs: $work/site.log, $work/dp1.log, $work/dp2.log)"

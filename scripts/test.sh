@@ -5,5 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
-cargo build --locked -p ferry-cli
+# One command builds everything: `cargo test` also builds the `ferry` binary
+# (crates/cli has an integration test) and `ferry-fixture`. Other cargo
+# invocations (`build -p …`) resolve features differently and would compile
+# RocksDB's C++ once more.
 cargo test --locked --workspace "$@"

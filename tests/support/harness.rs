@@ -30,20 +30,56 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A free UDP port on loopback (bound and released).
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `limit`
+/// naming `what`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A site server process with its own data folder.
 pub struct SiteProc {
     /// The data folder.
     pub data: PathBuf,
     /// The operator API port.
     pub port: u16,
+    /// The UDP port DPs dial.
+    pub dp_port: u16,
     /// Where the server's log goes.
     pub log: PathBuf,
+    /// Extra environment of `ferry site serve` (fault injection).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl SiteProc {
     /// `ferry site init` in `dir/site`, then `ferry site serve`.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, "site", &[])
+    }
+
+    /// `ferry site init` in `dir/NAME`, then `ferry site serve` with extra
+    /// environment variables.
+    pub fn start_with(dir: &Path, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let bin = ferry_bin();
         if !bin.exists() {
             bail!(
@@ -51,14 +87,17 @@ impl SiteProc {
                 bin.display()
             );
         }
-        let data = dir.join("site");
+        let data = dir.join(name);
         let port = free_port()?;
+        let dp_port = free_udp_port()?;
         let out = Command::new(&bin)
             .args([
                 "site",
                 "init",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
+                "--dp-listen",
+                &format!("127.0.0.1:{dp_port}"),
                 "--data",
             ])
             .arg(&data)
@@ -70,9 +109,14 @@ impl SiteProc {
             );
         }
         let mut site = Self {
-            log: dir.join("site.log"),
+            log: dir.join(format!("{name}.log")),
             data,
             port,
+            dp_port,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         site.serve()?;
@@ -88,6 +132,7 @@ impl SiteProc {
         let child = Command::new(ferry_bin())
             .args(["site", "serve", "--data"])
             .arg(&self.data)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -213,6 +258,181 @@ impl SiteProc {
 }
 
 impl Drop for SiteProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl SiteProc {
+    /// The site's address for DPs.
+    pub fn dp_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.dp_port)
+    }
+
+    /// `ferry status --json` rows, optionally for one package.
+    pub fn status(&self, package: Option<&str>) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut args = vec!["status"];
+        args.extend(package);
+        Ok(self
+            .cli_json(&args)?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The status row of `package` on `dp`.
+    pub fn row(&self, package: &str, dp: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        Ok(self
+            .status(Some(package))?
+            .into_iter()
+            .find(|r| r["dp"] == dp))
+    }
+
+    /// Waits until `dp` reports `package` installed at `revision`; fails at
+    /// once if the DP reports a failure. Returns the row.
+    pub fn wait_installed(
+        &self,
+        package: &str,
+        dp: &str,
+        revision: u64,
+        limit: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        wait_for(
+            &format!("{dp} to install {package} r{revision}"),
+            limit,
+            || {
+                let Some(row) = self.row(package, dp)? else {
+                    return Ok(None);
+                };
+                if row["state"] == "installed" && row["revision"] == revision {
+                    return Ok(Some(row));
+                }
+                Ok(None)
+            },
+        )
+    }
+
+    /// The JSON row of `ferry dp list` for `dp`.
+    pub fn dp_row(&self, dp: &str) -> anyhow::Result<serde_json::Value> {
+        self.cli_json(&["dp", "list"])?
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == dp).cloned())
+            .with_context(|| format!("dp list has no {dp}"))
+    }
+}
+
+/// A DP agent process with its own data folder.
+pub struct DpProc {
+    /// The DP's name.
+    pub name: String,
+    /// The data folder.
+    pub data: PathBuf,
+    /// Where the agent's log goes.
+    pub log: PathBuf,
+    /// Extra arguments of `ferry dp serve`.
+    pub serve_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl DpProc {
+    /// `ferry dp add NAME` on the site, `ferry dp init` in `dir/NAME`; not
+    /// started yet.
+    pub fn enroll(dir: &Path, name: &str, site: &SiteProc) -> anyhow::Result<Self> {
+        let token = site.cli_json(&["dp", "add", name])?["token"]
+            .as_str()
+            .context("dp add printed no token")?
+            .to_string();
+        let data = dir.join(name);
+        let out = Command::new(ferry_bin())
+            .args([
+                "dp",
+                "init",
+                "--site",
+                &site.dp_addr(),
+                "--token",
+                &token,
+                "--data",
+            ])
+            .arg(&data)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ferry dp init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Self {
+            name: name.to_string(),
+            log: dir.join(format!("{name}.log")),
+            data,
+            serve_args: Vec::new(),
+            child: None,
+        })
+    }
+
+    /// Enrolls and starts.
+    pub fn start(dir: &Path, name: &str, site: &SiteProc) -> anyhow::Result<Self> {
+        let mut dp = Self::enroll(dir, name, site)?;
+        dp.serve()?;
+        Ok(dp)
+    }
+
+    /// Starts (or restarts) `ferry dp serve`.
+    pub fn serve(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(ferry_bin())
+            .args(["dp", "serve"])
+            .args(&self.serve_args)
+            .arg("--data")
+            .arg(&self.data)
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the agent at once (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the agent gracefully (SIGTERM) and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The DP's content folder.
+    pub fn content(&self) -> PathBuf {
+        self.data.join("content")
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DpProc {
     fn drop(&mut self) {
         self.kill();
     }

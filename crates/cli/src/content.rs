@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use ferry_site::api::{VerifyRequest, HASH_HEADER};
+use ferry_site::api::{RefreshRequest, VerifyRequest, HASH_HEADER};
 use ferry_site::images::VerifyReport;
 use futures_util::StreamExt;
 use reqwest::Method;
@@ -32,12 +32,38 @@ pub(crate) enum ContentCmd {
         /// Package id; the whole library when omitted.
         id: Option<String>,
     },
+    /// Re-read a package's source (or a new file) into a new revision; every
+    /// DP holding the package moves to it, receiving only what it lacks.
+    Refresh {
+        /// Package id.
+        id: String,
+        /// A new source file instead of the recorded one.
+        #[arg(long)]
+        source: Option<PathBuf>,
+    },
 }
 
 pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
     match cmd {
         ContentCmd::Export { id, out, revision } => export(&client, g, &id, &out, revision).await,
+        ContentCmd::Refresh { id, source } => {
+            let source =
+                match source {
+                    Some(p) => Some(std::path::absolute(&p).with_context(|| {
+                        format!("{}: cannot make the path absolute", p.display())
+                    })?),
+                    None => None,
+                };
+            let resp = client
+                .send(
+                    client
+                        .request(Method::POST, &format!("/images/{id}/refresh"))
+                        .json(&RefreshRequest { source }),
+                )
+                .await?;
+            crate::image::follow_import(resp, g, "refreshing").await
+        }
         ContentCmd::Verify { id } => {
             let report: VerifyReport = client
                 .json(

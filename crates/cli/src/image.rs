@@ -140,10 +140,21 @@ async fn add(
         version,
         comment,
         index,
+        package: None,
     };
     let resp = client
         .send(client.request(Method::POST, "/images").json(&req))
         .await?;
+    follow_import(resp, g, "importing").await
+}
+
+/// Follows an import's NDJSON answer (progress bar on a terminal) and prints
+/// the outcome.
+pub(crate) async fn follow_import(
+    resp: reqwest::Response,
+    g: &Global,
+    verb: &'static str,
+) -> anyhow::Result<()> {
     let bar = ProgressBar::hidden();
     if !g.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -154,7 +165,7 @@ async fn add(
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        bar.set_message("importing");
+        bar.set_message(verb);
     }
     let mut stream = resp.bytes_stream();
     let mut pending = Vec::new();
@@ -185,9 +196,10 @@ async fn add(
             let st = r.map(|r| r.stats).unwrap_or_default();
             println!("{}", package.record.id);
             eprintln!(
-                "imported {} ({}): {} in {} chunks, {} newly stored, {} shared with the library ({})",
+                "imported {} ({} revision {}): {} in {} chunks, {} newly stored, {} shared with the library ({})",
                 package.record.name,
                 package.record.id,
+                r.map_or(1, |r| r.revision),
                 bytes(st.logical_bytes),
                 st.chunks,
                 bytes(st.new_bytes),
@@ -260,6 +272,17 @@ fn print_view(v: &PackageView) {
         bytes(st.shared_bytes),
         percent(st.shared_bytes, st.logical_bytes)
     );
+    let mut revs = table(&["REVISION", "CREATED", "SOURCE", "SIZE", "NEWLY STORED"]);
+    for r in &r.revisions {
+        revs.add_row(vec![
+            r.revision.to_string(),
+            r.created.clone(),
+            r.source.path.clone(),
+            bytes(r.stats.logical_bytes),
+            bytes(r.stats.new_bytes),
+        ]);
+    }
+    println!("{revs}");
     let mut t = table(&[
         "INDEX",
         "NAME",

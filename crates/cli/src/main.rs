@@ -6,6 +6,9 @@
 
 mod client;
 mod content;
+mod distribute;
+mod dp;
+mod group;
 mod image;
 mod output;
 mod site;
@@ -24,9 +27,11 @@ struct Cli {
     #[arg(long, global = true, env = "FERRY_DATA")]
     data: Option<PathBuf>,
     /// Operator API URL (http://HOST:PORT), instead of reading it from --data.
+    /// For `dp init`: the site's DP endpoint HOST:PORT.
     #[arg(long, global = true, env = "FERRY_SITE")]
     site: Option<String>,
-    /// Operator token, instead of reading it from --data.
+    /// Operator token, instead of reading it from --data. For `dp init`: the
+    /// enrollment token.
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Print JSON instead of tables.
@@ -44,9 +49,21 @@ enum Command {
     /// Import, list, show and remove OS images.
     #[command(subcommand)]
     Image(image::ImageCmd),
-    /// Export or verify stored content.
+    /// Export, verify or refresh stored content.
     #[command(subcommand)]
     Content(content::ContentCmd),
+    /// Add, enroll, run, revoke and list distribution points.
+    #[command(subcommand)]
+    Dp(dp::DpCmd),
+    /// Groups of DPs that receive the same packages.
+    #[command(subcommand)]
+    Group(group::GroupCmd),
+    /// Assign a package to DPs or groups (they fetch what they lack).
+    Distribute(distribute::DistributeCmd),
+    /// Take a package away from DPs or groups.
+    Undistribute(distribute::Targets),
+    /// Where every package stands on every DP.
+    Status(distribute::StatusCmd),
 }
 
 /// Options every operator command shares.
@@ -87,6 +104,11 @@ fn main() -> ExitCode {
             Command::Site(cmd) => site::run(cmd, &global).await,
             Command::Image(cmd) => image::run(cmd, &global).await,
             Command::Content(cmd) => content::run(cmd, &global).await,
+            Command::Dp(cmd) => dp::run(cmd, &global).await,
+            Command::Group(cmd) => group::run(cmd, &global).await,
+            Command::Distribute(cmd) => distribute::distribute(cmd, &global).await,
+            Command::Undistribute(t) => distribute::undistribute(t, &global).await,
+            Command::Status(cmd) => distribute::status(cmd, &global).await,
         }
     });
     match result {

@@ -19,6 +19,9 @@ pub(crate) enum SiteCmd {
         /// Operator API address.
         #[arg(long, default_value = ferry_site::config::DEFAULT_OPERATOR_LISTEN)]
         listen: SocketAddr,
+        /// UDP address of the QUIC endpoint distribution points dial.
+        #[arg(long, default_value = ferry_site::config::DEFAULT_DP_LISTEN)]
+        dp_listen: SocketAddr,
     },
     /// Run the site server in the foreground (Ctrl-C stops it).
     Serve,
@@ -33,8 +36,19 @@ fn data_dir(g: &Global) -> anyhow::Result<PathBuf> {
 pub(crate) async fn run(cmd: SiteCmd, g: &Global) -> anyhow::Result<()> {
     let data = data_dir(g)?;
     match cmd {
-        SiteCmd::Init { site_code, listen } => {
-            ferry_site::init(&data, &InitOptions { site_code, listen })?;
+        SiteCmd::Init {
+            site_code,
+            listen,
+            dp_listen,
+        } => {
+            ferry_site::init(
+                &data,
+                &InitOptions {
+                    site_code,
+                    listen,
+                    dp_listen,
+                },
+            )?;
             println!("site created in {}", data.display());
             println!(
                 "  configuration  {}",
@@ -49,15 +63,22 @@ pub(crate) async fn run(cmd: SiteCmd, g: &Global) -> anyhow::Result<()> {
         }
         SiteCmd::Serve => {
             let site = tokio::task::spawn_blocking(move || Site::open(&data)).await??;
-            site.run(async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                }
-                tracing::info!("stopping");
-            })
-            .await
+            site.run(shutdown_signal()).await
         }
     }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending().await,
+            }
+        } => {}
+    }
+    tracing::info!("stopping");
 }

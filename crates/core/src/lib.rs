@@ -4,7 +4,8 @@
 //! ([`ChunkId`]), the chunkers that split a byte stream ([`chunker::Cdc`] for
 //! unstructured data, [`chunker::ResourceChunker`] for a compressed WIM
 //! resource), the segment description of a file ([`segment::Segment`]) and the
-//! manifest that lists a file's chunks ([`manifest::Manifest`]).
+//! manifest that lists a file's chunks ([`manifest::Manifest`]), and sync
+//! planning for distribution points ([`sync::plan`]).
 //!
 //! What it deliberately is not: it does no I/O, reads no clock and depends on
 //! no runtime, database or network crate. Drivers in `ferry-site` and
@@ -15,6 +16,7 @@ pub mod chunker;
 pub mod id;
 pub mod manifest;
 pub mod segment;
+pub mod sync;
 pub mod units;
 
 pub use id::{ChunkId, FileHash};

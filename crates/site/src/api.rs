@@ -9,6 +9,16 @@
 //! | DELETE | `/api/v1/images/{id}` | `RemoveView` |
 //! | GET | `/api/v1/content/{id}/file?revision=&path=` | the file's bytes; `x-ferry-blake3` header |
 //! | POST | `/api/v1/content/verify` | `VerifyRequest` → `VerifyReport` |
+//! | POST | `/api/v1/images/{id}/refresh` | `RefreshRequest` → NDJSON `ImportEvent`s (new revision) |
+//! | GET | `/api/v1/dps` | `[DpView]` |
+//! | POST | `/api/v1/dps` | `AddDpRequest` → `AddDpReply` (one-time token) |
+//! | POST | `/api/v1/dps/{name}/revoke` | `{}` |
+//! | GET | `/api/v1/groups` | `{name: GroupRecord}` |
+//! | POST | `/api/v1/groups` | `GroupRequest` |
+//! | POST | `/api/v1/groups/{name}/members` | `MembersRequest` |
+//! | POST | `/api/v1/distribute` | `DistributeRequest` → `DistributeReply` |
+//! | POST | `/api/v1/undistribute` | `DistributeRequest` |
+//! | GET | `/api/v1/status?package=&dp=` | `[StatusRow]` |
 //!
 //! Errors answer `{"error": "..."}` with 4xx for bad input, 5xx for site
 //! failures.
@@ -29,6 +39,8 @@ use tokio::sync::mpsc;
 
 use crate::catalog::PackageView;
 use crate::images::{self, ImageError, ImportRequest, Progress};
+use crate::registry::{Hub, HubError};
+use crate::status;
 
 /// Header carrying the exported file's whole-file BLAKE3.
 pub const HASH_HEADER: &str = "x-ferry-blake3";
@@ -71,9 +83,86 @@ pub struct FileQuery {
     pub path: Option<String>,
 }
 
+/// Body of `POST /api/v1/images/{id}/refresh`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    /// A new source file (absolute path); the recorded source when absent.
+    pub source: Option<PathBuf>,
+}
+
+/// Body of `POST /api/v1/dps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddDpRequest {
+    /// The DP's name.
+    pub name: String,
+}
+
+/// Answer of `POST /api/v1/dps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddDpReply {
+    /// The DP's name.
+    pub name: String,
+    /// The one-time enrollment token for `ferry dp init --token`.
+    pub token: String,
+}
+
+/// Body of `POST /api/v1/groups`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRequest {
+    /// The group's name.
+    pub name: String,
+}
+
+/// Body of `POST /api/v1/groups/{name}/members`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersRequest {
+    /// DPs to add.
+    pub dps: Vec<String>,
+}
+
+/// Body of `POST /api/v1/distribute` and `/undistribute`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DistributeRequest {
+    /// The package.
+    pub package: String,
+    /// DPs by name.
+    #[serde(default)]
+    pub dps: Vec<String>,
+    /// Groups by name.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Only report what each DP would need.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Answer of `POST /api/v1/distribute`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DistributeReply {
+    /// The package.
+    pub package: String,
+    /// Its latest revision, which the DPs will hold.
+    pub revision: u32,
+    /// Whether anything was assigned (false for a dry run).
+    pub assigned: bool,
+    /// Cost per DP reached (groups expanded), computed before assigning.
+    pub needs: Vec<status::Need>,
+}
+
+/// Query of `GET /api/v1/status`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StatusQuery {
+    /// Only this package.
+    pub package: Option<String>,
+    /// Only this DP.
+    pub dp: Option<String>,
+}
+
 /// What handlers share.
 #[derive(Clone)]
 pub struct ApiState {
+    /// What the site knows of its DPs.
+    pub hub: Arc<Hub>,
     /// The content library.
     pub lib: Arc<Library>,
     /// The site's data folder.
@@ -118,6 +207,24 @@ impl From<ImageError> for ApiError {
     }
 }
 
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        let status = match &e {
+            HubError::NoDp(_) | HubError::NoGroup(_) => StatusCode::NOT_FOUND,
+            HubError::Exists { .. } | HubError::Conflict(_) => StatusCode::CONFLICT,
+            HubError::BadName(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            HubError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -142,6 +249,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/images/{id}", get(show_image).delete(remove_image))
         .route("/content/{id}/file", get(export_file))
         .route("/content/verify", post(verify))
+        .route("/images/{id}/refresh", post(refresh_image))
+        .route("/dps", get(list_dps).post(add_dp))
+        .route("/dps/{name}/revoke", post(revoke_dp))
+        .route("/groups", get(list_groups).post(create_group))
+        .route("/groups/{name}/members", post(add_members))
+        .route("/distribute", post(distribute))
+        .route("/undistribute", post(undistribute))
+        .route("/status", get(status_rows))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES));
     Router::new()
@@ -193,6 +308,16 @@ async fn remove_image(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let holders = s.hub.snapshot().holders(&id);
+    if !holders.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "{id} is distributed to {}: `ferry undistribute {id}` from them first",
+                holders.join(", ")
+            ),
+        });
+    }
     let lib = s.lib.clone();
     let out = blocking(move || {
         let r = images::remove(&lib, &id)?;
@@ -217,10 +342,41 @@ fn ndjson_line<T: Serialize>(v: &T) -> Bytes {
     Bytes::from(line)
 }
 
+async fn refresh_image(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Json(r): Json<RefreshRequest>,
+) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    let rid = id.clone();
+    let rec = blocking(move || images::record(&lib, &rid)).await?;
+    let last = rec
+        .latest()
+        .ok_or_else(|| internal(format!("{id} has no revision")))?;
+    let req = ImportRequest {
+        path: r.source.unwrap_or_else(|| PathBuf::from(&last.source.path)),
+        index: last.exported_index,
+        package: Some(id),
+        ..ImportRequest::default()
+    };
+    import_stream(s, req)
+}
+
 async fn add_image(
     State(s): State<ApiState>,
     Json(req): Json<ImportRequest>,
 ) -> Result<Response, ApiError> {
+    if req.package.is_some() {
+        return Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: "a new revision goes through /images/{id}/refresh".into(),
+        });
+    }
+    import_stream(s, req)
+}
+
+/// Imports on a blocking thread, streaming progress as NDJSON.
+fn import_stream(s: ApiState, req: ImportRequest) -> Result<Response, ApiError> {
     if !req.path.is_absolute() {
         return Err(ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
@@ -247,7 +403,11 @@ async fn add_image(
         let event = match result {
             Ok(view) => {
                 let st = view.record.latest().map(|r| r.stats).unwrap_or_default();
-                tracing::info!(package = %view.record.id, new_bytes = st.new_bytes, logical = st.logical_bytes, "image imported");
+                tracing::info!(package = %view.record.id, revision = view.record.latest().map_or(1, |r| r.revision), new_bytes = st.new_bytes, logical = st.logical_bytes, "image imported");
+                if req.package.is_some() {
+                    // DPs holding the package move to the new revision.
+                    s.hub.notify();
+                }
                 ImportEvent::Done {
                     package: Box::new(view),
                 }
@@ -309,4 +469,128 @@ async fn export_file(
         headers.insert(PATH_HEADER, v);
     }
     Ok((headers, Body::from_stream(stream)).into_response())
+}
+
+async fn list_dps(State(s): State<ApiState>) -> Json<Vec<status::DpView>> {
+    Json(status::dps(&s.hub))
+}
+
+async fn add_dp(
+    State(s): State<ApiState>,
+    Json(req): Json<AddDpRequest>,
+) -> Result<Response, ApiError> {
+    let secret = s.hub.add_dp(&req.name)?;
+    let ca_pem = std::fs::read_to_string(s.data.join(crate::CA_CERT_FILE)).map_err(internal)?;
+    let ca = ferry_net::pki::cert_der(&ca_pem, "site CA certificate").map_err(internal)?;
+    let token = ferry_net::pki::EnrollToken {
+        secret,
+        ca_fingerprint: ferry_net::pki::fingerprint(&ca),
+    };
+    tracing::info!(dp = %req.name, "DP added; waiting for enrollment");
+    Ok(Json(AddDpReply {
+        name: req.name,
+        token: token.to_string(),
+    })
+    .into_response())
+}
+
+async fn revoke_dp(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.hub.revoke(&name)?;
+    tracing::warn!(dp = %name, "DP revoked");
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn list_groups(State(s): State<ApiState>) -> Response {
+    Json(s.hub.snapshot().groups).into_response()
+}
+
+async fn create_group(
+    State(s): State<ApiState>,
+    Json(req): Json<GroupRequest>,
+) -> Result<Response, ApiError> {
+    s.hub.create_group(&req.name)?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn add_members(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Json(req): Json<MembersRequest>,
+) -> Result<Response, ApiError> {
+    s.hub.add_members(&name, &req.dps)?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+/// DPs reached by a request: named ones and the members of named groups.
+fn reached(s: &ApiState, req: &DistributeRequest) -> Result<Vec<String>, ApiError> {
+    if req.dps.is_empty() && req.groups.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: "name at least one --dp or --group".into(),
+        });
+    }
+    let reg = s.hub.snapshot();
+    let mut out = std::collections::BTreeSet::new();
+    for d in &req.dps {
+        if !reg.dps.contains_key(d) {
+            return Err(HubError::NoDp(d.clone()).into());
+        }
+        out.insert(d.clone());
+    }
+    for g in &req.groups {
+        let group = reg
+            .groups
+            .get(g)
+            .ok_or_else(|| HubError::NoGroup(g.clone()))?;
+        out.extend(group.members.iter().cloned());
+    }
+    Ok(out.into_iter().collect())
+}
+
+async fn distribute(
+    State(s): State<ApiState>,
+    Json(req): Json<DistributeRequest>,
+) -> Result<Response, ApiError> {
+    let dps = reached(&s, &req)?;
+    let (lib, reg, package) = (s.lib.clone(), s.hub.snapshot(), req.package.clone());
+    let (revision, needs) = blocking(move || status::needs(&reg, &lib, &package, &dps)).await?;
+    if !req.dry_run {
+        s.hub.distribute(&req.package, &req.dps, &req.groups)?;
+        tracing::info!(package = %req.package, dps = ?req.dps, groups = ?req.groups, "package distributed");
+    }
+    Ok(Json(DistributeReply {
+        package: req.package,
+        revision,
+        assigned: !req.dry_run,
+        needs,
+    })
+    .into_response())
+}
+
+async fn undistribute(
+    State(s): State<ApiState>,
+    Json(req): Json<DistributeRequest>,
+) -> Result<Response, ApiError> {
+    reached(&s, &req)?;
+    s.hub.undistribute(&req.package, &req.dps, &req.groups)?;
+    tracing::info!(package = %req.package, dps = ?req.dps, groups = ?req.groups, "package undistributed");
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn status_rows(
+    State(s): State<ApiState>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Response, ApiError> {
+    if let Some(d) = &q.dp {
+        if !s.hub.snapshot().dps.contains_key(d) {
+            return Err(HubError::NoDp(d.clone()).into());
+        }
+    }
+    let (hub, lib) = (s.hub.clone(), s.lib.clone());
+    let rows =
+        blocking(move || status::rows(&hub, &lib, q.package.as_deref(), q.dp.as_deref())).await?;
+    Ok(Json(rows).into_response())
 }

@@ -11,6 +11,8 @@ pub const CONFIG_FILE: &str = "site.toml";
 pub const TOKEN_FILE: &str = "operator.token";
 /// Default address of the operator API.
 pub const DEFAULT_OPERATOR_LISTEN: &str = "127.0.0.1:4480";
+/// Default address of the QUIC endpoint distribution points dial.
+pub const DEFAULT_DP_LISTEN: &str = "0.0.0.0:4433";
 
 /// The site server's configuration, read from `DIR/site.toml`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +22,28 @@ pub struct SiteConfig {
     pub site_code: String,
     /// The operator API (CLI, status page).
     pub operator: OperatorConfig,
+    /// The endpoint distribution points connect to.
+    #[serde(default)]
+    pub dp: DpEndpointConfig,
+}
+
+/// Where distribution points reach the site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpEndpointConfig {
+    /// UDP address of the QUIC endpoint (mutual TLS with the site CA).
+    pub listen: SocketAddr,
+}
+
+impl Default for DpEndpointConfig {
+    fn default() -> Self {
+        Self {
+            // A constant that parses.
+            listen: DEFAULT_DP_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433))),
+        }
+    }
 }
 
 /// Where operators reach the site.
@@ -55,7 +79,7 @@ pub enum ConfigError {
 
 impl SiteConfig {
     /// The commented default written by `ferry site init`.
-    pub fn template(site_code: &str, listen: SocketAddr) -> String {
+    pub fn template(site_code: &str, listen: SocketAddr, dp_listen: SocketAddr) -> String {
         format!(
             "# Ferry site server configuration.\n\
              # Read by `ferry site serve --data DIR` and by the CLI to find the site.\n\
@@ -67,7 +91,12 @@ impl SiteConfig {
              # Address of the operator API (CLI, status page). Every request needs\n\
              # the token in operator.token. Keep it on loopback unless a\n\
              # TLS-terminating proxy stands in front.\n\
-             listen = \"{listen}\"\n"
+             listen = \"{listen}\"\n\
+             \n\
+             [dp]\n\
+             # UDP address of the QUIC endpoint distribution points dial\n\
+             # (`ferry dp init --site HOST:PORT`). Mutual TLS with the site CA.\n\
+             listen = \"{dp_listen}\"\n"
         )
     }
 
@@ -109,9 +138,12 @@ mod tests {
     #[test]
     fn template_parses_back() {
         let addr: SocketAddr = DEFAULT_OPERATOR_LISTEN.parse().unwrap();
-        let cfg = SiteConfig::parse(&SiteConfig::template("FRY", addr), Path::new("x")).unwrap();
+        let dp: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let cfg =
+            SiteConfig::parse(&SiteConfig::template("FRY", addr, dp), Path::new("x")).unwrap();
         assert_eq!(cfg.site_code, "FRY");
         assert_eq!(cfg.operator.listen, addr);
+        assert_eq!(cfg.dp.listen, dp);
     }
 
     #[test]
@@ -139,5 +171,6 @@ mod deploy_examples {
         let text = std::fs::read_to_string(&path).unwrap();
         let cfg = SiteConfig::parse(&text, &path).unwrap();
         assert_eq!(cfg.operator.listen.to_string(), DEFAULT_OPERATOR_LISTEN);
+        assert_eq!(cfg.dp.listen.to_string(), DEFAULT_DP_LISTEN);
     }
 }

@@ -34,6 +34,10 @@ pub struct ImportRequest {
     pub comment: Option<String>,
     /// Import only this image index (exported into a new WIM first).
     pub index: Option<u32>,
+    /// Add the file as the next revision of this existing package instead of
+    /// creating one (`ferry content refresh`).
+    #[serde(default)]
+    pub package: Option<String>,
 }
 
 /// Why an operation on images failed. The text is shown to operators as is.
@@ -192,6 +196,10 @@ pub fn import(
     mut progress: impl FnMut(Progress),
 ) -> Result<PackageView, ImageError> {
     let shown = req.path.display().to_string();
+    let existing = match &req.package {
+        Some(id) => Some(record(lib, id)?),
+        None => None,
+    };
     let source_meta = check_source(&req.path)?;
     let not_wim = |reason: String| ImageError::NotWim {
         path: shown.clone(),
@@ -249,12 +257,20 @@ pub fn import(
         }
     })?;
 
-    let file_name = req
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| ferry_core::manifest::check_rel_path(n).is_ok())
-        .unwrap_or_else(|| "image.wim".into());
+    // A new revision keeps the package's file name, whatever the new
+    // source is called: task sequences refer to it.
+    let kept_name = existing
+        .as_ref()
+        .and_then(|r| r.latest())
+        .and_then(|r| r.files.first())
+        .map(|f| f.path.clone());
+    let file_name = kept_name.unwrap_or_else(|| {
+        req.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| ferry_core::manifest::check_rel_path(n).is_ok())
+            .unwrap_or_else(|| "image.wim".into())
+    });
 
     let mut import = lib.begin_import();
     let manifest = ingest(
@@ -300,49 +316,66 @@ pub fn import(
     } else {
         manifest.hash
     };
-    let number = lib.next_package_number()?;
-    let id = format!("{site_code}{number:05X}");
     let created = now();
-    let name = req
-        .name
-        .clone()
-        .filter(|n| !n.trim().is_empty())
-        .or_else(|| {
-            images
-                .first()
-                .map(|i| i.name.clone())
-                .filter(|n| !n.is_empty())
-        })
-        .unwrap_or_else(|| file_name.clone());
-    let mut record = PackageRecord {
-        id: id.clone(),
-        kind: PackageKind::Image,
-        name,
-        version: req.version.clone().unwrap_or_default(),
-        comment: req.comment.clone().unwrap_or_default(),
+    let revision = RevisionRecord {
+        revision: 1,
         created: created.clone(),
-        revisions: vec![RevisionRecord {
-            revision: 1,
-            created,
-            source: SourceRecord {
-                path: shown.clone(),
-                size: source_meta.len(),
-                modified_ns: modified_ns(&source_meta),
-                hash: source_hash,
-            },
-            exported_index: req.index,
-            wim: wim_info,
-            images,
-            files: vec![FileRecord {
-                path: manifest.path.clone(),
-                size: manifest.size,
-                hash: manifest.hash,
-            }],
-            stats: ImportStats::default(),
+        source: SourceRecord {
+            path: shown.clone(),
+            size: source_meta.len(),
+            modified_ns: modified_ns(&source_meta),
+            hash: source_hash,
+        },
+        exported_index: req.index,
+        wim: wim_info,
+        images: images.clone(),
+        files: vec![FileRecord {
+            path: manifest.path.clone(),
+            size: manifest.size,
+            hash: manifest.hash,
         }],
+        stats: ImportStats::default(),
     };
+    let mut record = match existing {
+        Some(mut rec) => {
+            let next = rec.latest().map_or(1, |r| r.revision + 1);
+            rec.revisions.push(RevisionRecord {
+                revision: next,
+                ..revision
+            });
+            if let Some(v) = &req.version {
+                rec.version = v.clone();
+            }
+            rec
+        }
+        None => {
+            let number = lib.next_package_number()?;
+            let name = req
+                .name
+                .clone()
+                .filter(|n| !n.trim().is_empty())
+                .or_else(|| {
+                    images
+                        .first()
+                        .map(|i| i.name.clone())
+                        .filter(|n| !n.is_empty())
+                })
+                .unwrap_or_else(|| file_name.clone());
+            PackageRecord {
+                id: format!("{site_code}{number:05X}"),
+                kind: PackageKind::Image,
+                name,
+                version: req.version.clone().unwrap_or_default(),
+                comment: req.comment.clone().unwrap_or_default(),
+                created,
+                revisions: vec![revision],
+            }
+        }
+    };
+    let id = record.id.clone();
+    let rev_number = record.latest().map_or(1, |r| r.revision);
     let segments = manifest.segments.len() as u64;
-    let committed = import.commit(&id, 1, std::slice::from_ref(&manifest), |c| {
+    let committed = import.commit(&id, rev_number, std::slice::from_ref(&manifest), |c| {
         if let Some(r) = record.revisions.last_mut() {
             r.stats = import_stats(c, segments);
         }

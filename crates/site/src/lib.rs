@@ -2,9 +2,11 @@
 //!
 //! What it is: [`init`] lays down a site's data folder (configuration,
 //! operator token, CA, content library); [`Site::open`] and [`Site::run`]
-//! serve the operator API over it. [`images`] holds the import, inspect,
-//! export, verify and remove operations; [`ingest`] streams a file into the
-//! library; [`catalog`] is what the site records per package.
+//! serve the operator API and the QUIC endpoint for distribution points over
+//! it. [`images`] holds the import, inspect, export, verify and remove
+//! operations; [`ingest`] streams a file into the library; [`catalog`] is
+//! what the site records per package; [`registry`] what it knows of its DPs;
+//! [`endpoint`] answers the DPs.
 //!
 //! What it is not: a command-line program (that is `ferry-cli`), and the only
 //! process that opens the site's RocksDB: the CLI always goes through the API.
@@ -12,8 +14,11 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod endpoint;
 pub mod images;
 pub mod ingest;
+pub mod registry;
+pub mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +36,12 @@ pub const LIBRARY_DIR: &str = "library";
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// The CA private key inside the data folder.
 pub const CA_KEY_FILE: &str = "ca.key";
+/// The site's QUIC certificate (issued by its CA) inside the data folder.
+pub const SITE_CERT_FILE: &str = "site.pem";
+/// The key of [`SITE_CERT_FILE`].
+pub const SITE_KEY_FILE: &str = "site.key";
+/// The manifest signing key (Ed25519, PKCS#8 hex) inside the data folder.
+pub const SIGNING_KEY_FILE: &str = "manifest.key";
 
 /// Options of `ferry site init`.
 #[derive(Clone, Debug)]
@@ -39,6 +50,8 @@ pub struct InitOptions {
     pub site_code: String,
     /// Operator API address.
     pub listen: SocketAddr,
+    /// QUIC address distribution points dial.
+    pub dp_listen: SocketAddr,
 }
 
 /// Creates a site in `data`: `site.toml`, `operator.token`, the CA, and an
@@ -53,17 +66,46 @@ pub fn init(data: &Path, opts: &InitOptions) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    let text = SiteConfig::template(&opts.site_code, opts.listen);
+    let text = SiteConfig::template(&opts.site_code, opts.listen, opts.dp_listen);
     SiteConfig::parse(&text, &cfg_path)?;
     let ca = ferry_net::pki::make_ca(&opts.site_code)?;
     ferry_net::pki::write_secret(&data.join(CA_KEY_FILE), &ca.key_pem)?;
     ferry_net::pki::write_public(&data.join(CA_CERT_FILE), &ca.cert_pem)?;
     ferry_net::pki::write_secret(&data.join(TOKEN_FILE), &ferry_net::pki::random_token()?)?;
+    ensure_keys(data, &opts.site_code)?;
     Library::open(&data.join(LIBRARY_DIR))?;
     // The config goes last: its presence marks a complete site.
     std::fs::write(&cfg_path, text)
         .with_context(|| format!("cannot write {}", cfg_path.display()))?;
     Ok(())
+}
+
+/// Creates the site certificate and the manifest signing key when missing
+/// (sites made before DPs existed have neither).
+fn ensure_keys(data: &Path, site_code: &str) -> anyhow::Result<()> {
+    if !data.join(SITE_CERT_FILE).exists() {
+        let site = ferry_net::pki::issue_site_cert(&read_ca(data)?, site_code)?;
+        let _ = std::fs::remove_file(data.join(SITE_KEY_FILE));
+        ferry_net::pki::write_secret(&data.join(SITE_KEY_FILE), &site.key_pem)?;
+        ferry_net::pki::write_public(&data.join(SITE_CERT_FILE), &site.cert_pem)?;
+    }
+    if !data.join(SIGNING_KEY_FILE).exists() {
+        let key = ferry_net::pki::SigningKey::generate()?;
+        ferry_net::pki::write_secret(&data.join(SIGNING_KEY_FILE), &key)?;
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+fn read_ca(data: &Path) -> anyhow::Result<ferry_net::pki::CaFiles> {
+    Ok(ferry_net::pki::CaFiles {
+        cert_pem: read_file(&data.join(CA_CERT_FILE), "site CA certificate")?,
+        key_pem: read_file(&data.join(CA_KEY_FILE), "site CA key")?,
+    })
 }
 
 /// Reads the operator token from a data folder.
@@ -80,6 +122,7 @@ pub struct Site {
     config: SiteConfig,
     token: String,
     lib: Arc<Library>,
+    hub: Arc<registry::Hub>,
 }
 
 impl Site {
@@ -89,11 +132,14 @@ impl Site {
         let token = read_token(data)?;
         let lib = Library::open(&data.join(LIBRARY_DIR))
             .with_context(|| format!("cannot open the content library of the site in {} (is another `ferry site serve` running on it?)", data.display()))?;
+        ensure_keys(data, &config.site_code)?;
+        let hub = registry::Hub::load(data)?;
         Ok(Self {
             data: data.to_path_buf(),
             config,
             token,
             lib: Arc::new(lib),
+            hub: Arc::new(hub),
         })
     }
 
@@ -102,7 +148,42 @@ impl Site {
         &self.config
     }
 
-    /// Serves the operator API until `shutdown` completes.
+    /// Binds the QUIC endpoint for DPs and starts answering them.
+    fn start_dp_endpoint(&self) -> anyhow::Result<quinn::Endpoint> {
+        let ca = read_ca(&self.data)?;
+        let ca_der = ferry_net::pki::cert_der(&ca.cert_pem, "site CA certificate")?;
+        let identity = ferry_net::tls::Identity::from_pem(
+            &read_file(&self.data.join(SITE_CERT_FILE), "site certificate")?,
+            &read_file(&self.data.join(SITE_KEY_FILE), "site key")?,
+            "site certificate",
+        )?;
+        let key = ferry_net::pki::SigningKey::from_text(
+            &read_file(&self.data.join(SIGNING_KEY_FILE), "manifest signing key")?,
+            "manifest signing key",
+        )?;
+        let server = ferry_net::tls::site_server(&ca_der, identity)?;
+        let listen = self.config.dp.listen;
+        let endpoint = quinn::Endpoint::server(server, listen).with_context(|| {
+            format!(
+                "cannot listen for DPs on UDP {listen} ([dp] listen in {})",
+                self.data.join(CONFIG_FILE).display()
+            )
+        })?;
+        let srv = Arc::new(endpoint::DpServer::new(
+            self.hub.clone(),
+            self.lib.clone(),
+            ca,
+            ca_der.to_vec(),
+            key,
+            self.config.site_code.clone(),
+        ));
+        tokio::spawn(srv.serve(endpoint.clone()));
+        tracing::info!(%listen, "site serving distribution points (QUIC)");
+        Ok(endpoint)
+    }
+
+    /// Serves the operator API and the DP endpoint until `shutdown`
+    /// completes.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -116,7 +197,9 @@ impl Site {
                     self.data.join(CONFIG_FILE).display()
                 )
             })?;
+        let endpoint = self.start_dp_endpoint()?;
         let state = api::ApiState {
+            hub: self.hub.clone(),
             lib: self.lib.clone(),
             data: self.data.clone(),
             site_code: self.config.site_code.clone(),
@@ -127,6 +210,7 @@ impl Site {
             .with_graceful_shutdown(shutdown)
             .await
             .context("operator API stopped")?;
+        endpoint.close(0u32.into(), b"site stopping");
         Ok(())
     }
 }

@@ -58,6 +58,12 @@ const RECLAIM_SHARE: u64 = 4;
 /// See [`RECLAIM_SHARE`].
 const RECLAIM_MIN_BYTES: u64 = 64 << 20;
 const META_GARBAGE: &[u8] = b"garbage-bytes";
+/// Import ids with this bit set belong to named, durable stages
+/// ([`Library::begin_staged`]); their pending chunks survive a restart.
+const STAGE_BIT: u64 = 1 << 63;
+/// Meta key prefix of a stage: `stage\0` ++ name → import id (u64 LE).
+const META_STAGE: &[u8] = b"stage\0";
+const META_NEXT_STAGE: &[u8] = b"next-stage";
 
 /// What went wrong in the library.
 #[derive(Debug, Error)]
@@ -317,7 +323,79 @@ impl Library {
             batch: WriteBatch::default(),
             batch_bytes: 0,
             batch_ids: HashSet::new(),
+            stage: None,
         }
+    }
+
+    /// Starts or resumes the durable import called `name`. Its chunks are
+    /// written through the write-ahead log ([`Import::persist`]) and, unlike
+    /// those of [`Library::begin_import`], survive a restart: beginning the
+    /// same name again finds them stored ([`Import::has_chunk`]). Ends with
+    /// [`Import::commit`] or [`Library::abandon_stage`].
+    pub fn begin_staged(&self, name: &str) -> Result<Import<'_>, StoreError> {
+        let key = [META_STAGE, name.as_bytes()].concat();
+        let id = {
+            let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            match self.meta_u64(&key)? {
+                0 => {
+                    let n = self.meta_u64(META_NEXT_STAGE)? + 1;
+                    let mut b = WriteBatch::default();
+                    b.put_cf(self.cf(CF_META), META_NEXT_STAGE, n.to_le_bytes());
+                    b.put_cf(self.cf(CF_META), &key, (STAGE_BIT | n).to_le_bytes());
+                    self.db
+                        .write_opt(b, &Self::synced())
+                        .map_err(|e| self.db_err(e))?;
+                    STAGE_BIT | n
+                }
+                id => id,
+            }
+        };
+        Ok(Import {
+            lib: self,
+            _shared: self.gate.read().unwrap_or_else(|p| p.into_inner()),
+            id,
+            batch: WriteBatch::default(),
+            batch_bytes: 0,
+            batch_ids: HashSet::new(),
+            stage: Some(key),
+        })
+    }
+
+    /// Names of the durable imports begun and not yet committed or abandoned.
+    pub fn stages(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .live_stages()?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    fn live_stages(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_META),
+            IteratorMode::From(META_STAGE, Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            let Some(name) = k.strip_prefix(META_STAGE) else {
+                break;
+            };
+            let id = v.as_ref().try_into().map(u64::from_le_bytes).unwrap_or(0);
+            out.push((String::from_utf8_lossy(name).into_owned(), id));
+        }
+        Ok(out)
+    }
+
+    /// Gives up the durable import `name`: its chunks that nothing references
+    /// are freed by the next [`Library::collect`].
+    pub fn abandon_stage(&self, name: &str) -> Result<(), StoreError> {
+        let key = [META_STAGE, name.as_bytes()].concat();
+        self.db
+            .delete_cf_opt(self.cf(CF_META), key, &Self::synced())
+            .map_err(|e| self.db_err(e))?;
+        self.try_collect()?;
+        Ok(())
     }
 
     /// Deletes every chunk that is listed as pending and has no reference,
@@ -344,11 +422,20 @@ impl Library {
         let mut batch = WriteBatch::default();
         let mut freed = RemoveStats::default();
         let mut seen = HashSet::new();
+        let staged: HashSet<u64> = self.live_stages()?.into_iter().map(|(_, id)| id).collect();
         for item in self
             .db
             .iterator_cf(self.cf(CF_PENDING), IteratorMode::Start)
         {
             let (k, _) = item.map_err(|e| self.db_err(e))?;
+            let import = k
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(GARBAGE_IMPORT);
+            if staged.contains(&import) {
+                continue;
+            }
             batch.delete_cf(self.cf(CF_PENDING), &k);
             let Some(id) = ChunkId::from_slice(&k[8..]) else {
                 continue;
@@ -594,13 +681,31 @@ impl Library {
         if self.package(package)?.is_none() {
             return Err(StoreError::NoPackage(package.to_string()));
         }
+        let revs = self.revisions(package)?;
+        self.remove_revisions(package, &revs, true)
+    }
+
+    /// Deletes one revision's manifests and their references, keeping the
+    /// package record and its other revisions.
+    pub fn remove_revision(&self, package: &str, revision: u32) -> Result<RemoveStats, StoreError> {
+        self.remove_revisions(package, &[revision], false)
+    }
+
+    fn remove_revisions(
+        &self,
+        package: &str,
+        revisions: &[u32],
+        record_too: bool,
+    ) -> Result<RemoveStats, StoreError> {
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_PACKAGES), package.as_bytes());
+        if record_too {
+            batch.delete_cf(self.cf(CF_PACKAGES), package.as_bytes());
+        }
         {
             let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
             let mut drops: HashMap<ChunkId, u64> = HashMap::new();
             let mut hints = Vec::new();
-            for rev in self.revisions(package)? {
+            for &rev in revisions {
                 let prefix = manifest_prefix(package, rev);
                 let mut end = prefix.clone();
                 end.extend([0xFF; 8]);
@@ -641,9 +746,17 @@ pub struct Import<'a> {
     batch: WriteBatch,
     batch_bytes: usize,
     batch_ids: HashSet<ChunkId>,
+    /// Meta key of a durable import ([`Library::begin_staged`]).
+    stage: Option<Vec<u8>>,
 }
 
 impl Import<'_> {
+    /// Writes the chunks put so far. For a durable import they are then in
+    /// the write-ahead log and survive the process being killed.
+    pub fn persist(&mut self) -> Result<(), StoreError> {
+        self.write_batch()
+    }
+
     /// Whether the chunk is stored already (or written by this import).
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
         Ok(self.batch_ids.contains(id) || self.lib.has_chunk(id)?)
@@ -677,9 +790,10 @@ impl Import<'_> {
             return Ok(());
         }
         let mut w = WriteOptions::default();
-        // Made durable by the flush in `commit`; a crash before that loses
-        // chunks and their pending entries together.
-        w.disable_wal(true);
+        // A plain import is made durable by the flush in `commit`; a crash
+        // before that loses chunks and their pending entries together. A
+        // durable one goes through the log.
+        w.disable_wal(self.stage.is_none());
         let batch = std::mem::take(&mut self.batch);
         self.lib
             .db
@@ -761,6 +875,9 @@ impl Import<'_> {
         let mut end = (self.id + 1).to_be_bytes().to_vec();
         end.extend([0u8; 32]);
         batch.delete_range_cf(lib.cf(CF_PENDING), start, end);
+        if let Some(key) = &self.stage {
+            batch.delete_cf(lib.cf(CF_META), key);
+        }
 
         let _counts = lib.counts.lock().unwrap_or_else(|p| p.into_inner());
         for (id, n) in adds {
@@ -867,6 +984,60 @@ mod tests {
         let lib = Library::open(dir.path()).unwrap();
         assert_eq!(lib.stats(), LibraryStats::default());
         assert!(lib.chunk_ids().unwrap().is_empty());
+    }
+
+    #[test]
+    fn staged_chunks_survive_reopening_until_committed_or_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(300_000, 7);
+        let id = ChunkId::of(&d);
+        {
+            let lib = Library::open(dir.path()).unwrap();
+            let mut st = lib.begin_staged("FRY00001/2").unwrap();
+            st.put_chunk(&id, &d).unwrap();
+            st.persist().unwrap();
+            // Killed before commit: no flush, only the log.
+        }
+        let lib = Library::open(dir.path()).unwrap();
+        assert_eq!(lib.stages().unwrap(), vec!["FRY00001/2".to_string()]);
+        assert!(lib.has_chunk(&id).unwrap(), "staged chunk kept at open");
+        let st = lib.begin_staged("FRY00001/2").unwrap();
+        assert!(st.has_chunk(&id).unwrap());
+        drop(st);
+        lib.abandon_stage("FRY00001/2").unwrap();
+        assert!(!lib.has_chunk(&id).unwrap(), "abandoned stage freed");
+        assert!(lib.stages().unwrap().is_empty());
+
+        let mut st = lib.begin_staged("FRY00001/3").unwrap();
+        st.put_chunk(&id, &d).unwrap();
+        let m = Manifest {
+            path: "f".into(),
+            size: d.len() as u64,
+            hash: FileHash::of(&d),
+            chunks: vec![ChunkRef {
+                id,
+                len: d.len() as u32,
+            }],
+            segments: vec![SegmentRecord {
+                kind: SegmentKind::Data,
+                offset: 0,
+                len: d.len() as u64,
+                first_chunk: 0,
+                chunk_count: 1,
+                fingerprint: None,
+            }],
+        };
+        st.commit("FRY00001", 3, &[m], |_| Ok(b"{}".to_vec()))
+            .unwrap();
+        assert!(lib.stages().unwrap().is_empty());
+        drop(lib);
+        let lib = Library::open(dir.path()).unwrap();
+        assert!(lib.has_chunk(&id).unwrap());
+        assert_eq!(
+            lib.remove_revision("FRY00001", 3).unwrap().freed_bytes,
+            300_000
+        );
+        assert!(lib.package("FRY00001").unwrap().is_some(), "record kept");
     }
 
     #[test]

@@ -1,0 +1,377 @@
+//! Site → DP distribution on loopback, beside what a user would otherwise
+//! run, in the same run:
+//!
+//! 1. initial distribution of a ≥ 1 GiB WIM to one DP vs an rsync daemon on
+//!    127.0.0.1 (whole file) and a plain copy;
+//! 2. redistribution after servicing: wire bytes vs `rsync --no-whole-file`
+//!    (through the daemon), casync (new chunks a client needs), zsync (bytes
+//!    fetched over HTTP), and the blob floor;
+//! 3. fan-out of a ~200 MiB WIM to 10 DPs: total time and bytes leaving the
+//!    site;
+//! 4. peak memory (VmHWM) of site and DP.
+//!
+//! ```text
+//! scripts/bench.sh --bench distribution
+//! ```
+//! Writes `$CARGO_TARGET_DIR/ferry-bench/distribution.md` and `.json`.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_benches::{cached_wim, casync_new_chunks, mbps, peak_rss, root, timed};
+use ferry_tests::harness::{free_port, wait_for, DpProc, SiteProc};
+use ferry_tests::tree::TreeSpec;
+use ferry_tests::wimtools::{self, ServiceSpec};
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(1800);
+
+/// A child process killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An rsync daemon on 127.0.0.1 serving `dir` as module `m`.
+fn rsync_daemon(dir: &Path, work: &Path) -> anyhow::Result<(Daemon, u16)> {
+    let port = free_port()?;
+    let conf = work.join("rsyncd.conf");
+    fs::write(
+        &conf,
+        format!(
+            "use chroot = no\nport = {port}\naddress = 127.0.0.1\npid file = {}\n[m]\npath = {}\nread only = yes\n",
+            work.join("rsyncd.pid").display(),
+            dir.display()
+        ),
+    )?;
+    let child = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--config"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let d = Daemon(child);
+    wait_for("rsync daemon", Duration::from_secs(10), || {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(drop))
+    })?;
+    Ok((d, port))
+}
+
+/// `rsync --stats` through the daemon; returns (time, bytes received).
+fn rsync_get(port: u16, file: &str, dest: &Path, whole: bool) -> anyhow::Result<(Duration, u64)> {
+    let (d, out) = timed(
+        Command::new("rsync")
+            .args(["--stats", "--inplace"])
+            .arg(if whole {
+                "--whole-file"
+            } else {
+                "--no-whole-file"
+            })
+            .arg(format!("rsync://127.0.0.1:{port}/m/{file}"))
+            .arg(dest),
+    )?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Total bytes received:"))
+        .context("rsync printed no byte count")?;
+    let n: String = line.chars().filter(char::is_ascii_digit).collect();
+    Ok((d, n.parse()?))
+}
+
+/// zsync: bytes a client holding `base` fetches over HTTP for `new`.
+fn zsync_fetched(base: &Path, new: &Path, work: &Path) -> anyhow::Result<u64> {
+    let serve = work.join("http");
+    fs::create_dir_all(&serve)?;
+    fs::copy(new, serve.join("new.wim"))?;
+    let port = free_port()?;
+    let _http = Daemon(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(&serve)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_for("http server", Duration::from_secs(10), || {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(drop))
+    })?;
+    timed(
+        Command::new("zsyncmake")
+            .arg("-u")
+            .arg(format!("http://127.0.0.1:{port}/new.wim"))
+            .arg("-o")
+            .arg(serve.join("new.zsync"))
+            .arg(serve.join("new.wim")),
+    )?;
+    let (_, out) = timed(
+        Command::new("zsync")
+            .arg("-q")
+            .arg("-i")
+            .arg(base)
+            .arg("-o")
+            .arg(work.join("zsync-out.wim"))
+            .arg(format!("http://127.0.0.1:{port}/new.zsync"))
+            .current_dir(work),
+    )?;
+    // "used N local, fetched M"
+    let fetched = out
+        .split("fetched ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("zsync printed no byte count: {out}"))?;
+    Ok(fetched)
+}
+
+fn installed_at(
+    site: &SiteProc,
+    id: &str,
+    dps: &[&DpProc],
+    rev: u64,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::new();
+    for dp in dps {
+        rows.push(site.wait_installed(id, &dp.name, rev, LIMIT)?);
+    }
+    Ok(rows)
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    fs::create_dir_all(root())?;
+    let mut report = String::new();
+    let mut results = serde_json::Map::new();
+
+    // --- 1. initial distribution of a 1 GiB+ WIM --------------------------
+    let big = cached_wim(
+        "big",
+        &TreeSpec {
+            files: 16_000,
+            seed: 11,
+            size_scale: 2.5,
+            duplicates: 0.03,
+        },
+        1 << 30,
+    )?;
+    let big_len = fs::metadata(&big)?.len();
+    let work = tempfile::tempdir_in(root())?;
+    let (_rsyncd, rport) = rsync_daemon(big.parent().context("folder")?, work.path())?;
+    timed(Command::new("cat").arg(&big).stdout(Stdio::null()))?;
+    let (t_rsync, rsync_bytes) = rsync_get(rport, "big.wim", &work.path().join("rsync.wim"), true)?;
+    let t = Instant::now();
+    fs::copy(&big, work.path().join("copy.wim"))?;
+    let t_copy = t.elapsed();
+    let _ = fs::remove_file(work.path().join("rsync.wim"));
+    let _ = fs::remove_file(work.path().join("copy.wim"));
+
+    let site = SiteProc::start(work.path())?;
+    let mut dp = DpProc::start(work.path(), "dp1", &site)?;
+    let id = site.add_image(&big, &[])?["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    wait_for("dp1 online", LIMIT, || {
+        Ok((site.dp_row("dp1")?["online"] == true).then_some(()))
+    })?;
+    let t = Instant::now();
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"])?;
+    let row = site.wait_installed(&id, "dp1", 1, LIMIT)?;
+    let t_ferry = t.elapsed();
+    let wire = row["wire_bytes"].as_u64().unwrap_or(0);
+    let rss_site = peak_rss(site.pid().context("pid")?)?;
+    let rss_dp = peak_rss(dp.pid().context("pid")?)?;
+    dp.stop()?;
+    drop(site);
+    drop(work);
+    report += &format!(
+        "## Initial distribution of a {:.2} GiB WIM to one DP (loopback)\n\n\
+         | tool | time | MB/s | bytes on the wire | time ÷ ferry |\n|---|---|---|---|---|\n\
+         | `ferry distribute` (QUIC, until installed and verified) | {:.2} s | {:.0} | {wire} (UDP) | 1.00 |\n\
+         | `rsync --whole-file` from an rsync daemon | {:.2} s | {:.0} | {rsync_bytes} (TCP payload) | {:.2} |\n\
+         | `cp` (same disk, no network) | {:.2} s | {:.0} | - | {:.2} |\n\n\
+         Peak memory: site {:.0} MiB, DP {:.0} MiB.\n\n",
+        big_len as f64 / (1u64 << 30) as f64,
+        t_ferry.as_secs_f64(), mbps(big_len, t_ferry),
+        t_rsync.as_secs_f64(), mbps(big_len, t_rsync), t_rsync.as_secs_f64() / t_ferry.as_secs_f64(),
+        t_copy.as_secs_f64(), mbps(big_len, t_copy), t_copy.as_secs_f64() / t_ferry.as_secs_f64(),
+        rss_site as f64 / 1048576.0, rss_dp as f64 / 1048576.0,
+    );
+    results.insert(
+        "initial".into(),
+        json!({"wim_bytes": big_len, "ferry_s": t_ferry.as_secs_f64(), "ferry_wire": wire,
+               "rsync_s": t_rsync.as_secs_f64(), "rsync_bytes": rsync_bytes, "cp_s": t_copy.as_secs_f64(),
+               "peak_rss_site": rss_site, "peak_rss_dp": rss_dp}),
+    );
+
+    // --- 2. redistribution after servicing --------------------------------
+    let pair_dir = root().join("dist-pair");
+    let _ = fs::remove_dir_all(&pair_dir);
+    let pair = wimtools::serviced_pair(
+        &pair_dir,
+        &TreeSpec {
+            files: 3000,
+            seed: 21,
+            ..TreeSpec::default()
+        },
+        "LZX",
+        &ServiceSpec::default(),
+    )?;
+    let floor = wimtools::blob_floor(&pair.base, &pair.serviced)?;
+    let new_len = fs::metadata(&pair.serviced)?.len();
+    let work = tempfile::tempdir_in(root())?;
+    let (_rsyncd, rport) = rsync_daemon(&pair_dir, work.path())?;
+    let seeded = work.path().join("seeded.wim");
+    fs::copy(&pair.base, &seeded)?;
+    let (t_rsync, rsync_bytes) = rsync_get(rport, "serviced.wim", &seeded, false)?;
+    let casync = casync_new_chunks(&pair.base, &pair.serviced)?;
+    let zsync = zsync_fetched(&pair.base, &pair.serviced, work.path())?;
+
+    let site = SiteProc::start(work.path())?;
+    let mut dp = DpProc::start(work.path(), "dp1", &site)?;
+    let id = site.add_image(&pair.base, &[])?["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"])?;
+    site.wait_installed(&id, "dp1", 1, LIMIT)?;
+    let out = site.cli(&[
+        "content",
+        "refresh",
+        &id,
+        "--source",
+        &pair.serviced.to_string_lossy(),
+    ]);
+    if !out.status.success() {
+        bail!("refresh failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let t = Instant::now();
+    let row = site.wait_installed(&id, "dp1", 2, LIMIT)?;
+    let t_ferry = t.elapsed();
+    let wire = row["wire_bytes"].as_u64().unwrap_or(0);
+    let chunk_bytes = row["bytes_done"].as_u64().unwrap_or(0);
+    dp.stop()?;
+    drop(site);
+    drop(work);
+    let ratio = |b: u64| b as f64 / wire.max(1) as f64;
+    report += &format!(
+        "## Redistribution after servicing ({new_len} byte image; blob floor {floor})\n\n\
+         | method | bytes | ÷ ferry wire | ÷ floor | time |\n|---|---|---|---|---|\n\
+         | ferry, UDP bytes at the DP socket | {wire} | 1.00 | {:.3} | {:.2} s (from refresh to installed) |\n\
+         | ferry, chunk payload | {chunk_bytes} | {:.2} | {:.3} | |\n\
+         | `rsync --no-whole-file` via daemon (bytes received) | {rsync_bytes} | {:.2} | {:.3} | {:.2} s |\n\
+         | casync, new chunks a client needs | {casync} | {:.2} | {:.3} | |\n\
+         | zsync, bytes fetched over HTTP | {zsync} | {:.2} | {:.3} | |\n\
+         | lower bound: blob floor | {floor} | {:.2} | 1.000 | |\n\n",
+        wire as f64 / floor as f64, t_ferry.as_secs_f64(),
+        ratio(chunk_bytes), chunk_bytes as f64 / floor as f64,
+        ratio(rsync_bytes), rsync_bytes as f64 / floor as f64, t_rsync.as_secs_f64(),
+        ratio(casync), casync as f64 / floor as f64,
+        ratio(zsync), zsync as f64 / floor as f64,
+        ratio(floor),
+    );
+    results.insert(
+        "redistribution".into(),
+        json!({"image": new_len, "floor": floor, "ferry_wire": wire, "ferry_chunks": chunk_bytes,
+               "ferry_s": t_ferry.as_secs_f64(), "rsync": rsync_bytes, "rsync_s": t_rsync.as_secs_f64(),
+               "casync": casync, "zsync": zsync}),
+    );
+
+    // --- 3. fan-out to 10 DPs ----------------------------------------------
+    let small = cached_wim(
+        "small",
+        &TreeSpec {
+            files: 4_000,
+            seed: 12,
+            size_scale: 2.5,
+            duplicates: 0.03,
+        },
+        200 << 20,
+    )?;
+    let small_len = fs::metadata(&small)?.len();
+    let work = tempfile::tempdir_in(root())?;
+    let site = SiteProc::start(work.path())?;
+    let id = site.add_image(&small, &[])?["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    site.cli_ok(&["group", "create", "all"])?;
+    let mut dps = Vec::new();
+    for i in 0..10 {
+        let dp = DpProc::start(work.path(), &format!("dp{i:02}"), &site)?;
+        site.cli_ok(&["group", "add", "all", &dp.name])?;
+        dps.push(dp);
+    }
+    wait_for("all DPs online", LIMIT, || {
+        let list = site.cli_json(&["dp", "list"])?;
+        Ok(list
+            .as_array()
+            .is_some_and(|a| a.iter().all(|d| d["online"] == true))
+            .then_some(()))
+    })?;
+    let t = Instant::now();
+    site.cli_ok(&["distribute", &id, "--group", "all"])?;
+    let refs: Vec<&DpProc> = dps.iter().collect();
+    let rows = installed_at(&site, &id, &refs, 1)?;
+    let t_fan = t.elapsed();
+    let wire_total: u64 = rows
+        .iter()
+        .map(|r| r["wire_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let rss_site = peak_rss(site.pid().context("pid")?)?;
+    let rss_dp = dps
+        .iter()
+        .filter_map(|d| d.pid().and_then(|p| peak_rss(p).ok()))
+        .max()
+        .unwrap_or(0);
+    for mut d in dps {
+        d.stop()?;
+    }
+    drop(site);
+    report += &format!(
+        "## Fan-out: one site to 10 DPs ({small_len} byte WIM)\n\n\
+         | figure | value |\n|---|---|\n\
+         | time from `distribute` until all 10 installed | {:.2} s |\n\
+         | bytes leaving the site (sum of UDP bytes at the DPs) | {wire_total} ({:.2}× 10 copies of the file) |\n\
+         | aggregate rate | {:.0} MB/s |\n\
+         | peak memory, site | {:.0} MiB |\n\
+         | peak memory, largest DP | {:.0} MiB |\n\n",
+        t_fan.as_secs_f64(),
+        wire_total as f64 / (10 * small_len) as f64,
+        mbps(10 * small_len, t_fan),
+        rss_site as f64 / 1048576.0,
+        rss_dp as f64 / 1048576.0,
+    );
+    results.insert(
+        "fanout".into(),
+        json!({"wim_bytes": small_len, "dps": 10, "seconds": t_fan.as_secs_f64(), "wire_total": wire_total,
+               "peak_rss_site": rss_site, "peak_rss_dp": rss_dp}),
+    );
+
+    println!("{report}");
+    fs::write(
+        root().join("distribution.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    fs::write(root().join("distribution.md"), report)?;
+    Ok(())
+}

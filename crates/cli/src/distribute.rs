@@ -1,0 +1,172 @@
+//! `ferry distribute`, `ferry undistribute` and `ferry status`.
+
+use clap::Args;
+use ferry_site::api::{DistributeReply, DistributeRequest};
+use ferry_site::status::StatusRow;
+use reqwest::Method;
+
+use crate::client::Client;
+use crate::output::{bytes, percent, print_json, table};
+use crate::Global;
+
+/// Which DPs a package goes to or leaves.
+#[derive(Args, Debug)]
+pub(crate) struct Targets {
+    /// Package id.
+    pub(crate) id: String,
+    /// DPs by name.
+    #[arg(long = "dp", value_name = "NAME", num_args = 1.., required_unless_present = "groups")]
+    pub(crate) dps: Vec<String>,
+    /// Groups by name.
+    #[arg(long = "group", value_name = "GROUP", num_args = 1..)]
+    pub(crate) groups: Vec<String>,
+}
+
+/// `ferry distribute`.
+#[derive(Args, Debug)]
+pub(crate) struct DistributeCmd {
+    #[command(flatten)]
+    pub(crate) targets: Targets,
+    /// Only print the bytes each DP still needs; assign nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+}
+
+/// `ferry status`.
+#[derive(Args, Debug)]
+pub(crate) struct StatusCmd {
+    /// Only this package.
+    pub(crate) id: Option<String>,
+    /// Only this DP.
+    #[arg(long = "dp", value_name = "NAME")]
+    pub(crate) dp: Option<String>,
+}
+
+pub(crate) async fn distribute(cmd: DistributeCmd, g: &Global) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    let req = DistributeRequest {
+        package: cmd.targets.id,
+        dps: cmd.targets.dps,
+        groups: cmd.targets.groups,
+        dry_run: cmd.dry_run,
+    };
+    let r: DistributeReply = client
+        .json(client.request(Method::POST, "/distribute").json(&req))
+        .await?;
+    if g.json {
+        return print_json(&r);
+    }
+    let mut t = table(&["DP", "NEEDS", "FULL COPY", "SHARE"]);
+    for n in &r.needs {
+        t.add_row(vec![
+            n.dp.clone(),
+            bytes(n.needed_bytes),
+            bytes(n.full_bytes),
+            percent(n.needed_bytes, n.full_bytes),
+        ]);
+    }
+    if r.assigned {
+        println!("{} revision {} assigned", r.package, r.revision);
+    } else {
+        println!(
+            "dry run: {} revision {} would cost (nothing assigned)",
+            r.package, r.revision
+        );
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub(crate) async fn undistribute(t: Targets, g: &Global) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    let req = DistributeRequest {
+        package: t.id.clone(),
+        dps: t.dps,
+        groups: t.groups,
+        dry_run: false,
+    };
+    client
+        .send(client.request(Method::POST, "/undistribute").json(&req))
+        .await?;
+    println!(
+        "{} unassigned; the DPs remove it and free chunks nothing else uses",
+        t.id
+    );
+    Ok(())
+}
+
+fn eta(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    let mut req = client.request(Method::GET, "/status");
+    if let Some(id) = &cmd.id {
+        req = req.query(&[("package", id)]);
+    }
+    if let Some(dp) = &cmd.dp {
+        req = req.query(&[("dp", dp)]);
+    }
+    let rows: Vec<StatusRow> = client.json(req).await?;
+    if g.json {
+        return print_json(&rows);
+    }
+    let mut t = table(&[
+        "PACKAGE",
+        "DP",
+        "REV",
+        "STATE",
+        "PROGRESS",
+        "RECEIVED",
+        "FULL COPY",
+        "WIRE",
+        "LAST CONTACT",
+    ]);
+    for r in &rows {
+        let state = match r.state.as_str() {
+            "failed" => format!(
+                "failed: {}{}",
+                r.error.clone().unwrap_or_default(),
+                r.next_retry
+                    .as_ref()
+                    .map(|n| format!(" (retry at {n})"))
+                    .unwrap_or_default()
+            ),
+            "pending" => match r.holds_revision {
+                Some(h) => format!("pending (holds r{h})"),
+                None => "pending".into(),
+            },
+            s => s.to_string(),
+        };
+        let progress = match (r.state.as_str(), r.percent) {
+            ("in-progress", Some(p)) => format!(
+                "{p}% {}/{}{}",
+                bytes(r.bytes_done),
+                bytes(r.bytes_needed),
+                r.eta_secs
+                    .map(|s| format!(" eta {}", eta(s)))
+                    .unwrap_or_default()
+            ),
+            ("installed", _) => "100%".into(),
+            _ => "-".into(),
+        };
+        t.add_row(vec![
+            format!("{} {}", r.package, r.name),
+            format!("{}{}", r.dp, if r.online { "" } else { " (offline)" }),
+            r.revision.map_or("-".into(), |v| v.to_string()),
+            state,
+            progress,
+            bytes(r.bytes_done),
+            bytes(r.full_bytes),
+            bytes(r.wire_bytes),
+            r.last_contact.clone().unwrap_or_else(|| "never".into()),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! `dp.toml` and the files of a DP's data folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The DP's configuration file inside its data folder.
+pub const CONFIG_FILE: &str = "dp.toml";
+/// The site CA certificate, pinned at enrollment.
+pub const CA_FILE: &str = "ca.pem";
+/// The DP's certificate, issued by the site CA.
+pub const CERT_FILE: &str = "dp.pem";
+/// The DP's private key.
+pub const KEY_FILE: &str = "dp.key";
+/// The site's manifest signing key (Ed25519 public key, hex).
+pub const MANIFEST_KEY_FILE: &str = "manifest.pub";
+/// The DP's chunk library.
+pub const LIBRARY_DIR: &str = "library";
+/// Default content folder.
+pub const CONTENT_DIR: &str = "content";
+
+/// A DP's configuration, read from `DIR/dp.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpConfig {
+    /// The name the site knows this DP by (set at enrollment).
+    pub name: String,
+    /// The site's QUIC endpoint, `HOST:PORT`.
+    pub site: String,
+    /// The site's code.
+    pub site_code: String,
+    /// Where assigned packages stand rebuilt, one folder per package id;
+    /// relative paths are inside the data folder.
+    #[serde(default = "default_content")]
+    pub content: PathBuf,
+}
+
+fn default_content() -> PathBuf {
+    PathBuf::from(CONTENT_DIR)
+}
+
+impl DpConfig {
+    /// The commented text written at enrollment.
+    pub fn to_text(&self) -> String {
+        format!(
+            "# Ferry distribution point, enrolled with site {code}.\n\
+             # Read by `ferry dp serve --data DIR`.\n\
+             \n\
+             # The name the site knows this DP by (the subject of dp.pem).\n\
+             name = \"{name}\"\n\
+             # The site's QUIC endpoint (its [dp] listen address).\n\
+             site = \"{site}\"\n\
+             site_code = \"{code}\"\n\
+             # Where assigned packages stand rebuilt, one folder per package id.\n\
+             content = \"{content}\"\n",
+            name = self.name,
+            site = self.site,
+            code = self.site_code,
+            content = self.content.display(),
+        )
+    }
+
+    /// Parses configuration text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> anyhow::Result<Self> {
+        toml::from_str(text)
+            .with_context(|| format!("{} is not a valid DP configuration", path.display()))
+    }
+
+    /// Reads `DIR/dp.toml`.
+    pub fn load(data: &Path) -> anyhow::Result<Self> {
+        let path = data.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (enroll this folder first: `ferry dp init --data {} --site HOST:PORT --token TOKEN`)",
+                path.display(),
+                data.display()
+            )
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    /// The content folder, resolved against the data folder.
+    pub fn content_dir(&self, data: &Path) -> PathBuf {
+        data.join(&self.content)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_parses_back_and_unknown_keys_fail() {
+        let c = DpConfig {
+            name: "dp1".into(),
+            site: "127.0.0.1:4433".into(),
+            site_code: "FRY".into(),
+            content: "content".into(),
+        };
+        assert_eq!(DpConfig::parse(&c.to_text(), Path::new("x")).unwrap(), c);
+        let e = DpConfig::parse(&format!("{}colour = 1\n", c.to_text()), Path::new("d.toml"));
+        assert!(format!("{:#}", e.unwrap_err()).contains("colour"));
+    }
+
+    #[test]
+    fn deploy_dp_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/dp.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        DpConfig::parse(&text, &path).unwrap();
+    }
+}

@@ -1,0 +1,113 @@
+//! The Ferry distribution point (DP) agent as a library.
+//!
+//! What it is: [`enroll`] turns an empty folder into an enrolled DP (key,
+//! certificate from the site CA, pinned CA, the site's manifest key);
+//! [`agent::DpAgent`] keeps the DP's content in step with what the site
+//! assigned to it: it fetches signed manifests, asks for the chunks it lacks
+//! over several QUIC streams, verifies and stores them in its own RocksDB
+//! library, and rebuilds each package's files in the [`content`] folder.
+//!
+//! What it is not: a server. The DP dials the site; the site never dials the
+//! DP.
+
+pub mod agent;
+pub mod config;
+pub mod content;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use ferry_net::pki::EnrollToken;
+use ferry_wire::pb::{self, reply, request};
+use ferry_wire::{read_frame, write_frame, MAX_REPLY_BYTES};
+
+pub use agent::DpAgent;
+pub use config::DpConfig;
+
+/// Resolves `HOST:PORT`.
+pub async fn resolve(site: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(site)
+        .await
+        .with_context(|| format!("cannot resolve the site address {site:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("the site address {site:?} resolves to nothing"))
+}
+
+/// A client endpoint on an ephemeral port of the right address family.
+pub fn client_endpoint(site: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if site.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind).with_context(|| format!("cannot open a UDP socket on {bind}"))
+}
+
+/// Enrolls the folder `data` with the site at `site` using a token from
+/// `ferry dp add`. Writes `dp.toml`, the key, the certificate, the pinned
+/// CA and the manifest key, and creates the library and content folder.
+pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpConfig> {
+    let cfg_path = data.join(config::CONFIG_FILE);
+    if cfg_path.exists() {
+        bail!(
+            "{} exists: {} is enrolled already",
+            cfg_path.display(),
+            data.display()
+        );
+    }
+    let token: EnrollToken = token.parse()?;
+    let addr = resolve(site).await?;
+    let (key_pem, csr) = ferry_net::pki::make_csr("ferry-dp")?;
+    let endpoint = client_endpoint(addr)?;
+    let client = ferry_net::tls::enroll_client(&token.ca_fingerprint)?;
+    let conn = endpoint
+        .connect_with(client, addr, ferry_net::pki::SITE_SERVER_NAME)?
+        .await
+        .with_context(|| format!("cannot enroll with the site at {site}"))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let req = pb::Request {
+        kind: Some(request::Kind::Enroll(pb::Enroll {
+            token: token.secret.clone(),
+            csr_der: csr.into(),
+        })),
+    };
+    write_frame(&mut send, &req).await?;
+    let _ = send.finish();
+    let reply: Option<pb::Reply> = read_frame(&mut recv, MAX_REPLY_BYTES).await?;
+    conn.close(0u32.into(), b"enrolled");
+    let e = match reply.and_then(|r| r.kind) {
+        Some(reply::Kind::Enrolled(e)) => e,
+        Some(reply::Kind::Error(e)) => bail!("the site refused the enrollment: {}", e.message),
+        _ => bail!("the site answered the enrollment with something else"),
+    };
+    if ferry_net::pki::fingerprint(&e.ca_der) != token.ca_fingerprint {
+        bail!("the site sent a CA other than the one the token names");
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let pem = |tag: &str, der: &[u8]| pem::encode(&pem::Pem::new(tag, der.to_vec()));
+    ferry_net::pki::write_secret(&data.join(config::KEY_FILE), &key_pem)?;
+    ferry_net::pki::write_public(
+        &data.join(config::CERT_FILE),
+        &pem("CERTIFICATE", &e.cert_der),
+    )?;
+    ferry_net::pki::write_public(&data.join(config::CA_FILE), &pem("CERTIFICATE", &e.ca_der))?;
+    ferry_net::pki::write_public(
+        &data.join(config::MANIFEST_KEY_FILE),
+        &hex::encode(&e.manifest_key),
+    )?;
+    let cfg = DpConfig {
+        name: e.dp_name,
+        site: site.to_string(),
+        site_code: e.site_code,
+        content: config::CONTENT_DIR.into(),
+    };
+    let content = cfg.content_dir(data);
+    std::fs::create_dir_all(&content)
+        .with_context(|| format!("cannot create {}", content.display()))?;
+    ferry_store::Library::open(&data.join(config::LIBRARY_DIR))?;
+    // The configuration goes last: its presence marks a complete enrollment.
+    std::fs::write(&cfg_path, cfg.to_text())
+        .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    Ok(cfg)
+}

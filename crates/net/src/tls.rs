@@ -1,0 +1,242 @@
+//! QUIC endpoint configuration: TLS 1.3 with the site CA on both sides.
+//!
+//! - The site serves with its own certificate (chain: site, CA) and accepts
+//!   client certificates issued by its CA. A client without a certificate
+//!   may connect, but the site answers only an enrollment request on such a
+//!   connection; a certificate from any other CA fails the handshake.
+//! - An enrolled DP trusts the site CA only (pinned at enrollment) and
+//!   presents its own certificate.
+//! - A DP enrolling has no CA yet: it accepts the site's chain only if the
+//!   chain carries a CA whose fingerprint is the one in its token, and the
+//!   site certificate verifies against that CA.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::pki::{fingerprint, PkiError};
+
+/// A certificate chain and its private key.
+#[derive(Debug)]
+pub struct Identity {
+    /// Own certificate first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// Reads PEM texts; `what` names them in errors.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, what: &str) -> Result<Self, PkiError> {
+        use rustls::pki_types::pem::PemObject;
+        let bad = |detail: String| PkiError::Invalid {
+            what: what.to_string(),
+            detail,
+        };
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if chain.is_empty() {
+            return Err(bad("no certificate in the PEM text".into()));
+        }
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        Ok(Self { chain, key })
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_err(what: &str) -> impl FnOnce(rustls::Error) -> PkiError + '_ {
+    move |e| PkiError::Invalid {
+        what: what.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, PkiError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).map_err(tls_err("site CA"))?;
+    Ok(Arc::new(roots))
+}
+
+/// Transport limits both sides use: at most
+/// [`MAX_STREAMS`](ferry_wire::MAX_STREAMS) bidirectional streams open per
+/// connection, none unidirectional, windows large enough for loopback and
+/// LAN speeds, keep-alives so a dead peer is noticed in
+/// [`IDLE_TIMEOUT`].
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(ferry_wire::MAX_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // 20 s fits a u32 of milliseconds; the conversion cannot fail.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    Arc::new(t)
+}
+
+/// How often an idle connection is pinged.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(4);
+/// A connection with no packet for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The site's QUIC server configuration.
+pub fn site_server(
+    ca: &CertificateDer<'static>,
+    site: Identity,
+) -> Result<quinn::ServerConfig, PkiError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| PkiError::Invalid {
+            what: "client verifier".into(),
+            detail: e.to_string(),
+        })?;
+    let mut chain = site.chain;
+    if !chain.iter().any(|c| c == ca) {
+        chain.push(ca.clone());
+    }
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("TLS versions"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, site.key)
+        .map_err(tls_err("site certificate"))?;
+    tls.alpn_protocols = vec![ferry_wire::ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| PkiError::Invalid {
+        what: "QUIC server config".into(),
+        detail: e.to_string(),
+    })?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+fn client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, PkiError> {
+    let mut tls = tls;
+    tls.alpn_protocols = vec![ferry_wire::ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| PkiError::Invalid {
+        what: "QUIC client config".into(),
+        detail: e.to_string(),
+    })?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// An enrolled DP's client configuration: trusts `ca` only, presents `dp`.
+pub fn dp_client(
+    ca: &CertificateDer<'static>,
+    dp: Identity,
+) -> Result<quinn::ClientConfig, PkiError> {
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("TLS versions"))?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(dp.chain, dp.key)
+        .map_err(tls_err("DP certificate"))?;
+    client(tls)
+}
+
+/// The configuration of a DP enrolling: no client certificate; the site is
+/// accepted only with a CA of fingerprint `ca_fingerprint` in its chain.
+pub fn enroll_client(ca_fingerprint: &str) -> Result<quinn::ClientConfig, PkiError> {
+    let provider = provider();
+    let verifier = PinnedCa {
+        fingerprint: ca_fingerprint.to_string(),
+        provider: provider.clone(),
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("TLS versions"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    client(tls)
+}
+
+/// The certificate the peer presented, if any.
+pub fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+/// Verifies the site against the CA the enrollment token names.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the site's CA is not the one named in the enrollment token".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configuration allows TLS 1.3 only.
+        Err(rustls::Error::General("TLS 1.2 is not allowed".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

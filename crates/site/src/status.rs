@@ -1,0 +1,241 @@
+//! What operators see of distribution: DP rows, package × DP status rows,
+//! and the dry-run cost of a distribution.
+
+use std::collections::{BTreeSet, HashSet};
+
+use ferry_core::ChunkId;
+use ferry_store::Library;
+use serde::{Deserialize, Serialize};
+
+use crate::images::{self, ImageError};
+use crate::registry::{Hub, Registry, TransferState};
+
+/// One DP as `ferry dp list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DpView {
+    /// Name.
+    pub name: String,
+    /// `waiting-enrollment`, `enrolled` or `revoked`.
+    pub enrollment: String,
+    /// Connected now.
+    pub online: bool,
+    /// Address it is (or was last) connected from.
+    pub address: Option<String>,
+    /// Last time it was connected.
+    pub last_contact: Option<String>,
+    /// Groups it belongs to.
+    pub groups: Vec<String>,
+    /// Packages it must hold.
+    pub assigned: Vec<String>,
+    /// Packages it holds, as `ID rN`.
+    pub installed: Vec<String>,
+    /// Chunk bytes sent to it since the site started.
+    pub served_bytes: u64,
+}
+
+/// The DP list.
+pub fn dps(hub: &Hub) -> Vec<DpView> {
+    let reg = hub.snapshot();
+    reg.dps
+        .values()
+        .map(|d| DpView {
+            name: d.name.clone(),
+            enrollment: if d.revoked.is_some() {
+                "revoked"
+            } else if d.enrolled.is_some() {
+                "enrolled"
+            } else {
+                "waiting-enrollment"
+            }
+            .into(),
+            online: hub.online(&d.name).is_some(),
+            address: d.address.clone(),
+            last_contact: d.last_contact.clone(),
+            groups: reg.groups_of(&d.name),
+            assigned: reg.assigned(&d.name).into_iter().collect(),
+            installed: d
+                .transfers
+                .iter()
+                .filter(|(_, t)| t.state == TransferState::Installed)
+                .map(|(p, t)| format!("{p} r{}", t.revision))
+                .collect(),
+            served_bytes: hub.served_bytes(&d.name),
+        })
+        .collect()
+}
+
+/// One package on one DP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRow {
+    /// Package id.
+    pub package: String,
+    /// Package name.
+    pub name: String,
+    /// DP name.
+    pub dp: String,
+    /// The revision the DP must hold (none when it is being removed).
+    pub revision: Option<u32>,
+    /// `pending`, `in-progress`, `installed`, `failed` or `removing`.
+    pub state: String,
+    /// Revision the DP holds now, when it is an older one.
+    pub holds_revision: Option<u32>,
+    /// Chunk bytes needed for the revision (as the DP planned it).
+    pub bytes_needed: u64,
+    /// Of those, received.
+    pub bytes_done: u64,
+    /// What a full copy costs.
+    pub full_bytes: u64,
+    /// UDP bytes received at the DP for this revision.
+    pub wire_bytes: u64,
+    /// Percent of `bytes_needed` received (in progress).
+    pub percent: Option<u64>,
+    /// Estimated seconds left (in progress).
+    pub eta_secs: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When the DP tries again.
+    pub next_retry: Option<String>,
+    /// The DP's last contact.
+    pub last_contact: Option<String>,
+    /// Whether the DP is connected.
+    pub online: bool,
+}
+
+fn seconds_since(rfc3339: &str) -> Option<f64> {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    Some((time::OffsetDateTime::now_utc() - t).as_seconds_f64())
+}
+
+/// Status rows for every package × DP, optionally only one package or DP.
+pub fn rows(
+    hub: &Hub,
+    lib: &Library,
+    package: Option<&str>,
+    dp: Option<&str>,
+) -> Result<Vec<StatusRow>, ImageError> {
+    let reg = hub.snapshot();
+    if let Some(p) = package {
+        images::record(lib, p)?;
+    }
+    let mut out = Vec::new();
+    for d in reg.dps.values() {
+        if dp.is_some_and(|n| n != d.name) {
+            continue;
+        }
+        let assigned = reg.assigned(&d.name);
+        let mut packages: BTreeSet<String> = assigned.clone();
+        packages.extend(d.transfers.keys().cloned());
+        for p in packages {
+            if package.is_some_and(|q| q != p) {
+                continue;
+            }
+            let rec = images::record(lib, &p).ok();
+            let want = assigned
+                .contains(&p)
+                .then(|| rec.as_ref().and_then(|r| r.latest()).map(|r| r.revision))
+                .flatten();
+            let t = d.transfers.get(&p);
+            let mut row = StatusRow {
+                package: p.clone(),
+                name: rec.map(|r| r.name).unwrap_or_default(),
+                dp: d.name.clone(),
+                revision: want,
+                state: "pending".into(),
+                holds_revision: None,
+                bytes_needed: 0,
+                bytes_done: 0,
+                full_bytes: 0,
+                wire_bytes: 0,
+                percent: None,
+                eta_secs: None,
+                error: None,
+                next_retry: None,
+                last_contact: d.last_contact.clone(),
+                online: hub.online(&d.name).is_some(),
+            };
+            match (want, t) {
+                (None, _) => row.state = "removing".into(),
+                (Some(w), Some(t)) if t.revision == w => {
+                    row.state = serde_json::to_value(t.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    row.bytes_needed = t.bytes_needed;
+                    row.bytes_done = t.bytes_done;
+                    row.full_bytes = t.full_bytes;
+                    row.wire_bytes = t.wire_bytes;
+                    row.error = t.error.clone();
+                    row.next_retry = t.next_retry.clone();
+                    if t.state == TransferState::InProgress {
+                        row.percent = Some(
+                            (t.bytes_done * 100)
+                                .checked_div(t.bytes_needed)
+                                .unwrap_or(100),
+                        );
+                        let elapsed = t.started.as_deref().and_then(seconds_since);
+                        if let Some(el) = elapsed.filter(|&e| e > 0.5 && t.bytes_done > 0) {
+                            let rate = t.bytes_done as f64 / el;
+                            let left = t.bytes_needed.saturating_sub(t.bytes_done) as f64;
+                            row.eta_secs = Some((left / rate).ceil() as u64);
+                        }
+                    }
+                }
+                (Some(_), Some(t)) => {
+                    if t.state == TransferState::Installed {
+                        row.holds_revision = Some(t.revision);
+                    }
+                }
+                (Some(_), None) => {}
+            }
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// What distributing a package would cost one DP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Need {
+    /// DP name.
+    pub dp: String,
+    /// Bytes the DP still needs: chunks of the revision that none of the
+    /// revisions it has installed contains. Chunks of an interrupted
+    /// transfer are not known to the site, so this is an upper bound.
+    pub needed_bytes: u64,
+    /// What a full copy costs.
+    pub full_bytes: u64,
+}
+
+/// The cost for each DP of holding the latest revision of `package`.
+pub fn needs(
+    reg: &Registry,
+    lib: &Library,
+    package: &str,
+    dps: &[String],
+) -> Result<(u32, Vec<Need>), ImageError> {
+    let rec = images::record(lib, package)?;
+    let rev = rec.latest().map_or(1, |r| r.revision);
+    let manifests = lib.manifests(package, rev)?;
+    let mut out = Vec::new();
+    for dp in dps {
+        let mut have: HashSet<ChunkId> = HashSet::new();
+        if let Some(d) = reg.dps.get(dp) {
+            for (p, t) in &d.transfers {
+                if t.state == TransferState::Installed {
+                    for m in lib.manifests(p, t.revision)? {
+                        have.extend(m.chunks.iter().map(|c| c.id));
+                    }
+                }
+            }
+        }
+        let plan = ferry_core::sync::plan::<()>(&manifests, |id| Ok(have.contains(id)))
+            .unwrap_or_default();
+        out.push(Need {
+            dp: dp.clone(),
+            needed_bytes: plan.needed_bytes,
+            full_bytes: plan.full_bytes,
+        });
+    }
+    Ok((rev, out))
+}

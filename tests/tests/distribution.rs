@@ -1,0 +1,455 @@
+//! Distribution to DPs over QUIC, end to end: real site and DP processes on
+//! loopback, real WIMs, real RocksDB libraries on both sides.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_tests::harness::{wait_for, DpProc, SiteProc};
+use ferry_tests::tree::TreeSpec;
+use ferry_tests::wimtools::{self, ServiceSpec};
+
+/// The redistribution bound from the replication issue.
+const MAX_WIRE_OVER_FLOOR: f64 = 1.10;
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (x, y) = (fs::read(a).unwrap(), fs::read(b).unwrap());
+    x.len() == y.len() && blake3::hash(&x) == blake3::hash(&y)
+}
+
+fn id_of(pkg: &serde_json::Value) -> String {
+    pkg["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn two_dps_get_the_image_then_only_the_delta_and_undistribute_frees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TreeSpec {
+        files: 1500,
+        seed: 11,
+        ..TreeSpec::default()
+    };
+    let pair = wimtools::serviced_pair(dir.path(), &spec, "LZX", &ServiceSpec::default()).unwrap();
+    let floor = wimtools::blob_floor(&pair.base, &pair.serviced).unwrap();
+
+    let site = SiteProc::start(dir.path()).unwrap();
+    let mut dp1 = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let mut dp2 = DpProc::start(dir.path(), "dp2", &site).unwrap();
+    let pkg = site.add_image(&pair.base, &[]).unwrap();
+    let id = id_of(&pkg);
+
+    // dp1 directly, dp2 through a group.
+    let dry = site
+        .cli_json(&["distribute", &id, "--dp", "dp1", "--dry-run"])
+        .unwrap();
+    let full = fs::metadata(&pair.base).unwrap().len();
+    assert_eq!(dry["assigned"], false);
+    // An empty DP needs every distinct chunk: what the import stored.
+    let (_, stored) = ferry_tests::harness::stats_of(&pkg);
+    assert_eq!(dry["needs"][0]["needed_bytes"].as_u64().unwrap(), stored);
+    assert_eq!(dry["needs"][0]["full_bytes"].as_u64().unwrap(), full);
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.cli_ok(&["group", "create", "branch"]).unwrap();
+    site.cli_ok(&["distribute", &id, "--group", "branch"])
+        .unwrap();
+    site.cli_ok(&["group", "add", "branch", "dp2"]).unwrap();
+
+    for dp in [&dp1, &dp2] {
+        site.wait_installed(&id, &dp.name, 1, LIMIT).unwrap();
+        let got = dp.content().join(&id).join("base.wim");
+        assert!(
+            same_file(&got, &pair.base),
+            "{} holds a different file",
+            dp.name
+        );
+        wimtools::verify(&got).unwrap();
+    }
+    let dry = site
+        .cli_json(&["distribute", &id, "--dp", "dp1", "--dry-run"])
+        .unwrap();
+    assert_eq!(dry["needs"][0]["needed_bytes"], 0, "dp1 holds it all");
+
+    // Service and refresh: a new revision of the same package.
+    let out = site.cli(&[
+        "content",
+        "refresh",
+        &id,
+        "--source",
+        pair.serviced.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show = site.cli_json(&["image", "show", &id]).unwrap();
+    assert_eq!(show["revisions"].as_array().unwrap().len(), 2);
+    for dp in [&dp1, &dp2] {
+        let row = site.wait_installed(&id, &dp.name, 2, LIMIT).unwrap();
+        let wire = row["wire_bytes"].as_u64().unwrap();
+        let received = row["bytes_done"].as_u64().unwrap();
+        eprintln!(
+            "{}: redistribution received {received} chunk bytes, {wire} bytes at the socket; blob floor {floor} ({:.3}×)",
+            dp.name,
+            wire as f64 / floor as f64
+        );
+        assert!(wire > 0 && received > 0);
+        assert!(
+            wire as f64 <= floor as f64 * MAX_WIRE_OVER_FLOOR,
+            "{}: {wire} wire bytes > {MAX_WIRE_OVER_FLOOR}× floor {floor}",
+            dp.name
+        );
+        // The file at the package's path is now the serviced image.
+        let got = dp.content().join(&id).join("base.wim");
+        assert!(
+            same_file(&got, &pair.serviced),
+            "{} did not move to r2",
+            dp.name
+        );
+        wimtools::verify(&got).unwrap();
+    }
+
+    // Undistribute from dp1: it holds nothing afterwards.
+    let e = site.cli(&["undistribute", &id, "--dp", "dp2"]);
+    assert!(!e.status.success(), "dp2 gets it through a group");
+    assert!(String::from_utf8_lossy(&e.stderr).contains("group branch"));
+    let e = site.cli(&["image", "remove", &id]);
+    assert!(
+        !e.status.success(),
+        "a distributed package cannot be removed"
+    );
+    site.cli_ok(&["undistribute", &id, "--dp", "dp1"]).unwrap();
+    wait_for("dp1 to drop the package", LIMIT, || {
+        Ok(site.row(&id, "dp1")?.is_none().then_some(()))
+    })
+    .unwrap();
+    assert!(!dp1.content().join(&id).exists());
+    dp1.stop().unwrap();
+    let lib = ferry_store::Library::open(&dp1.data.join("library")).unwrap();
+    assert_eq!(
+        lib.stats().chunks,
+        0,
+        "a DP with nothing assigned holds no chunks"
+    );
+    drop(lib);
+    // dp2 still holds it, untouched.
+    assert!(same_file(
+        &dp2.content().join(&id).join("base.wim"),
+        &pair.serviced
+    ));
+    dp2.stop().unwrap();
+}
+
+/// A WIM of `mib` MiB of incompressible data stored uncompressed: big enough
+/// to stop a transfer in the middle.
+fn big_wim(dir: &Path, mib: usize) -> std::path::PathBuf {
+    let tree = dir.join("big-tree");
+    fs::create_dir_all(&tree).unwrap();
+    let mut c = ferry_tests::tree::Content::new(5);
+    for i in 0..mib / 16 {
+        fs::write(tree.join(format!("part{i}.bin")), c.bytes(16 << 20)).unwrap();
+    }
+    let wim = dir.join("big.wim");
+    wimtools::capture(&tree, &wim, "big", "none", &[]).unwrap();
+    wim
+}
+
+#[test]
+fn a_killed_dp_resumes_without_fetching_again_and_waits_for_a_killed_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = big_wim(dir.path(), 128);
+    let mut site = SiteProc::start(dir.path()).unwrap();
+    let mut dp = DpProc::enroll(dir.path(), "dp1", &site).unwrap();
+    // Slow enough to stop it in the middle on any machine.
+    dp.serve_args = vec!["--max-rate".into(), "32M".into()];
+    dp.serve().unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+
+    let progress = |site: &SiteProc, at_least: f64| {
+        wait_for("the transfer to progress", LIMIT, || {
+            let Some(r) = site.row(&id, "dp1")? else {
+                return Ok(None);
+            };
+            let (done, needed) = (
+                r["bytes_done"].as_u64().unwrap_or(0),
+                r["bytes_needed"].as_u64().unwrap_or(0),
+            );
+            assert_ne!(
+                r["state"], "installed",
+                "finished before it could be stopped"
+            );
+            Ok((needed > 0 && done as f64 >= needed as f64 * at_least).then_some((done, needed)))
+        })
+        .unwrap()
+    };
+    let (done_before, full_needed) = progress(&site, 0.3);
+    dp.kill();
+    // Let the site notice the connection is gone before reading its count.
+    std::thread::sleep(Duration::from_millis(500));
+    let served_before_restart = site.dp_row("dp1").unwrap()["served_bytes"]
+        .as_u64()
+        .unwrap();
+    dp.serve().unwrap();
+    // The resumed plan lacks what had arrived.
+    let resumed_needed = wait_for("the resumed plan", LIMIT, || {
+        let r = site.row(&id, "dp1")?.unwrap();
+        let n = r["bytes_needed"].as_u64().unwrap_or(0);
+        Ok((r["state"] == "in-progress" && n > 0 && n < full_needed).then_some(n))
+    })
+    .unwrap();
+    assert!(
+        resumed_needed + done_before <= full_needed,
+        "resumed plan {resumed_needed} + received before {done_before} > {full_needed}: chunks fetched twice"
+    );
+
+    // Now the site dies in the middle; the DP waits and finishes after.
+    progress(&site, 0.3);
+    let served_total = site.dp_row("dp1").unwrap()["served_bytes"]
+        .as_u64()
+        .unwrap();
+    site.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    site.serve().unwrap();
+    let row = site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let got = dp.content().join(&id).join("big.wim");
+    assert!(same_file(&got, &wim));
+    wimtools::verify(&got).unwrap();
+    // Before the site restart: what was sent in all is the first session's
+    // chunks plus the resumed plan's share, not the image twice.
+    assert!(
+        served_total <= served_before_restart + resumed_needed,
+        "site sent {served_total} bytes"
+    );
+    assert!(row["full_bytes"].as_u64().unwrap() >= full_needed);
+    assert!(
+        dp.log_text().contains("lost the site"),
+        "the DP noticed the site was gone"
+    );
+}
+
+#[test]
+fn revoked_dps_used_tokens_and_foreign_cas_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let mut dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    wait_for("dp1 online", LIMIT, || {
+        Ok((site.dp_row("dp1")?["online"] == true).then_some(()))
+    })
+    .unwrap();
+
+    // A used token and an unknown one.
+    let token = site.cli_json(&["dp", "add", "dp2"]).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let init = |data: &str, token: &str, addr: &str| {
+        std::process::Command::new(ferry_tests::harness::ferry_bin())
+            .args(["dp", "init", "--site", addr, "--token", token, "--data"])
+            .arg(dir.path().join(data))
+            .output()
+            .unwrap()
+    };
+    assert!(init("dp2", &token, &site.dp_addr()).status.success());
+    let again = init("dp2-again", &token, &site.dp_addr());
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("unknown or was used"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let forged = token.replacen(&token[7..15], "00000000", 1);
+    assert!(!init("dp2-forged", &forged, &site.dp_addr())
+        .status
+        .success());
+
+    // A token pins the CA: the same token against another site fails before
+    // anything is sent, and the other site's DP cannot talk to this site.
+    let other = SiteProc::start_with(dir.path(), "other", &[]).unwrap();
+    let token3 = site.cli_json(&["dp", "add", "dp3"]).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let wrong = init("dp3", &token3, &other.dp_addr());
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr)
+            .contains("not the one named in the enrollment token"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    let mut foreign = DpProc::enroll(dir.path(), "foreign", &other).unwrap();
+    let cfg = foreign.data.join("dp.toml");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&other.dp_addr(), &site.dp_addr());
+    fs::write(&cfg, text).unwrap();
+    foreign.serve().unwrap();
+    wait_for("the foreign DP to be refused", LIMIT, || {
+        Ok(fs::read_to_string(&site.log)?
+            .contains("DP connection refused in the TLS handshake")
+            .then_some(()))
+    })
+    .unwrap();
+    wait_for("the foreign DP to log the refusal", LIMIT, || {
+        Ok(foreign
+            .log_text()
+            .contains("cannot connect to the site")
+            .then_some(()))
+    })
+    .unwrap();
+    foreign.kill();
+
+    // Revocation closes the live connection and refuses new ones.
+    site.cli_ok(&["dp", "revoke", "dp1"]).unwrap();
+    let row = site.dp_row("dp1").unwrap();
+    assert_eq!(row["enrollment"], "revoked");
+    wait_for("dp1 to log its revocation", LIMIT, || {
+        Ok(dp.log_text().contains("revoked").then_some(()))
+    })
+    .unwrap();
+    wait_for("the site to refuse dp1 again", LIMIT, || {
+        Ok(fs::read_to_string(&site.log)?
+            .contains("was revoked")
+            .then_some(()))
+    })
+    .unwrap();
+    assert_eq!(site.dp_row("dp1").unwrap()["online"], false);
+    dp.kill();
+}
+
+#[test]
+fn tampered_manifests_are_refused_and_corrupted_chunks_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TreeSpec {
+        files: 300,
+        seed: 3,
+        ..TreeSpec::default()
+    };
+    let tree = dir.path().join("tree");
+    ferry_tests::tree::make_tree(&tree, &spec).unwrap();
+    let wim = dir.path().join("small.wim");
+    wimtools::capture(&tree, &wim, "small", "LZX", &[]).unwrap();
+
+    // A site that alters every manifest after signing it.
+    let bad = SiteProc::start_with(
+        dir.path(),
+        "bad-site",
+        &[("FERRY_FAULT_TAMPER_MANIFEST", "1")],
+    )
+    .unwrap();
+    let _dp = DpProc::start(dir.path(), "dp1", &bad).unwrap();
+    let id = id_of(&bad.add_image(&wim, &[]).unwrap());
+    bad.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    let row = wait_for("the DP to refuse the manifest", LIMIT, || {
+        let r = bad.row(&id, "dp1")?;
+        Ok(r.filter(|r| r["state"] == "failed"))
+    })
+    .unwrap();
+    let err = row["error"].as_str().unwrap();
+    assert!(err.contains("not signed by the site"), "{err}");
+    assert!(row["next_retry"].is_string());
+    assert!(!_dp.content().join(&id).exists(), "nothing installed");
+
+    // A site that flips a bit in its first five chunks: the DP asks again.
+    let flaky = SiteProc::start_with(
+        dir.path(),
+        "flaky-site",
+        &[("FERRY_FAULT_CORRUPT_CHUNKS", "5")],
+    )
+    .unwrap();
+    let dp2 = DpProc::start(dir.path(), "dp2", &flaky).unwrap();
+    let id = id_of(&flaky.add_image(&wim, &[]).unwrap());
+    flaky.cli_ok(&["distribute", &id, "--dp", "dp2"]).unwrap();
+    flaky.wait_installed(&id, "dp2", 1, LIMIT).unwrap();
+    assert!(same_file(&dp2.content().join(&id).join("small.wim"), &wim));
+    assert!(dp2
+        .log_text()
+        .contains("chunk failed verification; asking again"));
+}
+
+/// A tmpfs of `mib` MiB mounted at `dir` for the life of the value.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, mib: u64) -> Self {
+        fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test needs root to mount a small tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_dp_disk_fails_with_a_reason_and_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = big_wim(dir.path(), 96);
+    let spec = TreeSpec {
+        files: 100,
+        seed: 5,
+        ..TreeSpec::default()
+    };
+    let tree = dir.path().join("small-tree");
+    ferry_tests::tree::make_tree(&tree, &spec).unwrap();
+    let small = dir.path().join("small.wim");
+    wimtools::capture(&tree, &small, "small", "LZX", &[]).unwrap();
+
+    let site = SiteProc::start(dir.path()).unwrap();
+    let disk_dir = dir.path().join("dpdisk");
+    let _disk = SmallDisk::mount(&disk_dir, 160);
+    let mut dp = DpProc::start(&disk_dir, "dp1", &site).unwrap();
+    let big_id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &big_id, "--dp", "dp1"])
+        .unwrap();
+    let row = wait_for("the DP to report the full disk", LIMIT, || {
+        Ok(site.row(&big_id, "dp1")?.filter(|r| r["state"] == "failed"))
+    })
+    .unwrap();
+    let err = row["error"].as_str().unwrap();
+    assert!(err.contains("not enough space"), "{err}");
+    assert!(row["next_retry"].is_string());
+    let content = dp.content();
+    assert!(!content.join(&big_id).exists(), "no package folder");
+    let partial: Vec<_> = fs::read_dir(content.join(".ferry"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(partial.is_empty(), "no partial rebuild: {partial:?}");
+    // The site lost nothing.
+    let verify = site.cli_json(&["content", "verify"]).unwrap();
+    assert!(verify["damaged"].as_array().unwrap().is_empty());
+
+    // Taking the package away, a package that fits installs.
+    site.cli_ok(&["undistribute", &big_id, "--dp", "dp1"])
+        .unwrap();
+    let small_id = id_of(&site.add_image(&small, &[]).unwrap());
+    site.cli_ok(&["distribute", &small_id, "--dp", "dp1"])
+        .unwrap();
+    site.wait_installed(&small_id, "dp1", 1, LIMIT).unwrap();
+    assert!(same_file(
+        &content.join(&small_id).join("small.wim"),
+        &small
+    ));
+    wait_for("the big package to be forgotten", LIMIT, || {
+        Ok(site.row(&big_id, "dp1")?.is_none().then_some(()))
+    })
+    .unwrap();
+    dp.kill();
+}
