@@ -14,10 +14,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_benches::{cached_wim, casync_new_chunks, mbps, peak_rss, root, timed};
+use ferry_benches::{
+    big_wim, casync_new_chunks, mbps, peak_rss, root, serviced_pair, small_wim, timed,
+};
 use ferry_tests::harness::{stats_of, SiteProc};
-use ferry_tests::tree::TreeSpec;
-use ferry_tests::wimtools::{self, ServiceSpec};
+use ferry_tests::wimtools;
 use serde_json::json;
 
 /// Imports `wim` into a fresh site; returns (time, peak site memory, package JSON).
@@ -68,26 +69,8 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(1);
 
     // --- import throughput, 1 GiB+ WIM -------------------------------------
-    let big = cached_wim(
-        "big",
-        &TreeSpec {
-            files: 16_000,
-            seed: 11,
-            size_scale: 2.5,
-            duplicates: 0.03,
-        },
-        1 << 30,
-    )?;
-    let small = cached_wim(
-        "small",
-        &TreeSpec {
-            files: 4_000,
-            seed: 12,
-            size_scale: 2.5,
-            duplicates: 0.03,
-        },
-        200 << 20,
-    )?;
+    let big = big_wim()?;
+    let small = small_wim()?;
     let big_len = fs::metadata(&big)?.len();
     let small_len = fs::metadata(&small)?.len();
     // Warm the page cache so every tool reads from memory alike.
@@ -151,17 +134,7 @@ fn main() -> anyhow::Result<()> {
 
     // --- bytes stored for base + serviced ----------------------------------
     let pair_dir = root().join("pair");
-    let _ = fs::remove_dir_all(&pair_dir);
-    let pair = wimtools::serviced_pair(
-        &pair_dir,
-        &TreeSpec {
-            files: 3000,
-            seed: 21,
-            ..TreeSpec::default()
-        },
-        "LZX",
-        &ServiceSpec::default(),
-    )?;
+    let pair = serviced_pair(&pair_dir)?;
     let rebuilt = pair_dir.join("rebuilt.wim");
     fs::copy(&pair.serviced, &rebuilt)?;
     wimtools::optimize(&rebuilt)?;

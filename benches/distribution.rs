@@ -21,10 +21,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_benches::{cached_wim, casync_new_chunks, mbps, peak_rss, root, timed};
+use ferry_benches::{
+    big_wim, casync_new_chunks, mbps, peak_rss, root, serviced_pair, small_wim, timed,
+};
 use ferry_tests::harness::{free_port, wait_for, DpProc, SiteProc};
-use ferry_tests::tree::TreeSpec;
-use ferry_tests::wimtools::{self, ServiceSpec};
+use ferry_tests::wimtools;
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(1800);
@@ -163,16 +164,7 @@ fn main() -> anyhow::Result<()> {
     let mut results = serde_json::Map::new();
 
     // --- 1. initial distribution of a 1 GiB+ WIM --------------------------
-    let big = cached_wim(
-        "big",
-        &TreeSpec {
-            files: 16_000,
-            seed: 11,
-            size_scale: 2.5,
-            duplicates: 0.03,
-        },
-        1 << 30,
-    )?;
+    let big = big_wim()?;
     let big_len = fs::metadata(&big)?.len();
     let work = tempfile::tempdir_in(root())?;
     let (_rsyncd, rport) = rsync_daemon(big.parent().context("folder")?, work.path())?;
@@ -225,17 +217,7 @@ fn main() -> anyhow::Result<()> {
 
     // --- 2. redistribution after servicing --------------------------------
     let pair_dir = root().join("dist-pair");
-    let _ = fs::remove_dir_all(&pair_dir);
-    let pair = wimtools::serviced_pair(
-        &pair_dir,
-        &TreeSpec {
-            files: 3000,
-            seed: 21,
-            ..TreeSpec::default()
-        },
-        "LZX",
-        &ServiceSpec::default(),
-    )?;
+    let pair = serviced_pair(&pair_dir)?;
     let floor = wimtools::blob_floor(&pair.base, &pair.serviced)?;
     let new_len = fs::metadata(&pair.serviced)?.len();
     let work = tempfile::tempdir_in(root())?;
@@ -297,16 +279,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     // --- 3. fan-out to 10 DPs ----------------------------------------------
-    let small = cached_wim(
-        "small",
-        &TreeSpec {
-            files: 4_000,
-            seed: 12,
-            size_scale: 2.5,
-            duplicates: 0.03,
-        },
-        200 << 20,
-    )?;
+    let small = small_wim()?;
     let small_len = fs::metadata(&small)?.len();
     let work = tempfile::tempdir_in(root())?;
     let site = SiteProc::start(work.path())?;

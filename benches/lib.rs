@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_tests::tree::{make_tree, TreeSpec};
-use ferry_tests::wimtools;
+use ferry_tests::wimtools::{self, ServiceSpec, ServicedPair};
 
 /// Where fixtures and results go: `$CARGO_TARGET_DIR/ferry-bench`.
 pub fn root() -> PathBuf {
@@ -122,4 +122,48 @@ pub fn casync_new_chunks(base: &Path, new: &Path) -> anyhow::Result<u64> {
             .arg(new),
     )?;
     Ok(dir_bytes(&store) - before)
+}
+
+/// The benches' serviced pair (3,000 files, LZX, default servicing), made
+/// afresh in `dir`.
+pub fn serviced_pair(dir: &Path) -> anyhow::Result<ServicedPair> {
+    let _ = fs::remove_dir_all(dir);
+    wimtools::serviced_pair(
+        dir,
+        &TreeSpec {
+            files: 3000,
+            seed: 21,
+            ..TreeSpec::default()
+        },
+        "LZX",
+        &ServiceSpec::default(),
+    )
+}
+
+/// The ≥ 1 GiB WIM (16,000 files, LZX), made once and cached.
+pub fn big_wim() -> anyhow::Result<PathBuf> {
+    cached_wim(
+        "big",
+        &TreeSpec {
+            files: 16_000,
+            seed: 11,
+            size_scale: 2.5,
+            duplicates: 0.03,
+        },
+        1 << 30,
+    )
+}
+
+/// The ≥ 200 MiB WIM (4,000 files, LZX), made once and cached.
+pub fn small_wim() -> anyhow::Result<PathBuf> {
+    cached_wim(
+        "small",
+        &TreeSpec {
+            files: 4_000,
+            seed: 12,
+            size_scale: 2.5,
+            duplicates: 0.03,
+        },
+        200 << 20,
+    )
 }

@@ -56,6 +56,26 @@ pub fn wait_for<T>(
     }
 }
 
+/// Kills a child at once (SIGKILL), as a crash would, and reaps it.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Stops a child gracefully (SIGTERM) and waits for it.
+fn stop(child: &mut Option<Child>) -> anyhow::Result<()> {
+    if let Some(mut c) = child.take() {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()?;
+        c.wait()?;
+    }
+    Ok(())
+}
+
 /// A site server process with its own data folder.
 pub struct SiteProc {
     /// The data folder.
@@ -172,22 +192,12 @@ impl SiteProc {
 
     /// Kills the server at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Stops the server gracefully (SIGTERM) and waits for it.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        if let Some(mut c) = self.child.take() {
-            Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status()?;
-            c.wait()?;
-        }
-        Ok(())
+        stop(&mut self.child)
     }
 
     /// The server's process id.
@@ -398,22 +408,12 @@ impl DpProc {
 
     /// Kills the agent at once (SIGKILL).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Stops the agent gracefully (SIGTERM) and waits for it.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        if let Some(mut c) = self.child.take() {
-            Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status()?;
-            c.wait()?;
-        }
-        Ok(())
+        stop(&mut self.child)
     }
 
     /// The agent's process id.

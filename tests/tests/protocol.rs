@@ -8,7 +8,6 @@ use std::time::Duration;
 use ferry_tests::harness::{DpProc, SiteProc};
 use ferry_wire::pb::{self, reply, request, Code};
 use ferry_wire::{read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES, MAX_STREAMS};
-use tokio::io::AsyncWriteExt;
 
 /// A connection with the enrolled DP's certificate from `data`.
 async fn connect_as(data: &Path, site: &str) -> quinn::Connection {

@@ -279,6 +279,10 @@ impl DpAgent {
                 if desired_rx.has_changed().unwrap_or(false) {
                     break;
                 }
+                if !safe_package_id(&a.package) {
+                    warn!(package = %a.package, "assignment with an unusable package id ignored");
+                    continue;
+                }
                 let key = (a.package.clone(), a.revision);
                 if content::installed(&self.content, &a.package) == Some(a.revision) {
                     if told_installed.insert(key) {
@@ -501,7 +505,17 @@ impl DpAgent {
             a.revision,
         );
         let built = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            content::install(&lib, &dir, &package, revision, &manifests)?;
+            if let Err(e) = content::install(&lib, &dir, &package, revision, &manifests) {
+                // Chunks that cannot be read back or do not add up: forget
+                // the revision so the next attempt fetches it again.
+                if matches!(
+                    e,
+                    content::ContentError::Store(_) | content::ContentError::Mismatch { .. }
+                ) {
+                    let _ = lib.remove_revision(&package, revision);
+                }
+                return Err(e.into());
+            }
             for old in lib.revisions(&package)? {
                 if old != revision {
                     lib.remove_revision(&package, old)?;
@@ -540,10 +554,7 @@ impl DpAgent {
         };
         write_frame(&mut send, &req).await?;
         let _ = send.finish();
-        let signed = match read_frame::<pb::Reply>(&mut recv, MAX_REPLY_BYTES)
-            .await?
-            .and_then(|r| r.kind)
-        {
+        let signed = match reply(&mut recv).await?.and_then(|r| r.kind) {
             Some(reply::Kind::Manifest(m)) => m,
             Some(reply::Kind::Error(e)) => bail!("the site refused the manifest: {}", e.message),
             _ => bail!("the site answered the manifest request with something else"),
@@ -611,10 +622,7 @@ async fn fetch(
     let _ = send.finish();
     let mut out = Vec::with_capacity(batch.len());
     for c in &batch {
-        match read_frame::<pb::Reply>(&mut recv, MAX_REPLY_BYTES)
-            .await?
-            .and_then(|r| r.kind)
-        {
+        match reply(&mut recv).await?.and_then(|r| r.kind) {
             Some(reply::Kind::Chunk(ch)) if ch.id.as_ref() == c.id.as_bytes() => {
                 out.push((*c, ch.data))
             }
@@ -638,6 +646,25 @@ async fn fetch(
 fn available_space(path: &Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(path)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Reads one reply frame, giving up after [`ferry_wire::REPLY_TIMEOUT`].
+async fn reply(recv: &mut quinn::RecvStream) -> anyhow::Result<Option<pb::Reply>> {
+    match tokio::time::timeout(
+        ferry_wire::REPLY_TIMEOUT,
+        read_frame::<pb::Reply>(recv, MAX_REPLY_BYTES),
+    )
+    .await
+    {
+        Ok(r) => Ok(r?),
+        Err(_) => bail!("the site sent nothing for {:?}", ferry_wire::REPLY_TIMEOUT),
+    }
+}
+
+/// Whether a package id from the site can name a folder: letters and
+/// digits only (site code and number, `FRY00001`).
+fn safe_package_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 fn report(a: &pb::Assignment, state: pb::State) -> pb::Report {

@@ -108,9 +108,10 @@ impl DpServer {
                 return;
             }
         };
-        let who = match ferry_net::tls::peer_cert(&conn) {
+        let cert_fp = ferry_net::tls::peer_cert(&conn).map(|c| fingerprint(&c));
+        let who = match &cert_fp {
             None => None,
-            Some(cert) => match self.hub.identify(&fingerprint(&cert)) {
+            Some(fp) => match self.hub.identify(fp) {
                 Ok(name) => Some(name),
                 Err(reason) => {
                     warn!(%remote, %reason, "DP connection refused");
@@ -135,6 +136,15 @@ impl DpServer {
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
+                        // Checked again per stream: a DP revoked while
+                        // connected gets nothing more on any connection.
+                        if let Some(fp) = &cert_fp {
+                            if let Err(reason) = self.hub.identify(fp) {
+                                warn!(%reason, "DP connection refused");
+                                conn.close(CLOSE_REVOKED.into(), reason.as_bytes());
+                                break;
+                            }
+                        }
                         let me = self.clone();
                         let who = who.clone();
                         tokio::spawn(
@@ -162,7 +172,20 @@ impl DpServer {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let req: pb::Request = match read_frame(&mut recv, MAX_REQUEST_BYTES).await {
+        let max = if who.is_some() {
+            MAX_REQUEST_BYTES
+        } else {
+            ferry_wire::MAX_ENROLL_BYTES
+        };
+        let read = tokio::time::timeout(ferry_wire::REQUEST_TIMEOUT, read_frame(&mut recv, max))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ferry_wire::WireError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the time limit",
+                )))
+            });
+        let req: pb::Request = match read {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
@@ -342,6 +365,16 @@ impl DpServer {
     }
 
     fn on_report(&self, dp: &str, r: pb::Report) {
+        let reg = self.hub.snapshot();
+        let known = reg.assigned(dp).contains(&r.package)
+            || reg
+                .dps
+                .get(dp)
+                .is_some_and(|d| d.transfers.contains_key(&r.package));
+        if !known {
+            debug!(package = %r.package, "report about a package this DP neither holds nor is assigned; ignored");
+            return;
+        }
         let state = match pb::State::try_from(r.state) {
             Ok(pb::State::Pending) => TransferState::Pending,
             Ok(pb::State::InProgress) => TransferState::InProgress,
@@ -374,8 +407,9 @@ impl DpServer {
         }
         let updated = now();
         let next_retry = (state == TransferState::Failed).then(|| {
-            let at = time::OffsetDateTime::now_utc()
-                + time::Duration::seconds(i64::try_from(r.retry_in_secs).unwrap_or(0));
+            // A DP retries within minutes; clamp what it claims.
+            let secs = r.retry_in_secs.min(86_400) as i64;
+            let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
             at.format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default()
         });

@@ -98,6 +98,16 @@ pub enum StoreError {
     /// No such package.
     #[error("no package {0} in the content library")]
     NoPackage(String),
+    /// The revision was committed already (by a concurrent import).
+    #[error(
+        "{package} revision {revision} exists already (another import committed it); try again"
+    )]
+    RevisionExists {
+        /// The package.
+        package: String,
+        /// The revision.
+        revision: u32,
+    },
 }
 
 impl StoreError {
@@ -112,6 +122,7 @@ impl StoreError {
                     | rocksdb::ErrorKind::TryAgain
                     | rocksdb::ErrorKind::TimedOut
             ),
+            StoreError::RevisionExists { .. } => true,
             _ => false,
         }
     }
@@ -880,6 +891,13 @@ impl Import<'_> {
         }
 
         let _counts = lib.counts.lock().unwrap_or_else(|p| p.into_inner());
+        // Committing a revision twice would count its references twice.
+        if !lib.manifests(package, revision)?.is_empty() {
+            return Err(StoreError::RevisionExists {
+                package: package.to_string(),
+                revision,
+            });
+        }
         for (id, n) in adds {
             let (count, len) = lib.chunk_info(&id)?.ok_or(StoreError::MissingChunk(id))?;
             if count == 0 {

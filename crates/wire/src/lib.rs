@@ -29,6 +29,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame a DP may send (requests, reports): a `GetChunks` of
 /// [`MAX_BATCH_CHUNKS`] ids fits many times over.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Largest frame on a connection without a DP certificate (enrollment).
+pub const MAX_ENROLL_BYTES: usize = 16 << 10;
+/// How long the site waits for a stream's request frame.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a DP waits for each reply frame.
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest frame the site may send (a manifest set; a chunk is far smaller).
 pub const MAX_REPLY_BYTES: usize = 64 << 20;
 /// Most chunk ids one `GetChunks` may name.
@@ -109,8 +115,10 @@ pub async fn read_frame<M: Message + Default>(
     if len > max {
         return Err(WireError::Oversized { len, max });
     }
-    let mut buf = vec![0u8; len];
-    let got = read_full(r, &mut buf).await?;
+    // Grow with what arrives, so a peer announcing a large frame and
+    // sending nothing holds no memory.
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    let got = r.take(len as u64).read_to_end(&mut buf).await?;
     if got < len {
         return Err(WireError::Truncated { got, want: len });
     }
