@@ -79,16 +79,19 @@ step "Offline servicing done on a copy (wimupdate); ferry content refresh $base 
 wait_installed "$base" 2
 step "ferry status $base: the delta each DP received beside the full image"
 "$ferry" status "$base"
-"$ferry" image show "$base" | sed -n '1,12p'
+"$ferry" image show "$base" | sed -n '1,16p'
 
 step "Redistribution on the wire, beside the blob floor and the image size"
-"$ferry" status "$base" --json | python3 -c '
+"$ferry" status "$base" --json > "$work/status.json"
+python3 - "$work/status.json" "$work/fixture.json" <<'PY'
 import json, sys
-floor = json.load(open(sys.argv[1]))["blob_floor"]
-for r in json.load(sys.stdin):
-    print(f"{r[\"dp\"]}: {r[\"wire_bytes\"]:>12,} bytes at the socket, {r[\"bytes_done\"]:>12,} chunk bytes;"
-          f" blob floor {floor:,} ({r[\"wire_bytes\"]/floor:.3f}x); full image {r[\"full_bytes\"]:,}"
-          f" ({r[\"wire_bytes\"]*100/r[\"full_bytes\"]:.1f}%)")' "$work/fixture.json"
+rows = json.load(open(sys.argv[1]))
+floor = json.load(open(sys.argv[2]))["blob_floor"]
+for r in rows:
+    wire, got, full = r["wire_bytes"], r["bytes_done"], r["full_bytes"]
+    print(f"{r['dp']}: {wire:>11,} bytes at the DP's socket ({got:,} chunk bytes) = "
+          f"{wire / floor:.3f}x the blob floor ({floor:,}), {wire * 100 / full:.1f}% of the image ({full:,})")
+PY
 
 step "Each DP's copy, compared with the serviced image"
 for dp in dp1 dp2; do
