@@ -254,16 +254,21 @@ impl DpAgent {
                 .map(|a| (a.package.clone(), a.revision))
                 .collect();
 
-            // Packages no longer assigned go first: that frees space.
+            // Packages no longer assigned go first: that frees space. A
+            // failed removal is tried again like a failed transfer.
+            let mut removal_failed = false;
             for (package, revision) in content::holdings(&self.content) {
                 if !wanted.contains_key(&package) {
-                    self.remove(&package, revision, &reports).await;
+                    removal_failed |= !self.remove(&package, revision, &reports).await;
                 }
             }
             for package in self.library_packages()? {
                 if !wanted.contains_key(&package) {
-                    self.remove(&package, 0, &reports).await;
+                    removal_failed |= !self.remove(&package, 0, &reports).await;
                 }
+            }
+            if removal_failed {
+                retry_at = Some(Instant::now() + backoff(2));
             }
             for stage in self.lib.stages()? {
                 let keep = stage
@@ -286,6 +291,12 @@ impl DpAgent {
                 let key = (a.package.clone(), a.revision);
                 if content::installed(&self.content, &a.package) == Some(a.revision) {
                     if told_installed.insert(key) {
+                        // Revisions left behind by an interrupted switch.
+                        for old in self.lib.revisions(&a.package)? {
+                            if old != a.revision {
+                                self.lib.remove_revision(&a.package, old)?;
+                            }
+                        }
                         let _ = reports.send(report(a, pb::State::Installed));
                     }
                     continue;
@@ -370,7 +381,7 @@ impl DpAgent {
         package: &str,
         revision: u32,
         reports: &mpsc::UnboundedSender<pb::Report>,
-    ) {
+    ) -> bool {
         let a = pb::Assignment {
             package: package.to_string(),
             revision,
@@ -393,14 +404,19 @@ impl DpAgent {
             Ok(Ok(freed)) => {
                 info!(%package, freed_bytes = freed, "package removed");
                 let _ = reports.send(report(&a, pb::State::Removed));
+                true
             }
             Ok(Err(e)) => {
                 let mut r = report(&a, pb::State::Failed);
                 r.error = format!("cannot remove {package}: {e:#}");
                 warn!(%package, error = %r.error, "removal failed");
                 let _ = reports.send(r);
+                false
             }
-            Err(e) => warn!(%package, error = %e, "removal task failed"),
+            Err(e) => {
+                warn!(%package, error = %e, "removal task failed");
+                false
+            }
         }
     }
 
