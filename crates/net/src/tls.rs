@@ -82,43 +82,9 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    // Search past Ethernet's 1452 bytes: on loopback and jumbo-frame LANs
-    // bigger datagrams mean fewer headers and far fewer packets to process;
-    // elsewhere the probes are lost and the path MTU stays.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     // 20 s fits a u32 of milliseconds; the conversion cannot fail.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     Arc::new(t)
-}
-
-/// Largest UDP payload Ferry sends or accepts (MTU discovery finds what
-/// the path carries).
-pub const MAX_UDP_PAYLOAD: u16 = 65_527;
-
-/// Endpoint settings both sides use: accept datagrams up to
-/// [`MAX_UDP_PAYLOAD`].
-pub fn endpoint_config() -> quinn::EndpointConfig {
-    let mut c = quinn::EndpointConfig::default();
-    // 65 527 is within quinn's accepted range; the call cannot fail.
-    let _ = c.max_udp_payload_size(MAX_UDP_PAYLOAD);
-    c
-}
-
-/// A QUIC endpoint on `addr` with [`endpoint_config`]; a server when
-/// `server` is given.
-pub fn endpoint(
-    addr: std::net::SocketAddr,
-    server: Option<quinn::ServerConfig>,
-) -> std::io::Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    quinn::Endpoint::new(
-        endpoint_config(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
 }
 
 /// How often an idle connection is pinged.
