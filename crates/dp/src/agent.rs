@@ -691,3 +691,16 @@ fn report(a: &pb::Assignment, state: pb::State) -> pb::Report {
         ..pb::Report::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_package_ids_name_folders() {
+        assert!(safe_package_id("FRY00001"));
+        for bad in ["", "../x", "a/b", ".ferry", "FRY 1", &"A".repeat(33)] {
+            assert!(!safe_package_id(bad), "{bad:?}");
+        }
+    }
+}

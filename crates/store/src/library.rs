@@ -1059,6 +1059,26 @@ mod tests {
     }
 
     #[test]
+    fn a_revision_commits_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(dir.path()).unwrap();
+        let a = data(100_000, 9);
+        import(&lib, "A", &a);
+        let again = lib.begin_import();
+        let m = lib.manifests("A", 1).unwrap();
+        let e = again
+            .commit("A", 1, &m, |_| Ok(b"{}".to_vec()))
+            .unwrap_err();
+        assert!(
+            matches!(e, StoreError::RevisionExists { revision: 1, .. }),
+            "{e}"
+        );
+        assert!(e.is_retryable());
+        // One reference, not two: removing the package frees the chunks.
+        assert_eq!(lib.remove_package("A").unwrap().freed_bytes, 100_000);
+    }
+
+    #[test]
     fn removal_waits_for_no_import_before_deleting() {
         let dir = tempfile::tempdir().unwrap();
         let lib = Library::open(dir.path()).unwrap();
