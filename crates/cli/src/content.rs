@@ -26,14 +26,19 @@ pub(crate) enum ContentCmd {
         /// Revision (default: the latest).
         #[arg(long)]
         revision: Option<u32>,
+        /// The file inside the package (upgrade packages hold many; default:
+        /// the first).
+        #[arg(long)]
+        path: Option<String>,
     },
     /// Re-hash stored chunks and report damaged ones (all packages, or one).
     Verify {
         /// Package id; the whole library when omitted.
         id: Option<String>,
     },
-    /// Re-read a package's source (or a new file) into a new revision; every
-    /// DP holding the package moves to it, receiving only what it lacks.
+    /// Re-read a package's source (or a new file or setup folder) into a new
+    /// revision; every DP holding the package moves to it, receiving only
+    /// what it lacks.
     Refresh {
         /// Package id.
         id: String,
@@ -46,7 +51,12 @@ pub(crate) enum ContentCmd {
 pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
     match cmd {
-        ContentCmd::Export { id, out, revision } => export(&client, g, &id, &out, revision).await,
+        ContentCmd::Export {
+            id,
+            out,
+            revision,
+            path,
+        } => export(&client, g, &id, &out, revision, path.as_deref()).await,
         ContentCmd::Refresh { id, source } => {
             let source =
                 match source {
@@ -110,10 +120,14 @@ async fn export(
     id: &str,
     out: &PathBuf,
     revision: Option<u32>,
+    path: Option<&str>,
 ) -> anyhow::Result<()> {
     let mut req = client.request(Method::GET, &format!("/content/{id}/file"));
     if let Some(r) = revision {
         req = req.query(&[("revision", r)]);
+    }
+    if let Some(p) = path {
+        req = req.query(&[("path", p)]);
     }
     let resp = client.send(req).await?;
     let expected = resp

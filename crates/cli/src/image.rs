@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_site::api::ImportEvent;
-use ferry_site::catalog::{PackageSummary, PackageView, SourceState};
+use ferry_site::catalog::{PackageKind, PackageSummary, PackageView, SourceState};
 use ferry_site::images::{ImportRequest, RemoveView};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -47,6 +47,20 @@ pub(crate) enum ImageCmd {
         /// Package id.
         id: String,
     },
+    /// Updates from the catalog for this image: applicable, applied,
+    /// superseded.
+    Updates {
+        /// Package id.
+        id: String,
+    },
+    /// Apply updates to Ferry's copy of the image, as a new revision (a
+    /// servicing job; now, at a time, or on a cron schedule).
+    Service(crate::service::ServiceArgs),
+    /// Which updates were applied to the image, when, by which job, and how.
+    History {
+        /// Package id.
+        id: String,
+    },
 }
 
 pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
@@ -59,66 +73,87 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
             comment,
             index,
         } => add(&client, g, path, name, version, comment, index).await,
-        ImageCmd::List => {
-            let list: Vec<PackageSummary> =
-                client.json(client.request(Method::GET, "/images")).await?;
-            if g.json {
-                return print_json(&list);
-            }
-            if list.is_empty() {
-                println!("no images yet; add one with `ferry image add PATH`");
-                return Ok(());
-            }
-            let mut t = table(&[
-                "ID",
-                "NAME",
-                "VERSION",
-                "REV",
-                "IMAGES",
-                "SIZE",
-                "NEWLY STORED",
-                "CREATED",
-            ]);
-            for p in &list {
-                t.add_row(vec![
-                    p.id.clone(),
-                    p.name.clone(),
-                    p.version.clone(),
-                    p.revision.to_string(),
-                    p.image_count.to_string(),
-                    bytes(p.size),
-                    bytes(p.new_bytes),
-                    p.created.clone(),
-                ]);
-            }
-            println!("{t}");
-            Ok(())
-        }
-        ImageCmd::Show { id } => {
-            let view: PackageView = client
-                .json(client.request(Method::GET, &format!("/images/{id}")))
-                .await?;
-            if g.json {
-                return print_json(&view);
-            }
-            print_view(&view);
-            Ok(())
-        }
-        ImageCmd::Remove { id } => {
-            let r: RemoveView = client
-                .json(client.request(Method::DELETE, &format!("/images/{id}")))
-                .await?;
-            if g.json {
-                return print_json(&r);
-            }
-            println!(
-                "removed {id}; freed {} chunks ({})",
-                r.freed_chunks,
-                bytes(r.freed_bytes)
-            );
-            Ok(())
-        }
+        ImageCmd::List => list(&client, g, PackageKind::Image).await,
+        ImageCmd::Show { id } => show(&client, g, &id).await,
+        ImageCmd::Remove { id } => remove(&client, g, &id).await,
+        ImageCmd::Updates { id } => crate::service::updates(&client, g, &id).await,
+        ImageCmd::Service(a) => crate::service::service(&client, g, a).await,
+        ImageCmd::History { id } => crate::service::history(&client, g, &id).await,
     }
+}
+
+/// `image list` / `upgrade list`: the packages of one kind.
+pub(crate) async fn list(client: &Client, g: &Global, kind: PackageKind) -> anyhow::Result<()> {
+    let list: Vec<PackageSummary> = client.json(client.request(Method::GET, "/images")).await?;
+    let list: Vec<PackageSummary> = list.into_iter().filter(|p| p.kind == kind).collect();
+    if g.json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        match kind {
+            PackageKind::Image => println!("no images yet; add one with `ferry image add PATH`"),
+            PackageKind::Upgrade => println!(
+                "no upgrade packages yet; add one with `ferry upgrade add DIR --name NAME`"
+            ),
+        }
+        return Ok(());
+    }
+    let mut t = table(&[
+        "ID",
+        "NAME",
+        "VERSION",
+        "REV",
+        "RELEASED",
+        "IMAGES",
+        "FILES",
+        "SIZE",
+        "NEWLY STORED",
+        "CREATED",
+    ]);
+    for p in &list {
+        t.add_row(vec![
+            p.id.clone(),
+            p.name.clone(),
+            p.version.clone(),
+            p.revision.to_string(),
+            p.released.to_string(),
+            p.image_count.to_string(),
+            p.file_count.to_string(),
+            bytes(p.size),
+            bytes(p.new_bytes),
+            p.created.clone(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// `image show` / `upgrade show`.
+pub(crate) async fn show(client: &Client, g: &Global, id: &str) -> anyhow::Result<()> {
+    let view: PackageView = client
+        .json(client.request(Method::GET, &format!("/images/{id}")))
+        .await?;
+    if g.json {
+        return print_json(&view);
+    }
+    print_view(&view);
+    Ok(())
+}
+
+/// `image remove` / `upgrade remove`.
+pub(crate) async fn remove(client: &Client, g: &Global, id: &str) -> anyhow::Result<()> {
+    let r: RemoveView = client
+        .json(client.request(Method::DELETE, &format!("/images/{id}")))
+        .await?;
+    if g.json {
+        return print_json(&r);
+    }
+    println!(
+        "removed {id}; freed {} chunks ({})",
+        r.freed_chunks,
+        bytes(r.freed_bytes)
+    );
+    Ok(())
 }
 
 async fn add(
@@ -215,7 +250,7 @@ pub(crate) async fn follow_import(
 
 fn print_view(v: &PackageView) {
     let r = &v.record;
-    println!("{}  {}", r.id, r.name);
+    println!("{}  {}  ({})", r.id, r.name, r.kind.noun());
     println!(
         "  version     {}",
         if r.version.is_empty() {
@@ -239,8 +274,51 @@ fn print_view(v: &PackageView) {
         SourceState::Changed => "CHANGED since import (not picked up; import again to use it)",
         SourceState::Missing => "missing",
         SourceState::NotChecked => "not checked",
+        SourceState::Serviced => "made by Ferry's servicing",
     };
-    println!("  revision    {} of {}", rev.revision, r.revisions.len());
+    if !r.architecture.is_empty() || !r.language.is_empty() {
+        println!("  arch/lang   {} {}", r.architecture, r.language);
+    }
+    println!(
+        "  revision    {} (revisions kept: {})",
+        rev.revision,
+        r.revisions
+            .iter()
+            .map(|x| x.revision.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(t) = r.target() {
+        if t != rev.revision {
+            println!(
+                "  released    revision {t} goes to DPs; `ferry distribute {}` sends revision {}",
+                r.id, rev.revision
+            );
+        }
+    }
+    if let Some(sv) = &rev.service {
+        println!(
+            "  serviced    by job {} from revision {}: applied {}{}",
+            sv.job,
+            sv.base_revision,
+            if sv.applied.is_empty() {
+                "nothing".to_string()
+            } else {
+                sv.applied.join(", ")
+            },
+            if sv.failed.is_empty() {
+                String::new()
+            } else {
+                format!("; failed {}", sv.failed.join(", "))
+            }
+        );
+        if let Some((before, after)) = sv.optimized {
+            println!("  optimized   {} → {}", bytes(before), bytes(after));
+        }
+    }
+    for w in &rev.warnings {
+        println!("  warning     {w}");
+    }
     println!("  source      {} ({state})", rev.source.path);
     println!("  source hash {}", rev.source.hash);
     if let Some(i) = rev.exported_index {
@@ -253,12 +331,19 @@ fn print_view(v: &PackageView) {
         bytes(u64::from(rev.wim.chunk_size)),
         rev.wim.boot_index
     );
-    for f in &rev.files {
+    const SHOWN_FILES: usize = 20;
+    for f in rev.files.iter().take(SHOWN_FILES) {
         println!(
             "  file        {} {} blake3 {}",
             f.path,
             bytes(f.size),
             f.hash
+        );
+    }
+    if rev.files.len() > SHOWN_FILES {
+        println!(
+            "  …           {} more files (`--json` lists them all)",
+            rev.files.len() - SHOWN_FILES
         );
     }
     let st = rev.stats;

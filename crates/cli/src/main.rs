@@ -11,7 +11,10 @@ mod dp;
 mod group;
 mod image;
 mod output;
+mod service;
 mod site;
+mod update;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +67,14 @@ enum Command {
     Undistribute(distribute::Targets),
     /// Where every package stands on every DP.
     Status(distribute::StatusCmd),
+    /// The catalog of software updates for offline servicing.
+    #[command(subcommand)]
+    Update(update::UpdateCmd),
+    /// OS upgrade packages: Windows setup folders.
+    #[command(subcommand)]
+    Upgrade(upgrade::UpgradeCmd),
+    /// Servicing jobs: list them, show, wait for or cancel one.
+    Jobs(service::JobsCmd),
 }
 
 /// Options every operator command shares.
@@ -109,6 +120,9 @@ fn main() -> ExitCode {
             Command::Distribute(cmd) => distribute::distribute(cmd, &global).await,
             Command::Undistribute(t) => distribute::undistribute(t, &global).await,
             Command::Status(cmd) => distribute::status(cmd, &global).await,
+            Command::Update(cmd) => update::run(cmd, &global).await,
+            Command::Upgrade(cmd) => upgrade::run(cmd, &global).await,
+            Command::Jobs(cmd) => service::jobs(cmd, &global).await,
         }
     });
     match result {

@@ -294,7 +294,7 @@ impl DpAgent {
                         // Revisions left behind by an interrupted switch.
                         for old in self.lib.revisions(&a.package)? {
                             if old != a.revision {
-                                self.lib.remove_revision(&a.package, old)?;
+                                self.lib.remove_revision(&a.package, old, None)?;
                             }
                         }
                         let _ = reports.send(report(a, pb::State::Installed));
@@ -528,13 +528,13 @@ impl DpAgent {
                     e,
                     content::ContentError::Store(_) | content::ContentError::Mismatch { .. }
                 ) {
-                    let _ = lib.remove_revision(&package, revision);
+                    let _ = lib.remove_revision(&package, revision, None);
                 }
                 return Err(e.into());
             }
             for old in lib.revisions(&package)? {
                 if old != revision {
-                    lib.remove_revision(&package, old)?;
+                    lib.remove_revision(&package, old, None)?;
                 }
             }
             Ok(())

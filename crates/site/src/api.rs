@@ -19,6 +19,16 @@
 //! | POST | `/api/v1/distribute` | `DistributeRequest` → `DistributeReply` |
 //! | POST | `/api/v1/undistribute` | `DistributeRequest` |
 //! | GET | `/api/v1/status?package=&dp=` | `[StatusRow]` |
+//! | GET | `/api/v1/updates` | `[UpdateRecord]` |
+//! | POST | `/api/v1/updates` | `UpdateImportRequest` → `UpdateRecord` |
+//! | GET | `/api/v1/updates/{id}` | `UpdateRecord` |
+//! | GET | `/api/v1/images/{id}/updates` | `UpdatesView` |
+//! | GET | `/api/v1/images/{id}/history` | `HistoryView` |
+//! | POST | `/api/v1/images/{id}/service` | `ServiceRequest` → `JobRecord` |
+//! | GET | `/api/v1/jobs?package=` | `[JobRecord]` |
+//! | GET | `/api/v1/jobs/{n}` | `JobRecord` |
+//! | POST | `/api/v1/jobs/{n}/cancel` | `JobRecord` |
+//! | POST | `/api/v1/upgrades` | `UpgradeRequest` → NDJSON `ImportEvent`s |
 //!
 //! Errors answer `{"error": "..."}` with 4xx for bad input, 5xx for site
 //! failures.
@@ -39,8 +49,11 @@ use tokio::sync::mpsc;
 
 use crate::catalog::PackageView;
 use crate::images::{self, ImageError, ImportRequest, Progress};
+use crate::jobs::{JobError, Jobs, ServiceRequest};
 use crate::registry::{Hub, HubError};
 use crate::status;
+use crate::updates::UpdateError;
+use crate::upgrade::UpgradeRequest;
 
 /// Header carrying the exported file's whole-file BLAKE3.
 pub const HASH_HEADER: &str = "x-ferry-blake3";
@@ -171,6 +184,22 @@ pub struct ApiState {
     pub site_code: String,
     /// BLAKE3 of the operator token (compared in constant time).
     pub token_hash: blake3::Hash,
+    /// Servicing jobs.
+    pub jobs: Arc<Jobs>,
+}
+
+/// Body of `POST /api/v1/updates`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateImportRequest {
+    /// Absolute path of the update folder or archive on the site server.
+    pub path: PathBuf,
+}
+
+/// Query of `GET /api/v1/jobs`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct JobsQuery {
+    /// Only this package's jobs.
+    pub package: Option<String>,
 }
 
 /// An error answer.
@@ -225,6 +254,50 @@ impl From<HubError> for ApiError {
     }
 }
 
+impl From<UpdateError> for ApiError {
+    fn from(e: UpdateError) -> Self {
+        let status = match &e {
+            UpdateError::Unknown(_) => StatusCode::NOT_FOUND,
+            UpdateError::Exists { .. } => StatusCode::CONFLICT,
+            e if e.is_input() => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        let status = match &e {
+            JobError::NoJob(_) => StatusCode::NOT_FOUND,
+            JobError::Started { .. } => StatusCode::CONFLICT,
+            JobError::Bad(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            JobError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A refusal caused by the operator's input.
+fn unprocessable(message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        message,
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -257,6 +330,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/distribute", post(distribute))
         .route("/undistribute", post(undistribute))
         .route("/status", get(status_rows))
+        .route("/updates", get(list_updates).post(import_update))
+        .route("/updates/{id}", get(show_update))
+        .route("/images/{id}/updates", get(image_updates))
+        .route("/images/{id}/history", get(image_history))
+        .route("/images/{id}/service", post(service_image))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/{n}", get(show_job))
+        .route("/jobs/{n}/cancel", post(cancel_job))
+        .route("/upgrades", post(add_upgrade))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES));
     Router::new()
@@ -318,6 +400,15 @@ async fn remove_image(
             ),
         });
     }
+    let pending = s.jobs.pending_for(&id);
+    if !pending.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "{id} has servicing job(s) {pending:?} scheduled or running: `ferry jobs cancel N` first"
+            ),
+        });
+    }
     let lib = s.lib.clone();
     let out = blocking(move || {
         let r = images::remove(&lib, &id)?;
@@ -353,13 +444,41 @@ async fn refresh_image(
     let last = rec
         .latest()
         .ok_or_else(|| internal(format!("{id} has no revision")))?;
+    if rec.kind == crate::catalog::PackageKind::Upgrade {
+        let source = match (r.source, &last.service) {
+            (Some(p), _) => p,
+            (None, None) => PathBuf::from(&last.source.path),
+            (None, Some(_)) => {
+                return Err(unprocessable(format!(
+                    "{id} revision {} was made by servicing; give the setup folder to refresh from with --source",
+                    last.revision
+                )))
+            }
+        };
+        let req = UpgradeRequest {
+            path: source,
+            package: Some(id),
+            ..UpgradeRequest::default()
+        };
+        return import_stream(s, req.path.clone(), move |lib, data, site, progress| {
+            crate::upgrade::import(lib, data, site, &req, progress)
+        });
+    }
+    if last.service.is_some() && r.source.is_none() {
+        return Err(unprocessable(format!(
+            "{id} revision {} was made by servicing; give the file to refresh from with --source",
+            last.revision
+        )));
+    }
     let req = ImportRequest {
         path: r.source.unwrap_or_else(|| PathBuf::from(&last.source.path)),
         index: last.exported_index,
         package: Some(id),
         ..ImportRequest::default()
     };
-    import_stream(s, req)
+    import_stream(s, req.path.clone(), move |lib, data, site, progress| {
+        images::import(lib, data, site, &req, progress)
+    })
 }
 
 async fn add_image(
@@ -372,27 +491,62 @@ async fn add_image(
             message: "a new revision goes through /images/{id}/refresh".into(),
         });
     }
-    import_stream(s, req)
+    import_stream(s, req.path.clone(), move |lib, data, site, progress| {
+        images::import(lib, data, site, &req, progress)
+    })
 }
 
-/// Imports on a blocking thread, streaming progress as NDJSON.
-fn import_stream(s: ApiState, req: ImportRequest) -> Result<Response, ApiError> {
-    if !req.path.is_absolute() {
-        return Err(ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            message: format!(
-                "{}: the path must be absolute (the CLI makes it so)",
-                req.path.display()
-            ),
-        });
+async fn add_upgrade(
+    State(s): State<ApiState>,
+    Json(req): Json<UpgradeRequest>,
+) -> Result<Response, ApiError> {
+    if req.package.is_some() {
+        return Err(unprocessable(
+            "a new revision goes through /images/{id}/refresh".into(),
+        ));
     }
+    import_stream(s, req.path.clone(), move |lib, data, site, progress| {
+        crate::upgrade::import(lib, data, site, &req, progress)
+    })
+}
+
+/// The blocking half of an import: library, data folder, site code, and a
+/// progress callback.
+type ImportFn = dyn FnOnce(
+        &Library,
+        &std::path::Path,
+        &str,
+        &mut dyn FnMut(Progress),
+    ) -> Result<PackageView, ImageError>
+    + Send;
+
+/// Imports on a blocking thread, streaming progress as NDJSON.
+fn import_stream(
+    s: ApiState,
+    path: PathBuf,
+    work: impl FnOnce(
+            &Library,
+            &std::path::Path,
+            &str,
+            &mut dyn FnMut(Progress),
+        ) -> Result<PackageView, ImageError>
+        + Send
+        + 'static,
+) -> Result<Response, ApiError> {
+    if !path.is_absolute() {
+        return Err(unprocessable(format!(
+            "{}: the path must be absolute (the CLI makes it so)",
+            path.display()
+        )));
+    }
+    let work: Box<ImportFn> = Box::new(work);
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let lib = s.lib.clone();
     tokio::task::spawn_blocking(move || {
-        let span = tracing::info_span!("import", path = %req.path.display());
+        let span = tracing::info_span!("import", path = %path.display());
         let _g = span.enter();
         let mut last_percent = u64::MAX;
-        let result = images::import(&lib, &s.data, &s.site_code, &req, |p| {
+        let result = work(&lib, &s.data, &s.site_code, &mut |p: Progress| {
             let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
             if percent != last_percent {
                 last_percent = percent;
@@ -404,9 +558,10 @@ fn import_stream(s: ApiState, req: ImportRequest) -> Result<Response, ApiError> 
             Ok(view) => {
                 let st = view.record.latest().map(|r| r.stats).unwrap_or_default();
                 tracing::info!(package = %view.record.id, revision = view.record.latest().map_or(1, |r| r.revision), new_bytes = st.new_bytes, logical = st.logical_bytes, "image imported");
-                if req.package.is_some() {
+                if view.record.revisions.len() > 1 {
                     // DPs holding the package move to the new revision.
                     s.hub.notify();
+                    let _ = images::prune(&lib, &s.hub.snapshot(), &view.record.id);
                 }
                 ImportEvent::Done {
                     package: Box::new(view),
@@ -555,6 +710,12 @@ async fn distribute(
     Json(req): Json<DistributeRequest>,
 ) -> Result<Response, ApiError> {
     let dps = reached(&s, &req)?;
+    if !req.dry_run {
+        // Distributing sends the newest revision, here and to every DP that
+        // holds the package already.
+        let (lib, package) = (s.lib.clone(), req.package.clone());
+        blocking(move || images::release_latest(&lib, &package)).await?;
+    }
     let (lib, reg, package) = (s.lib.clone(), s.hub.snapshot(), req.package.clone());
     let (revision, needs) = blocking(move || status::needs(&reg, &lib, &package, &dps)).await?;
     if !req.dry_run {
@@ -593,4 +754,96 @@ async fn status_rows(
     let rows =
         blocking(move || status::rows(&hub, &lib, q.package.as_deref(), q.dp.as_deref())).await?;
     Ok(Json(rows).into_response())
+}
+
+async fn list_updates(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let data = s.data.clone();
+    let list = tokio::task::spawn_blocking(move || crate::updates::list(&data))
+        .await
+        .map_err(internal)??;
+    Ok(Json(list).into_response())
+}
+
+async fn show_update(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(crate::updates::read(&s.data, &id)?).into_response())
+}
+
+async fn import_update(
+    State(s): State<ApiState>,
+    Json(req): Json<UpdateImportRequest>,
+) -> Result<Response, ApiError> {
+    if !req.path.is_absolute() {
+        return Err(unprocessable(format!(
+            "{}: the path must be absolute (the CLI makes it so)",
+            req.path.display()
+        )));
+    }
+    let data = s.data.clone();
+    let rec = tokio::task::spawn_blocking(move || crate::updates::import(&data, &req.path))
+        .await
+        .map_err(internal)??;
+    tracing::info!(update = %rec.manifest.id, "update imported into the catalog");
+    Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+async fn image_updates(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (lib, data) = (s.lib.clone(), s.data.clone());
+    let view = blocking(move || {
+        images::record(&lib, &id)?;
+        Ok(crate::service::image_updates(&lib, &data, &id))
+    })
+    .await?
+    .map_err(unprocessable)?;
+    Ok(Json(view).into_response())
+}
+
+async fn image_history(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (lib, jobs) = (s.lib.clone(), s.jobs.list(None));
+    let view = blocking(move || {
+        images::record(&lib, &id)?;
+        Ok(crate::service::history(&lib, &jobs, &id))
+    })
+    .await?
+    .map_err(unprocessable)?;
+    Ok(Json(view).into_response())
+}
+
+async fn service_image(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Json(req): Json<ServiceRequest>,
+) -> Result<Response, ApiError> {
+    let (lib, data, pkg, r) = (s.lib.clone(), s.data.clone(), id.clone(), req.clone());
+    blocking(move || {
+        images::record(&lib, &pkg)?;
+        Ok(crate::service::check(&lib, &data, &pkg, &r))
+    })
+    .await?
+    .map_err(unprocessable)?;
+    let job = s.jobs.create(&id, req)?;
+    tracing::info!(job = job.id, package = %id, next_run = ?job.next_run, "servicing job created");
+    Ok((StatusCode::CREATED, Json(job)).into_response())
+}
+
+async fn list_jobs(State(s): State<ApiState>, Query(q): Query<JobsQuery>) -> Response {
+    Json(s.jobs.list(q.package.as_deref())).into_response()
+}
+
+async fn show_job(State(s): State<ApiState>, Path(n): Path<u64>) -> Result<Response, ApiError> {
+    Ok(Json(s.jobs.get(n)?).into_response())
+}
+
+async fn cancel_job(State(s): State<ApiState>, Path(n): Path<u64>) -> Result<Response, ApiError> {
+    let job = s.jobs.cancel(n)?;
+    tracing::info!(job = n, "servicing job cancelled");
+    Ok(Json(job).into_response())
 }

@@ -11,7 +11,22 @@ use serde::{Deserialize, Serialize};
 pub enum PackageKind {
     /// One WIM file.
     Image,
+    /// A Windows setup folder (`setup.exe`, `sources/install.wim`, …).
+    Upgrade,
 }
+
+impl PackageKind {
+    /// How operators call it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            PackageKind::Image => "image",
+            PackageKind::Upgrade => "upgrade package",
+        }
+    }
+}
+
+/// Where a package's serviceable WIM is in an upgrade package.
+pub const INSTALL_WIM: &str = "sources/install.wim";
 
 /// A package as stored in the catalog (JSON in `CF_PACKAGES`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +45,17 @@ pub struct PackageRecord {
     pub created: String,
     /// Its revisions, oldest first.
     pub revisions: Vec<RevisionRecord>,
+    /// The revision DPs receive; `None` means the newest. A serviced
+    /// revision made without `--distribute` leaves this on the old one until
+    /// `ferry distribute` sends the newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<u32>,
+    /// Upgrade packages: the architecture, for clients that pre-cache.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub architecture: String,
+    /// Upgrade packages: the language, for clients that pre-cache.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub language: String,
 }
 
 /// One revision: one import of the content.
@@ -51,6 +77,32 @@ pub struct RevisionRecord {
     pub files: Vec<FileRecord>,
     /// What the import did to the library.
     pub stats: ImportStats,
+    /// Set when Ferry made this revision by servicing an earlier one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRecord>,
+    /// What the import warned about (missing `setup.exe`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// How a serviced revision was made.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// The job that made it.
+    pub job: u64,
+    /// The revision it was made from.
+    pub base_revision: u32,
+    /// Updates applied by that job, in order.
+    pub applied: Vec<String>,
+    /// Every update Ferry applied to reach this revision: those of the
+    /// revision it was made from, then `applied`.
+    pub all_applied: Vec<String>,
+    /// Updates that failed (with `--continue-on-error`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
+    /// With `--optimize`: bytes of the WIM before and after the rebuild.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimized: Option<(u64, u64)>,
 }
 
 /// The source of an import, to detect later changes.
@@ -106,6 +158,8 @@ pub enum SourceState {
     Missing,
     /// The package has no revision to compare.
     NotChecked,
+    /// The latest revision was made by Ferry's servicing: no outside source.
+    Serviced,
 }
 
 /// A package as `image list` shows it.
@@ -113,6 +167,12 @@ pub enum SourceState {
 pub struct PackageSummary {
     /// Package id.
     pub id: String,
+    /// Image or upgrade package.
+    pub kind: PackageKind,
+    /// The revision DPs receive.
+    pub released: u32,
+    /// Files in the latest revision.
+    pub file_count: usize,
     /// Name.
     pub name: String,
     /// Version.
@@ -145,11 +205,50 @@ impl PackageRecord {
         self.revisions.last()
     }
 
+    /// The revision DPs should hold.
+    pub fn target(&self) -> Option<u32> {
+        let latest = self.latest()?.revision;
+        Some(match self.released {
+            Some(r) if self.revision(r).is_some() => r,
+            _ => latest,
+        })
+    }
+
+    /// One revision by number.
+    pub fn revision(&self, number: u32) -> Option<&RevisionRecord> {
+        self.revisions.iter().find(|r| r.revision == number)
+    }
+
+    /// The path of the WIM servicing works on in `rev`: the only file of an
+    /// image, `sources/install.wim` of an upgrade package (any case).
+    pub fn wim_path<'r>(&self, rev: &'r RevisionRecord) -> Option<&'r str> {
+        match self.kind {
+            PackageKind::Image => rev.files.first().map(|f| f.path.as_str()),
+            PackageKind::Upgrade => rev
+                .files
+                .iter()
+                .find(|f| f.path.eq_ignore_ascii_case(INSTALL_WIM))
+                .map(|f| f.path.as_str()),
+        }
+    }
+
+    /// Updates Ferry applied to reach revision `number`, oldest first. A
+    /// revision imported from outside has none.
+    pub fn applied_updates(&self, number: u32) -> Vec<String> {
+        self.revision(number)
+            .and_then(|r| r.service.as_ref())
+            .map(|s| s.all_applied.clone())
+            .unwrap_or_default()
+    }
+
     /// The list row for this package.
     pub fn summary(&self) -> PackageSummary {
         let latest = self.latest();
         PackageSummary {
             id: self.id.clone(),
+            kind: self.kind,
+            released: self.target().unwrap_or(0),
+            file_count: latest.map_or(0, |r| r.files.len()),
             name: self.name.clone(),
             version: self.version.clone(),
             revision: latest.map_or(0, |r| r.revision),

@@ -286,7 +286,7 @@ impl DpServer {
         write_frame(send, &reply).await
     }
 
-    /// The assignment set of `dp`: each assigned package at its latest
+    /// The assignment set of `dp`: each assigned package at its released
     /// revision.
     fn assignments(&self, dp: &str) -> pb::Assignments {
         let reg = self.hub.snapshot();
@@ -295,7 +295,7 @@ impl DpServer {
             .into_iter()
             .filter_map(|p| {
                 let rec = images::record(&self.lib, &p).ok()?;
-                let rev = rec.latest()?.revision;
+                let rev = rec.target()?;
                 Some(pb::Assignment {
                     package: p,
                     revision: rev,
@@ -425,8 +425,18 @@ impl DpServer {
             started: None,
             updated,
         };
+        let package = r.package.clone();
         if let Err(e) = self.hub.report(dp, &r.package, Some(t)) {
             warn!(error = %e, "cannot record the DP's report");
+        }
+        if state == TransferState::Installed {
+            // An old revision may be unused by every DP now.
+            let (lib, hub) = (self.lib.clone(), self.hub.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = images::prune(&lib, &hub.snapshot(), &package) {
+                    warn!(package = %package, error = %e, "cannot remove unused revisions");
+                }
+            });
         }
     }
 

@@ -134,7 +134,7 @@ pub struct Progress {
     pub total: u64,
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(0)
         .unwrap_or(now)
@@ -159,7 +159,7 @@ fn decode_record(id: &str, bytes: &[u8]) -> Result<PackageRecord, ImageError> {
 }
 
 /// Checks the path the way an operator would want it explained.
-fn check_source(path: &Path) -> Result<std::fs::Metadata, ImageError> {
+pub(crate) fn check_source(path: &Path) -> Result<std::fs::Metadata, ImageError> {
     let err = |reason: String| ImageError::Source {
         path: path.display().to_string(),
         reason,
@@ -243,20 +243,6 @@ pub fn import(
     let images = wim.images();
     drop(wim);
 
-    let file = File::open(file_path).map_err(|e| ImageError::Source {
-        path: file_path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let layout = Layout::read(&mut reader, file_len).map_err(|e| not_wim(e.to_string()))?;
-    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(|e| {
-        ImageError::Source {
-            path: shown.clone(),
-            reason: e.to_string(),
-        }
-    })?;
-
     // A new revision keeps the package's file name, whatever the new
     // source is called: task sequences refer to it.
     let kept_name = existing
@@ -273,27 +259,14 @@ pub fn import(
     });
 
     let mut import = lib.begin_import();
-    let manifest = ingest(
-        &mut import,
-        &mut reader,
-        &layout.segments,
-        &file_name,
-        |done| {
-            progress(Progress {
-                done,
-                total: file_len,
-            })
-        },
-    );
-    let manifest = match manifest {
+    let manifest = match ingest_path(&mut import, file_path, &file_name, true, &shown, |p| {
+        progress(p)
+    }) {
         Ok(m) => m,
-        Err(source) => {
+        Err(e) => {
             drop(import);
             lib.try_collect()?;
-            return Err(ImageError::Ingest {
-                path: shown,
-                source,
-            });
+            return Err(e);
         }
     };
 
@@ -335,6 +308,8 @@ pub fn import(
             hash: manifest.hash,
         }],
         stats: ImportStats::default(),
+        service: None,
+        warnings: Vec::new(),
     };
     let mut record = match existing {
         Some(mut rec) => {
@@ -346,6 +321,8 @@ pub fn import(
             if let Some(v) = &req.version {
                 rec.version = v.clone();
             }
+            // A refresh is an update of the DPs: they get the new revision.
+            rec.released = None;
             rec
         }
         None => {
@@ -369,6 +346,9 @@ pub fn import(
                 comment: req.comment.clone().unwrap_or_default(),
                 created,
                 revisions: vec![revision],
+                released: None,
+                architecture: String::new(),
+                language: String::new(),
             }
         }
     };
@@ -394,7 +374,54 @@ pub fn import(
     })
 }
 
-fn import_stats(c: &ferry_store::CommitStats, segments: u64) -> ImportStats {
+/// Reads the file at `path` into `import` as `name`: a WIM cut at its
+/// resources (`as_wim`), anything else by content-defined chunking.
+/// `shown` names the file in errors.
+pub(crate) fn ingest_path(
+    import: &mut ferry_store::Import<'_>,
+    path: &Path,
+    name: &str,
+    as_wim: bool,
+    shown: &str,
+    mut progress: impl FnMut(Progress),
+) -> Result<Manifest, ImageError> {
+    let source = |e: std::io::Error| ImageError::Source {
+        path: shown.to_string(),
+        reason: e.to_string(),
+    };
+    let file = File::open(path).map_err(source)?;
+    let file_len = file.metadata().map_err(source)?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let segments = if as_wim {
+        let layout = Layout::read(&mut reader, file_len).map_err(|e| ImageError::NotWim {
+            path: shown.to_string(),
+            reason: e.to_string(),
+        })?;
+        std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(source)?;
+        layout.segments
+    } else if file_len == 0 {
+        Vec::new()
+    } else {
+        vec![ferry_core::Segment {
+            offset: 0,
+            len: file_len,
+            kind: ferry_core::SegmentKind::Data,
+            split: ferry_core::Split::Cdc,
+        }]
+    };
+    ingest(import, &mut reader, &segments, name, |done| {
+        progress(Progress {
+            done,
+            total: file_len,
+        })
+    })
+    .map_err(|source| ImageError::Ingest {
+        path: shown.to_string(),
+        source,
+    })
+}
+
+pub(crate) fn import_stats(c: &ferry_store::CommitStats, segments: u64) -> ImportStats {
     ImportStats {
         logical_bytes: c.logical_bytes,
         chunks: c.chunks,
@@ -405,7 +432,7 @@ fn import_stats(c: &ferry_store::CommitStats, segments: u64) -> ImportStats {
     }
 }
 
-fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
     let mut h = blake3::Hasher::new();
     h.update_reader(File::open(path)?)?;
     Ok(h.finalize())
@@ -416,13 +443,25 @@ pub fn source_state(record: &PackageRecord) -> SourceState {
     let Some(rev) = record.latest() else {
         return SourceState::NotChecked;
     };
-    match std::fs::metadata(&rev.source.path) {
-        Err(_) => SourceState::Missing,
-        Ok(m) if m.len() == rev.source.size && modified_ns(&m) == rev.source.modified_ns => {
-            SourceState::Unchanged
+    if rev.service.is_some() {
+        return SourceState::Serviced;
+    }
+    let now = match record.kind {
+        PackageKind::Image => {
+            std::fs::metadata(&rev.source.path).map(|m| (m.len(), modified_ns(&m)))
         }
+        PackageKind::Upgrade => crate::upgrade::folder_stamp(Path::new(&rev.source.path)),
+    };
+    match now {
+        Err(_) => SourceState::Missing,
+        Ok(stamp) if stamp == (rev.source.size, rev.source.modified_ns) => SourceState::Unchanged,
         Ok(_) => SourceState::Changed,
     }
+}
+
+/// Modification time of a file, nanoseconds since the Unix epoch.
+pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    modified_ns(meta)
 }
 
 /// Every package, in id order.
@@ -578,4 +617,68 @@ pub fn verify(lib: &Library, id: Option<&str>) -> Result<VerifyReport, ImageErro
         })
         .collect();
     Ok(report)
+}
+
+/// Removes the revisions of `id` no DP uses any more: every one but the
+/// newest and the released one. While a DP that holds the package has not
+/// installed the released revision, nothing goes: it may still serve an
+/// older one to its clients. Returns the revisions removed.
+pub fn prune(
+    lib: &Library,
+    reg: &crate::registry::Registry,
+    id: &str,
+) -> Result<Vec<u32>, ImageError> {
+    let mut rec = record(lib, id)?;
+    let (Some(latest), Some(target)) = (rec.latest().map(|r| r.revision), rec.target()) else {
+        return Ok(Vec::new());
+    };
+    for dp in reg.holders(id) {
+        let settled = reg
+            .dps
+            .get(&dp)
+            .and_then(|d| d.transfers.get(id))
+            .is_none_or(|t| {
+                t.state == crate::registry::TransferState::Installed && t.revision == target
+            });
+        if !settled {
+            return Ok(Vec::new());
+        }
+    }
+    let old: Vec<u32> = rec
+        .revisions
+        .iter()
+        .map(|r| r.revision)
+        .filter(|&r| r != latest && r != target)
+        .collect();
+    for &r in &old {
+        rec.revisions.retain(|x| x.revision != r);
+        let json = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
+            what: format!("catalog record of {id}"),
+            detail: e.to_string(),
+        })?;
+        lib.remove_revision(id, r, Some(&json))?;
+        tracing::info!(package = %id, revision = r, "old revision removed: no DP uses it");
+    }
+    Ok(old)
+}
+
+/// Makes the newest revision of `id` the one DPs receive (what
+/// `ferry distribute` does); returns it.
+pub fn release_latest(lib: &Library, id: &str) -> Result<u32, ImageError> {
+    let rec = record(lib, id)?;
+    let latest = rec.latest().map_or(0, |r| r.revision);
+    if rec.released.is_some() {
+        lib.update_package(id, |bytes| {
+            let mut rec = decode_record(id, bytes).map_err(|e| StoreError::Corrupt {
+                what: format!("catalog record of {id}"),
+                detail: e.to_string(),
+            })?;
+            rec.released = None;
+            serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
+                what: format!("catalog record of {id}"),
+                detail: e.to_string(),
+            })
+        })?;
+    }
+    Ok(latest)
 }

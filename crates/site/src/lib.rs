@@ -17,8 +17,12 @@ pub mod config;
 pub mod endpoint;
 pub mod images;
 pub mod ingest;
+pub mod jobs;
 pub mod registry;
+pub mod service;
 pub mod status;
+pub mod updates;
+pub mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -96,6 +100,19 @@ fn ensure_keys(data: &Path, site_code: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `value` as JSON to `path` whole or not at all: a synced temporary
+/// file in the same folder, renamed over it.
+pub(crate) fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let body = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    tmp.write_all(&body)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 fn read_file(path: &Path, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the {what} {}", path.display()))
@@ -123,6 +140,7 @@ pub struct Site {
     token: String,
     lib: Arc<Library>,
     hub: Arc<registry::Hub>,
+    jobs: Arc<jobs::Jobs>,
 }
 
 impl Site {
@@ -134,12 +152,16 @@ impl Site {
             .with_context(|| format!("cannot open the content library of the site in {} (is another `ferry site serve` running on it?)", data.display()))?;
         ensure_keys(data, &config.site_code)?;
         let hub = registry::Hub::load(data)?;
+        let jobs = jobs::Jobs::load(data)?;
+        // Work files a stopped site left behind (exports, job copies).
+        let _ = std::fs::remove_dir_all(images::work_dir(data));
         Ok(Self {
             data: data.to_path_buf(),
             config,
             token,
             lib: Arc::new(lib),
             hub: Arc::new(hub),
+            jobs: Arc::new(jobs),
         })
     }
 
@@ -198,12 +220,27 @@ impl Site {
                 )
             })?;
         let endpoint = self.start_dp_endpoint()?;
+        let (lib, data, hub) = (self.lib.clone(), self.data.clone(), self.hub.clone());
+        tokio::spawn(self.jobs.clone().scheduler(move |job| {
+            let mut run = service::run(&lib, &data, job);
+            if run.revision.is_some() {
+                if run.distributed {
+                    hub.notify();
+                }
+                match images::prune(&lib, &hub.snapshot(), &job.package) {
+                    Ok(pruned) => run.pruned = pruned,
+                    Err(e) => tracing::warn!(package = %job.package, error = %e, "cannot remove unused revisions"),
+                }
+            }
+            run
+        }));
         let state = api::ApiState {
             hub: self.hub.clone(),
             lib: self.lib.clone(),
             data: self.data.clone(),
             site_code: self.config.site_code.clone(),
             token_hash: blake3::hash(self.token.as_bytes()),
+            jobs: self.jobs.clone(),
         };
         tracing::info!(%listen, data = %self.data.display(), "site serving the operator API");
         axum::serve(listener, api::router(state))

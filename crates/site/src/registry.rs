@@ -9,7 +9,6 @@
 //! connected DPs, and what is only true while the site runs (who is online).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -265,20 +264,10 @@ impl Hub {
     }
 
     fn save(&self, reg: &Registry) -> Result<(), HubError> {
-        let err = |e: std::io::Error| HubError::Storage {
+        crate::save_json(&self.path, reg).map_err(|e| HubError::Storage {
             path: self.path.clone(),
             detail: e.to_string(),
-        };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
-        let body = serde_json::to_vec_pretty(reg).map_err(|e| HubError::Storage {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })?;
-        tmp.write_all(&body).map_err(err)?;
-        tmp.as_file().sync_all().map_err(err)?;
-        tmp.persist(&self.path).map_err(|e| err(e.error))?;
-        Ok(())
+        })
     }
 
     /// Runs `f` on a copy of the registry and keeps the result only if it

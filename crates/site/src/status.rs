@@ -133,7 +133,7 @@ pub fn rows(
             let rec = images::record(lib, &p).ok();
             let want = assigned
                 .contains(&p)
-                .then(|| rec.as_ref().and_then(|r| r.latest()).map(|r| r.revision))
+                .then(|| rec.as_ref().and_then(|r| r.target()))
                 .flatten();
             let t = d.transfers.get(&p);
             let mut row = StatusRow {

@@ -685,6 +685,25 @@ impl Library {
             .and_then(|v| parse_index(&v)))
     }
 
+    /// Rewrites a package's catalog record with `f` (given the stored
+    /// bytes), synced, serialised with commits and removals.
+    pub fn update_package(
+        &self,
+        package: &str,
+        f: impl FnOnce(&[u8]) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<(), StoreError> {
+        let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self
+            .package(package)?
+            .ok_or_else(|| StoreError::NoPackage(package.to_string()))?;
+        let new = f(&old)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_PACKAGES), package.as_bytes(), new);
+        self.db
+            .write_opt(batch, &Self::synced())
+            .map_err(|e| self.db_err(e))
+    }
+
     /// Deletes a package: its record, every revision's manifests, and one
     /// reference per manifest entry. Chunks left unreferenced are freed at
     /// once when no import runs, else by the next [`Library::collect`].
@@ -693,13 +712,19 @@ impl Library {
             return Err(StoreError::NoPackage(package.to_string()));
         }
         let revs = self.revisions(package)?;
-        self.remove_revisions(package, &revs, true)
+        self.remove_revisions(package, &revs, true, None)
     }
 
     /// Deletes one revision's manifests and their references, keeping the
-    /// package record and its other revisions.
-    pub fn remove_revision(&self, package: &str, revision: u32) -> Result<RemoveStats, StoreError> {
-        self.remove_revisions(package, &[revision], false)
+    /// package and its other revisions. With `record`, the package's catalog
+    /// record is replaced in the same write (to drop the revision from it).
+    pub fn remove_revision(
+        &self,
+        package: &str,
+        revision: u32,
+        record: Option<&[u8]>,
+    ) -> Result<RemoveStats, StoreError> {
+        self.remove_revisions(package, &[revision], false, record)
     }
 
     fn remove_revisions(
@@ -707,10 +732,14 @@ impl Library {
         package: &str,
         revisions: &[u32],
         record_too: bool,
+        new_record: Option<&[u8]>,
     ) -> Result<RemoveStats, StoreError> {
         let mut batch = WriteBatch::default();
         if record_too {
             batch.delete_cf(self.cf(CF_PACKAGES), package.as_bytes());
+        }
+        if let Some(r) = new_record {
+            batch.put_cf(self.cf(CF_PACKAGES), package.as_bytes(), r);
         }
         {
             let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -1052,7 +1081,9 @@ mod tests {
         let lib = Library::open(dir.path()).unwrap();
         assert!(lib.has_chunk(&id).unwrap());
         assert_eq!(
-            lib.remove_revision("FRY00001", 3).unwrap().freed_bytes,
+            lib.remove_revision("FRY00001", 3, None)
+                .unwrap()
+                .freed_bytes,
             300_000
         );
         assert!(lib.package("FRY00001").unwrap().is_some(), "record kept");

@@ -15,4 +15,4 @@ pub mod layout;
 pub mod wimlib;
 
 pub use layout::{BlobEntry, Header, Layout, LayoutError, ResHdr};
-pub use wimlib::{ImageInfo, Wim, WimError, WimInfo};
+pub use wimlib::{ImageInfo, UpdateCmd, Wim, WimError, WimInfo};

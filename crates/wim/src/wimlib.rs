@@ -32,7 +32,7 @@ pub struct WimError {
 }
 
 /// Facts about a whole WIM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WimInfo {
     /// Number of images.
     pub image_count: u32,
@@ -150,9 +150,48 @@ pub fn arch_name(code: &str) -> String {
     }
 }
 
+/// One change to an image, as wimlib's update commands express it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpdateCmd {
+    /// Adds the file at `source` (on the local file system) at `target`
+    /// inside the image, replacing a file already there and creating missing
+    /// parent folders.
+    Add {
+        /// The file to add.
+        source: PathBuf,
+        /// Its path inside the image (`/`-separated).
+        target: String,
+    },
+    /// Deletes `path` (a file, or a folder with everything below it) from
+    /// the image; an error if it does not exist.
+    Delete {
+        /// The path inside the image.
+        path: String,
+    },
+}
+
+impl UpdateCmd {
+    fn describe(&self) -> String {
+        match self {
+            UpdateCmd::Add { target, .. } => format!("add /{}", target.trim_start_matches('/')),
+            UpdateCmd::Delete { path } => format!("delete /{}", path.trim_start_matches('/')),
+        }
+    }
+}
+
 impl Wim {
     /// Opens a WIM read-only. wimlib checks the header, blob table and XML.
     pub fn open(path: &Path) -> Result<Self, WimError> {
+        Self::open_with(path, 0)
+    }
+
+    /// Opens a WIM for [`Wim::update_image`] and [`Wim::overwrite`]: only
+    /// ever on a file Ferry made for itself.
+    pub fn open_for_update(path: &Path) -> Result<Self, WimError> {
+        Self::open_with(path, sys::WIMLIB_OPEN_FLAG_WRITE_ACCESS as c_int)
+    }
+
+    fn open_with(path: &Path, flags: c_int) -> Result<Self, WimError> {
         init();
         let c = cstring_path(path)?;
         let mut raw = ptr::null_mut();
@@ -160,7 +199,7 @@ impl Wim {
         let code = unsafe {
             sys::wimlib_open_wim(
                 c.as_ptr(),
-                sys::WIMLIB_OPEN_FLAG_ERROR_IF_SPLIT as c_int,
+                sys::WIMLIB_OPEN_FLAG_ERROR_IF_SPLIT as c_int | flags,
                 &mut raw,
             )
         };
@@ -275,6 +314,132 @@ impl Wim {
         check(code, "verify", &self.path)
     }
 
+    /// Applies `cmds` to image `index` (1-based) in memory, all or nothing:
+    /// wimlib rolls every command back when one fails. The change reaches
+    /// the file at the next [`Wim::overwrite`].
+    pub fn update_image(&mut self, index: u32, cmds: &[UpdateCmd]) -> Result<(), WimError> {
+        let op = format!("update image {index} of");
+        let mut strings = Vec::with_capacity(cmds.len() * 2);
+        let text = |s: &str, what: &str| {
+            CString::new(s).map_err(|_| WimError {
+                op: op.clone(),
+                path: self.path.display().to_string(),
+                code: -1,
+                message: format!("{what} contains a NUL byte"),
+            })
+        };
+        // wimlib takes mutable C strings; they live in `strings` until the
+        // call returns.
+        let mut raw_cmds = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            // SAFETY: an all-zero update command is valid (op ADD, null
+            // pointers, zero flags); the fields are set below.
+            let mut c: sys::wimlib_update_command = unsafe { std::mem::zeroed() };
+            match cmd {
+                UpdateCmd::Add { source, target } => {
+                    let mut src = cstring_path(source)?.into_bytes_with_nul();
+                    let mut dst = text(&format!("/{}", target.trim_start_matches('/')), "a path")?
+                        .into_bytes_with_nul();
+                    c.op = sys::wimlib_update_op_WIMLIB_UPDATE_OP_ADD;
+                    c.__bindgen_anon_1.add = sys::wimlib_add_command {
+                        fs_source_path: src.as_mut_ptr().cast(),
+                        wim_target_path: dst.as_mut_ptr().cast(),
+                        config_file: ptr::null_mut(),
+                        add_flags: 0,
+                    };
+                    strings.push(src);
+                    strings.push(dst);
+                }
+                UpdateCmd::Delete { path } => {
+                    let mut p = text(&format!("/{}", path.trim_start_matches('/')), "a path")?
+                        .into_bytes_with_nul();
+                    c.op = sys::wimlib_update_op_WIMLIB_UPDATE_OP_DELETE;
+                    c.__bindgen_anon_1.delete_ = sys::wimlib_delete_command {
+                        wim_path: p.as_mut_ptr().cast(),
+                        delete_flags: sys::WIMLIB_DELETE_FLAG_RECURSIVE as c_int,
+                    };
+                    strings.push(p);
+                }
+            }
+            raw_cmds.push(c);
+        }
+        // SAFETY: live WIMStruct opened with write access; `raw_cmds` points
+        // into `strings`, which outlives the call (Vec<u8> buffers do not
+        // move when the outer Vec grows).
+        let code = unsafe {
+            sys::wimlib_update_image(
+                self.raw.as_ptr(),
+                index as c_int,
+                raw_cmds.as_ptr(),
+                raw_cmds.len(),
+                0,
+            )
+        };
+        drop(strings);
+        if code != 0 {
+            // wimlib does not say which path was missing; find out, so the
+            // operator reads the path rather than a bare error code.
+            let mut message = error_message(code);
+            if code == sys::wimlib_error_code_WIMLIB_ERR_PATH_DOES_NOT_EXIST as c_int {
+                let missing: Vec<String> = cmds
+                    .iter()
+                    .filter_map(|c| match c {
+                        UpdateCmd::Delete { path } if !self.exists(index, path) => {
+                            Some(c.describe())
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if !missing.is_empty() {
+                    message = format!("{message}: {}", missing.join(", "));
+                }
+            }
+            return Err(WimError {
+                op,
+                path: self.path.display().to_string(),
+                code,
+                message,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `path` exists in image `index`.
+    pub fn exists(&mut self, index: u32, path: &str) -> bool {
+        let Ok(c) = CString::new(format!("/{}", path.trim_start_matches('/'))) else {
+            return false;
+        };
+        // SAFETY: live WIMStruct, valid C string; with no flags wimlib calls
+        // the callback for the path itself only, and the callback touches
+        // nothing.
+        let code = unsafe {
+            sys::wimlib_iterate_dir_tree(
+                self.raw.as_ptr(),
+                index as c_int,
+                c.as_ptr(),
+                0,
+                Some(ignore_dentry),
+                ptr::null_mut(),
+            )
+        };
+        code == 0
+    }
+
+    /// Commits changes to the file this WIM was opened from. Plain, it
+    /// appends the new data and a new blob table, leaving the old resources
+    /// in place (cheap, and unchanged resources keep their offsets); with
+    /// `rebuild` it rewrites the file so data no image refers to any more is
+    /// dropped.
+    pub fn overwrite(&mut self, rebuild: bool) -> Result<(), WimError> {
+        let mut flags = sys::WIMLIB_WRITE_FLAG_FSYNC;
+        if rebuild {
+            flags |= sys::WIMLIB_WRITE_FLAG_REBUILD;
+        }
+        // SAFETY: live WIMStruct opened with write access; default threads.
+        let code = unsafe { sys::wimlib_overwrite(self.raw.as_ptr(), flags as c_int, 0) };
+        check(code, if rebuild { "rebuild" } else { "write" }, &self.path)
+    }
+
     /// Writes image `index` (1-based) alone into a new WIM at `dest`, with the
     /// same compression and chunk size, so its resources are copied as they
     /// are rather than recompressed. The source file is only read.
@@ -339,6 +504,13 @@ impl Wim {
         };
         check(code, "write", dest)
     }
+}
+
+unsafe extern "C" fn ignore_dentry(
+    _dentry: *const sys::wimlib_dir_entry,
+    _ctx: *mut std::os::raw::c_void,
+) -> c_int {
+    0
 }
 
 impl Drop for Wim {

@@ -1,0 +1,645 @@
+//! Servicing jobs: what `ferry image service` asked for, when it runs, and
+//! how each run went.
+//!
+//! Jobs live in `DATA/jobs.json`, rewritten whole (synced, renamed) on every
+//! change. [`Jobs::scheduler`] runs on the site server: it sleeps until the
+//! next job is due (or a job is added or cancelled), then runs due jobs one
+//! at a time on a blocking thread. A job given `--schedule` (cron) stays
+//! scheduled after each run, for the next occurrence; the others end with
+//! their outcome. Times are UTC.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+
+/// The jobs file inside the data folder.
+pub const JOBS_FILE: &str = "jobs.json";
+
+/// Why a job request or change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The request is not valid.
+    #[error("{0}")]
+    Bad(String),
+    /// No such job.
+    #[error("no job {0}; `ferry jobs` lists them")]
+    NoJob(u64),
+    /// The job cannot change any more.
+    #[error("job {id} is {state} and can no longer be cancelled")]
+    Started {
+        /// The job.
+        id: u64,
+        /// Its state.
+        state: String,
+    },
+    /// The jobs file could not be written or read.
+    #[error("{path}: {detail}")]
+    Storage {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// Where a job stands, or how a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Waiting for its time.
+    Scheduled,
+    /// Running now.
+    Running,
+    /// Every update it was asked for is in the new revision (or was skipped
+    /// as already applied or superseded).
+    Succeeded,
+    /// With `--continue-on-error`: some updates failed, the others are in
+    /// the new revision.
+    PartlySucceeded,
+    /// Nothing was committed.
+    Failed,
+    /// Cancelled before it started.
+    Cancelled,
+    /// Every update was already applied or superseded; no revision made.
+    NothingToDo,
+}
+
+impl JobState {
+    /// The kebab-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::PartlySucceeded => "partly-succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::NothingToDo => "nothing-to-do",
+        }
+    }
+
+    /// Whether the job is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Scheduled | JobState::Running)
+    }
+}
+
+/// What `ferry image service` asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRequest {
+    /// Update ids, applied in this order.
+    #[serde(default)]
+    pub updates: Vec<String>,
+    /// Run once at this time (RFC 3339, `YYYY-MM-DD HH:MM[:SS]` in UTC, or
+    /// `+N[s|m|h|d]` from now) instead of now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// Run at every occurrence of this cron expression (UTC; 5 fields, or 6
+    /// with seconds first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Record a failing update and apply the rest.
+    #[serde(default)]
+    pub continue_on_error: bool,
+    /// Send the new revision to every DP that holds the package.
+    #[serde(default)]
+    pub distribute: bool,
+    /// Rebuild the WIM so data nothing refers to any more is dropped.
+    #[serde(default)]
+    pub optimize: bool,
+}
+
+/// What happened to one update in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateResult {
+    /// In the new revision.
+    Applied,
+    /// Not applied: already there, superseded, or not for this image.
+    Skipped,
+    /// wimlib refused it (or it left the catalog).
+    Failed,
+    /// Not tried: an earlier update failed and the job stopped.
+    NotRun,
+}
+
+/// One update's outcome in a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOutcome {
+    /// Update id.
+    pub id: String,
+    /// Its title, when it is in the catalog.
+    pub title: String,
+    /// What happened.
+    pub result: UpdateResult,
+    /// Why (for skipped and failed ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Image indexes it was applied to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<u32>,
+}
+
+/// One run of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRun {
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    /// How it ended.
+    pub outcome: JobState,
+    /// The revision it worked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_revision: Option<u32>,
+    /// The revision it made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
+    /// Per update, in the order asked.
+    #[serde(default)]
+    pub updates: Vec<UpdateOutcome>,
+    /// Bytes of the WIM before servicing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_before: Option<u64>,
+    /// Bytes of the WIM after servicing (after the rebuild with `--optimize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_after: Option<u64>,
+    /// Whether the new revision was released to the DPs.
+    #[serde(default)]
+    pub distributed: bool,
+    /// Revisions removed afterwards because no DP used them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<u32>,
+    /// Why the run failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Wall time of the run.
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+impl JobRun {
+    /// A run starting now.
+    pub fn start() -> Self {
+        Self {
+            started: crate::registry::now(),
+            finished: None,
+            outcome: JobState::Running,
+            base_revision: None,
+            revision: None,
+            updates: Vec::new(),
+            size_before: None,
+            size_after: None,
+            distributed: false,
+            pruned: Vec::new(),
+            error: None,
+            seconds: 0.0,
+        }
+    }
+}
+
+/// A servicing job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// 1, 2, … on this site.
+    pub id: u64,
+    /// The package it services.
+    pub package: String,
+    /// What was asked.
+    #[serde(flatten)]
+    pub request: ServiceRequest,
+    /// When it was created (RFC 3339).
+    pub created: String,
+    /// Where it stands.
+    pub state: JobState,
+    /// When it runs next (RFC 3339), while scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<String>,
+    /// Its runs, oldest first.
+    #[serde(default)]
+    pub runs: Vec<JobRun>,
+}
+
+impl JobRecord {
+    /// The latest run.
+    pub fn last_run(&self) -> Option<&JobRun> {
+        self.runs.last()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct JobsFile {
+    next_id: u64,
+    jobs: Vec<JobRecord>,
+}
+
+fn parse_time(t: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(t, &Rfc3339).ok()
+}
+
+fn format_time(t: OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Reads `--at`: RFC 3339, `YYYY-MM-DD HH:MM[:SS]` (UTC), or `+N[s|m|h|d]`.
+pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    let at = at.trim();
+    if let Some(rel) = at.strip_prefix('+') {
+        let (num, unit) =
+            rel.split_at(rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len()));
+        let n: i64 = num
+            .parse()
+            .map_err(|_| format!("--at {at:?}: expected +N followed by s, m, h or d"))?;
+        let secs = match unit {
+            "" | "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86400,
+            _ => return Err(format!("--at {at:?}: the unit must be s, m, h or d")),
+        };
+        return Ok(now + time::Duration::seconds(secs));
+    }
+    if let Some(t) = parse_time(at) {
+        return Ok(t);
+    }
+    for fmt in [
+        "[year]-[month]-[day] [hour]:[minute]:[second]",
+        "[year]-[month]-[day] [hour]:[minute]",
+    ] {
+        let Ok(f) = time::format_description::parse_borrowed::<2>(fmt) else {
+            continue;
+        };
+        if let Ok(t) = time::PrimitiveDateTime::parse(at, &f) {
+            return Ok(t.assume_utc());
+        }
+    }
+    Err(format!(
+        "--at {at:?} is not a time: give RFC 3339 (2026-11-22T03:00:00Z), \"2026-11-22 03:00\" (UTC) or +30m"
+    ))
+}
+
+/// Parses a cron expression: five fields (minute hour day month weekday), or
+/// six with seconds first. UTC.
+pub fn parse_cron(expr: &str) -> Result<cron::Schedule, String> {
+    let fields = expr.split_whitespace().count();
+    let full = match fields {
+        5 => format!("0 {expr}"),
+        6 => expr.to_string(),
+        _ => {
+            return Err(format!(
+                "--schedule {expr:?}: a cron expression has 5 fields (minute hour day month weekday), or 6 with seconds first"
+            ))
+        }
+    };
+    cron::Schedule::from_str(&full).map_err(|e| format!("--schedule {expr:?}: {e}"))
+}
+
+/// The next occurrence of `expr` strictly after `after`.
+pub fn next_occurrence(expr: &str, after: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    let schedule = parse_cron(expr)?;
+    let after = chrono::DateTime::<chrono::Utc>::from_timestamp(after.unix_timestamp(), 0)
+        .ok_or_else(|| "time out of range".to_string())?;
+    let next = schedule
+        .after(&after)
+        .next()
+        .ok_or_else(|| format!("--schedule {expr:?} never fires again"))?;
+    OffsetDateTime::from_unix_timestamp(next.timestamp()).map_err(|e| e.to_string())
+}
+
+/// The job list with its lock and wake-up signal.
+pub struct Jobs {
+    path: PathBuf,
+    file: Mutex<JobsFile>,
+    wake: Notify,
+}
+
+impl Jobs {
+    /// Loads `DATA/jobs.json`. A job left running by a site that stopped is
+    /// marked failed: its work folder is discarded and nothing was committed
+    /// unless its revision is listed.
+    pub fn load(data: &Path) -> Result<Self, JobError> {
+        let path = data.join(JOBS_FILE);
+        let mut file: JobsFile = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| JobError::Storage {
+                path: path.clone(),
+                detail: format!("not a valid jobs file: {e}"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => JobsFile::default(),
+            Err(e) => {
+                return Err(JobError::Storage {
+                    path,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let mut changed = false;
+        for j in &mut file.jobs {
+            if j.state == JobState::Running {
+                if let Some(r) = j.runs.last_mut() {
+                    r.outcome = JobState::Failed;
+                    r.finished = Some(crate::registry::now());
+                    r.error = Some("the site server stopped while the job ran".into());
+                }
+                j.state = if j.request.schedule.is_some() {
+                    JobState::Scheduled
+                } else {
+                    JobState::Failed
+                };
+                changed = true;
+            }
+        }
+        let jobs = Self {
+            path,
+            file: Mutex::new(file),
+            wake: Notify::new(),
+        };
+        if changed {
+            let f = jobs.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            jobs.save(&f)?;
+        }
+        Ok(jobs)
+    }
+
+    fn save(&self, f: &JobsFile) -> Result<(), JobError> {
+        crate::save_json(&self.path, f).map_err(|e| JobError::Storage {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    fn update<T>(
+        &self,
+        f: impl FnOnce(&mut JobsFile) -> Result<T, JobError>,
+    ) -> Result<T, JobError> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = file.clone();
+        let out = f(&mut next)?;
+        if next != *file {
+            self.save(&next)?;
+            *file = next;
+        }
+        Ok(out)
+    }
+
+    /// Records a new job for `package` (checked by the caller) and wakes the
+    /// scheduler.
+    pub fn create(&self, package: &str, request: ServiceRequest) -> Result<JobRecord, JobError> {
+        let now = OffsetDateTime::now_utc();
+        if request.at.is_some() && request.schedule.is_some() {
+            return Err(JobError::Bad("give --at or --schedule, not both".into()));
+        }
+        let next = match (&request.at, &request.schedule) {
+            (Some(at), _) => parse_at(at, now).map_err(JobError::Bad)?,
+            (_, Some(expr)) => next_occurrence(expr, now).map_err(JobError::Bad)?,
+            _ => now,
+        };
+        let job = self.update(|f| {
+            f.next_id = f
+                .next_id
+                .max(f.jobs.iter().map(|j| j.id).max().unwrap_or(0))
+                + 1;
+            let job = JobRecord {
+                id: f.next_id,
+                package: package.to_string(),
+                request,
+                created: format_time(now),
+                state: JobState::Scheduled,
+                next_run: Some(format_time(next)),
+                runs: Vec::new(),
+            };
+            f.jobs.push(job.clone());
+            Ok(job)
+        })?;
+        self.wake.notify_one();
+        Ok(job)
+    }
+
+    /// Cancels a job that has not started (or the future runs of a cron job
+    /// between runs).
+    pub fn cancel(&self, id: u64) -> Result<JobRecord, JobError> {
+        let job = self.update(|f| {
+            let j = f
+                .jobs
+                .iter_mut()
+                .find(|j| j.id == id)
+                .ok_or(JobError::NoJob(id))?;
+            if j.state != JobState::Scheduled {
+                return Err(JobError::Started {
+                    id,
+                    state: j.state.name().into(),
+                });
+            }
+            j.state = JobState::Cancelled;
+            j.next_run = None;
+            Ok(j.clone())
+        })?;
+        self.wake.notify_one();
+        Ok(job)
+    }
+
+    /// One job.
+    pub fn get(&self, id: u64) -> Result<JobRecord, JobError> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.jobs
+            .iter()
+            .find(|j| j.id == id)
+            .cloned()
+            .ok_or(JobError::NoJob(id))
+    }
+
+    /// Every job, oldest first; only `package`'s when given.
+    pub fn list(&self, package: Option<&str>) -> Vec<JobRecord> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.jobs
+            .iter()
+            .filter(|j| package.is_none_or(|p| p == j.package))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether any job of `package` is scheduled or running.
+    pub fn pending_for(&self, package: &str) -> Vec<u64> {
+        self.list(Some(package))
+            .into_iter()
+            .filter(|j| !j.state.is_final())
+            .map(|j| j.id)
+            .collect()
+    }
+
+    /// Takes the first due job and marks it running.
+    fn take_due(&self, now: OffsetDateTime) -> Result<Option<JobRecord>, JobError> {
+        self.update(|f| {
+            let due = f.jobs.iter_mut().find(|j| {
+                j.state == JobState::Scheduled
+                    && j.next_run
+                        .as_deref()
+                        .and_then(parse_time)
+                        .is_some_and(|t| t <= now)
+            });
+            Ok(due.map(|j| {
+                j.state = JobState::Running;
+                j.runs.push(JobRun::start());
+                j.clone()
+            }))
+        })
+    }
+
+    /// When the earliest scheduled job is due.
+    fn next_due(&self) -> Option<OffsetDateTime> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.jobs
+            .iter()
+            .filter(|j| j.state == JobState::Scheduled)
+            .filter_map(|j| j.next_run.as_deref().and_then(parse_time))
+            .min()
+    }
+
+    /// Records the end of a run; a cron job is scheduled again.
+    fn finish(&self, id: u64, run: JobRun) -> Result<(), JobError> {
+        self.update(|f| {
+            let j = f
+                .jobs
+                .iter_mut()
+                .find(|j| j.id == id)
+                .ok_or(JobError::NoJob(id))?;
+            let outcome = run.outcome;
+            match j.runs.last_mut() {
+                Some(last) => *last = run,
+                None => j.runs.push(run),
+            }
+            j.next_run = None;
+            j.state = outcome;
+            if let Some(expr) = &j.request.schedule {
+                if let Ok(next) = next_occurrence(expr, OffsetDateTime::now_utc()) {
+                    j.state = JobState::Scheduled;
+                    j.next_run = Some(format_time(next));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs due jobs, one at a time, for as long as the site runs. `run`
+    /// does the work of one run on a blocking thread.
+    pub async fn scheduler(
+        self: Arc<Self>,
+        run: impl Fn(&JobRecord) -> JobRun + Send + Sync + 'static,
+    ) {
+        let run = Arc::new(run);
+        loop {
+            let now = OffsetDateTime::now_utc();
+            match self.take_due(now) {
+                Ok(Some(job)) => {
+                    tracing::info!(job = job.id, package = %job.package, updates = ?job.request.updates, "servicing job started");
+                    let r = run.clone();
+                    let j = job.clone();
+                    let result = tokio::task::spawn_blocking(move || r(&j)).await;
+                    let mut done = result.unwrap_or_else(|e| {
+                        let mut failed = JobRun::start();
+                        failed.outcome = JobState::Failed;
+                        failed.error = Some(format!("the job's thread failed: {e}"));
+                        failed
+                    });
+                    done.finished.get_or_insert_with(crate::registry::now);
+                    tracing::info!(job = job.id, outcome = done.outcome.name(), revision = ?done.revision, error = ?done.error, "servicing job ended");
+                    if let Err(e) = self.finish(job.id, done) {
+                        tracing::error!(job = job.id, error = %e, "cannot record the job's outcome");
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot update the jobs file"),
+            }
+            let wait = self
+                .next_due()
+                .map(|t| (t - OffsetDateTime::now_utc()).max(time::Duration::ZERO))
+                .map(|d| std::time::Duration::from_secs_f64(d.as_seconds_f64().min(3600.0)))
+                .unwrap_or(std::time::Duration::from_secs(3600));
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> OffsetDateTime {
+        OffsetDateTime::parse(s, &Rfc3339).unwrap()
+    }
+
+    #[test]
+    fn at_accepts_rfc3339_plain_utc_and_relative() {
+        let now = t("2026-11-22T01:00:00Z");
+        assert_eq!(
+            parse_at("2026-11-22T03:00:00Z", now).unwrap(),
+            t("2026-11-22T03:00:00Z")
+        );
+        assert_eq!(
+            parse_at("2026-11-22 03:00", now).unwrap(),
+            t("2026-11-22T03:00:00Z")
+        );
+        assert_eq!(parse_at("+90s", now).unwrap(), t("2026-11-22T01:01:30Z"));
+        assert_eq!(parse_at("+2h", now).unwrap(), t("2026-11-22T03:00:00Z"));
+        assert!(parse_at("tomorrow", now)
+            .unwrap_err()
+            .contains("not a time"));
+        assert!(parse_at("+3y", now).unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn cron_takes_five_or_six_fields_in_utc() {
+        let now = t("2026-11-22T01:00:00Z");
+        assert_eq!(
+            next_occurrence("30 3 * * *", now).unwrap(),
+            t("2026-11-22T03:30:00Z")
+        );
+        assert_eq!(
+            next_occurrence("*/10 * * * * *", now).unwrap(),
+            t("2026-11-22T01:00:10Z")
+        );
+        assert!(parse_cron("* * *").unwrap_err().contains("5 fields"));
+        assert!(parse_cron("99 * * * *").is_err());
+    }
+
+    #[test]
+    fn jobs_persist_and_only_scheduled_ones_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path()).unwrap();
+        let req = ServiceRequest {
+            updates: vec!["KB1".into()],
+            at: Some("+1h".into()),
+            ..ServiceRequest::default()
+        };
+        let a = jobs.create("FRY00001", req.clone()).unwrap();
+        let b = jobs.create("FRY00001", ServiceRequest::default()).unwrap();
+        assert_eq!((a.id, b.id), (1, 2));
+        // b is due now, a in an hour.
+        let due = jobs.take_due(OffsetDateTime::now_utc()).unwrap().unwrap();
+        assert_eq!(due.id, 2);
+        assert!(jobs.take_due(OffsetDateTime::now_utc()).unwrap().is_none());
+        assert!(matches!(jobs.cancel(2), Err(JobError::Started { .. })));
+        assert_eq!(jobs.cancel(1).unwrap().state, JobState::Cancelled);
+        assert!(matches!(jobs.cancel(9), Err(JobError::NoJob(9))));
+        // A site that stops while b runs finds it failed on restart.
+        drop(jobs);
+        let jobs = Jobs::load(dir.path()).unwrap();
+        let b = jobs.get(2).unwrap();
+        assert_eq!(b.state, JobState::Failed);
+        assert!(b.runs[0].error.as_deref().unwrap().contains("stopped"));
+        assert_eq!(jobs.get(1).unwrap().state, JobState::Cancelled);
+        assert!(jobs.next_due().is_none());
+    }
+}

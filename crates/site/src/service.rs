@@ -1,0 +1,587 @@
+//! Offline servicing: applying catalog updates to a package's WIM with
+//! wimlib, on Ferry's own copy, and committing the result as a new revision
+//! of the same package.
+//!
+//! One run: rebuild the newest revision's WIM from the library into
+//! `DATA/work/job-N/`, apply each update to every image it is for (one
+//! `wimlib_update_image` call per image, which wimlib rolls back whole on
+//! error), write the WIM back (appending, or rebuilt with `--optimize`),
+//! verify it, and import it. The other files of an upgrade package are
+//! carried over by reference; only the WIM is read again. Nothing is
+//! committed unless the run succeeds.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ferry_core::{FileHash, Manifest};
+use ferry_store::{Library, StoreError};
+use ferry_wim::Wim;
+
+use crate::catalog::{FileRecord, PackageRecord, RevisionRecord, ServiceRecord, SourceRecord};
+use crate::images::{self, ImageError};
+use crate::jobs::{JobRecord, JobRun, JobState, ServiceRequest, UpdateOutcome, UpdateResult};
+use crate::updates::{self, UpdateRecord};
+
+/// Checks a service request before it becomes a job: the package exists
+/// and has a WIM, every update is in the catalog, and each applies to at
+/// least one of its images now.
+pub fn check(
+    lib: &Library,
+    data: &Path,
+    package: &str,
+    req: &ServiceRequest,
+) -> Result<(), String> {
+    let rec = images::record(lib, package).map_err(|e| e.to_string())?;
+    let latest = rec
+        .latest()
+        .ok_or_else(|| format!("{package} has no revision"))?;
+    if rec.wim_path(latest).is_none() {
+        return Err(format!(
+            "{package} has no {} to service",
+            crate::catalog::INSTALL_WIM
+        ));
+    }
+    if req.updates.is_empty() && !req.optimize {
+        return Err(
+            "name the updates to apply with --updates (or ask for --optimize alone)".into(),
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for id in &req.updates {
+        if !seen.insert(id) {
+            return Err(format!("{id} is named twice in --updates"));
+        }
+        let u = updates::read(data, id).map_err(|e| e.to_string())?;
+        let reasons: Vec<String> = latest
+            .images
+            .iter()
+            .filter_map(|img| updates::applicability(&u.manifest, img).err())
+            .collect();
+        if reasons.len() == latest.images.len() {
+            return Err(format!(
+                "{id} does not apply to {package}: {}",
+                reasons.join("; ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A failed run's reason.
+struct Stop(String);
+
+impl From<ImageError> for Stop {
+    fn from(e: ImageError) -> Self {
+        Stop(e.to_string())
+    }
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop(e.to_string())
+    }
+}
+
+/// Runs one servicing job; never panics, the outcome is in the result.
+pub fn run(lib: &Library, data: &Path, job: &JobRecord) -> JobRun {
+    let t0 = Instant::now();
+    let mut run = JobRun::start();
+    let work = job_dir(data, job.id);
+    let result = service(lib, data, job, &work, &mut run);
+    let _ = std::fs::remove_dir_all(&work);
+    if let Err(Stop(reason)) = result {
+        run.outcome = JobState::Failed;
+        run.error = Some(reason);
+        run.revision = None;
+    }
+    run.seconds = t0.elapsed().as_secs_f64();
+    run.finished = Some(crate::registry::now());
+    run
+}
+
+/// Writes the file `m` describes to `dest` from the library and checks it.
+fn rebuild_file(lib: &Library, m: &Manifest, dest: &Path) -> Result<(), Stop> {
+    let io = |e: std::io::Error| Stop(format!("{}: {e}", dest.display()));
+    let file = std::fs::File::create(dest).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut h = blake3::Hasher::new();
+    for c in &m.chunks {
+        let data = lib.read_chunk(&c.id)?;
+        h.update(&data);
+        out.write_all(&data).map_err(io)?;
+    }
+    out.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    if FileHash::from(h.finalize()) != m.hash {
+        return Err(Stop(format!(
+            "{} rebuilt from the library does not match its hash; run `ferry content verify`",
+            m.path
+        )));
+    }
+    Ok(())
+}
+
+fn outcome(
+    u: Option<&UpdateRecord>,
+    id: &str,
+    result: UpdateResult,
+    detail: Option<String>,
+) -> UpdateOutcome {
+    UpdateOutcome {
+        id: id.to_string(),
+        title: u.map(|u| u.manifest.title.clone()).unwrap_or_default(),
+        result,
+        detail,
+        images: Vec::new(),
+    }
+}
+
+fn service(
+    lib: &Library,
+    data: &Path,
+    job: &JobRecord,
+    work: &Path,
+    run: &mut JobRun,
+) -> Result<(), Stop> {
+    let req = &job.request;
+    let rec = images::record(lib, &job.package)?;
+    let base = rec
+        .latest()
+        .ok_or_else(|| Stop(format!("{} has no revision", job.package)))?
+        .clone();
+    run.base_revision = Some(base.revision);
+    let wim_path = rec
+        .wim_path(&base)
+        .ok_or_else(|| Stop(format!("{} has no WIM to service", job.package)))?
+        .to_string();
+    let applied_before = rec.applied_updates(base.revision);
+    let catalog = updates::list(data).map_err(|e| Stop(e.to_string()))?;
+    let superseded_before = updates::superseded_by(&applied_before, &catalog);
+
+    // Decide what to apply, in the order asked.
+    let mut plan: Vec<(UpdateRecord, Vec<u32>)> = Vec::new();
+    for id in &req.updates {
+        let u = match updates::read(data, id) {
+            Ok(u) => u,
+            Err(e) => {
+                run.updates
+                    .push(outcome(None, id, UpdateResult::Failed, Some(e.to_string())));
+                if req.continue_on_error {
+                    continue;
+                }
+                return Err(Stop(format!("{id}: {e}")));
+            }
+        };
+        let planned: Vec<String> = plan.iter().map(|(p, _)| p.manifest.id.clone()).collect();
+        let skip = if applied_before.contains(id) {
+            Some(format!("already applied (revision {})", base.revision))
+        } else if let Some(by) = superseded_before.get(id) {
+            Some(format!("superseded by {by}, already applied"))
+        } else if let Some(by) = updates::superseded_by(&planned, &catalog).get(id) {
+            Some(format!("superseded by {by}, applied earlier in this job"))
+        } else {
+            None
+        };
+        if let Some(why) = skip {
+            run.updates
+                .push(outcome(Some(&u), id, UpdateResult::Skipped, Some(why)));
+            continue;
+        }
+        let mut targets = Vec::new();
+        let mut reasons = Vec::new();
+        for img in &base.images {
+            match updates::applicability(&u.manifest, img) {
+                Ok(()) => targets.push(img.index),
+                Err(r) => reasons.push(r),
+            }
+        }
+        if targets.is_empty() {
+            run.updates.push(outcome(
+                Some(&u),
+                id,
+                UpdateResult::Skipped,
+                Some(format!("not applicable: {}", reasons.join("; "))),
+            ));
+            continue;
+        }
+        plan.push((u, targets));
+    }
+    if plan.is_empty() && !req.optimize {
+        run.outcome = JobState::NothingToDo;
+        return Ok(());
+    }
+
+    // Ferry's own copy of the WIM.
+    std::fs::create_dir_all(work).map_err(|e| Stop(format!("{}: {e}", work.display())))?;
+    let manifests = lib.manifests(&job.package, base.revision)?;
+    let old = manifests
+        .iter()
+        .find(|m| m.path == wim_path)
+        .ok_or_else(|| Stop(format!("{wim_path} is not in revision {}", base.revision)))?;
+    run.size_before = Some(old.size);
+    let copy = work.join("image.wim");
+    rebuild_file(lib, old, &copy)?;
+    let mut wim = Wim::open_for_update(&copy).map_err(|e| Stop(e.to_string()))?;
+
+    let mut applied = Vec::new();
+    let mut failed = Vec::new();
+    let mut stopped = false;
+    for (u, targets) in &plan {
+        let id = &u.manifest.id;
+        if stopped {
+            run.updates.push(outcome(
+                Some(u),
+                id,
+                UpdateResult::NotRun,
+                Some("an earlier update failed".into()),
+            ));
+            continue;
+        }
+        let folder = updates::folder(data, id).map_err(|e| Stop(e.to_string()))?;
+        let cmds = u.manifest.commands(&folder);
+        let mut done = Vec::new();
+        let mut error = None;
+        for &index in targets {
+            match wim.update_image(index, &cmds) {
+                Ok(()) => done.push(index),
+                Err(e) => {
+                    error = Some(e.message);
+                    break;
+                }
+            }
+        }
+        match error {
+            None => {
+                let mut o = outcome(Some(u), id, UpdateResult::Applied, None);
+                o.images = done;
+                run.updates.push(o);
+                applied.push(id.clone());
+            }
+            Some(reason) if !done.is_empty() => {
+                // wimlib rolled back the failing image only; the others
+                // cannot be undone in this copy, so nothing is committed.
+                run.updates.push(outcome(
+                    Some(u),
+                    id,
+                    UpdateResult::Failed,
+                    Some(reason.clone()),
+                ));
+                return Err(Stop(format!(
+                    "{id} applied to image(s) {done:?} but failed on another ({reason}); a half-applied update cannot be kept, nothing was committed"
+                )));
+            }
+            Some(reason) => {
+                run.updates.push(outcome(
+                    Some(u),
+                    id,
+                    UpdateResult::Failed,
+                    Some(reason.clone()),
+                ));
+                failed.push(id.clone());
+                if !req.continue_on_error {
+                    stopped = true;
+                }
+            }
+        }
+    }
+    if stopped {
+        return Err(Stop(format!(
+            "{} failed; the job stopped and no revision was made (use --continue-on-error to apply the rest)",
+            failed.join(", ")
+        )));
+    }
+    if applied.is_empty() && !req.optimize {
+        if failed.is_empty() {
+            run.outcome = JobState::NothingToDo;
+            return Ok(());
+        }
+        return Err(Stop(format!(
+            "no update applied ({} failed); no revision was made",
+            failed.join(", ")
+        )));
+    }
+    wim.overwrite(req.optimize)
+        .map_err(|e| Stop(e.to_string()))?;
+    drop(wim);
+    let mut check =
+        Wim::open(&copy).map_err(|e| Stop(format!("the serviced WIM does not open: {e}")))?;
+    check
+        .verify()
+        .map_err(|e| Stop(format!("the serviced WIM does not verify: {e}")))?;
+    let (wim_info, image_infos) = (check.info(), check.images());
+    drop(check);
+    run.size_after = std::fs::metadata(&copy).map(|m| m.len()).ok();
+
+    // The new revision: the WIM read again, every other file carried over.
+    let mut import = lib.begin_import();
+    let shown = format!("job {} copy of {}", job.id, wim_path);
+    let new_wim = match images::ingest_path(&mut import, &copy, &wim_path, true, &shown, |_| {}) {
+        Ok(m) => m,
+        Err(e) => {
+            drop(import);
+            lib.try_collect()?;
+            return Err(e.into());
+        }
+    };
+    let new_manifests: Vec<Manifest> = manifests
+        .iter()
+        .map(|m| {
+            if m.path == wim_path {
+                new_wim.clone()
+            } else {
+                m.clone()
+            }
+        })
+        .collect();
+    let mut all_applied = applied_before.clone();
+    all_applied.extend(applied.iter().cloned());
+    let number = base.revision + 1;
+    let mut record: PackageRecord = rec.clone();
+    let released_before = rec.target();
+    record.revisions.push(RevisionRecord {
+        revision: number,
+        created: crate::registry::now(),
+        source: SourceRecord {
+            path: format!(
+                "{} revision {} serviced by job {}",
+                job.package, base.revision, job.id
+            ),
+            size: new_wim.size,
+            modified_ns: 0,
+            hash: new_wim.hash,
+        },
+        exported_index: base.exported_index,
+        wim: wim_info,
+        images: image_infos,
+        files: new_manifests
+            .iter()
+            .map(|m| FileRecord {
+                path: m.path.clone(),
+                size: m.size,
+                hash: m.hash,
+            })
+            .collect(),
+        stats: Default::default(),
+        service: Some(ServiceRecord {
+            job: job.id,
+            base_revision: base.revision,
+            applied,
+            all_applied,
+            failed: failed.clone(),
+            optimized: req
+                .optimize
+                .then(|| (old.size, run.size_after.unwrap_or(0))),
+        }),
+        warnings: base.warnings.clone(),
+    });
+    record.released = if req.distribute {
+        None
+    } else {
+        released_before
+    };
+    let id = record.id.clone();
+    let segments = new_wim.segments.len() as u64;
+    import.commit(&id, number, &new_manifests, |c| {
+        if let Some(r) = record.revisions.last_mut() {
+            r.stats = images::import_stats(c, segments);
+        }
+        serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+            what: format!("catalog record of {id}"),
+            detail: e.to_string(),
+        })
+    })?;
+    lib.try_collect()?;
+    run.revision = Some(number);
+    run.distributed = req.distribute;
+    run.outcome = if failed.is_empty() {
+        JobState::Succeeded
+    } else {
+        JobState::PartlySucceeded
+    };
+    Ok(())
+}
+
+/// Where a job's work files go.
+pub fn job_dir(data: &Path, job: u64) -> PathBuf {
+    images::work_dir(data).join(format!("job-{job}"))
+}
+
+/// One update as `image updates` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpdateRow {
+    /// Update id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Classification.
+    pub classification: updates::Classification,
+    /// Release date.
+    pub released: String,
+    /// `applicable`, `applied` or `superseded`.
+    pub state: String,
+    /// For superseded ones, by which applied update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Image indexes it is for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<u32>,
+}
+
+/// What `ferry image updates ID` shows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpdatesView {
+    /// The package.
+    pub package: String,
+    /// Its newest revision, which the rows are about.
+    pub revision: u32,
+    /// Applicable, not applied yet, in release order.
+    pub applicable: Vec<UpdateRow>,
+    /// Applied by Ferry to reach this revision.
+    pub applied: Vec<UpdateRow>,
+    /// Not applied, but superseded by an applied one.
+    pub superseded: Vec<UpdateRow>,
+    /// Catalog updates not for any of its images.
+    pub not_applicable: usize,
+}
+
+/// The updates of the catalog as they stand for package `id`.
+pub fn image_updates(lib: &Library, data: &Path, id: &str) -> Result<UpdatesView, String> {
+    let rec = images::record(lib, id).map_err(|e| e.to_string())?;
+    let latest = rec
+        .latest()
+        .ok_or_else(|| format!("{id} has no revision"))?;
+    if rec.wim_path(latest).is_none() {
+        return Err(format!(
+            "{id} has no {} to service",
+            crate::catalog::INSTALL_WIM
+        ));
+    }
+    let catalog = updates::list(data).map_err(|e| e.to_string())?;
+    let applied = rec.applied_updates(latest.revision);
+    let superseded = updates::superseded_by(&applied, &catalog);
+    let mut view = UpdatesView {
+        package: id.to_string(),
+        revision: latest.revision,
+        applicable: Vec::new(),
+        applied: Vec::new(),
+        superseded: Vec::new(),
+        not_applicable: 0,
+    };
+    for u in &catalog {
+        let m = &u.manifest;
+        let images: Vec<u32> = latest
+            .images
+            .iter()
+            .filter(|i| updates::applicability(m, i).is_ok())
+            .map(|i| i.index)
+            .collect();
+        let mut row = UpdateRow {
+            id: m.id.clone(),
+            title: m.title.clone(),
+            classification: m.classification,
+            released: m.released.clone(),
+            state: String::new(),
+            detail: None,
+            images,
+        };
+        if applied.contains(&m.id) {
+            row.state = "applied".into();
+            view.applied.push(row);
+        } else if let Some(by) = superseded.get(&m.id) {
+            row.state = "superseded".into();
+            row.detail = Some(format!("superseded by {by}"));
+            view.superseded.push(row);
+        } else if row.images.is_empty() {
+            view.not_applicable += 1;
+        } else {
+            row.state = "applicable".into();
+            view.applicable.push(row);
+        }
+    }
+    Ok(view)
+}
+
+/// One line of an image's servicing history.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryEntry {
+    /// The update.
+    pub update: String,
+    /// Its title.
+    pub title: String,
+    /// The job.
+    pub job: u64,
+    /// When the run ended (or started, if it has not).
+    pub time: String,
+    /// What happened to the update.
+    pub result: UpdateResult,
+    /// Why, for skipped and failed ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The revision the run made, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
+}
+
+/// What `ferry image history ID` shows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryView {
+    /// The package.
+    pub package: String,
+    /// Its newest revision.
+    pub revision: u32,
+    /// Updates Ferry applied to reach it, oldest first.
+    pub applied: Vec<String>,
+    /// Every update of every run of every job on the package, oldest first.
+    pub entries: Vec<HistoryEntry>,
+    /// A remark for operators, when the history says less than it seems.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The servicing history of package `id` from its jobs.
+pub fn history(lib: &Library, jobs: &[JobRecord], id: &str) -> Result<HistoryView, String> {
+    let rec = images::record(lib, id).map_err(|e| e.to_string())?;
+    let latest = rec
+        .latest()
+        .ok_or_else(|| format!("{id} has no revision"))?;
+    let mut entries = Vec::new();
+    for job in jobs.iter().filter(|j| j.package == id) {
+        for run in &job.runs {
+            for u in &run.updates {
+                entries.push(HistoryEntry {
+                    update: u.id.clone(),
+                    title: u.title.clone(),
+                    job: job.id,
+                    time: run.finished.clone().unwrap_or_else(|| run.started.clone()),
+                    result: u.result,
+                    detail: u.detail.clone(),
+                    revision: run.revision,
+                });
+            }
+        }
+    }
+    let note = if entries.is_empty() {
+        Some(format!(
+            "no updates applied by Ferry: revision {} is as it was imported; servicing done by other tools before import is not recorded",
+            latest.revision
+        ))
+    } else if latest.service.is_none() {
+        Some(format!(
+            "revision {} was imported from outside after the runs below; Ferry does not know which of their updates it holds",
+            latest.revision
+        ))
+    } else {
+        None
+    };
+    Ok(HistoryView {
+        package: id.to_string(),
+        revision: latest.revision,
+        applied: rec.applied_updates(latest.revision),
+        entries,
+        note,
+    })
+}
