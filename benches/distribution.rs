@@ -17,76 +17,19 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_benches::{
-    big_wim, casync_new_chunks, mbps, peak_rss, root, serviced_pair, small_wim, timed,
+    big_wim, casync_new_chunks, mbps, peak_rss, root, rsync_daemon, rsync_get, serviced_pair,
+    small_wim, timed,
 };
-use ferry_tests::harness::{free_port, wait_for, DpProc, SiteProc};
+use ferry_tests::harness::{wait_for, DpProc, SiteProc};
 use ferry_tests::wimtools;
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(1800);
-
-/// A child process killed when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// An rsync daemon on 127.0.0.1 serving `dir` as module `m`.
-fn rsync_daemon(dir: &Path, work: &Path) -> anyhow::Result<(Daemon, u16)> {
-    let port = free_port()?;
-    let conf = work.join("rsyncd.conf");
-    fs::write(
-        &conf,
-        format!(
-            "use chroot = no\nport = {port}\naddress = 127.0.0.1\npid file = {}\n[m]\npath = {}\nread only = yes\n",
-            work.join("rsyncd.pid").display(),
-            dir.display()
-        ),
-    )?;
-    let child = Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--config"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let d = Daemon(child);
-    wait_for("rsync daemon", Duration::from_secs(10), || {
-        Ok(std::net::TcpStream::connect(("127.0.0.1", port))
-            .ok()
-            .map(drop))
-    })?;
-    Ok((d, port))
-}
-
-/// `rsync --stats` through the daemon; returns (time, bytes received).
-fn rsync_get(port: u16, file: &str, dest: &Path, whole: bool) -> anyhow::Result<(Duration, u64)> {
-    let (d, out) = timed(
-        Command::new("rsync")
-            .args(["--stats", "--inplace"])
-            .arg(if whole {
-                "--whole-file"
-            } else {
-                "--no-whole-file"
-            })
-            .arg(format!("rsync://127.0.0.1:{port}/m/{file}"))
-            .arg(dest),
-    )?;
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("Total bytes received:"))
-        .context("rsync printed no byte count")?;
-    let n: String = line.chars().filter(char::is_ascii_digit).collect();
-    Ok((d, n.parse()?))
-}
 
 /// zsync: bytes of the blocks a client holding `base` lacks for `new`,
 /// from zsync's own "Target N% complete" after reading the seed. (Fetching

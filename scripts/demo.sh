@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole job on one machine: a site and two distribution points on
-# loopback, a WIM made on the spot, import, distribute, service a copy,
-# refresh (redistribute the delta), status.
+# loopback, a WIM made on the spot, import, distribute, offline servicing in
+# Ferry (updates applied with wimlib, a new revision sent to the DPs as a
+# delta), status, history, and an OS upgrade package with one image index.
 # Installs what it needs first. Leaves its files in $FERRY_DEMO_DIR (default:
 # a fresh folder under /tmp) and stops the site when done.
 set -euo pipefail
@@ -19,8 +20,9 @@ mkdir -p "$work"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 4480)
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "Making a sample WIM (2000 files, LZX) and a serviced copy (wimupdate: files replaced, patched, added, deleted)"
+step "Making a sample WIM (2000 files, LZX) and a software update that replaces 5% of its files"
 "$fixture" pair "$work/wims" --files 2000 | tee "$work/fixture.json"
+"$fixture" update "$work/updates" --tree "$work/wims/tree" --id KB9900001 --percent 5
 
 udp_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 dp_port=$(udp_port)
@@ -74,30 +76,64 @@ wait_installed "$base" 1
 "$ferry" status
 "$ferry" dp list
 
-step "Offline servicing done on a copy (wimupdate); ferry content refresh $base --source serviced.wim"
-"$ferry" content refresh "$base" --source "$work/wims/serviced.wim"
+step "ferry update import (the example in deploy/ and the generated one); ferry update list"
+"$ferry" update import deploy/updates/KB5031356
+"$ferry" update import "$work/updates/KB9900001"
+"$ferry" update list
+step "ferry image updates $base: what applies to this image"
+"$ferry" image updates "$base"
+
+step "ferry image service $base --updates KB5031356,KB9900001 --distribute (Ferry's copy, wimlib, new revision)"
+"$ferry" image service "$base" --updates KB5031356,KB9900001 --distribute
 wait_installed "$base" 2
 step "ferry status $base: the delta each DP received beside the full image"
 "$ferry" status "$base"
-"$ferry" image show "$base" | sed -n '1,16p'
+step "ferry image history $base; ferry image updates $base; ferry jobs"
+"$ferry" image history "$base"
+"$ferry" image updates "$base"
+"$ferry" jobs
 
 step "Redistribution on the wire, beside the blob floor and the image size"
+"$ferry" content export "$base" --out "$work/serviced-by-ferry.wim"
+floor=$("$fixture" floor "$work/wims/base.wim" "$work/serviced-by-ferry.wim")
 "$ferry" status "$base" --json > "$work/status.json"
-python3 - "$work/status.json" "$work/fixture.json" <<'PY'
+python3 - "$work/status.json" "$floor" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))
-floor = json.load(open(sys.argv[2]))["blob_floor"]
+floor = int(sys.argv[2])
 for r in rows:
     wire, got, full = r["wire_bytes"], r["bytes_done"], r["full_bytes"]
     print(f"{r['dp']}: {wire:>11,} bytes at the DP's socket ({got:,} chunk bytes) = "
           f"{wire / floor:.3f}x the blob floor ({floor:,}), {wire * 100 / full:.1f}% of the image ({full:,})")
 PY
 
-step "Each DP's copy, compared with the serviced image"
+step "Each DP's copy, compared with the site's revision 2"
 for dp in dp1 dp2; do
   f="$work/$dp/content/$base/base.wim"
-  cmp "$f" "$work/wims/serviced.wim" && echo "$dp: $f byte-identical"
+  cmp "$f" "$work/serviced-by-ferry.wim" && echo "$dp: $f byte-identical"
   wimverify "$f" | tail -1
+  wimdir "$f" 1 | grep -q ferry-example.txt && echo "$dp: the image holds KB5031356's file"
 done
+
+step "A job scheduled 3 s ahead runs by itself: ferry image service $base --optimize --at +3s"
+"$ferry" image service "$base" --optimize --at +3s
+sleep 5
+"$ferry" jobs
+
+step "An OS upgrade package: a setup folder whose install.wim (two images) keeps only image 2"
+media="$work/media"
+mkdir -p "$media/sources"
+cp "$work/wims/base.wim" "$media/sources/install.wim"
+wimexport "$work/serviced-by-ferry.wim" 1 "$media/sources/install.wim" "Windows 11 Enterprise (serviced)" >/dev/null
+wiminfo "$media/sources/install.wim" | grep "Image Count"
+head -c 200000 /dev/urandom > "$media/setup.exe"
+printf '[AutoRun]\r\nopen=setup.exe\r\n' > "$media/autorun.inf"
+upgrade=$("$ferry" upgrade add "$media" --name "Windows 11 23H2 Enterprise" --extract-index 2 --lang en-US)
+"$ferry" upgrade list
+"$ferry" distribute "$upgrade" --group branch
+wait_installed "$upgrade" 1
+(cd "$media" && find . -type f ! -path ./sources/install.wim | sort | xargs sha256sum) > "$work/media.sha"
+(cd "$work/dp2/content/$upgrade" && sha256sum -c --quiet "$work/media.sha") && echo "dp2: every other file of the setup folder, byte for byte"
+wiminfo "$work/dp2/content/$upgrade/sources/install.wim" | grep -E "Image Count|^Name"
 
 step "Done. Files are in $work (logs: $work/site.log, $work/dp1.log, $work/dp2.log)"

@@ -5,6 +5,7 @@
 //! content); [`wimtools`] builds and services real WIMs with wimlib's own
 //! command-line tools (`wimcapture`, `wimappend`, `wimupdate`, `wimoptimize`)
 //! and reads them back with `wiminfo`, independent of Ferry's parser;
+//! [`updates`] writes software updates in Ferry's format;
 //! [`harness`] runs real `ferry site serve` processes and the `ferry` CLI.
 //!
 //! What it is not: a fake of anything. Nothing here stands in for RocksDB,
@@ -12,4 +13,5 @@
 
 pub mod harness;
 pub mod tree;
+pub mod updates;
 pub mod wimtools;

@@ -145,6 +145,7 @@ fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
             request::Kind::GetManifest(pb::GetManifest {
                 package: "FRY00001".into(),
                 revision: 1,
+                base_revision: 0,
             }),
         )
         .await;

@@ -561,11 +561,27 @@ impl DpAgent {
         conn: &quinn::Connection,
         a: &pb::Assignment,
     ) -> anyhow::Result<Vec<Manifest>> {
+        // The revision installed now: the site can name its chunks by
+        // position, which makes a small update's manifest small too.
+        let base_revision = content::installed(&self.content, &a.package)
+            .filter(|&r| r != a.revision)
+            .unwrap_or(0);
+        let base: Vec<ferry_core::ChunkId> = if base_revision == 0 {
+            Vec::new()
+        } else {
+            self.lib
+                .manifests(&a.package, base_revision)?
+                .iter()
+                .flat_map(|m| m.chunks.iter().map(|c| c.id))
+                .collect()
+        };
+        let base_revision = if base.is_empty() { 0 } else { base_revision };
         let (mut send, mut recv) = conn.open_bi().await?;
         let req = pb::Request {
             kind: Some(request::Kind::GetManifest(pb::GetManifest {
                 package: a.package.clone(),
                 revision: a.revision,
+                base_revision,
             })),
         };
         write_frame(&mut send, &req).await?;
@@ -575,7 +591,13 @@ impl DpAgent {
             Some(reply::Kind::Error(e)) => bail!("the site refused the manifest: {}", e.message),
             _ => bail!("the site answered the manifest request with something else"),
         };
-        verify_manifest(&self.manifest_key, a, &signed)
+        if signed.base_revision != 0 && signed.base_revision != base_revision {
+            bail!(
+                "the site answered with a manifest relative to revision {}, which this DP did not offer",
+                signed.base_revision
+            );
+        }
+        verify_manifest(&self.manifest_key, a, &signed, &base)
     }
 }
 
@@ -585,16 +607,31 @@ pub fn verify_manifest(
     key: &[u8],
     a: &pb::Assignment,
     signed: &pb::SignedManifest,
+    base: &[ferry_core::ChunkId],
 ) -> anyhow::Result<Vec<Manifest>> {
-    if !ferry_net::pki::verify_signature(key, &signed.body, &signed.signature) {
-        bail!(
+    let not_signed = || {
+        anyhow!(
             "the manifest of {} revision {} is not signed by the site's key: refused (tampered in transit or a different site)",
             a.package,
             a.revision
-        );
-    }
-    let body = pb::ManifestBody::decode(signed.body.as_ref())
-        .map_err(|e| anyhow!("the manifest of {} is malformed: {e}", a.package))?;
+        )
+    };
+    let body = if signed.base_revision == 0 {
+        if !ferry_net::pki::verify_signature(key, &signed.body, &signed.signature) {
+            return Err(not_signed());
+        }
+        pb::ManifestBody::decode(signed.body.as_ref())
+            .map_err(|e| anyhow!("the manifest of {} is malformed: {e}", a.package))?
+    } else {
+        // Compact form: fill the ids in from the base revision, then check
+        // the signature over the full form.
+        let mut body = pb::ManifestBody::decode(signed.body.as_ref()).map_err(|_| not_signed())?;
+        ferry_wire::expand(&mut body, base).map_err(|_| not_signed())?;
+        if !ferry_net::pki::verify_signature(key, &body.encode_to_vec(), &signed.signature) {
+            return Err(not_signed());
+        }
+        body
+    };
     if body.package != a.package || body.revision != a.revision {
         bail!(
             "asked for the manifest of {} revision {}, got {} revision {}",

@@ -219,13 +219,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<ImageError> for ApiError {
-    fn from(e: ImageError) -> Self {
-        let status = match &e {
-            ImageError::NoPackage(_) | ImageError::NoRevision { .. } => StatusCode::NOT_FOUND,
-            e if e.is_input() => StatusCode::UNPROCESSABLE_ENTITY,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+impl ApiError {
+    /// An answer with `status` and `e`'s text; site failures are logged.
+    fn logged(status: StatusCode, e: &dyn std::fmt::Display) -> Self {
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
         }
@@ -233,6 +229,17 @@ impl From<ImageError> for ApiError {
             status,
             message: e.to_string(),
         }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        let status = match &e {
+            ImageError::NoPackage(_) | ImageError::NoRevision { .. } => StatusCode::NOT_FOUND,
+            e if e.is_input() => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::logged(status, &e)
     }
 }
 
@@ -244,13 +251,7 @@ impl From<HubError> for ApiError {
             HubError::BadName(_) => StatusCode::UNPROCESSABLE_ENTITY,
             HubError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
-        }
-        Self {
-            status,
-            message: e.to_string(),
-        }
+        Self::logged(status, &e)
     }
 }
 
@@ -262,13 +263,7 @@ impl From<UpdateError> for ApiError {
             e if e.is_input() => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
-        }
-        Self {
-            status,
-            message: e.to_string(),
-        }
+        Self::logged(status, &e)
     }
 }
 
@@ -280,13 +275,7 @@ impl From<JobError> for ApiError {
             JobError::Bad(_) => StatusCode::UNPROCESSABLE_ENTITY,
             JobError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
-        }
-        Self {
-            status,
-            message: e.to_string(),
-        }
+        Self::logged(status, &e)
     }
 }
 
@@ -720,6 +709,8 @@ async fn distribute(
     let (revision, needs) = blocking(move || status::needs(&reg, &lib, &package, &dps)).await?;
     if !req.dry_run {
         s.hub.distribute(&req.package, &req.dps, &req.groups)?;
+        // DPs that held an older released revision move to the newest too.
+        s.hub.notify();
         tracing::info!(package = %req.package, dps = ?req.dps, groups = ?req.groups, "package distributed");
     }
     Ok(Json(DistributeReply {

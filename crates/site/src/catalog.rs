@@ -118,6 +118,17 @@ pub struct SourceRecord {
     pub hash: FileHash,
 }
 
+impl FileRecord {
+    /// The record of the file `m` describes.
+    pub fn of(m: &ferry_core::Manifest) -> Self {
+        Self {
+            path: m.path.clone(),
+            size: m.size,
+            hash: m.hash,
+        }
+    }
+}
+
 /// One file of a revision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
@@ -203,6 +214,20 @@ impl PackageRecord {
     /// The newest revision. Every stored package has at least one.
     pub fn latest(&self) -> Option<&RevisionRecord> {
         self.revisions.last()
+    }
+
+    /// Adds `revision` as the next revision, as a refresh does: a new
+    /// version string when given, and released to the DPs.
+    pub fn push_refreshed(&mut self, revision: RevisionRecord, version: Option<&String>) {
+        let next = self.latest().map_or(1, |r| r.revision + 1);
+        self.revisions.push(RevisionRecord {
+            revision: next,
+            ..revision
+        });
+        if let Some(v) = version {
+            self.version = v.clone();
+        }
+        self.released = None;
     }
 
     /// The revision DPs should hold.

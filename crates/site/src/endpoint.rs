@@ -457,14 +457,27 @@ impl DpServer {
         }
         let lib = self.lib.clone();
         let (package, revision) = (m.package.clone(), m.revision);
+        let base_revision = m.base_revision;
         let found = tokio::task::spawn_blocking(move || {
             let rec = images::record(&lib, &package).ok();
+            // The chunks of the revision the DP holds, when the site still
+            // has it: the manifest can then name them by position.
+            let base: Vec<ferry_core::ChunkId> = if base_revision != 0 && base_revision != revision
+            {
+                lib.manifests(&package, base_revision)
+                    .unwrap_or_default()
+                    .iter()
+                    .flat_map(|m| m.chunks.iter().map(|c| c.id))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             lib.manifests(&package, revision)
-                .map(|ms| (ms, rec.map(|r| r.name).unwrap_or_default()))
+                .map(|ms| (ms, rec.map(|r| r.name).unwrap_or_default(), base))
         })
         .await;
-        let (manifests, name) = match found {
-            Ok(Ok((ms, name))) if !ms.is_empty() => (ms, name),
+        let (manifests, name, base) = match found {
+            Ok(Ok((ms, name, base))) if !ms.is_empty() => (ms, name, base),
             Ok(Ok(_)) => {
                 return reply_error(
                     send,
@@ -476,13 +489,13 @@ impl DpServer {
             Ok(Err(e)) => return reply_error(send, Code::Internal, e.to_string()).await,
             Err(e) => return reply_error(send, Code::Internal, e.to_string()).await,
         };
-        let body = pb::ManifestBody {
+        let mut full = pb::ManifestBody {
             package: m.package.clone(),
             revision: m.revision,
             name,
             files: manifests.iter().map(ferry_wire::file_to_wire).collect(),
-        }
-        .encode_to_vec();
+        };
+        let body = full.encode_to_vec();
         if body.len() + 1024 > MAX_REPLY_BYTES {
             return reply_error(
                 send,
@@ -496,7 +509,12 @@ impl DpServer {
             .await;
         }
         let signature = self.key.sign(&body);
-        let mut body = body;
+        let (mut body, base_revision) = if base.is_empty() {
+            (body, 0)
+        } else {
+            ferry_wire::compact(&mut full, &base);
+            (full.encode_to_vec(), m.base_revision)
+        };
         if self.faults.tamper_manifest {
             if let Some(b) = body.last_mut() {
                 *b ^= 1;
@@ -506,6 +524,7 @@ impl DpServer {
             kind: Some(reply::Kind::Manifest(pb::SignedManifest {
                 body: body.into(),
                 signature: signature.into(),
+                base_revision,
             })),
         };
         write_frame(send, &reply).await

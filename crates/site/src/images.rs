@@ -186,6 +186,46 @@ pub fn work_dir(data: &Path) -> PathBuf {
     data.join("work")
 }
 
+/// Exports image `index` of `wim` (read from `shown`) into a WIM of its
+/// own in the site's work folder; returns it opened, with its path (the file
+/// goes when the path is dropped). The source is only read.
+pub(crate) fn export_index(
+    wim: &mut Wim,
+    index: u32,
+    data: &Path,
+    shown: &str,
+) -> Result<(Wim, tempfile::TempPath), ImageError> {
+    let not_wim = |reason: String| ImageError::NotWim {
+        path: shown.to_string(),
+        reason,
+    };
+    let count = wim.info().image_count;
+    if index == 0 || index > count {
+        return Err(ImageError::NoIndex {
+            path: shown.to_string(),
+            index,
+            count,
+        });
+    }
+    let dir = work_dir(data);
+    let work_err = |source| ImageError::Work {
+        dir: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(work_err)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("export-")
+        .suffix(".wim")
+        .tempfile_in(&dir)
+        .map_err(work_err)?
+        .into_temp_path();
+    std::fs::remove_file(&tmp).map_err(work_err)?;
+    wim.export_image(index, &tmp)
+        .map_err(|e| not_wim(e.to_string()))?;
+    let one = Wim::open(&tmp).map_err(|e| not_wim(e.to_string()))?;
+    Ok((one, tmp))
+}
+
 /// Imports a WIM as a new package. Nothing is added unless everything
 /// succeeds; chunks written by a failed import are reclaimed.
 pub fn import(
@@ -212,30 +252,8 @@ pub fn import(
     // file is only read.
     let mut export: Option<tempfile::TempPath> = None;
     if let Some(index) = req.index {
-        let count = wim.info().image_count;
-        if index == 0 || index > count {
-            return Err(ImageError::NoIndex {
-                path: shown,
-                index,
-                count,
-            });
-        }
-        let dir = work_dir(data);
-        let work_err = |source| ImageError::Work {
-            dir: dir.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(&dir).map_err(work_err)?;
-        let tmp = tempfile::Builder::new()
-            .prefix("export-")
-            .suffix(".wim")
-            .tempfile_in(&dir)
-            .map_err(work_err)?
-            .into_temp_path();
-        std::fs::remove_file(&tmp).map_err(work_err)?;
-        wim.export_image(index, &tmp)
-            .map_err(|e| not_wim(e.to_string()))?;
-        wim = Wim::open(&tmp).map_err(|e| not_wim(e.to_string()))?;
+        let (one, tmp) = export_index(&mut wim, index, data, &shown)?;
+        wim = one;
         export = Some(tmp);
     }
     let file_path: &Path = export.as_deref().unwrap_or(&req.path);
@@ -302,27 +320,15 @@ pub fn import(
         exported_index: req.index,
         wim: wim_info,
         images: images.clone(),
-        files: vec![FileRecord {
-            path: manifest.path.clone(),
-            size: manifest.size,
-            hash: manifest.hash,
-        }],
+        files: vec![FileRecord::of(&manifest)],
         stats: ImportStats::default(),
         service: None,
         warnings: Vec::new(),
     };
     let mut record = match existing {
         Some(mut rec) => {
-            let next = rec.latest().map_or(1, |r| r.revision + 1);
-            rec.revisions.push(RevisionRecord {
-                revision: next,
-                ..revision
-            });
-            if let Some(v) = &req.version {
-                rec.version = v.clone();
-            }
             // A refresh is an update of the DPs: they get the new revision.
-            rec.released = None;
+            rec.push_refreshed(revision, req.version.as_ref());
             rec
         }
         None => {
@@ -352,21 +358,7 @@ pub fn import(
             }
         }
     };
-    let id = record.id.clone();
-    let rev_number = record.latest().map_or(1, |r| r.revision);
-    let segments = manifest.segments.len() as u64;
-    let committed = import.commit(&id, rev_number, std::slice::from_ref(&manifest), |c| {
-        if let Some(r) = record.revisions.last_mut() {
-            r.stats = import_stats(c, segments);
-        }
-        serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
-            what: format!("catalog record of {id}"),
-            detail: e.to_string(),
-        })
-    })?;
-    if let Some(r) = record.revisions.last_mut() {
-        r.stats = import_stats(&committed, segments);
-    }
+    commit(import, &mut record, std::slice::from_ref(&manifest))?;
     lib.try_collect()?;
     Ok(PackageView {
         source_state: source_state(&record),
@@ -419,6 +411,33 @@ pub(crate) fn ingest_path(
         path: shown.to_string(),
         source,
     })
+}
+
+/// Commits `manifests` as the newest revision of `record` (its last
+/// entry), writing the record with that revision's exact figures in the same
+/// batch, and leaves those figures in `record`.
+pub(crate) fn commit(
+    import: ferry_store::Import<'_>,
+    record: &mut PackageRecord,
+    manifests: &[Manifest],
+) -> Result<(), ImageError> {
+    let id = record.id.clone();
+    let number = record.latest().map_or(1, |r| r.revision);
+    let segments: u64 = manifests.iter().map(|m| m.segments.len() as u64).sum();
+    let committed = import.commit(&id, number, manifests, |c| {
+        let mut rec = record.clone();
+        if let Some(r) = rec.revisions.last_mut() {
+            r.stats = import_stats(c, segments);
+        }
+        serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
+            what: format!("catalog record of {id}"),
+            detail: e.to_string(),
+        })
+    })?;
+    if let Some(r) = record.revisions.last_mut() {
+        r.stats = import_stats(&committed, segments);
+    }
+    Ok(())
 }
 
 pub(crate) fn import_stats(c: &ferry_store::CommitStats, segments: u64) -> ImportStats {

@@ -33,6 +33,12 @@ pub fn check(
     package: &str,
     req: &ServiceRequest,
 ) -> Result<(), String> {
+    if let Some(at) = &req.at {
+        crate::jobs::parse_at(at, time::OffsetDateTime::now_utc())?;
+    }
+    if let Some(expr) = &req.schedule {
+        crate::jobs::parse_cron(expr)?;
+    }
     let rec = images::record(lib, package).map_err(|e| e.to_string())?;
     let latest = rec
         .latest()
@@ -140,6 +146,16 @@ fn outcome(
     }
 }
 
+/// The failed updates of a run with their reasons, for the job's error.
+fn failures(run: &JobRun) -> String {
+    run.updates
+        .iter()
+        .filter(|u| u.result == UpdateResult::Failed)
+        .map(|u| format!("{}: {}", u.id, u.detail.as_deref().unwrap_or("failed")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn service(
     lib: &Library,
     data: &Path,
@@ -181,10 +197,10 @@ fn service(
             Some(format!("already applied (revision {})", base.revision))
         } else if let Some(by) = superseded_before.get(id) {
             Some(format!("superseded by {by}, already applied"))
-        } else if let Some(by) = updates::superseded_by(&planned, &catalog).get(id) {
-            Some(format!("superseded by {by}, applied earlier in this job"))
         } else {
-            None
+            updates::superseded_by(&planned, &catalog)
+                .get(id)
+                .map(|by| format!("superseded by {by}, applied earlier in this job"))
         };
         if let Some(why) = skip {
             run.updates
@@ -289,9 +305,9 @@ fn service(
         }
     }
     if stopped {
+        let why = failures(run);
         return Err(Stop(format!(
-            "{} failed; the job stopped and no revision was made (use --continue-on-error to apply the rest)",
-            failed.join(", ")
+            "{why}; the job stopped and no revision was made (--continue-on-error applies the rest)"
         )));
     }
     if applied.is_empty() && !req.optimize {
@@ -299,9 +315,9 @@ fn service(
             run.outcome = JobState::NothingToDo;
             return Ok(());
         }
+        let why = failures(run);
         return Err(Stop(format!(
-            "no update applied ({} failed); no revision was made",
-            failed.join(", ")
+            "no update applied ({why}); no revision was made"
         )));
     }
     wim.overwrite(req.optimize)
@@ -357,14 +373,7 @@ fn service(
         exported_index: base.exported_index,
         wim: wim_info,
         images: image_infos,
-        files: new_manifests
-            .iter()
-            .map(|m| FileRecord {
-                path: m.path.clone(),
-                size: m.size,
-                hash: m.hash,
-            })
-            .collect(),
+        files: new_manifests.iter().map(FileRecord::of).collect(),
         stats: Default::default(),
         service: Some(ServiceRecord {
             job: job.id,
@@ -383,17 +392,7 @@ fn service(
     } else {
         released_before
     };
-    let id = record.id.clone();
-    let segments = new_wim.segments.len() as u64;
-    import.commit(&id, number, &new_manifests, |c| {
-        if let Some(r) = record.revisions.last_mut() {
-            r.stats = images::import_stats(c, segments);
-        }
-        serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
-            what: format!("catalog record of {id}"),
-            detail: e.to_string(),
-        })
-    })?;
+    images::commit(import, &mut record, &new_manifests)?;
     lib.try_collect()?;
     run.revision = Some(number);
     run.distributed = req.distribute;

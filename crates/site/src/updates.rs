@@ -812,3 +812,15 @@ delete = ["Windows/System32/old.dll"]
         assert!(e.contains("no update.toml"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    #[test]
+    fn the_example_update_in_deploy_is_valid() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/updates/KB5031356");
+        let (m, bytes) = super::check_folder(&dir).unwrap();
+        assert_eq!(m.id, "KB5031356");
+        assert!(bytes > 0);
+    }
+}

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ferry_core::{FileHash, Manifest};
-use ferry_store::StoreError;
 use ferry_wim::{Layout, Wim};
 use serde::{Deserialize, Serialize};
 
@@ -313,30 +312,9 @@ pub fn import(
         let mut wim = Wim::open(&f.read_from)
             .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
         if let Some(index) = extract {
-            let count = wim.info().image_count;
-            if index == 0 || index > count {
-                return Err(ImageError::NoIndex {
-                    path: f.read_from.display().to_string(),
-                    index,
-                    count,
-                });
-            }
-            let dir = images::work_dir(data);
-            let work_err = |source| ImageError::Work {
-                dir: dir.display().to_string(),
-                source,
-            };
-            std::fs::create_dir_all(&dir).map_err(work_err)?;
-            let tmp = tempfile::Builder::new()
-                .prefix("extract-")
-                .suffix(".wim")
-                .tempfile_in(&dir)
-                .map_err(work_err)?
-                .into_temp_path();
-            std::fs::remove_file(&tmp).map_err(work_err)?;
-            wim.export_image(index, &tmp)
-                .map_err(|e| not_wim(e.to_string()))?;
-            wim = Wim::open(&tmp).map_err(|e| not_wim(e.to_string()))?;
+            let (one, tmp) =
+                images::export_index(&mut wim, index, data, &f.read_from.display().to_string())?;
+            wim = one;
             export = Some(tmp);
         }
         wim_info = wim.info();
@@ -438,29 +416,15 @@ pub fn import(
         exported_index: extract,
         wim: wim_info,
         images: image_infos,
-        files: manifests
-            .iter()
-            .map(|m| FileRecord {
-                path: m.path.clone(),
-                size: m.size,
-                hash: m.hash,
-            })
-            .collect(),
+        files: manifests.iter().map(FileRecord::of).collect(),
         stats: ImportStats::default(),
         service: None,
         warnings: warnings.clone(),
     };
     let mut record = match existing {
         Some(mut rec) => {
-            let next = rec.latest().map_or(1, |r| r.revision + 1);
-            rec.revisions.push(RevisionRecord {
-                revision: next,
-                ..revision
-            });
-            if let Some(v) = &req.version {
-                rec.version = v.clone();
-            }
-            rec.released = None;
+            // A refresh is an update of the DPs: they get the new revision.
+            rec.push_refreshed(revision, req.version.as_ref());
             rec
         }
         None => PackageRecord {
@@ -484,20 +448,7 @@ pub fn import(
         },
     };
     let id = record.id.clone();
-    let number = record.latest().map_or(1, |r| r.revision);
-    let segments: u64 = manifests.iter().map(|m| m.segments.len() as u64).sum();
-    let committed = import.commit(&id, number, &manifests, |c| {
-        if let Some(r) = record.revisions.last_mut() {
-            r.stats = images::import_stats(c, segments);
-        }
-        serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
-            what: format!("catalog record of {id}"),
-            detail: e.to_string(),
-        })
-    })?;
-    if let Some(r) = record.revisions.last_mut() {
-        r.stats = images::import_stats(&committed, segments);
-    }
+    images::commit(import, &mut record, &manifests)?;
     lib.try_collect()?;
     for w in &warnings {
         tracing::warn!(package = %id, "{w}");

@@ -172,9 +172,55 @@ pub fn file_to_wire(m: &Manifest) -> pb::FileManifest {
             .map(|c| pb::ChunkRef {
                 id: c.id.as_bytes().to_vec().into(),
                 len: c.len,
+                base_index: 0,
             })
             .collect(),
     }
+}
+
+/// Turns a full-form manifest body into compact form against `base`, the
+/// chunk list of a revision the DP holds: every chunk found there is named by
+/// its 1-based position instead of its 32-byte id.
+pub fn compact(body: &mut pb::ManifestBody, base: &[ChunkId]) {
+    let mut at: std::collections::HashMap<&[u8], u32> = std::collections::HashMap::new();
+    for (i, id) in base.iter().enumerate() {
+        at.entry(id.as_bytes().as_slice())
+            .or_insert(u32::try_from(i + 1).unwrap_or(0));
+    }
+    for f in &mut body.files {
+        for c in &mut f.chunks {
+            if let Some(&i) = at.get(c.id.as_ref()).filter(|&&i| i > 0) {
+                c.base_index = i;
+                c.id = Default::default();
+            }
+        }
+    }
+}
+
+/// Undoes [`compact`]: fills every `base_index` in from `base`. The result
+/// encodes to the bytes the site signed.
+pub fn expand(body: &mut pb::ManifestBody, base: &[ChunkId]) -> Result<(), WireError> {
+    for f in &mut body.files {
+        for c in &mut f.chunks {
+            if c.base_index == 0 {
+                continue;
+            }
+            let id = base
+                .get(c.base_index as usize - 1)
+                .ok_or_else(|| WireError::Malformed {
+                    what: "ManifestBody",
+                    detail: format!(
+                        "{}: chunk {} of the base revision named, which has {}",
+                        f.path,
+                        c.base_index,
+                        base.len()
+                    ),
+                })?;
+            c.id = id.as_bytes().to_vec().into();
+            c.base_index = 0;
+        }
+    }
+    Ok(())
 }
 
 /// Checks a received file manifest (ids and hash 32 bytes, a safe relative
@@ -233,12 +279,52 @@ mod tests {
     }
 
     #[test]
+    fn compact_manifests_expand_to_the_signed_bytes() {
+        let id = |n: u8| ChunkId::of(&[n; 8]);
+        let refs = |ids: &[u8]| -> Vec<pb::ChunkRef> {
+            ids.iter()
+                .map(|&n| pb::ChunkRef {
+                    id: id(n).as_bytes().to_vec().into(),
+                    len: 8,
+                    base_index: 0,
+                })
+                .collect()
+        };
+        let full = pb::ManifestBody {
+            package: "FRY00001".into(),
+            revision: 2,
+            name: "x".into(),
+            files: vec![pb::FileManifest {
+                path: "a.wim".into(),
+                size: 32,
+                hash: vec![0; 32].into(),
+                chunks: refs(&[1, 9, 3, 1]),
+            }],
+        };
+        let signed = full.encode_to_vec();
+        let base: Vec<ChunkId> = [1, 2, 3].iter().map(|&n| id(n)).collect();
+        let mut c = full.clone();
+        compact(&mut c, &base);
+        let idx: Vec<u32> = c.files[0].chunks.iter().map(|r| r.base_index).collect();
+        assert_eq!(idx, [1, 0, 3, 1], "only the new chunk keeps its id");
+        // Each of the three chunks named by position saves its 32-byte id.
+        assert!(signed.len() - c.encode_to_vec().len() >= 3 * 30);
+        expand(&mut c, &base).unwrap();
+        assert_eq!(c.encode_to_vec(), signed);
+        let mut bad = full.clone();
+        compact(&mut bad, &base);
+        let e = expand(&mut bad, &base[..1]).unwrap_err().to_string();
+        assert!(e.contains("chunk 3 of the base revision"), "{e}");
+    }
+
+    #[test]
     fn frames_round_trip_and_end_cleanly() {
         run(async {
             let msg = pb::Request {
                 kind: Some(pb::request::Kind::GetManifest(pb::GetManifest {
                     package: "FRY00001".into(),
                     revision: 2,
+                    base_revision: 1,
                 })),
             };
             let mut buf = Vec::new();
