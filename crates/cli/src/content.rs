@@ -161,6 +161,12 @@ async fn export(
     if got != expected || written != size {
         bail!("the rebuilt file does not match: {written} bytes with BLAKE3 {got}, expected {size} bytes with {expected}; {} was left as it was", out.display());
     }
+    // The temporary file is private (0600); the export is an ordinary file.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .with_context(|| format!("cannot set the permissions of {}", tmp.path().display()))?;
     tmp.as_file().sync_all()?;
     tmp.persist(out)
         .with_context(|| format!("cannot move the export into place at {}", out.display()))?;
