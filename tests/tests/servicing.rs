@@ -150,9 +150,25 @@ fn two_updates_one_superseding_the_other_make_a_revision_with_exactly_their_file
     let mut arm = UpdateSpec::new("KB5000009", "2026-02-10");
     arm.architectures = vec!["arm64".into()];
     arm.add = vec![("Windows/arm.dll".into(), c.bytes(100))];
-    for u in [&kb0, &kb1, &kb2, &arm] {
+    for u in [&kb1, &kb2, &arm] {
         import_update(&site, u, d);
     }
+    // An update may also come as a .tar.gz of its folder.
+    let folder = kb0.write(&d.join("archived")).unwrap();
+    let tgz = d.join("kb0.tar.gz");
+    let status = Command::new("tar")
+        .arg("czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(folder.parent().unwrap())
+        .arg("KB5000000")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    site.cli_ok(&["update", "import", tgz.to_str().unwrap()])
+        .unwrap();
+    fs::remove_dir_all(&folder).unwrap();
+    fs::remove_file(&tgz).unwrap();
     let listed = site.cli_json(&["update", "list"]).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 4);
 
@@ -322,10 +338,11 @@ fn requests_that_cannot_work_are_refused_before_a_job_exists() {
     arm.architectures = vec!["arm64".into()];
     arm.add = vec![("a.dll".into(), b"a".to_vec())];
     import_update(&site, &arm, d);
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--updates", "KB404"], "no update KB404"),
         (&["--updates", "KB7000001"], "does not apply"),
         (&["--updates", "KB7000001", "--at", "soon"], "not a time"),
+        (&["--optimize", "--at", "2020-01-01 00:00"], "in the past"),
         (&["--updates", "KB7000001", "--schedule", "* *"], "5 fields"),
         (&[], "--updates"),
     ];

@@ -221,6 +221,34 @@ fn an_upgrade_package_with_one_index_reaches_a_dp_byte_for_byte_and_can_be_servi
     let h = site.cli_json(&["upgrade", "history", &id]).unwrap();
     assert_eq!(h["applied"], serde_json::json!(["KB5100001"]));
 
+    // A refresh from the setup folder is a new revision that keeps the
+    // extracted index; the operator's folder is still only read.
+    let out = site.cli(&["content", "refresh", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("made by servicing"),
+        "a serviced revision has no folder to refresh from by itself"
+    );
+    site.cli_ok(&[
+        "content",
+        "refresh",
+        &id,
+        "--source",
+        root.to_str().unwrap(),
+    ])
+    .unwrap();
+    site.wait_installed(&id, "dp1", 3, LIMIT).unwrap();
+    assert_eq!(
+        ferry_wim::Wim::open(&dp_install)
+            .unwrap()
+            .info()
+            .image_count,
+        1
+    );
+    assert!(!wimtools::list_files(&dp_install, 1)
+        .unwrap()
+        .contains(&"/Windows/System32/upgrade-fix.dll".to_string()));
+    assert_eq!(tree_hashes(&root).unwrap(), before);
+
     site.cli_ok(&["undistribute", &id, "--dp", "dp1"]).unwrap();
     ferry_tests::harness::wait_for("dp1 to drop the package", LIMIT, || {
         Ok((!on_dp.exists()).then_some(()))

@@ -34,7 +34,13 @@ pub fn check(
     req: &ServiceRequest,
 ) -> Result<(), String> {
     if let Some(at) = &req.at {
-        crate::jobs::parse_at(at, time::OffsetDateTime::now_utc())?;
+        let now = time::OffsetDateTime::now_utc();
+        if crate::jobs::parse_at(at, now)? < now - time::Duration::MINUTE {
+            return Err(format!(
+                "--at {at} is in the past (times are UTC; now is {})",
+                crate::registry::now()
+            ));
+        }
     }
     if let Some(expr) = &req.schedule {
         crate::jobs::parse_cron(expr)?;
