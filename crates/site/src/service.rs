@@ -103,6 +103,9 @@ pub fn run(lib: &Library, data: &Path, job: &JobRecord) -> JobRun {
     let work = job_dir(data, job.id);
     let result = service(lib, data, job, &work, &mut run);
     let _ = std::fs::remove_dir_all(&work);
+    // Skips are decided before anything is applied; report in the order asked.
+    let asked = |id: &str| job.request.updates.iter().position(|u| u == id);
+    run.updates.sort_by_key(|u| asked(&u.id));
     if let Err(Stop(reason)) = result {
         run.outcome = JobState::Failed;
         run.error = Some(reason);
@@ -233,6 +236,12 @@ fn service(
         plan.push((u, targets));
     }
     if plan.is_empty() && !req.optimize {
+        let why = failures(run);
+        if !why.is_empty() {
+            return Err(Stop(format!(
+                "no update applied ({why}); no revision was made"
+            )));
+        }
         run.outcome = JobState::NothingToDo;
         return Ok(());
     }
@@ -250,7 +259,13 @@ fn service(
     let mut wim = Wim::open_for_update(&copy).map_err(|e| Stop(e.to_string()))?;
 
     let mut applied = Vec::new();
-    let mut failed = Vec::new();
+    // Updates that left the catalog already failed while planning.
+    let mut failed: Vec<String> = run
+        .updates
+        .iter()
+        .filter(|u| u.result == UpdateResult::Failed)
+        .map(|u| u.id.clone())
+        .collect();
     let mut stopped = false;
     for (u, targets) in &plan {
         let id = &u.manifest.id;
