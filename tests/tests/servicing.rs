@@ -139,12 +139,13 @@ fn two_updates_one_superseding_the_other_make_a_revision_with_exactly_their_file
         ("Windows/System32/kb.dll".into(), c.bytes(30_000)),
         (replaced.clone(), c.bytes(12_000)),
     ];
-    kb1.delete = vec![deleted.clone()];
+    // Paths in an image ignore case, as on Windows.
+    kb1.delete = vec![deleted.to_uppercase()];
     let mut kb2 = UpdateSpec::new("KB5000002", "2026-02-10");
     kb2.supersedes = vec!["KB5000001".into(), "KB5000000".into()];
     kb2.add = vec![
         ("Windows/System32/kb.dll".into(), kb2_fix.clone()),
-        ("Windows/System32/kb2-only.dll".into(), c.bytes(7000)),
+        ("windows/SYSTEM32/kb2-only.dll".into(), c.bytes(7000)),
     ];
     kb2.delete = vec![deleted_by_kb2.clone()];
     let mut arm = UpdateSpec::new("KB5000009", "2026-02-10");

@@ -294,7 +294,7 @@ impl DpAgent {
                         // Revisions left behind by an interrupted switch.
                         for old in self.lib.revisions(&a.package)? {
                             if old != a.revision {
-                                self.lib.remove_revision(&a.package, old, None)?;
+                                self.lib.remove_revision(&a.package, old, |_| Ok(None))?;
                             }
                         }
                         let _ = reports.send(report(a, pb::State::Installed));
@@ -506,7 +506,7 @@ impl DpAgent {
             let record =
                 serde_json::json!({ "package": a.package, "revision": a.revision, "name": a.name });
             stage
-                .commit(&a.package, a.revision, &manifests, |_| {
+                .commit(&a.package, a.revision, &manifests, |_, _| {
                     Ok(serde_json::to_vec(&record).unwrap_or_default())
                 })
                 .map_err(|e| fail(e.into()))?;
@@ -528,13 +528,13 @@ impl DpAgent {
                     e,
                     content::ContentError::Store(_) | content::ContentError::Mismatch { .. }
                 ) {
-                    let _ = lib.remove_revision(&package, revision, None);
+                    let _ = lib.remove_revision(&package, revision, |_| Ok(None));
                 }
                 return Err(e.into());
             }
             for old in lib.revisions(&package)? {
                 if old != revision {
-                    lib.remove_revision(&package, old, None)?;
+                    lib.remove_revision(&package, old, |_| Ok(None))?;
                 }
             }
             Ok(())
@@ -561,10 +561,29 @@ impl DpAgent {
         conn: &quinn::Connection,
         a: &pb::Assignment,
     ) -> anyhow::Result<Vec<Manifest>> {
+        match self.manifest_from(conn, a, true).await {
+            // A compact manifest that does not check out against this DP's
+            // copy of the base revision: ask once more for the full form.
+            Err(e) if e.to_string().contains("compact form") => {
+                warn!(package = %a.package, error = %e, "asking for the full manifest");
+                self.manifest_from(conn, a, false).await
+            }
+            other => other,
+        }
+    }
+
+    /// Fetches the manifest, offering the installed revision as a base
+    /// when `compact`.
+    async fn manifest_from(
+        &self,
+        conn: &quinn::Connection,
+        a: &pb::Assignment,
+        compact: bool,
+    ) -> anyhow::Result<Vec<Manifest>> {
         // The revision installed now: the site can name its chunks by
         // position, which makes a small update's manifest small too.
         let base_revision = content::installed(&self.content, &a.package)
-            .filter(|&r| r != a.revision)
+            .filter(|&r| r != a.revision && compact)
             .unwrap_or(0);
         let base: Vec<ferry_core::ChunkId> = if base_revision == 0 {
             Vec::new()
@@ -625,10 +644,19 @@ pub fn verify_manifest(
     } else {
         // Compact form: fill the ids in from the base revision, then check
         // the signature over the full form.
-        let mut body = pb::ManifestBody::decode(signed.body.as_ref()).map_err(|_| not_signed())?;
-        ferry_wire::expand(&mut body, base).map_err(|_| not_signed())?;
+        let compact_err = |why: String| {
+            anyhow!(
+                "the manifest of {} revision {} in compact form does not check out against revision {} held here: {why}",
+                a.package,
+                a.revision,
+                signed.base_revision
+            )
+        };
+        let mut body = pb::ManifestBody::decode(signed.body.as_ref())
+            .map_err(|e| compact_err(e.to_string()))?;
+        ferry_wire::expand(&mut body, base).map_err(|e| compact_err(e.to_string()))?;
         if !ferry_net::pki::verify_signature(key, &body.encode_to_vec(), &signed.signature) {
-            return Err(not_signed());
+            return Err(compact_err(not_signed().to_string()));
         }
         body
     };
@@ -732,6 +760,54 @@ fn report(a: &pb::Assignment, state: pb::State) -> pb::Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_manifests_are_accepted_only_when_they_expand_to_the_signed_body() {
+        let key = ferry_net::pki::SigningKey::from_text(
+            &ferry_net::pki::SigningKey::generate().unwrap(),
+            "key",
+        )
+        .unwrap();
+        let data: Vec<Vec<u8>> = (0u8..4).map(|n| vec![n; 100]).collect();
+        let ids: Vec<ChunkId> = data.iter().map(|d| ChunkId::of(d)).collect();
+        let whole: Vec<u8> = data.concat();
+        let m = Manifest {
+            path: "a.wim".into(),
+            size: whole.len() as u64,
+            hash: ferry_core::FileHash::of(&whole),
+            chunks: ids.iter().map(|&id| ChunkRef { id, len: 100 }).collect(),
+            segments: Vec::new(),
+        };
+        let mut full = pb::ManifestBody {
+            package: "FRY00001".into(),
+            revision: 2,
+            name: "x".into(),
+            files: vec![ferry_wire::file_to_wire(&m)],
+        };
+        let signature = key.sign(&full.encode_to_vec());
+        let base = &ids[..3];
+        ferry_wire::compact(&mut full, base);
+        let signed = pb::SignedManifest {
+            body: full.encode_to_vec().into(),
+            signature: signature.into(),
+            base_revision: 1,
+        };
+        let a = pb::Assignment {
+            package: "FRY00001".into(),
+            revision: 2,
+            name: "x".into(),
+        };
+        let got = verify_manifest(&key.public(), &a, &signed, base).unwrap();
+        assert_eq!(got[0].chunks, m.chunks);
+        // A DP whose copy of the base differs cannot be fooled into another
+        // manifest: the expanded body no longer matches the signature.
+        let mut other = base.to_vec();
+        other.swap(0, 1);
+        let e = verify_manifest(&key.public(), &a, &signed, &other).unwrap_err();
+        assert!(e.to_string().contains("compact form"), "{e}");
+        let e = verify_manifest(&key.public(), &a, &signed, &base[..1]).unwrap_err();
+        assert!(e.to_string().contains("compact form"), "{e}");
+    }
 
     #[test]
     fn only_plain_package_ids_name_folders() {

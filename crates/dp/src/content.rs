@@ -222,7 +222,8 @@ mod tests {
                 }
             })
             .collect();
-        imp.commit(pkg, rev, &ms, |_| Ok(b"{}".to_vec())).unwrap();
+        imp.commit(pkg, rev, &ms, |_, _| Ok(b"{}".to_vec()))
+            .unwrap();
         ms
     }
 

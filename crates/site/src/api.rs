@@ -550,7 +550,9 @@ fn import_stream(
                 if view.record.revisions.len() > 1 {
                     // DPs holding the package move to the new revision.
                     s.hub.notify();
-                    let _ = images::prune(&lib, &s.hub.snapshot(), &view.record.id);
+                    if let Err(e) = images::prune(&lib, &s.hub.snapshot(), &view.record.id) {
+                        tracing::warn!(package = %view.record.id, error = %e, "cannot remove unused revisions");
+                    }
                 }
                 ImportEvent::Done {
                     package: Box::new(view),
@@ -699,17 +701,14 @@ async fn distribute(
     Json(req): Json<DistributeRequest>,
 ) -> Result<Response, ApiError> {
     let dps = reached(&s, &req)?;
-    if !req.dry_run {
-        // Distributing sends the newest revision, here and to every DP that
-        // holds the package already.
-        let (lib, package) = (s.lib.clone(), req.package.clone());
-        blocking(move || images::release_latest(&lib, &package)).await?;
-    }
     let (lib, reg, package) = (s.lib.clone(), s.hub.snapshot(), req.package.clone());
     let (revision, needs) = blocking(move || status::needs(&reg, &lib, &package, &dps)).await?;
     if !req.dry_run {
         s.hub.distribute(&req.package, &req.dps, &req.groups)?;
-        // DPs that held an older released revision move to the newest too.
+        // Distributing sends the newest revision, here and to every DP that
+        // holds the package already.
+        let (lib, package) = (s.lib.clone(), req.package.clone());
+        blocking(move || images::release_latest(&lib, &package)).await?;
         s.hub.notify();
         tracing::info!(package = %req.package, dps = ?req.dps, groups = ?req.groups, "package distributed");
     }

@@ -358,7 +358,12 @@ pub fn import(
             }
         }
     };
-    commit(import, &mut record, std::slice::from_ref(&manifest))?;
+    commit(
+        import,
+        &mut record,
+        std::slice::from_ref(&manifest),
+        Release::Newest,
+    )?;
     lib.try_collect()?;
     Ok(PackageView {
         source_state: source_state(&record),
@@ -413,27 +418,75 @@ pub(crate) fn ingest_path(
     })
 }
 
-/// Commits `manifests` as the newest revision of `record` (its last
-/// entry), writing the record with that revision's exact figures in the same
-/// batch, and leaves those figures in `record`.
+/// What a new revision does to the revision DPs receive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// DPs get the newest revision (an import or refresh); the version
+    /// string is the new one.
+    Newest,
+    /// DPs keep the revision they were sent (a servicing job without
+    /// `--distribute`).
+    Unchanged,
+}
+
+/// Commits `manifests` as the newest revision of `record` (its last entry).
+/// The stored record is read again under the library's lock and only the
+/// new revision (and `release`) is applied to it, so a concurrent prune or
+/// `distribute` is not undone; a record whose newest revision is no longer
+/// the one before it is refused. On success `record` is what was stored,
+/// with the revision's exact figures.
 pub(crate) fn commit(
     import: ferry_store::Import<'_>,
     record: &mut PackageRecord,
     manifests: &[Manifest],
+    release: Release,
 ) -> Result<(), ImageError> {
     let id = record.id.clone();
     let number = record.latest().map_or(1, |r| r.revision);
     let segments: u64 = manifests.iter().map(|m| m.segments.len() as u64).sum();
-    let committed = import.commit(&id, number, manifests, |c| {
-        let mut rec = record.clone();
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt {
+        what: format!("catalog record of {id}"),
+        detail: e.to_string(),
+    };
+    let mut stored: Option<PackageRecord> = None;
+    let committed = import.commit(&id, number, manifests, |c, current| {
+        let mut rec = match current {
+            None if number == 1 => record.clone(),
+            None => {
+                return Err(StoreError::Refused(format!(
+                    "{id} was removed while revision {number} was being made"
+                )))
+            }
+            Some(bytes) => {
+                let mut cur: PackageRecord = serde_json::from_slice(bytes).map_err(corrupt)?;
+                let newest = cur.latest().map_or(0, |r| r.revision);
+                if newest + 1 != number {
+                    return Err(StoreError::Refused(format!(
+                        "{id} changed while revision {number} was being made (its newest revision is now {newest}); try again"
+                    )));
+                }
+                let pinned = cur.target();
+                cur.revisions.extend(record.revisions.last().cloned());
+                match release {
+                    Release::Newest => {
+                        cur.released = None;
+                        cur.version = record.version.clone();
+                    }
+                    Release::Unchanged => cur.released = pinned,
+                }
+                cur
+            }
+        };
         if let Some(r) = rec.revisions.last_mut() {
             r.stats = import_stats(c, segments);
         }
-        serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
-            what: format!("catalog record of {id}"),
-            detail: e.to_string(),
-        })
+        let bytes = serde_json::to_vec(&rec).map_err(corrupt)?;
+        stored = Some(rec);
+        Ok(bytes)
     })?;
+    if let Some(rec) = stored {
+        *record = rec;
+    }
     if let Some(r) = record.revisions.last_mut() {
         r.stats = import_stats(&committed, segments);
     }
@@ -647,7 +700,7 @@ pub fn prune(
     reg: &crate::registry::Registry,
     id: &str,
 ) -> Result<Vec<u32>, ImageError> {
-    let mut rec = record(lib, id)?;
+    let rec = record(lib, id)?;
     let (Some(latest), Some(target)) = (rec.latest().map(|r| r.revision), rec.target()) else {
         return Ok(Vec::new());
     };
@@ -669,16 +722,43 @@ pub fn prune(
         .map(|r| r.revision)
         .filter(|&r| r != latest && r != target)
         .collect();
+    let mut removed = Vec::new();
     for &r in &old {
-        rec.revisions.retain(|x| x.revision != r);
-        let json = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
-            what: format!("catalog record of {id}"),
-            detail: e.to_string(),
-        })?;
-        lib.remove_revision(id, r, Some(&json))?;
-        tracing::info!(package = %id, revision = r, "old revision removed: no DP uses it");
+        // Decided on a copy; checked again on the record as stored now.
+        let result = lib.remove_revision(id, r, |current| {
+            let Some(bytes) = current else {
+                return Err(StoreError::NoPackage(id.to_string()));
+            };
+            let mut rec: PackageRecord =
+                serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+                    what: format!("catalog record of {id}"),
+                    detail: e.to_string(),
+                })?;
+            if rec.latest().map(|x| x.revision) == Some(r) || rec.target() == Some(r) {
+                return Err(StoreError::Refused(format!(
+                    "{id} revision {r} is in use again"
+                )));
+            }
+            rec.revisions.retain(|x| x.revision != r);
+            serde_json::to_vec(&rec)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("catalog record of {id}"),
+                    detail: e.to_string(),
+                })
+        });
+        match result {
+            Ok(_) => {
+                tracing::info!(package = %id, revision = r, "old revision removed: no DP uses it");
+                removed.push(r);
+            }
+            Err(StoreError::Refused(why)) => {
+                tracing::info!(package = %id, revision = r, "old revision kept: {why}");
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(old)
+    Ok(removed)
 }
 
 /// Makes the newest revision of `id` the one DPs receive (what

@@ -19,6 +19,8 @@ use tokio::sync::Notify;
 
 /// The jobs file inside the data folder.
 pub const JOBS_FILE: &str = "jobs.json";
+/// Runs kept per job (a cron job runs again and again).
+pub const MAX_RUNS_KEPT: usize = 50;
 
 /// Why a job request or change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -259,14 +261,17 @@ pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String>
         let n: i64 = num
             .parse()
             .map_err(|_| format!("--at {at:?}: expected +N followed by s, m, h or d"))?;
-        let secs = match unit {
-            "" | "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86400,
+        let unit_secs = match unit {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
             _ => return Err(format!("--at {at:?}: the unit must be s, m, h or d")),
         };
-        return Ok(now + time::Duration::seconds(secs));
+        return n
+            .checked_mul(unit_secs)
+            .and_then(|secs| now.checked_add(time::Duration::seconds(secs)))
+            .ok_or_else(|| format!("--at {at:?} is too far ahead"));
     }
     if let Some(t) = parse_time(at) {
         return Ok(t);
@@ -324,9 +329,13 @@ pub struct Jobs {
 
 impl Jobs {
     /// Loads `DATA/jobs.json`. A job left running by a site that stopped is
-    /// marked failed: its work folder is discarded and nothing was committed
-    /// unless its revision is listed.
-    pub fn load(data: &Path) -> Result<Self, JobError> {
+    /// settled: `committed(package, job)` tells whether its revision made it
+    /// into the library (the commit is atomic), as `(revision, partly)`; if
+    /// so the run succeeded, else it failed and nothing of it was kept.
+    pub fn load(
+        data: &Path,
+        committed: impl Fn(&str, u64) -> Option<(u32, bool)>,
+    ) -> Result<Self, JobError> {
         let path = data.join(JOBS_FILE);
         let mut file: JobsFile = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| JobError::Storage {
@@ -344,15 +353,25 @@ impl Jobs {
         let mut changed = false;
         for j in &mut file.jobs {
             if j.state == JobState::Running {
+                let done = committed(&j.package, j.id);
+                let outcome = match done {
+                    Some((_, false)) => JobState::Succeeded,
+                    Some((_, true)) => JobState::PartlySucceeded,
+                    None => JobState::Failed,
+                };
                 if let Some(r) = j.runs.last_mut() {
-                    r.outcome = JobState::Failed;
+                    r.outcome = outcome;
                     r.finished = Some(crate::registry::now());
-                    r.error = Some("the site server stopped while the job ran".into());
+                    r.revision = done.map(|(rev, _)| rev);
+                    r.error = Some(match done {
+                        Some(_) => "the site server stopped after the job committed its revision; the update outcomes of this run were not recorded".into(),
+                        None => "the site server stopped while the job ran; nothing of it was kept".into(),
+                    });
                 }
                 j.state = if j.request.schedule.is_some() {
                     JobState::Scheduled
                 } else {
-                    JobState::Failed
+                    outcome
                 };
                 changed = true;
             }
@@ -516,6 +535,11 @@ impl Jobs {
                 Some(last) => *last = run,
                 None => j.runs.push(run),
             }
+            // A cron job keeps its most recent runs only.
+            if j.runs.len() > MAX_RUNS_KEPT {
+                let extra = j.runs.len() - MAX_RUNS_KEPT;
+                j.runs.drain(..extra);
+            }
             j.next_run = None;
             j.state = outcome;
             if let Some(expr) = &j.request.schedule {
@@ -597,6 +621,9 @@ mod tests {
             .unwrap_err()
             .contains("not a time"));
         assert!(parse_at("+3y", now).unwrap_err().contains("unit"));
+        assert!(parse_at("+9223372036854775807d", now)
+            .unwrap_err()
+            .contains("too far"));
     }
 
     #[test]
@@ -617,7 +644,7 @@ mod tests {
     #[test]
     fn jobs_persist_and_only_scheduled_ones_cancel() {
         let dir = tempfile::tempdir().unwrap();
-        let jobs = Jobs::load(dir.path()).unwrap();
+        let jobs = Jobs::load(dir.path(), |_, _| None).unwrap();
         let req = ServiceRequest {
             updates: vec!["KB1".into()],
             at: Some("+1h".into()),
@@ -633,12 +660,26 @@ mod tests {
         assert!(matches!(jobs.cancel(2), Err(JobError::Started { .. })));
         assert_eq!(jobs.cancel(1).unwrap().state, JobState::Cancelled);
         assert!(matches!(jobs.cancel(9), Err(JobError::NoJob(9))));
-        // A site that stops while b runs finds it failed on restart.
+        // A site that stops while b runs finds it failed on restart, or
+        // succeeded when its revision was committed.
         drop(jobs);
-        let jobs = Jobs::load(dir.path()).unwrap();
+        let file = std::fs::read(dir.path().join(JOBS_FILE)).unwrap();
+        let jobs = Jobs::load(dir.path(), |_, _| None).unwrap();
         let b = jobs.get(2).unwrap();
         assert_eq!(b.state, JobState::Failed);
         assert!(b.runs[0].error.as_deref().unwrap().contains("stopped"));
+        assert_eq!(b.runs[0].revision, None);
+        drop(jobs);
+        std::fs::write(dir.path().join(JOBS_FILE), file).unwrap();
+        let jobs = Jobs::load(dir.path(), |p, id| {
+            (p == "FRY00001" && id == 2).then_some((7, false))
+        })
+        .unwrap();
+        let b = jobs.get(2).unwrap();
+        assert_eq!(
+            (b.state, b.runs[0].revision),
+            (JobState::Succeeded, Some(7))
+        );
         assert_eq!(jobs.get(1).unwrap().state, JobState::Cancelled);
         assert!(jobs.next_due().is_none());
     }

@@ -152,7 +152,13 @@ impl Site {
             .with_context(|| format!("cannot open the content library of the site in {} (is another `ferry site serve` running on it?)", data.display()))?;
         ensure_keys(data, &config.site_code)?;
         let hub = registry::Hub::load(data)?;
-        let jobs = jobs::Jobs::load(data)?;
+        let jobs = jobs::Jobs::load(data, |package, job| {
+            let rec = images::record(&lib, package).ok()?;
+            rec.revisions.iter().find_map(|r| {
+                let s = r.service.as_ref().filter(|s| s.job == job)?;
+                Some((r.revision, !s.failed.is_empty()))
+            })
+        })?;
         // Work files a stopped site left behind (exports, job copies).
         let _ = std::fs::remove_dir_all(images::work_dir(data));
         Ok(Self {

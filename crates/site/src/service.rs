@@ -201,15 +201,12 @@ fn service(
                 return Err(Stop(format!("{id}: {e}")));
             }
         };
-        let planned: Vec<String> = plan.iter().map(|(p, _)| p.manifest.id.clone()).collect();
         let skip = if applied_before.contains(id) {
             Some(format!("already applied (revision {})", base.revision))
-        } else if let Some(by) = superseded_before.get(id) {
-            Some(format!("superseded by {by}, already applied"))
         } else {
-            updates::superseded_by(&planned, &catalog)
+            superseded_before
                 .get(id)
-                .map(|by| format!("superseded by {by}, applied earlier in this job"))
+                .map(|by| format!("superseded by {by}, already applied"))
         };
         if let Some(why) = skip {
             run.updates
@@ -234,6 +231,16 @@ fn service(
             continue;
         }
         plan.push((u, targets));
+    }
+    let optimized_already = base
+        .service
+        .as_ref()
+        .is_some_and(|s| s.optimized.is_some() && s.applied.is_empty());
+    if plan.is_empty() && req.optimize && optimized_already {
+        // A cron job with --optimize alone would otherwise rebuild an
+        // unchanged image into a new revision at every run.
+        run.outcome = JobState::NothingToDo;
+        return Ok(());
     }
     if plan.is_empty() && !req.optimize {
         let why = failures(run);
@@ -275,6 +282,16 @@ fn service(
                 id,
                 UpdateResult::NotRun,
                 Some("an earlier update failed".into()),
+            ));
+            continue;
+        }
+        // Applying it after one that supersedes it would undo that one.
+        if let Some(by) = updates::superseded_by(&applied, &catalog).get(id) {
+            run.updates.push(outcome(
+                Some(u),
+                id,
+                UpdateResult::Skipped,
+                Some(format!("superseded by {by}, applied earlier in this job")),
             ));
             continue;
         }
@@ -378,7 +395,6 @@ fn service(
     all_applied.extend(applied.iter().cloned());
     let number = base.revision + 1;
     let mut record: PackageRecord = rec.clone();
-    let released_before = rec.target();
     record.revisions.push(RevisionRecord {
         revision: number,
         created: crate::registry::now(),
@@ -408,13 +424,13 @@ fn service(
         }),
         warnings: base.warnings.clone(),
     });
-    record.released = if req.distribute {
-        None
+    let release = if req.distribute {
+        images::Release::Newest
     } else {
-        released_before
+        images::Release::Unchanged
     };
-    images::commit(import, &mut record, &new_manifests)?;
-    lib.try_collect()?;
+    images::commit(import, &mut record, &new_manifests, release)?;
+    // Committed: from here on the run succeeded, whatever else fails.
     run.revision = Some(number);
     run.distributed = req.distribute;
     run.outcome = if failed.is_empty() {
@@ -422,6 +438,9 @@ fn service(
     } else {
         JobState::PartlySucceeded
     };
+    if let Err(e) = lib.try_collect() {
+        tracing::warn!(error = %e, "unreferenced chunks are left for the next collection");
+    }
     Ok(())
 }
 

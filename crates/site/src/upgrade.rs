@@ -448,7 +448,7 @@ pub fn import(
         },
     };
     let id = record.id.clone();
-    images::commit(import, &mut record, &manifests)?;
+    images::commit(import, &mut record, &manifests, images::Release::Newest)?;
     lib.try_collect()?;
     for w in &warnings {
         tracing::warn!(package = %id, "{w}");

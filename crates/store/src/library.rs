@@ -98,6 +98,10 @@ pub enum StoreError {
     /// No such package.
     #[error("no package {0} in the content library")]
     NoPackage(String),
+    /// A caller's update of a catalog record refused the record it found
+    /// (it changed since the caller read it).
+    #[error("{0}")]
+    Refused(String),
     /// The revision was committed already (by a concurrent import).
     #[error(
         "{package} revision {revision} exists already (another import committed it); try again"
@@ -712,17 +716,18 @@ impl Library {
             return Err(StoreError::NoPackage(package.to_string()));
         }
         let revs = self.revisions(package)?;
-        self.remove_revisions(package, &revs, true, None)
+        self.remove_revisions(package, &revs, true, |_| Ok(None))
     }
 
     /// Deletes one revision's manifests and their references, keeping the
-    /// package and its other revisions. With `record`, the package's catalog
-    /// record is replaced in the same write (to drop the revision from it).
+    /// package and its other revisions. `record` is given the package's
+    /// catalog record as stored now (read under the library's lock); what it
+    /// returns replaces it in the same write (to drop the revision from it).
     pub fn remove_revision(
         &self,
         package: &str,
         revision: u32,
-        record: Option<&[u8]>,
+        record: impl FnOnce(Option<&[u8]>) -> Result<Option<Vec<u8>>, StoreError>,
     ) -> Result<RemoveStats, StoreError> {
         self.remove_revisions(package, &[revision], false, record)
     }
@@ -732,17 +737,17 @@ impl Library {
         package: &str,
         revisions: &[u32],
         record_too: bool,
-        new_record: Option<&[u8]>,
+        new_record: impl FnOnce(Option<&[u8]>) -> Result<Option<Vec<u8>>, StoreError>,
     ) -> Result<RemoveStats, StoreError> {
         let mut batch = WriteBatch::default();
         if record_too {
             batch.delete_cf(self.cf(CF_PACKAGES), package.as_bytes());
         }
-        if let Some(r) = new_record {
-            batch.put_cf(self.cf(CF_PACKAGES), package.as_bytes(), r);
-        }
         {
             let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = new_record(self.package(package)?.as_deref())? {
+                batch.put_cf(self.cf(CF_PACKAGES), package.as_bytes(), r);
+            }
             let mut drops: HashMap<ChunkId, u64> = HashMap::new();
             let mut hints = Vec::new();
             for &rev in revisions {
@@ -875,13 +880,15 @@ impl Import<'_> {
     /// `package`, the catalog record, one reference per manifest entry, and
     /// the segment hints, all in one synced batch after the import's chunks
     /// are flushed to disk. `record` builds the catalog record from the
-    /// commit's figures, which are exact: no other commit runs meanwhile.
+    /// commit's figures and the record stored now (if any), both read under
+    /// the lock that serialises commits, removals and record updates: the
+    /// figures are exact and no concurrent change to the record is lost.
     pub fn commit(
         mut self,
         package: &str,
         revision: u32,
         manifests: &[Manifest],
-        record: impl FnOnce(&CommitStats) -> Result<Vec<u8>, StoreError>,
+        record: impl FnOnce(&CommitStats, Option<&[u8]>) -> Result<Vec<u8>, StoreError>,
     ) -> Result<CommitStats, StoreError> {
         self.write_batch()?;
         let lib = self.lib;
@@ -935,7 +942,12 @@ impl Import<'_> {
             }
             batch.put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(count + n, len));
         }
-        batch.put_cf(lib.cf(CF_PACKAGES), package.as_bytes(), record(&stats)?);
+        let current = lib.package(package)?;
+        batch.put_cf(
+            lib.cf(CF_PACKAGES),
+            package.as_bytes(),
+            record(&stats, current.as_deref())?,
+        );
         lib.db
             .write_opt(batch, &Library::synced())
             .map_err(|e| lib.db_err(e))?;
@@ -977,7 +989,7 @@ mod tests {
             }],
             chunks,
         };
-        imp.commit(package, 1, &[m], |_| Ok(b"{}".to_vec()))
+        imp.commit(package, 1, &[m], |_, _| Ok(b"{}".to_vec()))
             .unwrap()
     }
 
@@ -1074,14 +1086,14 @@ mod tests {
                 fingerprint: None,
             }],
         };
-        st.commit("FRY00001", 3, &[m], |_| Ok(b"{}".to_vec()))
+        st.commit("FRY00001", 3, &[m], |_, _| Ok(b"{}".to_vec()))
             .unwrap();
         assert!(lib.stages().unwrap().is_empty());
         drop(lib);
         let lib = Library::open(dir.path()).unwrap();
         assert!(lib.has_chunk(&id).unwrap());
         assert_eq!(
-            lib.remove_revision("FRY00001", 3, None)
+            lib.remove_revision("FRY00001", 3, |_| Ok(None))
                 .unwrap()
                 .freed_bytes,
             300_000
@@ -1098,7 +1110,7 @@ mod tests {
         let again = lib.begin_import();
         let m = lib.manifests("A", 1).unwrap();
         let e = again
-            .commit("A", 1, &m, |_| Ok(b"{}".to_vec()))
+            .commit("A", 1, &m, |_, _| Ok(b"{}".to_vec()))
             .unwrap_err();
         assert!(
             matches!(e, StoreError::RevisionExists { revision: 1, .. }),

@@ -88,7 +88,11 @@ fn init() {
     INIT.call_once(|| {
         // SAFETY: called once, before any other wimlib function.
         unsafe {
-            sys::wimlib_global_init(sys::WIMLIB_INIT_FLAG_ASSUME_UTF8 as c_int);
+            // Paths in an image are Windows paths: looked up ignoring case.
+            sys::wimlib_global_init(
+                (sys::WIMLIB_INIT_FLAG_ASSUME_UTF8 | sys::WIMLIB_INIT_FLAG_DEFAULT_CASE_INSENSITIVE)
+                    as c_int,
+            );
             sys::wimlib_set_print_errors(false);
         }
     });
