@@ -781,3 +781,101 @@ pub fn release_latest(lib: &Library, id: &str) -> Result<u32, ImageError> {
     }
     Ok(latest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+    use ferry_core::manifest::SegmentRecord;
+    use ferry_core::{ChunkRef, SegmentKind};
+
+    /// Commits a one-chunk file holding `seed` as the next revision of
+    /// `record` (a copy the caller may hold for as long as it likes).
+    fn add_revision(lib: &Library, record: &mut PackageRecord, seed: u8, release: Release) {
+        let data = vec![seed; 64];
+        let id = ChunkId::of(&data);
+        let mut imp = lib.begin_import();
+        imp.put_chunk(&id, &data).unwrap();
+        let m = Manifest {
+            path: "f.wim".into(),
+            size: 64,
+            hash: FileHash::of(&data),
+            chunks: vec![ChunkRef { id, len: 64 }],
+            segments: vec![SegmentRecord {
+                kind: SegmentKind::Data,
+                offset: 0,
+                len: 64,
+                first_chunk: 0,
+                chunk_count: 1,
+                fingerprint: None,
+            }],
+        };
+        let next = record.latest().map_or(1, |r| r.revision + 1);
+        record.revisions.push(RevisionRecord {
+            revision: next,
+            created: String::new(),
+            source: SourceRecord {
+                path: String::new(),
+                size: 64,
+                modified_ns: 0,
+                hash: m.hash,
+            },
+            exported_index: None,
+            wim: Default::default(),
+            images: Vec::new(),
+            files: vec![FileRecord::of(&m)],
+            stats: ImportStats::default(),
+            service: None,
+            warnings: Vec::new(),
+        });
+        commit(imp, record, &[m], release).unwrap();
+    }
+
+    fn revisions(lib: &Library) -> Vec<u32> {
+        let rec = record(lib, "FRY00001").unwrap();
+        rec.revisions.iter().map(|r| r.revision).collect()
+    }
+
+    #[test]
+    fn record_changes_made_meanwhile_survive_a_commit_from_an_older_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(dir.path()).unwrap();
+        let mut rec = PackageRecord {
+            id: "FRY00001".into(),
+            kind: PackageKind::Image,
+            name: "x".into(),
+            version: String::new(),
+            comment: String::new(),
+            created: String::new(),
+            revisions: Vec::new(),
+            released: None,
+            architecture: String::new(),
+            language: String::new(),
+        };
+        add_revision(&lib, &mut rec, 1, Release::Newest);
+        // A job without --distribute: DPs stay on revision 1.
+        add_revision(&lib, &mut rec, 2, Release::Unchanged);
+        assert_eq!(record(&lib, "FRY00001").unwrap().target(), Some(1));
+        // The job that makes revision 3 started from this copy…
+        let mut stale = rec.clone();
+        // …and meanwhile the operator distributes (revision 2 released).
+        assert_eq!(release_latest(&lib, "FRY00001").unwrap(), 2);
+        add_revision(&lib, &mut stale, 3, Release::Unchanged);
+        let now = record(&lib, "FRY00001").unwrap();
+        assert_eq!(
+            now.target(),
+            Some(2),
+            "the distribute is kept: DPs stay on 2, not back on 1"
+        );
+        assert_eq!(stale, now, "the caller gets what was stored");
+
+        // With no DP holding it, everything but the newest goes.
+        add_revision(&lib, &mut stale, 4, Release::Newest);
+        assert_eq!(revisions(&lib), [1, 2, 3, 4]);
+        let removed = prune(&lib, &Registry::default(), "FRY00001").unwrap();
+        assert_eq!(removed, [1, 2, 3]);
+        assert_eq!(revisions(&lib), [4]);
+        assert!(lib.manifests("FRY00001", 1).unwrap().is_empty());
+        assert_eq!(lib.manifests("FRY00001", 4).unwrap().len(), 1);
+    }
+}
