@@ -71,6 +71,22 @@ fn media(dir: &Path) -> PathBuf {
     root
 }
 
+/// `dir` holds the same relative paths as `source` and nothing else, and
+/// every file but `sources/install.wim` holds the same bytes.
+fn same_tree_but_install_wim(source: &BTreeMap<String, String>, dir: &Path, when: &str) {
+    let got = tree_hashes(dir).unwrap();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        source.keys().collect::<Vec<_>>(),
+        "paths differ {when}"
+    );
+    for (path, hash) in source {
+        if path != "sources/install.wim" {
+            assert_eq!(&got[path], hash, "{path} differs {when}");
+        }
+    }
+}
+
 /// `wimapply WIM INDEX DIR`, then the tree's hashes.
 fn applied(wim: &Path, index: u32, dir: &Path) -> BTreeMap<String, String> {
     let out = Command::new("wimapply")
@@ -149,17 +165,7 @@ fn an_upgrade_package_with_one_index_reaches_a_dp_byte_for_byte_and_can_be_servi
     site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
     site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
     let on_dp = dp.content().join(&id);
-    let got = tree_hashes(&on_dp).unwrap();
-    // Same relative paths, nothing else; every file but install.wim the same bytes.
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        before.keys().collect::<Vec<_>>()
-    );
-    for (path, hash) in &before {
-        if path != "sources/install.wim" {
-            assert_eq!(&got[path], hash, "{path} differs on the DP");
-        }
-    }
+    same_tree_but_install_wim(&before, &on_dp, "on the DP");
     let dp_install = on_dp.join("sources/install.wim");
     wimtools::verify(&dp_install).unwrap();
     assert_eq!(
@@ -205,16 +211,7 @@ fn an_upgrade_package_with_one_index_reaches_a_dp_byte_for_byte_and_can_be_servi
         .unwrap();
     assert_eq!(j["state"], "succeeded", "{j}");
     site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();
-    let got = tree_hashes(&on_dp).unwrap();
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        before.keys().collect::<Vec<_>>()
-    );
-    for (path, hash) in &before {
-        if path != "sources/install.wim" {
-            assert_eq!(&got[path], hash, "{path} changed by servicing");
-        }
-    }
+    same_tree_but_install_wim(&before, &on_dp, "after servicing");
     assert!(wimtools::list_files(&dp_install, 1)
         .unwrap()
         .contains(&"/Windows/System32/upgrade-fix.dll".to_string()));

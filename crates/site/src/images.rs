@@ -307,10 +307,9 @@ pub fn import(
     } else {
         manifest.hash
     };
-    let created = now();
     let revision = RevisionRecord {
         revision: 1,
-        created: created.clone(),
+        created: now(),
         source: SourceRecord {
             path: shown.clone(),
             size: source_meta.len(),
@@ -332,7 +331,6 @@ pub fn import(
             rec
         }
         None => {
-            let number = lib.next_package_number()?;
             let name = req
                 .name
                 .clone()
@@ -344,18 +342,15 @@ pub fn import(
                         .filter(|n| !n.is_empty())
                 })
                 .unwrap_or_else(|| file_name.clone());
-            PackageRecord {
-                id: format!("{site_code}{number:05X}"),
-                kind: PackageKind::Image,
+            new_record(
+                lib,
+                site_code,
+                PackageKind::Image,
                 name,
-                version: req.version.clone().unwrap_or_default(),
-                comment: req.comment.clone().unwrap_or_default(),
-                created,
-                revisions: vec![revision],
-                released: None,
-                architecture: String::new(),
-                language: String::new(),
-            }
+                req.version.as_ref(),
+                req.comment.as_ref(),
+                revision,
+            )?
         }
     };
     commit(
@@ -415,6 +410,31 @@ pub(crate) fn ingest_path(
     .map_err(|source| ImageError::Ingest {
         path: shown.to_string(),
         source,
+    })
+}
+
+/// A new package (its next id from the library) whose first revision is
+/// `revision`; created when that revision was.
+pub(crate) fn new_record(
+    lib: &Library,
+    site_code: &str,
+    kind: PackageKind,
+    name: String,
+    version: Option<&String>,
+    comment: Option<&String>,
+    revision: RevisionRecord,
+) -> Result<PackageRecord, ImageError> {
+    Ok(PackageRecord {
+        id: format!("{site_code}{:05X}", lib.next_package_number()?),
+        kind,
+        name,
+        version: version.cloned().unwrap_or_default(),
+        comment: comment.cloned().unwrap_or_default(),
+        created: revision.created.clone(),
+        revisions: vec![revision],
+        released: None,
+        architecture: String::new(),
+        language: String::new(),
     })
 }
 

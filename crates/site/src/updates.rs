@@ -779,6 +779,48 @@ delete = ["Windows/System32/old.dll"]
         assert!(!s.contains_key("KB3"));
     }
 
+    /// A tar archive with one entry of `kind` named by the raw bytes `name`
+    /// (written into the header as is, so `..` gets through the builder).
+    fn archive_with(dir: &Path, name: &[u8], kind: tar::EntryType) -> PathBuf {
+        let p = dir.join("u.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&p).unwrap());
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(kind);
+        h.set_size(0);
+        if kind == tar::EntryType::Symlink {
+            h.set_link_name("/etc/passwd").unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, std::io::empty()).unwrap();
+        b.finish().unwrap();
+        p
+    }
+
+    #[test]
+    fn hostile_archives_are_refused_and_write_nothing_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("site");
+        let out = dir.path().join("escaped");
+        let a = archive_with(dir.path(), b"../escaped", tar::EntryType::Regular);
+        let e = import(&data, &a).unwrap_err().to_string();
+        assert!(e.contains("u.tar") && e.contains("step out"), "{e}");
+        assert!(!out.exists());
+        let a = archive_with(dir.path(), b"payload/link", tar::EntryType::Symlink);
+        let e = import(&data, &a).unwrap_err().to_string();
+        assert!(
+            e.contains("payload/link") && e.contains("only files and folders"),
+            "{e}"
+        );
+        let junk = dir.path().join("junk.tar");
+        std::fs::write(&junk, vec![0x55u8; 2048]).unwrap();
+        assert!(import(&data, &junk).is_err());
+        assert!(
+            list(&data).unwrap().is_empty(),
+            "nothing reached the catalog"
+        );
+    }
+
     #[test]
     fn folders_must_hold_exactly_the_named_payload() {
         let dir = tempfile::tempdir().unwrap();

@@ -403,10 +403,9 @@ pub fn import(
         h.update(m.hash.as_bytes());
     }
     let first_image = image_infos.first().cloned().unwrap_or_default();
-    let created = images::now();
     let revision = RevisionRecord {
         revision: 1,
-        created: created.clone(),
+        created: images::now(),
         source: SourceRecord {
             path: root.display().to_string(),
             size: stamp_before.0,
@@ -428,14 +427,6 @@ pub fn import(
             rec
         }
         None => PackageRecord {
-            id: format!("{site_code}{:05X}", lib.next_package_number()?),
-            kind: PackageKind::Upgrade,
-            name,
-            version: req.version.clone().unwrap_or_default(),
-            comment: req.comment.clone().unwrap_or_default(),
-            created,
-            revisions: vec![revision],
-            released: None,
             architecture: req
                 .arch
                 .clone()
@@ -445,6 +436,15 @@ pub fn import(
                 .clone()
                 .or_else(|| first_image.languages.first().cloned())
                 .unwrap_or_default(),
+            ..images::new_record(
+                lib,
+                site_code,
+                PackageKind::Upgrade,
+                name,
+                req.version.as_ref(),
+                req.comment.as_ref(),
+                revision,
+            )?
         },
     };
     let id = record.id.clone();
