@@ -283,3 +283,23 @@ fn operator_api_refuses_a_wrong_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let mut child = std::process::Command::new(ferry_tests::harness::ferry_bin())
+        .arg("--data")
+        .arg(&site.data)
+        .args(["image", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the CLI writes, as `| head` does.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.status.success(), "killed by SIGPIPE, not a success");
+}

@@ -86,6 +86,9 @@ pub(crate) struct Global {
 }
 
 fn main() -> ExitCode {
+    // `ferry … | head` ends quietly, as other command-line tools do, instead
+    // of panicking on the closed pipe.
+    sigpipe::reset();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
