@@ -88,6 +88,8 @@ pub struct SiteProc {
     pub log: PathBuf,
     /// Extra environment of `ferry site serve` (fault injection).
     pub env: Vec<(String, String)>,
+    /// The address the DP endpoint listens on.
+    pub dp_ip: String,
     child: Option<Child>,
 }
 
@@ -100,6 +102,17 @@ impl SiteProc {
     /// `ferry site init` in `dir/NAME`, then `ferry site serve` with extra
     /// environment variables.
     pub fn start_with(dir: &Path, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_at(dir, name, "127.0.0.1", env)
+    }
+
+    /// [`SiteProc::start_with`] with the DP endpoint on `dp_ip` (`0.0.0.0`
+    /// for DPs in network namespaces).
+    pub fn start_at(
+        dir: &Path,
+        name: &str,
+        dp_ip: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let bin = ferry_bin();
         if !bin.exists() {
             bail!(
@@ -110,6 +123,7 @@ impl SiteProc {
         let data = dir.join(name);
         let port = free_port()?;
         let dp_port = free_udp_port()?;
+        let dp_ip_s = dp_ip.to_string();
         let out = Command::new(&bin)
             .args([
                 "site",
@@ -117,7 +131,7 @@ impl SiteProc {
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--dp-listen",
-                &format!("127.0.0.1:{dp_port}"),
+                &format!("{dp_ip}:{dp_port}"),
                 "--data",
             ])
             .arg(&data)
@@ -137,6 +151,7 @@ impl SiteProc {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            dp_ip: dp_ip_s,
             child: None,
         };
         site.serve()?;
@@ -258,6 +273,18 @@ impl SiteProc {
             .map(drop)
     }
 
+    /// `ferry content refresh ID --source SOURCE`: the next revision.
+    pub fn refresh(&self, id: &str, source: &Path) -> anyhow::Result<()> {
+        self.cli_ok(&[
+            "content",
+            "refresh",
+            id,
+            "--source",
+            &source.to_string_lossy(),
+        ])
+        .map(drop)
+    }
+
     /// Imports a WIM and returns the package JSON.
     pub fn add_image(&self, path: &Path, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
         let p = path.to_string_lossy();
@@ -270,13 +297,32 @@ impl SiteProc {
 impl Drop for SiteProc {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            print_tail(&self.log);
+        }
+    }
+}
+
+/// Prints the end of a log, for a failing test's output.
+fn print_tail(log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(40);
+    eprintln!("--- last lines of {} ---", log.display());
+    for l in &lines[from..] {
+        eprintln!("{l}");
     }
 }
 
 impl SiteProc {
-    /// The site's address for DPs.
+    /// The site's address for DPs on this host.
     pub fn dp_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.dp_port)
+        let ip = if self.dp_ip == "0.0.0.0" {
+            "127.0.0.1"
+        } else {
+            &self.dp_ip
+        };
+        format!("{ip}:{}", self.dp_port)
     }
 
     /// `ferry status --json` rows, optionally for one package.
@@ -341,6 +387,8 @@ pub struct DpProc {
     pub log: PathBuf,
     /// Extra arguments of `ferry dp serve`.
     pub serve_args: Vec<String>,
+    /// A command the agent runs under (`ip netns exec NAME`).
+    pub exec_prefix: Vec<String>,
     child: Option<Child>,
 }
 
@@ -348,20 +396,34 @@ impl DpProc {
     /// `ferry dp add NAME` on the site, `ferry dp init` in `dir/NAME`; not
     /// started yet.
     pub fn enroll(dir: &Path, name: &str, site: &SiteProc) -> anyhow::Result<Self> {
+        Self::enroll_via(dir, name, site, &site.dp_addr(), &[])
+    }
+
+    /// Enrolls a DP that reaches the site at `site_addr`, running under
+    /// `prefix` (`ip netns exec NAME` for a DP in a namespace).
+    pub fn enroll_via(
+        dir: &Path,
+        name: &str,
+        site: &SiteProc,
+        site_addr: &str,
+        prefix: &[String],
+    ) -> anyhow::Result<Self> {
         let token = site.cli_json(&["dp", "add", name])?["token"]
             .as_str()
             .context("dp add printed no token")?
             .to_string();
         let data = dir.join(name);
-        let out = Command::new(ferry_bin())
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let out = cmd
             .args([
-                "dp",
-                "init",
-                "--site",
-                &site.dp_addr(),
-                "--token",
-                &token,
-                "--data",
+                "dp", "init", "--site", site_addr, "--token", &token, "--data",
             ])
             .arg(&data)
             .output()?;
@@ -376,6 +438,7 @@ impl DpProc {
             log: dir.join(format!("{name}.log")),
             data,
             serve_args: Vec::new(),
+            exec_prefix: prefix.to_vec(),
             child: None,
         })
     }
@@ -393,12 +456,21 @@ impl DpProc {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(ferry_bin())
+        let mut cmd = match self.exec_prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let child = cmd
             .args(["dp", "serve"])
             .args(&self.serve_args)
             .arg("--data")
             .arg(&self.data)
             .env("FERRY_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -435,6 +507,9 @@ impl DpProc {
 impl Drop for DpProc {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            print_tail(&self.log);
+        }
     }
 }
 

@@ -327,3 +327,173 @@ pub fn serviced_pair(
         changes,
     })
 }
+
+/// A WIM of `mib` MiB of incompressible data stored uncompressed (files of
+/// 16 MiB): big enough to stop a transfer in the middle.
+pub fn big_wim(dir: &Path, mib: usize, seed: u64) -> anyhow::Result<PathBuf> {
+    let tree = dir.join(format!("big-tree-{seed}"));
+    fs::create_dir_all(&tree)?;
+    let mut c = Content::new(seed);
+    for i in 0..mib / 16 {
+        fs::write(tree.join(format!("part{i}.bin")), c.bytes(16 << 20))?;
+    }
+    let wim = dir.join(format!("big-{seed}.wim"));
+    capture(&tree, &wim, "big", "none", &[])?;
+    fs::remove_dir_all(&tree)?;
+    Ok(wim)
+}
+
+/// A resource header of the WIM format: stored size, flags, offset,
+/// original size.
+#[derive(Clone, Copy, Debug)]
+struct ResHdr {
+    stored: u64,
+    flags: u8,
+    offset: u64,
+    original: u64,
+}
+
+const RES_COMPRESSED: u8 = 0x04;
+const RES_SOLID: u8 = 0x10;
+
+fn reshdr(b: &[u8]) -> ResHdr {
+    let mut stored = [0u8; 8];
+    stored[..7].copy_from_slice(&b[..7]);
+    ResHdr {
+        stored: u64::from_le_bytes(stored),
+        flags: b[7],
+        offset: u64::from_le_bytes(b[8..16].try_into().unwrap_or_default()),
+        original: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+    }
+}
+
+/// One WIM read with a parser of its own (independent of Ferry's): the
+/// table sizes and, per resource, its SHA-1 and its pieces — the chunk
+/// table and each compressed chunk (a resource that is not compressed, or
+/// solid, is one piece).
+struct WimPieces {
+    tables: u64,
+    /// Per resource: its SHA-1, its pieces, its chunk table's length.
+    resources: Vec<([u8; 20], Vec<Vec<u8>>, u64)>,
+}
+
+fn wim_pieces(path: &Path) -> anyhow::Result<WimPieces> {
+    let data = fs::read(path)?;
+    if data.len() < 208 || &data[..8] != b"MSWIM\0\0\0" {
+        bail!("{} is not a WIM", path.display());
+    }
+    let chunk_size = u64::from(u32::from_le_bytes(data[20..24].try_into()?));
+    let blob_table = reshdr(&data[48..72]);
+    let xml = reshdr(&data[72..96]);
+    let integrity = reshdr(&data[124..148]);
+    let tables = 208 + blob_table.stored + xml.stored + integrity.stored;
+    let at = |o: u64, n: u64| -> anyhow::Result<&[u8]> {
+        data.get(o as usize..(o + n) as usize)
+            .with_context(|| format!("{}: range {o}+{n} is past the end", path.display()))
+    };
+    let table = at(blob_table.offset, blob_table.stored)?;
+    let mut resources = Vec::new();
+    for e in table.chunks_exact(50) {
+        let r = reshdr(&e[..24]);
+        let sha: [u8; 20] = e[30..50].try_into()?;
+        let body = at(r.offset, r.stored)?;
+        if r.flags & RES_COMPRESSED == 0 || r.flags & RES_SOLID != 0 || r.original == 0 {
+            resources.push((sha, vec![body.to_vec()], 0));
+            continue;
+        }
+        let chunks = r.original.div_ceil(chunk_size);
+        let entry = if r.original > u64::from(u32::MAX) {
+            8
+        } else {
+            4
+        };
+        let table_len = (chunks - 1) * entry;
+        let offs: Vec<u64> = std::iter::once(0)
+            .chain(
+                body[..table_len as usize]
+                    .chunks_exact(entry as usize)
+                    .map(|b| {
+                        if entry == 8 {
+                            u64::from_le_bytes(b.try_into().unwrap_or_default())
+                        } else {
+                            u64::from(u32::from_le_bytes(b.try_into().unwrap_or_default()))
+                        }
+                    }),
+            )
+            .collect();
+        let data_part = &body[table_len as usize..];
+        let mut pieces = Vec::with_capacity(offs.len());
+        for (i, &o) in offs.iter().enumerate() {
+            let end = offs.get(i + 1).copied().unwrap_or(data_part.len() as u64);
+            pieces.push(
+                data_part
+                    .get(o as usize..end as usize)
+                    .with_context(|| format!("{}: a chunk table out of range", path.display()))?
+                    .to_vec(),
+            );
+        }
+        resources.push((sha, pieces, table_len));
+    }
+    Ok(WimPieces { tables, resources })
+}
+
+/// The chunk floor of `new` over `old`, from the WIMs' own tables: the
+/// header, blob table, XML and integrity table of `new`, plus, for every
+/// resource of `new` (file data and metadata alike) whose SHA-1 `old`
+/// lacks, its chunk table and those of its compressed chunks that appear
+/// nowhere in `old`. What any tool that knows the WIM format must send.
+pub fn chunk_floor(old: &Path, new: &Path) -> anyhow::Result<u64> {
+    let o = wim_pieces(old)?;
+    let n = wim_pieces(new)?;
+    let old_sha: HashSet<[u8; 20]> = o.resources.iter().map(|r| r.0).collect();
+    let old_pieces: HashSet<[u8; 32]> = o
+        .resources
+        .iter()
+        .flat_map(|r| r.1.iter().map(|p| *blake3::hash(p).as_bytes()))
+        .collect();
+    let mut floor = n.tables;
+    for (sha, pieces, table) in &n.resources {
+        if old_sha.contains(sha) {
+            continue;
+        }
+        floor += table;
+        for p in pieces {
+            if !old_pieces.contains(blake3::hash(p).as_bytes()) {
+                floor += p.len() as u64;
+            }
+        }
+    }
+    Ok(floor)
+}
+
+/// Applies `changes` (from [`service`]) to a copy of `tree` in `out`, as the
+/// serviced image's files, for recapturing it from scratch. Needs the
+/// serviced WIM to read the replaced and added files from.
+pub fn serviced_tree(serviced: &Path, out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        fs::remove_dir_all(out)?;
+    }
+    fs::create_dir_all(out)?;
+    run(Command::new("wimapply").arg(serviced).arg("1").arg(out)).map(drop)
+}
+
+/// A WIM (LZX) of a generated tree of `files` files: `DIR/NAME.wim`, image
+/// named NAME, with `props`.
+pub fn tree_wim(
+    dir: &Path,
+    name: &str,
+    files: usize,
+    seed: u64,
+    props: &[(&str, &str)],
+) -> anyhow::Result<PathBuf> {
+    let spec = crate::tree::TreeSpec {
+        files,
+        seed,
+        ..crate::tree::TreeSpec::default()
+    };
+    let tree = dir.join(format!("{name}-tree"));
+    crate::tree::make_tree(&tree, &spec)?;
+    let wim = dir.join(format!("{name}.wim"));
+    capture(&tree, &wim, name, "LZX", props)?;
+    Ok(wim)
+}

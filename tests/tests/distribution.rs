@@ -71,18 +71,7 @@ fn two_dps_get_the_image_then_only_the_delta_and_undistribute_frees_it() {
     assert_eq!(dry["needs"][0]["needed_bytes"], 0, "dp1 holds it all");
 
     // Service and refresh: a new revision of the same package.
-    let out = site.cli(&[
-        "content",
-        "refresh",
-        &id,
-        "--source",
-        pair.serviced.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    site.refresh(&id, &pair.serviced).unwrap();
     let show = site.cli_json(&["image", "show", &id]).unwrap();
     assert_eq!(show["revisions"].as_array().unwrap().len(), 2);
     for dp in [&dp1, &dp2] {
@@ -141,18 +130,8 @@ fn two_dps_get_the_image_then_only_the_delta_and_undistribute_frees_it() {
     dp2.stop().unwrap();
 }
 
-/// A WIM of `mib` MiB of incompressible data stored uncompressed: big enough
-/// to stop a transfer in the middle.
 fn big_wim(dir: &Path, mib: usize) -> std::path::PathBuf {
-    let tree = dir.join("big-tree");
-    fs::create_dir_all(&tree).unwrap();
-    let mut c = ferry_tests::tree::Content::new(5);
-    for i in 0..mib / 16 {
-        fs::write(tree.join(format!("part{i}.bin")), c.bytes(16 << 20)).unwrap();
-    }
-    let wim = dir.join("big.wim");
-    wimtools::capture(&tree, &wim, "big", "none", &[]).unwrap();
-    wim
+    wimtools::big_wim(dir, mib, 5).unwrap()
 }
 
 #[test]
@@ -213,7 +192,7 @@ fn a_killed_dp_resumes_without_fetching_again_and_waits_for_a_killed_site() {
     std::thread::sleep(Duration::from_secs(2));
     site.serve().unwrap();
     let row = site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
-    let got = dp.content().join(&id).join("big.wim");
+    let got = dp.content().join(&id).join(wim.file_name().unwrap());
     assert!(same_file(&got, &wim));
     wimtools::verify(&got).unwrap();
     // Before the site restart: what was sent in all is the first session's
@@ -322,15 +301,7 @@ fn revoked_dps_used_tokens_and_foreign_cas_are_refused() {
 #[test]
 fn tampered_manifests_are_refused_and_corrupted_chunks_asked_again() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TreeSpec {
-        files: 300,
-        seed: 3,
-        ..TreeSpec::default()
-    };
-    let tree = dir.path().join("tree");
-    ferry_tests::tree::make_tree(&tree, &spec).unwrap();
-    let wim = dir.path().join("small.wim");
-    wimtools::capture(&tree, &wim, "small", "LZX", &[]).unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "small", 300, 3, &[]).unwrap();
 
     // A site that alters every manifest after signing it.
     let bad = SiteProc::start_with(
@@ -369,52 +340,16 @@ fn tampered_manifests_are_refused_and_corrupted_chunks_asked_again() {
         .contains("chunk failed verification; asking again"));
 }
 
-/// A tmpfs of `mib` MiB mounted at `dir` for the life of the value.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &Path, mib: u64) -> Self {
-        fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "this test needs root to mount a small tmpfs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
-fn a_full_dp_disk_fails_with_a_reason_and_leaves_no_partial_file() {
+fn a_package_too_big_for_the_dp_disk_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let wim = big_wim(dir.path(), 96);
-    let spec = TreeSpec {
-        files: 100,
-        seed: 5,
-        ..TreeSpec::default()
-    };
-    let tree = dir.path().join("small-tree");
-    ferry_tests::tree::make_tree(&tree, &spec).unwrap();
-    let small = dir.path().join("small.wim");
-    wimtools::capture(&tree, &small, "small", "LZX", &[]).unwrap();
+    let small = wimtools::tree_wim(dir.path(), "small", 100, 5, &[]).unwrap();
 
     let site = SiteProc::start(dir.path()).unwrap();
     let disk_dir = dir.path().join("dpdisk");
-    let _disk = SmallDisk::mount(&disk_dir, 160);
+    // The 96 MiB image plus the space kept free does not fit in 100 MiB.
+    let _disk = ferry_tests::disk::SmallDisk::mount(&disk_dir, 100).unwrap();
     let mut dp = DpProc::start(&disk_dir, "dp1", &site).unwrap();
     let big_id = id_of(&site.add_image(&wim, &[]).unwrap());
     site.cli_ok(&["distribute", &big_id, "--dp", "dp1"])
@@ -424,7 +359,8 @@ fn a_full_dp_disk_fails_with_a_reason_and_leaves_no_partial_file() {
     })
     .unwrap();
     let err = row["error"].as_str().unwrap();
-    assert!(err.contains("not enough space"), "{err}");
+    assert!(err.contains("not enough space on DP dp1"), "{err}");
+    assert!(err.contains("needs"), "{err}");
     assert!(row["next_retry"].is_string());
     let content = dp.content();
     assert!(!content.join(&big_id).exists(), "no package folder");

@@ -14,7 +14,7 @@ async fn connect_as(data: &Path, site: &str) -> quinn::Connection {
     let read = |f: &str| std::fs::read_to_string(data.join(f)).unwrap();
     let ca = ferry_net::pki::cert_der(&read("ca.pem"), "ca").unwrap();
     let id = ferry_net::tls::Identity::from_pem(&read("dp.pem"), &read("dp.key"), "dp").unwrap();
-    let cfg = ferry_net::tls::dp_client(&ca, id).unwrap();
+    let cfg = ferry_net::tls::dp_client(&ca, id, Default::default()).unwrap();
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.connect_with(cfg, site.parse().unwrap(), ferry_net::pki::SITE_SERVER_NAME)
         .unwrap()
@@ -49,6 +49,36 @@ async fn ask(conn: &quinn::Connection, req: request::Kind) -> Vec<pb::Reply> {
     out
 }
 
+/// Opens a chunk stream for `package` `revision`, sends each `Want`, ends
+/// its half, and returns every reply frame.
+async fn fetch(
+    conn: &quinn::Connection,
+    package: &str,
+    revision: u32,
+    wants: Vec<Vec<bytes::Bytes>>,
+) -> Vec<pb::Reply> {
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let req = pb::Request {
+        kind: Some(request::Kind::Fetch(pb::Fetch {
+            package: package.into(),
+            revision,
+        })),
+    };
+    write_frame(&mut s, &req).await.unwrap();
+    for ids in wants {
+        // The site may stop reading after a refusal; later writes can fail.
+        if write_frame(&mut s, &pb::Want { ids }).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.finish();
+    let mut out = Vec::new();
+    while let Ok(Some(rep)) = read_frame::<pb::Reply>(&mut r, MAX_REPLY_BYTES).await {
+        out.push(rep);
+    }
+    out
+}
+
 fn error_of(r: &pb::Reply) -> (i32, String) {
     match &r.kind {
         Some(reply::Kind::Error(e)) => (e.code, e.message.clone()),
@@ -59,8 +89,24 @@ fn error_of(r: &pb::Reply) -> (i32, String) {
 #[test]
 fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let site = SiteProc::start(dir.path()).unwrap();
+    let mut site = SiteProc::start(dir.path()).unwrap();
     let dp = DpProc::enroll(dir.path(), "dp1", &site).unwrap();
+    // A package assigned to dp1 (the agent is not running: this test is it).
+    let wim = ferry_tests::wimtools::tree_wim(dir.path(), "small", 20, 4, &[]).unwrap();
+    let id = site.add_image(&wim, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    let first_chunk: bytes::Bytes = {
+        site.stop().unwrap();
+        let lib = ferry_store::Library::open(&site.data.join("library")).unwrap();
+        let m = lib.manifests(&id, 1).unwrap();
+        let c = m[0].chunks[0].id.as_bytes().to_vec().into();
+        drop(lib);
+        site.serve().unwrap();
+        c
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // Hundreds of streams: at most MAX_STREAMS are open at once; the
@@ -114,42 +160,64 @@ fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
         let (_, msg) = error_of(&raw(&conn, &junk).await);
         assert!(msg.contains("malformed"), "{msg}");
 
-        // Too many ids in one chunk request.
-        let ids = (0..=MAX_BATCH_CHUNKS)
+        // A chunk stream of a package that is not assigned to this DP.
+        let r = fetch(&conn, "FRY09999", 1, vec![]).await;
+        let (code, msg) = error_of(&r[0]);
+        assert_eq!(code, Code::NotAllowed as i32);
+        assert!(msg.contains("not assigned to DP dp1"), "{msg}");
+        // Nor of another revision of an assigned one.
+        let r = fetch(&conn, &id, 7, vec![]).await;
+        assert_eq!(error_of(&r[0]).0, Code::NotAllowed as i32);
+        // Too many ids in one `Want`.
+        let ids: Vec<bytes::Bytes> = (0..=MAX_BATCH_CHUNKS)
             .map(|i| vec![i as u8; 32].into())
             .collect();
-        let r = ask(&conn, request::Kind::GetChunks(pb::GetChunks { ids })).await;
-        let (_, msg) = error_of(&r[0]);
+        let r = fetch(&conn, &id, 1, vec![ids]).await;
+        let (code, msg) = error_of(&r[0]);
+        assert_eq!(code, Code::BadRequest as i32);
         assert!(msg.contains("the limit is"), "{msg}");
-        // A chunk the site does not have, and a malformed id.
-        let r = ask(
+        // A chunk outside the revision is refused in its place; a chunk of
+        // it is sent; a malformed id ends the stream with an error.
+        let r = fetch(
             &conn,
-            request::Kind::GetChunks(pb::GetChunks {
-                ids: vec![vec![7u8; 32].into()],
-            }),
+            &id,
+            1,
+            vec![
+                vec![vec![7u8; 32].into(), first_chunk.clone()],
+                vec![vec![7u8; 5].into()],
+            ],
         )
         .await;
-        assert_eq!(error_of(&r[0]).0, Code::NotFound as i32);
-        assert!(matches!(r[1].kind, Some(reply::Kind::Done(_))));
-        let r = ask(
-            &conn,
-            request::Kind::GetChunks(pb::GetChunks {
-                ids: vec![vec![7u8; 5].into()],
-            }),
-        )
-        .await;
-        assert_eq!(error_of(&r[0]).0, Code::BadRequest as i32);
-        // A manifest of a package that is not assigned to this DP.
-        let r = ask(
-            &conn,
-            request::Kind::GetManifest(pb::GetManifest {
-                package: "FRY00001".into(),
-                revision: 1,
-                base_revision: 0,
-            }),
-        )
-        .await;
-        assert_eq!(error_of(&r[0]).0, Code::NotAllowed as i32);
+        let (code, msg) = error_of(&r[0]);
+        assert_eq!(code, Code::NotAllowed as i32);
+        assert!(msg.contains("is not in"), "{msg}");
+        match &r[1].kind {
+            Some(reply::Kind::Chunk(c)) => {
+                assert_eq!(c.id, first_chunk);
+                assert_eq!(blake3::hash(&c.data).as_bytes().as_slice(), c.id.as_ref());
+            }
+            other => panic!("expected the chunk, got {other:?}"),
+        }
+        assert_eq!(error_of(&r[2]).0, Code::BadRequest as i32);
+        assert_eq!(r.len(), 3);
+        // A manifest of a package that is not assigned to this DP, and of
+        // a revision it is not assigned.
+        for (package, revision) in [("FRY09999", 1), (id.as_str(), 7)] {
+            let r = ask(
+                &conn,
+                request::Kind::GetManifest(pb::GetManifest {
+                    package: package.into(),
+                    revision,
+                    base_revision: 0,
+                }),
+            )
+            .await;
+            assert_eq!(
+                error_of(&r[0]).0,
+                Code::NotAllowed as i32,
+                "{package} r{revision}"
+            );
+        }
         // Another protocol version.
         let r = ask(
             &conn,
@@ -175,13 +243,7 @@ fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
             .unwrap()
             .await
             .unwrap();
-        let r = ask(
-            &anon,
-            request::Kind::GetChunks(pb::GetChunks {
-                ids: vec![vec![1u8; 32].into()],
-            }),
-        )
-        .await;
+        let r = fetch(&anon, &id, 1, vec![]).await;
         let (code, msg) = error_of(&r[0]);
         assert_eq!(code, Code::NotAllowed as i32);
         assert!(msg.contains("enroll first"), "{msg}");

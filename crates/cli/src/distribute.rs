@@ -141,6 +141,17 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
                 Some(h) => format!("pending (holds r{h})"),
                 None => "pending".into(),
             },
+            "installed" => match r.validation.as_ref().filter(|v| v.done) {
+                Some(v) if v.damaged.is_empty() => "installed, validated".into(),
+                Some(v) => {
+                    let fixed = v.damaged.iter().filter(|d| d.repaired).count();
+                    format!(
+                        "installed, {} damaged chunk(s) found, {fixed} repaired",
+                        v.damaged.len()
+                    )
+                }
+                None => "installed".into(),
+            },
             s => s.to_string(),
         };
         let progress = match (r.state.as_str(), r.percent) {
@@ -153,6 +164,7 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
                     .unwrap_or_default()
             ),
             ("installed", _) => "100%".into(),
+            ("validating", Some(p)) => format!("validating {p}%"),
             _ => "-".into(),
         };
         t.add_row(vec![

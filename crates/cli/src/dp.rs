@@ -7,6 +7,7 @@ use clap::Subcommand;
 use ferry_dp::DpAgent;
 use ferry_site::api::{AddDpReply, AddDpRequest};
 use ferry_site::status::DpView;
+use ferry_site::validation::{DpSettings, ValidateReply, ValidateRequest, ValidationView};
 use reqwest::Method;
 
 use crate::client::Client;
@@ -38,6 +39,53 @@ pub(crate) enum DpCmd {
     },
     /// On the site: every DP, online or not, and what it holds.
     List,
+    /// On the site: have a DP re-hash what it holds (or the packages named)
+    /// against the signed manifests; damaged chunks are refetched alone and
+    /// written in place. Waits for the result unless --no-wait.
+    Validate {
+        /// The DP's name.
+        name: String,
+        /// Only these packages.
+        packages: Vec<String>,
+        /// Return once the request is made.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long (e.g. 30m, 2h).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// On the site: a DP's last validation result per package, its schedule
+    /// and next run.
+    Validation {
+        /// The DP's name.
+        name: String,
+    },
+    /// On the site: change a DP's settings.
+    Set {
+        /// The DP's name.
+        name: String,
+        /// Validate the DP's content on this schedule: a five-field cron
+        /// expression in UTC ("0 3 * * 0": Sundays at 03:00), or "off".
+        #[arg(long, value_name = "CRON")]
+        validate_schedule: Option<String>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -117,6 +165,48 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             println!("revoked {name}: its certificate is refused from now on");
             Ok(())
         }
+        DpCmd::Validate {
+            name,
+            packages,
+            no_wait,
+            timeout,
+        } => validate(g, name, packages, no_wait, timeout).await,
+        DpCmd::Validation { name } => {
+            let client = Client::new(g)?;
+            let v: ValidationView = client
+                .json(client.request(Method::GET, &format!("/dps/{name}/validation")))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            print_validation(&v, 0);
+            Ok(())
+        }
+        DpCmd::Set {
+            name,
+            validate_schedule,
+        } => {
+            if validate_schedule.is_none() {
+                anyhow::bail!("nothing to set: give --validate-schedule CRON (or off)");
+            }
+            let client = Client::new(g)?;
+            let v: ValidationView = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/dps/{name}/settings"))
+                        .json(&DpSettings { validate_schedule }),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            match (&v.schedule, &v.next_run) {
+                (Some(s), Some(n)) => println!("{name}: validates on \"{s}\" (UTC); next run {n}"),
+                (Some(s), None) => println!("{name}: validates on \"{s}\" (UTC)"),
+                _ => println!("{name}: no validation schedule"),
+            }
+            Ok(())
+        }
         DpCmd::List => {
             let client = Client::new(g)?;
             let dps: Vec<DpView> = client.json(client.request(Method::GET, "/dps")).await?;
@@ -150,5 +240,162 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             println!("{t}");
             Ok(())
         }
+    }
+}
+
+/// Prints a DP's validation results; with `request` > 0, only those that
+/// answer it.
+fn print_validation(v: &ValidationView, request: u64) {
+    println!(
+        "DP {}{}: schedule {}{}",
+        v.dp,
+        if v.online { "" } else { " (offline)" },
+        v.schedule.as_deref().unwrap_or("none"),
+        v.next_run
+            .as_ref()
+            .map(|n| format!(", next run {n}"))
+            .unwrap_or_default()
+    );
+    let mut t = table(&["PACKAGE", "REV", "CHECKED", "DAMAGED", "REPAIRED", "WHEN"]);
+    let mut details = Vec::new();
+    for r in v.results.iter().filter(|r| r.result.request >= request) {
+        let res = &r.result;
+        let repaired = res.damaged.iter().filter(|d| d.repaired).count();
+        t.add_row(vec![
+            r.package.clone(),
+            res.revision.to_string(),
+            if res.done {
+                bytes(res.bytes_checked)
+            } else {
+                format!(
+                    "{} of {} (running)",
+                    bytes(res.bytes_checked),
+                    bytes(res.bytes_total)
+                )
+            },
+            res.damaged.len().to_string(),
+            repaired.to_string(),
+            res.updated.clone(),
+        ]);
+        for d in &res.damaged {
+            details.push(if d.error.is_empty() || d.repaired {
+                format!(
+                    "  {} {} at offset {} ({} bytes, chunk {}): {}",
+                    r.package,
+                    d.path,
+                    d.offset,
+                    d.len,
+                    &d.chunk[..d.chunk.len().min(12)],
+                    if d.repaired {
+                        "repaired"
+                    } else {
+                        "not repaired"
+                    }
+                )
+            } else {
+                format!(
+                    "  {} {} at offset {}: not repaired: {}",
+                    r.package, d.path, d.offset, d.error
+                )
+            });
+        }
+    }
+    println!("{t}");
+    for d in details {
+        println!("{d}");
+    }
+}
+
+async fn validate(
+    g: &Global,
+    name: String,
+    packages: Vec<String>,
+    no_wait: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    let r: ValidateReply = client
+        .json(
+            client
+                .request(Method::POST, &format!("/dps/{name}/validate"))
+                .json(&ValidateRequest { packages }),
+        )
+        .await?;
+    if no_wait || !r.online || r.packages.is_empty() {
+        if g.json {
+            return print_json(&r);
+        }
+        if r.packages.is_empty() {
+            println!(
+                "validation request {} sent to {name}; it holds no package yet",
+                r.request
+            );
+        } else if !r.online {
+            println!(
+                "validation request {} recorded; {name} is offline and validates when it connects (`ferry dp validation {name}`)",
+                r.request
+            );
+        } else {
+            println!(
+                "validation request {} sent to {name} for {}; results: `ferry dp validation {name}`",
+                r.request,
+                r.packages.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let start = std::time::Instant::now();
+    let bar = (!g.json).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "validating {msg} {bar:30} {bytes}/{total_bytes} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(name.clone());
+        b
+    });
+    loop {
+        let v: ValidationView = client
+            .json(client.request(Method::GET, &format!("/dps/{name}/validation")))
+            .await?;
+        let mine: Vec<_> = v
+            .results
+            .iter()
+            .filter(|x| r.packages.contains(&x.package) && x.result.request >= r.request)
+            .collect();
+        if let Some(b) = &bar {
+            b.set_length(mine.iter().map(|x| x.result.bytes_total).sum());
+            b.set_position(mine.iter().map(|x| x.result.bytes_checked).sum());
+        }
+        let done = mine.iter().filter(|x| x.result.done).count() == r.packages.len();
+        if done {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            if g.json {
+                return print_json(&v);
+            }
+            print_validation(&v, r.request);
+            let unrepaired = mine
+                .iter()
+                .flat_map(|x| x.result.damaged.iter())
+                .filter(|d| !d.repaired)
+                .count();
+            if unrepaired > 0 {
+                anyhow::bail!("{unrepaired} damaged chunk(s) on {name} could not be repaired");
+            }
+            return Ok(());
+        }
+        if !v.online {
+            anyhow::bail!("{name} went offline during validation; it answers when it reconnects (`ferry dp validation {name}`)");
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!(
+                "no result from {name} within {timeout:?}; see `ferry dp validation {name}`"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }

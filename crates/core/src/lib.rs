@@ -4,8 +4,9 @@
 //! ([`ChunkId`]), the chunkers that split a byte stream ([`chunker::Cdc`] for
 //! unstructured data, [`chunker::ResourceChunker`] for a compressed WIM
 //! resource), the segment description of a file ([`segment::Segment`]) and the
-//! manifest that lists a file's chunks ([`manifest::Manifest`]), and sync
-//! planning for distribution points ([`sync::plan`]).
+//! manifest that lists a file's chunks ([`manifest::Manifest`]), sync
+//! planning for distribution points ([`sync::plan`]) and the state machine
+//! of one revision arriving at a DP ([`transfer::Transfer`]).
 //!
 //! What it deliberately is not: it does no I/O, reads no clock and depends on
 //! no runtime, database or network crate. Drivers in `ferry-site` and
@@ -17,6 +18,7 @@ pub mod id;
 pub mod manifest;
 pub mod segment;
 pub mod sync;
+pub mod transfer;
 pub mod units;
 
 pub use id::{ChunkId, FileHash};

@@ -83,6 +83,42 @@ pub enum ManifestError {
 }
 
 impl Manifest {
+    /// The manifest of a file made of `parts` in this order, as one data
+    /// segment (the form a DP receives). For tests and tools that make
+    /// files of known chunks.
+    pub fn of_parts<'a>(path: &str, parts: impl IntoIterator<Item = &'a [u8]>) -> Manifest {
+        let mut hasher = blake3::Hasher::new();
+        let chunks: Vec<ChunkRef> = parts
+            .into_iter()
+            .map(|p| {
+                hasher.update(p);
+                ChunkRef {
+                    id: ChunkId::of(p),
+                    len: u32::try_from(p.len()).unwrap_or(u32::MAX),
+                }
+            })
+            .collect();
+        let size: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+        Manifest {
+            path: path.to_string(),
+            size,
+            hash: FileHash::from(hasher.finalize()),
+            segments: if size == 0 {
+                Vec::new()
+            } else {
+                vec![SegmentRecord {
+                    kind: SegmentKind::Data,
+                    offset: 0,
+                    len: size,
+                    first_chunk: 0,
+                    chunk_count: u32::try_from(chunks.len()).unwrap_or(u32::MAX),
+                    fingerprint: None,
+                }]
+            },
+            chunks,
+        }
+    }
+
     /// The chunks of one segment.
     pub fn segment_chunks(&self, s: &SegmentRecord) -> &[ChunkRef] {
         let first = s.first_chunk as usize;

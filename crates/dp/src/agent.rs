@@ -1,71 +1,41 @@
 //! The DP agent: connect, watch assignments, converge.
 //!
-//! One connection to the site at a time, redialled with backoff. On it:
-//! a control stream (`Watch`) that receives the full assignment set whenever
-//! it changes and carries the DP's reports back, plus short streams for
-//! manifests and chunk batches. Transfers run one package revision at a
-//! time, each with up to [`FETCH_STREAMS`] chunk requests in flight.
+//! One connection to the site at a time, redialled with backoff. On it: a
+//! control stream (`Watch`) that receives the full assignment set whenever
+//! it changes and carries the DP's reports back, a stream per manifest, and
+//! a few long-lived chunk streams per transfer ([`crate::transfer`]).
+//! Transfers run one package revision at a time; validation requests from
+//! the site run after them ([`crate::validate`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
-use ferry_core::sync::{backoff, batches, plan};
-use ferry_core::{ChunkId, ChunkRef, Manifest};
-use ferry_store::Library;
-use ferry_wire::pb::{self, reply, request, Code};
-use ferry_wire::{read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES};
-use futures_util::{stream, StreamExt};
-use prost::Message;
+use ferry_core::sync::backoff;
+use ferry_core::ChunkRef;
+use ferry_store::ContentStore;
+use ferry_wire::pb::{self, reply, request};
+use ferry_wire::{read_frame, write_frame, MAX_REPLY_BYTES};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{self, DpConfig};
-use crate::content;
-
-/// Chunk requests in flight at once (each on its own QUIC stream).
-pub const FETCH_STREAMS: usize = 8;
-/// Bytes asked for in one chunk request.
-pub const BATCH_BYTES: u64 = 4 << 20;
-/// Rounds a chunk that fails verification is asked for before the transfer
-/// fails.
-pub const MAX_CHUNK_ATTEMPTS: u32 = 3;
-/// Space kept free besides a transfer's chunks and files (RocksDB logs,
-/// compaction).
-pub const SPACE_MARGIN: u64 = 64 << 20;
-/// Least time between two progress reports.
-const REPORT_EVERY: Duration = Duration::from_millis(250);
+use crate::manifest::{self, COMPACT_MISMATCH};
+use crate::transfer::{self, Failure};
 
 /// A DP, opened and ready to run.
 pub struct DpAgent {
     data: PathBuf,
     cfg: DpConfig,
-    lib: Arc<Library>,
-    content: PathBuf,
+    /// The content store; `None` while it must be opened again (its index
+    /// hit an I/O error, such as a full disk, and RocksDB stays in that
+    /// state until reopened).
+    store: std::sync::Mutex<Option<Arc<ContentStore>>>,
     manifest_key: Vec<u8>,
     client: quinn::ClientConfig,
     max_rate: Option<u64>,
-}
-
-/// How a transfer ended badly.
-enum Failure {
-    /// The connection is gone: end the session and redial.
-    Disconnected(anyhow::Error),
-    /// This transfer failed; report it and retry later.
-    Transfer(anyhow::Error),
-}
-
-impl Failure {
-    fn of(conn: &quinn::Connection, e: anyhow::Error) -> Self {
-        if conn.close_reason().is_some() {
-            Self::Disconnected(e)
-        } else {
-            Self::Transfer(e)
-        }
-    }
 }
 
 fn read(data: &Path, file: &str, what: &str) -> anyhow::Result<String> {
@@ -74,7 +44,7 @@ fn read(data: &Path, file: &str, what: &str) -> anyhow::Result<String> {
 }
 
 /// Explains a lost connection in operator terms.
-fn explain(e: &quinn::ConnectionError) -> String {
+pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => format!(
             "the site closed the connection: {}",
@@ -85,7 +55,7 @@ fn explain(e: &quinn::ConnectionError) -> String {
 }
 
 impl DpAgent {
-    /// Opens the DP in `data` (its library is locked while the agent runs).
+    /// Opens the DP in `data` (its index is locked while the agent runs).
     pub fn open(data: &Path) -> anyhow::Result<Self> {
         let cfg = DpConfig::load(data)?;
         let ca = ferry_net::pki::cert_der(&read(data, config::CA_FILE, "site CA")?, "site CA")?;
@@ -94,24 +64,18 @@ impl DpAgent {
             &read(data, config::KEY_FILE, "DP key")?,
             "DP certificate",
         )?;
-        let client = ferry_net::tls::dp_client(&ca, identity)?;
+        let client = ferry_net::tls::dp_client(&ca, identity, cfg.transport())?;
         let manifest_key =
             hex::decode(read(data, config::MANIFEST_KEY_FILE, "manifest key")?.trim())
                 .context("the manifest key file is not hex")?;
-        let lib = Library::open(&data.join(config::LIBRARY_DIR)).with_context(|| {
-            format!(
-                "cannot open the library of the DP in {} (is another `ferry dp serve` running on it?)",
-                data.display()
-            )
-        })?;
         let content = cfg.content_dir(data);
         std::fs::create_dir_all(&content)
             .with_context(|| format!("cannot create {}", content.display()))?;
+        let store = crate::open_store(data, &cfg)?;
         Ok(Self {
             data: data.to_path_buf(),
             cfg,
-            lib: Arc::new(lib),
-            content,
+            store: std::sync::Mutex::new(Some(Arc::new(store))),
             manifest_key,
             client,
             max_rate: None,
@@ -135,7 +99,7 @@ impl DpAgent {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let span = tracing::info_span!("dp", name = %self.cfg.name, site = %self.cfg.site);
         let main = async {
-            info!(data = %self.data.display(), content = %self.content.display(), "DP agent starting");
+            info!(data = %self.data.display(), content = %self.cfg.content_dir(&self.data).display(), "DP agent starting");
             let mut failures = 0u32;
             loop {
                 match self.connect().await {
@@ -184,9 +148,60 @@ impl DpAgent {
         }
     }
 
+    /// The content store, opened again if it had to be closed.
+    async fn store(&self) -> anyhow::Result<Arc<ContentStore>> {
+        if let Some(s) = self.store.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(s);
+        }
+        let (data, cfg) = (self.data.clone(), self.cfg.clone());
+        let s =
+            Arc::new(tokio::task::spawn_blocking(move || crate::open_store(&data, &cfg)).await??);
+        info!("the DP's index is open again");
+        *self.store.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+        Ok(s)
+    }
+
+    /// After a failure: if the index no longer takes writes (RocksDB keeps
+    /// an I/O error such as a full disk until it is reopened), close it so
+    /// the next use opens it again.
+    async fn heal_store(&self) {
+        let Ok(store) = self.store().await else {
+            return;
+        };
+        let probe = {
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.probe()).await
+        };
+        if matches!(probe, Ok(Ok(()))) {
+            return;
+        }
+        warn!("the DP's index stopped taking writes; closing it to open it again");
+        let mut store = Some(store);
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Other holders (a finished transfer's helpers) let go quickly.
+        for _ in 0..100 {
+            match store.take().map(Arc::try_unwrap) {
+                Some(Ok(s)) => {
+                    drop(s);
+                    return;
+                }
+                Some(Err(s)) => store = Some(s),
+                None => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn installed(&self) -> anyhow::Result<Vec<(String, u32)>> {
+        let store = self.store().await?;
+        Ok(tokio::task::spawn_blocking(move || store.installed()).await??)
+    }
+
     async fn session_inner(&self, conn: &quinn::Connection) -> anyhow::Result<()> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| anyhow!(explain(&e)))?;
-        let holdings = content::holdings(&self.content)
+        let holdings = self
+            .installed()
+            .await?
             .into_iter()
             .map(|(package, revision)| pb::Holding { package, revision })
             .collect();
@@ -198,7 +213,7 @@ impl DpAgent {
         };
         write_frame(&mut send, &hello).await?;
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<pb::Report>();
-        let (desired_tx, desired_rx) = watch::channel::<Option<Vec<pb::Assignment>>>(None);
+        let (desired_tx, desired_rx) = watch::channel::<Option<pb::Assignments>>(None);
 
         let writer = async {
             while let Some(r) = report_rx.recv().await {
@@ -212,8 +227,12 @@ impl DpAgent {
                     Some(pb::Reply {
                         kind: Some(reply::Kind::Assignments(a)),
                     }) => {
-                        info!(packages = a.items.len(), "assignments received");
-                        let _ = desired_tx.send(Some(a.items));
+                        info!(
+                            packages = a.items.len(),
+                            validate = a.validate,
+                            "assignments received"
+                        );
+                        let _ = desired_tx.send(Some(a));
                     }
                     Some(pb::Reply {
                         kind: Some(reply::Kind::Error(e)),
@@ -236,7 +255,7 @@ impl DpAgent {
     async fn converge(
         &self,
         conn: &quinn::Connection,
-        mut desired_rx: watch::Receiver<Option<Vec<pb::Assignment>>>,
+        mut desired_rx: watch::Receiver<Option<pb::Assignments>>,
         reports: mpsc::UnboundedSender<pb::Report>,
     ) -> anyhow::Result<()> {
         let mut failures: HashMap<(String, u32), u32> = HashMap::new();
@@ -250,6 +269,7 @@ impl DpAgent {
             };
             let mut retry_at: Option<Instant> = None;
             let wanted: BTreeMap<String, u32> = desired
+                .items
                 .iter()
                 .map(|a| (a.package.clone(), a.revision))
                 .collect();
@@ -257,30 +277,37 @@ impl DpAgent {
             // Packages no longer assigned go first: that frees space. A
             // failed removal is tried again like a failed transfer.
             let mut removal_failed = false;
-            for (package, revision) in content::holdings(&self.content) {
+            for (package, revision) in self.installed().await? {
                 if !wanted.contains_key(&package) {
                     removal_failed |= !self.remove(&package, revision, &reports).await;
                 }
             }
-            for package in self.library_packages()? {
-                if !wanted.contains_key(&package) {
-                    removal_failed |= !self.remove(&package, 0, &reports).await;
+            let store = self.store().await?;
+            let keep = wanted.clone();
+            let dropped = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                for (p, r) in store.stages()? {
+                    if keep.get(&p) != Some(&r) {
+                        info!(package = %p, revision = r, "dropping a transfer no longer wanted");
+                        if !keep.contains_key(&p) {
+                            // Never installed: its record goes with the stage.
+                            store.uninstall(&p)?;
+                        } else {
+                            store.drop_stage(&p, r)?;
+                        }
+                    }
                 }
+                Ok(())
+            })
+            .await?;
+            if let Err(e) = dropped {
+                warn!(error = %format!("{e:#}"), "cannot drop an unwanted transfer");
+                removal_failed = true;
             }
             if removal_failed {
                 retry_at = Some(Instant::now() + backoff(2));
             }
-            for stage in self.lib.stages()? {
-                let keep = stage
-                    .split_once('/')
-                    .is_some_and(|(p, r)| wanted.get(p).map(u32::to_string).as_deref() == Some(r));
-                if !keep {
-                    info!(%stage, "dropping chunks of a transfer no longer wanted");
-                    self.lib.abandon_stage(&stage)?;
-                }
-            }
 
-            for a in &desired {
+            for a in &desired.items {
                 if desired_rx.has_changed().unwrap_or(false) {
                     break;
                 }
@@ -289,28 +316,36 @@ impl DpAgent {
                     continue;
                 }
                 let key = (a.package.clone(), a.revision);
-                if content::installed(&self.content, &a.package) == Some(a.revision) {
+                let installed = self
+                    .installed()
+                    .await?
+                    .into_iter()
+                    .find(|(p, _)| *p == a.package)
+                    .map(|(_, r)| r);
+                if installed == Some(a.revision) {
                     if told_installed.insert(key) {
-                        // Revisions left behind by an interrupted switch.
-                        for old in self.lib.revisions(&a.package)? {
-                            if old != a.revision {
-                                self.lib.remove_revision(&a.package, old, |_| Ok(None))?;
-                            }
-                        }
-                        let _ = reports.send(report(a, pb::State::Installed));
+                        let full = self.full_bytes(&a.package, a.revision).await;
+                        let mut r = report(a, pb::State::Installed);
+                        r.full_bytes = full;
+                        let _ = reports.send(r);
                     }
                     continue;
                 }
                 let _ = reports.send(report(a, pb::State::Pending));
                 let span =
                     tracing::info_span!("transfer", package = %a.package, revision = a.revision);
-                match self.transfer(conn, a, &reports).instrument(span).await {
+                match self
+                    .transfer(conn, a, installed, &reports)
+                    .instrument(span)
+                    .await
+                {
                     Ok(()) => {
                         failures.remove(&key);
                         told_installed.insert(key);
                     }
                     Err(Failure::Disconnected(e)) => return Err(e),
                     Err(Failure::Transfer(e)) => {
+                        self.heal_store().await;
                         let n = failures.entry(key).or_default();
                         let delay = backoff(*n);
                         *n += 1;
@@ -323,6 +358,26 @@ impl DpAgent {
                         let at = Instant::now() + delay;
                         retry_at = Some(retry_at.map_or(at, |t: Instant| t.min(at)));
                     }
+                }
+            }
+
+            if desired.validate > 0 && !desired_rx.has_changed().unwrap_or(false) {
+                let store = self.store().await?;
+                let s = store.clone();
+                let done = tokio::task::spawn_blocking(move || s.validated()).await??;
+                if desired.validate > done {
+                    crate::validate::run(
+                        conn,
+                        &store,
+                        desired.validate,
+                        &desired.validate_packages,
+                        &wanted,
+                        &reports,
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        Failure::Disconnected(e) | Failure::Transfer(e) => e,
+                    })?;
                 }
             }
 
@@ -339,41 +394,19 @@ impl DpAgent {
         }
     }
 
-    /// Fails when the disk cannot take the chunks and the rebuilt files.
-    fn check_space(&self, chunk_bytes: u64, file_bytes: u64) -> anyhow::Result<()> {
-        let lib_dir = self.data.join(config::LIBRARY_DIR);
-        let lib_free = available_space(&lib_dir)
-            .with_context(|| format!("cannot read the free space of {}", lib_dir.display()))?;
-        let content_free = available_space(&self.content)
-            .with_context(|| format!("cannot read the free space of {}", self.content.display()))?;
-        let same_disk = lib_free == content_free;
-        let need_lib = chunk_bytes + SPACE_MARGIN;
-        let need_content = file_bytes + SPACE_MARGIN;
-        let short = if same_disk {
-            (need_lib + file_bytes > lib_free)
-                .then(|| (need_lib + file_bytes, lib_free, lib_dir.clone()))
-        } else if need_lib > lib_free {
-            Some((need_lib, lib_free, lib_dir.clone()))
-        } else {
-            (need_content > content_free)
-                .then(|| (need_content, content_free, self.content.clone()))
+    async fn full_bytes(&self, package: &str, revision: u32) -> u64 {
+        let Ok(store) = self.store().await else {
+            return 0;
         };
-        match short {
-            Some((need, free, path)) => bail!(
-                "not enough space on the DP: this revision needs {} ({} of chunks, {} of rebuilt files, {} margin), {} free at {}",
-                ferry_core::units::bytes(need),
-                ferry_core::units::bytes(chunk_bytes),
-                ferry_core::units::bytes(file_bytes),
-                ferry_core::units::bytes(SPACE_MARGIN),
-                ferry_core::units::bytes(free),
-                path.display()
-            ),
-            None => Ok(()),
-        }
-    }
-
-    fn library_packages(&self) -> anyhow::Result<Vec<String>> {
-        Ok(self.lib.packages()?.into_iter().map(|(p, _)| p).collect())
+        let p = package.to_string();
+        tokio::task::spawn_blocking(move || {
+            store
+                .manifests(&p, revision)
+                .map(|ms| ms.iter().map(|m| m.size).sum())
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap_or(0)
     }
 
     async fn remove(
@@ -389,26 +422,23 @@ impl DpAgent {
         };
         info!(%package, "removing a package no longer assigned");
         let _ = reports.send(report(&a, pb::State::Removing));
-        let (lib, content, p) = (self.lib.clone(), self.content.clone(), package.to_string());
-        let done = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-            content::uninstall(&content, &p)?;
-            let freed = match lib.remove_package(&p) {
-                Ok(s) => s.freed_bytes,
-                Err(ferry_store::StoreError::NoPackage(_)) => 0,
-                Err(e) => return Err(e.into()),
-            };
-            Ok(freed)
-        })
-        .await;
-        match done {
-            Ok(Ok(freed)) => {
-                info!(%package, freed_bytes = freed, "package removed");
+        let store = match self.store().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%package, error = %format!("{e:#}"), "cannot remove: the index is not open");
+                return false;
+            }
+        };
+        let p = package.to_string();
+        match tokio::task::spawn_blocking(move || store.uninstall(&p)).await {
+            Ok(Ok(())) => {
+                info!(%package, "package removed");
                 let _ = reports.send(report(&a, pb::State::Removed));
                 true
             }
             Ok(Err(e)) => {
                 let mut r = report(&a, pb::State::Failed);
-                r.error = format!("cannot remove {package}: {e:#}");
+                r.error = format!("cannot remove {package}: {e}");
                 warn!(%package, error = %r.error, "removal failed");
                 let _ = reports.send(r);
                 false
@@ -424,321 +454,73 @@ impl DpAgent {
         &self,
         conn: &quinn::Connection,
         a: &pb::Assignment,
+        installed: Option<u32>,
         reports: &mpsc::UnboundedSender<pb::Report>,
     ) -> Result<(), Failure> {
-        let rx_start = conn.stats().udp_rx.bytes;
-        let wire = || conn.stats().udp_rx.bytes.saturating_sub(rx_start);
-        let manifests = self
-            .manifest(conn, a)
+        let signed = self
+            .manifest(conn, a, installed)
             .await
             .map_err(|e| Failure::of(conn, e))?;
-        let fail = |e: anyhow::Error| Failure::of(conn, e);
-
-        let mut progress = report(a, pb::State::InProgress);
-        let already = self
-            .lib
-            .revisions(&a.package)
-            .map_err(|e| fail(e.into()))?
-            .contains(&a.revision);
-        if !already {
-            let mut stage = self
-                .lib
-                .begin_staged(&format!("{}/{}", a.package, a.revision))
-                .map_err(|e| fail(e.into()))?;
-            let p = plan(&manifests, |id| stage.has_chunk(id)).map_err(|e| fail(e.into()))?;
-            progress.bytes_needed = p.needed_bytes;
-            progress.full_bytes = p.full_bytes;
-            info!(
-                chunks = p.missing.len(),
-                needed_bytes = p.needed_bytes,
-                full_bytes = p.full_bytes,
-                "transfer planned"
-            );
-            let _ = reports.send(progress.clone());
-            self.check_space(p.needed_bytes, p.full_bytes)
-                .map_err(Failure::Transfer)?;
-
-            let mut todo = p.missing;
-            let mut rounds = 0u32;
-            let mut last_report = Instant::now();
-            let (started, mut fetched) = (Instant::now(), 0u64);
-            while !todo.is_empty() {
-                rounds += 1;
-                if rounds > MAX_CHUNK_ATTEMPTS {
-                    return Err(Failure::Transfer(anyhow!(
-                        "{} chunk(s) failed verification {MAX_CHUNK_ATTEMPTS} times (first {}); the site's copy or the path to it is damaged",
-                        todo.len(),
-                        todo[0].id
-                    )));
-                }
-                let mut bad = Vec::new();
-                let mut replies = stream::iter(batches(&todo, BATCH_BYTES, MAX_BATCH_CHUNKS))
-                    .map(|b| fetch(conn, b))
-                    .buffer_unordered(FETCH_STREAMS);
-                while let Some(got) = replies.next().await {
-                    let got = got.map_err(fail)?;
-                    fetched += got.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
-                    if let Some(rate) = self.max_rate {
-                        let due = Duration::from_secs_f64(fetched as f64 / rate as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            tokio::time::sleep(wait).await;
-                        }
-                    }
-                    for (c, data) in got {
-                        if data.len() != c.len as usize || ChunkId::of(&data) != c.id {
-                            warn!(chunk = %c.id, "chunk failed verification; asking again");
-                            bad.push(c);
-                            continue;
-                        }
-                        stage.put_chunk(&c.id, &data).map_err(|e| fail(e.into()))?;
-                        progress.bytes_done += u64::from(c.len);
-                    }
-                    // Persisted before it counts: a restart finds these.
-                    stage.persist().map_err(|e| fail(e.into()))?;
-                    if last_report.elapsed() >= REPORT_EVERY {
-                        progress.wire_bytes = wire();
-                        let _ = reports.send(progress.clone());
-                        last_report = Instant::now();
-                    }
-                }
-                todo = bad;
-            }
-            let record =
-                serde_json::json!({ "package": a.package, "revision": a.revision, "name": a.name });
-            stage
-                .commit(&a.package, a.revision, &manifests, |_, _| {
-                    Ok(serde_json::to_vec(&record).unwrap_or_default())
-                })
-                .map_err(|e| fail(e.into()))?;
-        } else {
-            progress.full_bytes = manifests.iter().map(|m| m.size).sum();
-        }
-
-        let (lib, dir, package, revision) = (
-            self.lib.clone(),
-            self.content.clone(),
-            a.package.clone(),
-            a.revision,
-        );
-        let built = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            if let Err(e) = content::install(&lib, &dir, &package, revision, &manifests) {
-                // Chunks that cannot be read back or do not add up: forget
-                // the revision so the next attempt fetches it again.
-                if matches!(
-                    e,
-                    content::ContentError::Store(_) | content::ContentError::Mismatch { .. }
-                ) {
-                    let _ = lib.remove_revision(&package, revision, |_| Ok(None));
-                }
-                return Err(e.into());
-            }
-            for old in lib.revisions(&package)? {
-                if old != revision {
-                    lib.remove_revision(&package, old, |_| Ok(None))?;
-                }
-            }
-            Ok(())
+        let store = self.store().await.map_err(Failure::Transfer)?;
+        let (progress, wire) = transfer::run(transfer::Request {
+            conn,
+            store: &store,
+            assignment: a,
+            signed,
+            max_rate: self.max_rate,
+            dp: &self.cfg.name,
+            reports,
         })
-        .await
-        .map_err(|e| Failure::Transfer(anyhow!("rebuild task failed: {e}")))?;
-        built.map_err(Failure::Transfer)?;
-
-        progress.state = pb::State::Installed as i32;
-        progress.wire_bytes = wire();
+        .await?;
         info!(
             needed_bytes = progress.bytes_needed,
-            wire_bytes = progress.wire_bytes,
+            local_bytes = progress.bytes_local,
+            wire_bytes = wire,
             full_bytes = progress.full_bytes,
             "installed"
         );
-        let _ = reports.send(progress);
+        let mut r = report(a, pb::State::Installed);
+        r.bytes_needed = progress.bytes_needed;
+        r.bytes_done = progress.bytes_done;
+        r.bytes_local = progress.bytes_local;
+        r.full_bytes = progress.full_bytes;
+        r.wire_bytes = wire;
+        let _ = reports.send(r);
         Ok(())
     }
 
-    /// Fetches and checks the signed manifest of an assignment.
+    /// Fetches and checks the signed manifest of an assignment, in compact
+    /// form against the revision installed here when there is one.
     async fn manifest(
         &self,
         conn: &quinn::Connection,
         a: &pb::Assignment,
-    ) -> anyhow::Result<Vec<Manifest>> {
-        match self.manifest_from(conn, a, true).await {
+        installed: Option<u32>,
+    ) -> anyhow::Result<manifest::Signed> {
+        let base_rev = installed.filter(|&r| r != a.revision);
+        let base: Vec<ChunkRef> = match base_rev {
+            Some(r) => {
+                let (store, p) = (self.store().await?, a.package.clone());
+                tokio::task::spawn_blocking(move || store.manifests(&p, r))
+                    .await??
+                    .iter()
+                    .flat_map(|m| m.chunks.iter().copied())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let offer = base_rev
+            .filter(|_| !base.is_empty())
+            .map(|r| (r, base.as_slice()));
+        match manifest::fetch(conn, &self.manifest_key, a, offer).await {
             // A compact manifest that does not check out against this DP's
             // copy of the base revision: ask once more for the full form.
-            Err(e) if e.to_string().contains("compact form") => {
+            Err(e) if e.to_string().contains(COMPACT_MISMATCH) => {
                 warn!(package = %a.package, error = %e, "asking for the full manifest");
-                self.manifest_from(conn, a, false).await
+                manifest::fetch(conn, &self.manifest_key, a, None).await
             }
             other => other,
         }
-    }
-
-    /// Fetches the manifest, offering the installed revision as a base
-    /// when `compact`.
-    async fn manifest_from(
-        &self,
-        conn: &quinn::Connection,
-        a: &pb::Assignment,
-        compact: bool,
-    ) -> anyhow::Result<Vec<Manifest>> {
-        // The revision installed now: the site can name its chunks by
-        // position, which makes a small update's manifest small too.
-        let base_revision = content::installed(&self.content, &a.package)
-            .filter(|&r| r != a.revision && compact)
-            .unwrap_or(0);
-        let base: Vec<ferry_core::ChunkId> = if base_revision == 0 {
-            Vec::new()
-        } else {
-            self.lib
-                .manifests(&a.package, base_revision)?
-                .iter()
-                .flat_map(|m| m.chunks.iter().map(|c| c.id))
-                .collect()
-        };
-        let base_revision = if base.is_empty() { 0 } else { base_revision };
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let req = pb::Request {
-            kind: Some(request::Kind::GetManifest(pb::GetManifest {
-                package: a.package.clone(),
-                revision: a.revision,
-                base_revision,
-            })),
-        };
-        write_frame(&mut send, &req).await?;
-        let _ = send.finish();
-        let signed = match reply(&mut recv).await?.and_then(|r| r.kind) {
-            Some(reply::Kind::Manifest(m)) => m,
-            Some(reply::Kind::Error(e)) => bail!("the site refused the manifest: {}", e.message),
-            _ => bail!("the site answered the manifest request with something else"),
-        };
-        if signed.base_revision != 0 && signed.base_revision != base_revision {
-            bail!(
-                "the site answered with a manifest relative to revision {}, which this DP did not offer",
-                signed.base_revision
-            );
-        }
-        verify_manifest(&self.manifest_key, a, &signed, &base)
-    }
-}
-
-/// Checks the site's signature, then decodes and checks every file manifest
-/// of a revision.
-pub fn verify_manifest(
-    key: &[u8],
-    a: &pb::Assignment,
-    signed: &pb::SignedManifest,
-    base: &[ferry_core::ChunkId],
-) -> anyhow::Result<Vec<Manifest>> {
-    let not_signed = || {
-        anyhow!(
-            "the manifest of {} revision {} is not signed by the site's key: refused (tampered in transit or a different site)",
-            a.package,
-            a.revision
-        )
-    };
-    let body = if signed.base_revision == 0 {
-        if !ferry_net::pki::verify_signature(key, &signed.body, &signed.signature) {
-            return Err(not_signed());
-        }
-        pb::ManifestBody::decode(signed.body.as_ref())
-            .map_err(|e| anyhow!("the manifest of {} is malformed: {e}", a.package))?
-    } else {
-        // Compact form: fill the ids in from the base revision, then check
-        // the signature over the full form.
-        let compact_err = |why: String| {
-            anyhow!(
-                "the manifest of {} revision {} in compact form does not check out against revision {} held here: {why}",
-                a.package,
-                a.revision,
-                signed.base_revision
-            )
-        };
-        let mut body = pb::ManifestBody::decode(signed.body.as_ref())
-            .map_err(|e| compact_err(e.to_string()))?;
-        ferry_wire::expand(&mut body, base).map_err(|e| compact_err(e.to_string()))?;
-        if !ferry_net::pki::verify_signature(key, &body.encode_to_vec(), &signed.signature) {
-            return Err(compact_err(not_signed().to_string()));
-        }
-        body
-    };
-    if body.package != a.package || body.revision != a.revision {
-        bail!(
-            "asked for the manifest of {} revision {}, got {} revision {}",
-            a.package,
-            a.revision,
-            body.package,
-            body.revision
-        );
-    }
-    let mut paths = HashSet::new();
-    let mut out = Vec::with_capacity(body.files.len());
-    for f in &body.files {
-        let m = ferry_wire::file_from_wire(f)?;
-        if !paths.insert(m.path.clone()) {
-            bail!("the manifest of {} names {} twice", a.package, m.path);
-        }
-        out.push(m);
-    }
-    if out.is_empty() {
-        bail!("the manifest of {} lists no files", a.package);
-    }
-    Ok(out)
-}
-
-/// Asks for one batch of chunks on a new stream. Chunks are returned
-/// unverified, in request order.
-async fn fetch(
-    conn: &quinn::Connection,
-    batch: Vec<ChunkRef>,
-) -> anyhow::Result<Vec<(ChunkRef, Bytes)>> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let req = pb::Request {
-        kind: Some(request::Kind::GetChunks(pb::GetChunks {
-            ids: batch
-                .iter()
-                .map(|c| Bytes::copy_from_slice(c.id.as_bytes()))
-                .collect(),
-        })),
-    };
-    write_frame(&mut send, &req).await?;
-    let _ = send.finish();
-    let mut out = Vec::with_capacity(batch.len());
-    for c in &batch {
-        match reply(&mut recv).await?.and_then(|r| r.kind) {
-            Some(reply::Kind::Chunk(ch)) if ch.id.as_ref() == c.id.as_bytes() => {
-                out.push((*c, ch.data))
-            }
-            Some(reply::Kind::Chunk(_)) => bail!("the site answered with a chunk not asked for"),
-            Some(reply::Kind::Error(e)) if e.code == Code::NotFound as i32 => {
-                bail!(
-                    "the manifest names a chunk the site does not have: {}",
-                    e.message
-                )
-            }
-            Some(reply::Kind::Error(e)) => {
-                bail!("the site failed to send chunk {}: {}", c.id, e.message)
-            }
-            _ => bail!("the chunk stream ended early"),
-        }
-    }
-    Ok(out)
-}
-
-/// Bytes an unprivileged writer can still use on the filesystem of `path`.
-fn available_space(path: &Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(path)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// Reads one reply frame, giving up after [`ferry_wire::REPLY_TIMEOUT`].
-async fn reply(recv: &mut quinn::RecvStream) -> anyhow::Result<Option<pb::Reply>> {
-    match tokio::time::timeout(
-        ferry_wire::REPLY_TIMEOUT,
-        read_frame::<pb::Reply>(recv, MAX_REPLY_BYTES),
-    )
-    .await
-    {
-        Ok(r) => Ok(r?),
-        Err(_) => bail!("the site sent nothing for {:?}", ferry_wire::REPLY_TIMEOUT),
     }
 }
 
@@ -748,7 +530,7 @@ fn safe_package_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-fn report(a: &pb::Assignment, state: pb::State) -> pb::Report {
+pub(crate) fn report(a: &pb::Assignment, state: pb::State) -> pb::Report {
     pb::Report {
         package: a.package.clone(),
         revision: a.revision,
@@ -760,54 +542,6 @@ fn report(a: &pb::Assignment, state: pb::State) -> pb::Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compact_manifests_are_accepted_only_when_they_expand_to_the_signed_body() {
-        let key = ferry_net::pki::SigningKey::from_text(
-            &ferry_net::pki::SigningKey::generate().unwrap(),
-            "key",
-        )
-        .unwrap();
-        let data: Vec<Vec<u8>> = (0u8..4).map(|n| vec![n; 100]).collect();
-        let ids: Vec<ChunkId> = data.iter().map(|d| ChunkId::of(d)).collect();
-        let whole: Vec<u8> = data.concat();
-        let m = Manifest {
-            path: "a.wim".into(),
-            size: whole.len() as u64,
-            hash: ferry_core::FileHash::of(&whole),
-            chunks: ids.iter().map(|&id| ChunkRef { id, len: 100 }).collect(),
-            segments: Vec::new(),
-        };
-        let mut full = pb::ManifestBody {
-            package: "FRY00001".into(),
-            revision: 2,
-            name: "x".into(),
-            files: vec![ferry_wire::file_to_wire(&m)],
-        };
-        let signature = key.sign(&full.encode_to_vec());
-        let base = &ids[..3];
-        ferry_wire::compact(&mut full, base);
-        let signed = pb::SignedManifest {
-            body: full.encode_to_vec().into(),
-            signature: signature.into(),
-            base_revision: 1,
-        };
-        let a = pb::Assignment {
-            package: "FRY00001".into(),
-            revision: 2,
-            name: "x".into(),
-        };
-        let got = verify_manifest(&key.public(), &a, &signed, base).unwrap();
-        assert_eq!(got[0].chunks, m.chunks);
-        // A DP whose copy of the base differs cannot be fooled into another
-        // manifest: the expanded body no longer matches the signature.
-        let mut other = base.to_vec();
-        other.swap(0, 1);
-        let e = verify_manifest(&key.public(), &a, &signed, &other).unwrap_err();
-        assert!(e.to_string().contains("compact form"), "{e}");
-        let e = verify_manifest(&key.public(), &a, &signed, &base[..1]).unwrap_err();
-        assert!(e.to_string().contains("compact form"), "{e}");
-    }
 
     #[test]
     fn only_plain_package_ids_name_folders() {

@@ -15,8 +15,11 @@ pub const CERT_FILE: &str = "dp.pem";
 pub const KEY_FILE: &str = "dp.key";
 /// The site's manifest signing key (Ed25519 public key, hex).
 pub const MANIFEST_KEY_FILE: &str = "manifest.pub";
-/// The DP's chunk library.
-pub const LIBRARY_DIR: &str = "library";
+/// The DP's index of its content (RocksDB).
+pub const INDEX_DIR: &str = "index";
+/// Where DPs before protocol version 2 kept a second copy of every chunk;
+/// migrated (and removed) at the first start.
+pub const OLD_LIBRARY_DIR: &str = "library";
 /// Default content folder.
 pub const CONTENT_DIR: &str = "content";
 
@@ -34,6 +37,12 @@ pub struct DpConfig {
     /// relative paths are inside the data folder.
     #[serde(default = "default_content")]
     pub content: PathBuf,
+    /// Congestion control of what the DP sends (`bbr` or `cubic`).
+    #[serde(default)]
+    pub congestion: ferry_net::tls::Congestion,
+    /// Preferred cipher (`aes-128-gcm`, `aes-256-gcm`, `chacha20-poly1305`).
+    #[serde(default)]
+    pub cipher: ferry_net::tls::Cipher,
 }
 
 fn default_content() -> PathBuf {
@@ -80,6 +89,14 @@ impl DpConfig {
         Self::parse(&text, &path)
     }
 
+    /// The transport settings.
+    pub fn transport(&self) -> ferry_net::tls::TransportOptions {
+        ferry_net::tls::TransportOptions {
+            congestion: self.congestion,
+            cipher: self.cipher,
+        }
+    }
+
     /// The content folder, resolved against the data folder.
     pub fn content_dir(&self, data: &Path) -> PathBuf {
         data.join(&self.content)
@@ -97,6 +114,8 @@ mod tests {
             site: "127.0.0.1:4433".into(),
             site_code: "FRY".into(),
             content: "content".into(),
+            congestion: Default::default(),
+            cipher: Default::default(),
         };
         assert_eq!(DpConfig::parse(&c.to_text(), Path::new("x")).unwrap(), c);
         let e = DpConfig::parse(&format!("{}colour = 1\n", c.to_text()), Path::new("d.toml"));

@@ -3,16 +3,21 @@
 //! What it is: [`enroll`] turns an empty folder into an enrolled DP (key,
 //! certificate from the site CA, pinned CA, the site's manifest key);
 //! [`agent::DpAgent`] keeps the DP's content in step with what the site
-//! assigned to it: it fetches signed manifests, asks for the chunks it lacks
-//! over several QUIC streams, verifies and stores them in its own RocksDB
-//! library, and rebuilds each package's files in the [`content`] folder.
+//! assigned to it: it fetches signed manifests ([`manifest`]), copies what
+//! it holds already and asks for the chunks it lacks over a few long-lived
+//! QUIC streams ([`transfer`]), verifies each against its id and writes it
+//! in place in the revision's files (the content folder is the store;
+//! RocksDB only indexes it: `ferry_store::ContentStore`), and re-hashes and
+//! repairs what it holds when the site asks ([`validate`]).
 //!
 //! What it is not: a server. The DP dials the site; the site never dials the
 //! DP.
 
 pub mod agent;
 pub mod config;
-pub mod content;
+pub mod manifest;
+pub mod transfer;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -24,6 +29,41 @@ use ferry_wire::{read_frame, write_frame, MAX_REPLY_BYTES};
 
 pub use agent::DpAgent;
 pub use config::DpConfig;
+
+/// Opens the DP's content store. A DP of the layout before protocol
+/// version 2 (a `library/` with a second copy of every chunk) keeps its
+/// installed packages: they are adopted into the index and the old library
+/// goes.
+pub fn open_store(data: &Path, cfg: &DpConfig) -> anyhow::Result<ferry_store::ContentStore> {
+    let index = data.join(config::INDEX_DIR);
+    let content = cfg.content_dir(data);
+    let old = data.join(config::OLD_LIBRARY_DIR);
+    let mut adopt = Vec::new();
+    if old.is_dir() {
+        tracing::info!(library = %old.display(), "migrating a DP of the older layout");
+        let lib = ferry_store::Library::open(&old)
+            .with_context(|| format!("cannot open the old library {}", old.display()))?;
+        for (package, revision) in ferry_store::content::linked(&content) {
+            let ms = lib.manifests(&package, revision)?;
+            if !ms.is_empty() {
+                adopt.push((package, revision, ms));
+            }
+        }
+    }
+    let store =
+        ferry_store::ContentStore::open_adopting(&index, &content, adopt).with_context(|| {
+            format!(
+                "cannot open the DP's index in {} (is another `ferry dp serve` running on it?)",
+                index.display()
+            )
+        })?;
+    if old.is_dir() {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("cannot remove the old library {}", old.display()))?;
+        tracing::info!("migrated: installed packages kept, the old chunk library removed");
+    }
+    Ok(store)
+}
 
 /// Resolves `HOST:PORT`.
 pub async fn resolve(site: &str) -> anyhow::Result<SocketAddr> {
@@ -101,11 +141,13 @@ pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpCo
         site: site.to_string(),
         site_code: e.site_code,
         content: config::CONTENT_DIR.into(),
+        congestion: Default::default(),
+        cipher: Default::default(),
     };
     let content = cfg.content_dir(data);
     std::fs::create_dir_all(&content)
         .with_context(|| format!("cannot create {}", content.display()))?;
-    ferry_store::Library::open(&data.join(config::LIBRARY_DIR))?;
+    open_store(data, &cfg)?;
     // The configuration goes last: its presence marks a complete enrollment.
     std::fs::write(&cfg_path, cfg.to_text())
         .with_context(|| format!("cannot write {}", cfg_path.display()))?;

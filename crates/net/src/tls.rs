@@ -52,8 +52,64 @@ impl Identity {
     }
 }
 
+/// Congestion control of a QUIC endpoint (what the sender of the bulk —
+/// the site — uses decides how a link is filled).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// BBR: paces at the measured bottleneck rate and does not back off on
+    /// random loss (a lossy WAN link stays full; see BENCHMARKS.md).
+    #[default]
+    Bbr,
+    /// CUBIC: quinn's default; halves its window on loss.
+    Cubic,
+}
+
+/// The AEAD QUIC packets are sealed with (TLS 1.3 cipher suite) that an
+/// endpoint prefers; the others stay allowed for peers that prefer them.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cipher {
+    /// AES-128-GCM (AES-NI and PCLMUL make it the fastest on x86-64).
+    #[default]
+    #[serde(rename = "aes-128-gcm")]
+    Aes128Gcm,
+    /// AES-256-GCM.
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305 (fastest on CPUs without AES instructions).
+    #[serde(rename = "chacha20-poly1305")]
+    Chacha20Poly1305,
+}
+
+/// How an endpoint's connections behave.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TransportOptions {
+    /// Congestion control.
+    pub congestion: Congestion,
+    /// Preferred cipher.
+    pub cipher: Cipher,
+}
+
+fn provider_with(cipher: Cipher) -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let first = match cipher {
+        Cipher::Aes128Gcm => cs::TLS13_AES_128_GCM_SHA256,
+        Cipher::Aes256Gcm => cs::TLS13_AES_256_GCM_SHA384,
+        Cipher::Chacha20Poly1305 => cs::TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.retain(|s| s.suite() != first.suite());
+    p.cipher_suites.insert(0, first);
+    Arc::new(p)
+}
+
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    provider_with(Cipher::default())
 }
 
 fn tls_err(what: &str) -> impl FnOnce(rustls::Error) -> PkiError + '_ {
@@ -74,8 +130,16 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, PkiError> {
 /// connection, none unidirectional, windows large enough for loopback and
 /// LAN speeds, keep-alives so a dead peer is noticed in
 /// [`IDLE_TIMEOUT`].
-pub fn transport() -> Arc<quinn::TransportConfig> {
+pub fn transport(congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    match congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
+        }
+    }
     t.max_concurrent_bidi_streams(ferry_wire::MAX_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 << 20).into());
@@ -96,8 +160,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub fn site_server(
     ca: &CertificateDer<'static>,
     site: Identity,
+    opts: TransportOptions,
 ) -> Result<quinn::ServerConfig, PkiError> {
-    let provider = provider();
+    let provider = provider_with(opts.cipher);
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
         .allow_unauthenticated()
         .build()
@@ -121,11 +186,14 @@ pub fn site_server(
         detail: e.to_string(),
     })?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(opts.congestion));
     Ok(cfg)
 }
 
-fn client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, PkiError> {
+fn client(
+    tls: rustls::ClientConfig,
+    congestion: Congestion,
+) -> Result<quinn::ClientConfig, PkiError> {
     let mut tls = tls;
     tls.alpn_protocols = vec![ferry_wire::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| PkiError::Invalid {
@@ -133,7 +201,7 @@ fn client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, PkiError> {
         detail: e.to_string(),
     })?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(congestion));
     Ok(cfg)
 }
 
@@ -141,14 +209,15 @@ fn client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, PkiError> {
 pub fn dp_client(
     ca: &CertificateDer<'static>,
     dp: Identity,
+    opts: TransportOptions,
 ) -> Result<quinn::ClientConfig, PkiError> {
-    let tls = rustls::ClientConfig::builder_with_provider(provider())
+    let tls = rustls::ClientConfig::builder_with_provider(provider_with(opts.cipher))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS versions"))?
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(dp.chain, dp.key)
         .map_err(tls_err("DP certificate"))?;
-    client(tls)
+    client(tls, opts.congestion)
 }
 
 /// The configuration of a DP enrolling: no client certificate; the site is
@@ -165,7 +234,7 @@ pub fn enroll_client(ca_fingerprint: &str) -> Result<quinn::ClientConfig, PkiErr
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    client(tls)
+    client(tls, Congestion::default())
 }
 
 /// The certificate the peer presented, if any.

@@ -13,6 +13,9 @@
 //! | GET | `/api/v1/dps` | `[DpView]` |
 //! | POST | `/api/v1/dps` | `AddDpRequest` → `AddDpReply` (one-time token) |
 //! | POST | `/api/v1/dps/{name}/revoke` | `{}` |
+//! | POST | `/api/v1/dps/{name}/validate` | `ValidateRequest` → `ValidateReply` |
+//! | GET | `/api/v1/dps/{name}/validation` | `ValidationView` |
+//! | POST | `/api/v1/dps/{name}/settings` | `DpSettings` → `ValidationView` |
 //! | GET | `/api/v1/groups` | `{name: GroupRecord}` |
 //! | POST | `/api/v1/groups` | `GroupRequest` |
 //! | POST | `/api/v1/groups/{name}/members` | `MembersRequest` |
@@ -54,6 +57,7 @@ use crate::registry::{Hub, HubError};
 use crate::status;
 use crate::updates::UpdateError;
 use crate::upgrade::UpgradeRequest;
+use crate::validation;
 
 /// Header carrying the exported file's whole-file BLAKE3.
 pub const HASH_HEADER: &str = "x-ferry-blake3";
@@ -248,7 +252,7 @@ impl From<HubError> for ApiError {
         let status = match &e {
             HubError::NoDp(_) | HubError::NoGroup(_) => StatusCode::NOT_FOUND,
             HubError::Exists { .. } | HubError::Conflict(_) => StatusCode::CONFLICT,
-            HubError::BadName(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            HubError::BadName(_) | HubError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             HubError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::logged(status, &e)
@@ -314,6 +318,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/images/{id}/refresh", post(refresh_image))
         .route("/dps", get(list_dps).post(add_dp))
         .route("/dps/{name}/revoke", post(revoke_dp))
+        .route("/dps/{name}/validate", post(validate_dp))
+        .route("/dps/{name}/validation", get(dp_validation))
+        .route("/dps/{name}/settings", post(dp_settings))
         .route("/groups", get(list_groups).post(create_group))
         .route("/groups/{name}/members", post(add_members))
         .route("/distribute", post(distribute))
@@ -647,6 +654,30 @@ async fn revoke_dp(
     s.hub.revoke(&name)?;
     tracing::warn!(dp = %name, "DP revoked");
     Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn validate_dp(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Json(req): Json<validation::ValidateRequest>,
+) -> Result<Json<validation::ValidateReply>, ApiError> {
+    Ok(Json(validation::request(&s.hub, &name, &req)?))
+}
+
+async fn dp_validation(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<validation::ValidationView>, ApiError> {
+    Ok(Json(validation::view(&s.hub, &name)?))
+}
+
+async fn dp_settings(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Json(req): Json<validation::DpSettings>,
+) -> Result<Json<validation::ValidationView>, ApiError> {
+    validation::set(&s.hub, &name, &req)?;
+    Ok(Json(validation::view(&s.hub, &name)?))
 }
 
 async fn list_groups(State(s): State<ApiState>) -> Response {

@@ -33,6 +33,24 @@ pub struct SiteConfig {
 pub struct DpEndpointConfig {
     /// UDP address of the QUIC endpoint (mutual TLS with the site CA).
     pub listen: SocketAddr,
+    /// Congestion control of what the site sends: `bbr` (default; keeps
+    /// lossy WAN links full) or `cubic`.
+    #[serde(default)]
+    pub congestion: ferry_net::tls::Congestion,
+    /// Preferred cipher: `aes-128-gcm` (default), `aes-256-gcm` or
+    /// `chacha20-poly1305`.
+    #[serde(default)]
+    pub cipher: ferry_net::tls::Cipher,
+}
+
+impl DpEndpointConfig {
+    /// The transport settings this section gives.
+    pub fn transport(&self) -> ferry_net::tls::TransportOptions {
+        ferry_net::tls::TransportOptions {
+            congestion: self.congestion,
+            cipher: self.cipher,
+        }
+    }
 }
 
 impl Default for DpEndpointConfig {
@@ -42,6 +60,8 @@ impl Default for DpEndpointConfig {
             listen: DEFAULT_DP_LISTEN
                 .parse()
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433))),
+            congestion: Default::default(),
+            cipher: Default::default(),
         }
     }
 }
@@ -96,7 +116,12 @@ impl SiteConfig {
              [dp]\n\
              # UDP address of the QUIC endpoint distribution points dial\n\
              # (`ferry dp init --site HOST:PORT`). Mutual TLS with the site CA.\n\
-             listen = \"{dp_listen}\"\n"
+             listen = \"{dp_listen}\"\n\
+             # Congestion control of what the site sends to DPs: \"bbr\" keeps\n\
+             # lossy WAN links full, \"cubic\" backs off on every loss.\n\
+             congestion = \"bbr\"\n\
+             # Preferred cipher: \"aes-128-gcm\", \"aes-256-gcm\" or \"chacha20-poly1305\".\n\
+             cipher = \"aes-128-gcm\"\n"
         )
     }
 

@@ -5,9 +5,11 @@
 //! issued to a DP that is not revoked. Each stream starts with one
 //! [`pb::Request`] (see `proto/ferry/v1/ferry.proto`).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use ferry_core::ChunkId;
 use ferry_net::pki::{fingerprint, CaFiles, SigningKey};
 use ferry_store::{Library, StoreError};
@@ -19,14 +21,34 @@ use tracing::{debug, info, warn, Instrument};
 use crate::images;
 use crate::registry::{now, Hub, Transfer, TransferState, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 
-/// Chunks read from the library per blocking call while answering.
-const READ_GROUP: usize = 16;
+/// Longest report string kept (errors, paths): a DP cannot grow the
+/// registry without bound.
+const MAX_REPORT_TEXT: usize = 2048;
+/// Damaged chunks kept per validation result.
+const MAX_DAMAGE_RECORDS: usize = 1000;
+
+/// `text` cut to [`MAX_REPORT_TEXT`] bytes at a character boundary.
+fn bounded(text: &str) -> String {
+    if text.len() <= MAX_REPORT_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_REPORT_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Chunk frames read ahead of the wire per fetch stream.
+const READ_AHEAD_FRAMES: usize = 64;
+/// Revisions whose chunk sets are kept for scoping fetch streams.
+const CHUNK_SET_CACHE: usize = 8;
 
 /// Fault injection for tests, from the environment of `ferry site serve`:
 /// `FERRY_FAULT_CORRUPT_CHUNKS=N` flips a bit in the first N chunks sent;
 /// `FERRY_FAULT_TAMPER_MANIFEST=1` changes every manifest after signing.
 #[derive(Debug, Default)]
-struct Faults {
+pub(crate) struct Faults {
     corrupt_chunks: AtomicU64,
     tamper_manifest: bool,
 }
@@ -59,6 +81,11 @@ impl Faults {
     }
 }
 
+/// A package revision.
+type Revision = (String, u32);
+/// The distinct chunks of a revision.
+type ChunkSet = Arc<HashSet<ChunkId>>;
+
 /// What the endpoint serves from.
 pub struct DpServer {
     hub: Arc<Hub>,
@@ -67,7 +94,8 @@ pub struct DpServer {
     ca_der: Vec<u8>,
     key: SigningKey,
     site_code: String,
-    faults: Faults,
+    faults: Arc<Faults>,
+    chunk_sets: Mutex<Vec<(Revision, ChunkSet)>>,
 }
 
 impl DpServer {
@@ -87,7 +115,8 @@ impl DpServer {
             ca_der,
             key,
             site_code,
-            faults: Faults::from_env(),
+            faults: Arc::new(Faults::from_env()),
+            chunk_sets: Mutex::new(Vec::new()),
         }
     }
 
@@ -223,7 +252,7 @@ impl DpServer {
             (Some(request::Kind::GetManifest(m)), Some(dp)) => {
                 self.manifest(&dp, m, &mut send).await
             }
-            (Some(request::Kind::GetChunks(g)), Some(dp)) => self.chunks(&dp, g, &mut send).await,
+            (Some(request::Kind::Fetch(f)), Some(dp)) => self.fetch(&dp, f, &mut send, recv).await,
             (None, _) => {
                 warn!("empty request from DP");
                 reply_error(&mut send, Code::BadRequest, "empty request").await
@@ -303,7 +332,16 @@ impl DpServer {
                 })
             })
             .collect();
-        pb::Assignments { items }
+        let v = reg
+            .dps
+            .get(dp)
+            .map(|d| d.validation.clone())
+            .unwrap_or_default();
+        pb::Assignments {
+            items,
+            validate: v.requested,
+            validate_packages: v.packages,
+        }
     }
 
     async fn watch(
@@ -381,6 +419,7 @@ impl DpServer {
             Ok(pb::State::Installed) => TransferState::Installed,
             Ok(pb::State::Failed) => TransferState::Failed,
             Ok(pb::State::Removing) => TransferState::Removing,
+            Ok(pb::State::Validating) => TransferState::Validating,
             Ok(pb::State::Removed) => {
                 info!(package = %r.package, "DP removed package");
                 let _ = self.hub.report(dp, &r.package, None);
@@ -413,18 +452,70 @@ impl DpServer {
             at.format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default()
         });
-        let t = Transfer {
+        let mut t = Transfer {
             revision: r.revision,
             state,
             bytes_needed: r.bytes_needed,
-            bytes_done: r.bytes_done,
+            bytes_done: r.bytes_done.min(r.bytes_needed),
             full_bytes: r.full_bytes,
             wire_bytes: r.wire_bytes,
-            error: (!r.error.is_empty()).then_some(r.error),
+            bytes_local: r.bytes_local,
+            error: (!r.error.is_empty()).then_some(bounded(&r.error)),
             next_retry,
             started: None,
-            updated,
+            updated: updated.clone(),
         };
+        // "Still installed" (after a reconnect or a validation) carries no
+        // transfer figures: keep those of the transfer that installed it.
+        if state.holds() && r.bytes_needed == 0 && r.bytes_done == 0 && r.wire_bytes == 0 {
+            if let Some(prev) = reg
+                .dps
+                .get(dp)
+                .and_then(|d| d.transfers.get(&r.package))
+                .filter(|p| p.revision == r.revision && p.state.holds())
+            {
+                t.bytes_needed = prev.bytes_needed;
+                t.bytes_done = prev.bytes_done;
+                t.wire_bytes = prev.wire_bytes;
+                t.bytes_local = prev.bytes_local;
+                t.full_bytes = t.full_bytes.max(prev.full_bytes);
+            }
+        }
+        if let Some(v) = &r.validation {
+            let result = crate::registry::ValidationResult {
+                request: v.request,
+                revision: r.revision,
+                done: v.done,
+                bytes_checked: v.bytes_checked.min(v.bytes_total.max(v.bytes_checked)),
+                bytes_total: v.bytes_total,
+                chunks_checked: v.chunks_checked,
+                damaged: v
+                    .damaged
+                    .iter()
+                    .take(MAX_DAMAGE_RECORDS)
+                    .map(|d| crate::registry::DamageRecord {
+                        path: bounded(&d.path),
+                        offset: d.offset,
+                        len: d.len,
+                        chunk: hex::encode(&d.chunk[..d.chunk.len().min(32)]),
+                        repaired: d.repaired,
+                        error: bounded(&d.error),
+                    })
+                    .collect(),
+                updated,
+            };
+            if v.done {
+                let repaired = result.damaged.iter().filter(|d| d.repaired).count();
+                if result.damaged.is_empty() {
+                    info!(package = %r.package, bytes = v.bytes_checked, "DP validated package: no damage");
+                } else {
+                    warn!(package = %r.package, damaged = result.damaged.len(), repaired, "DP validated package: damage found");
+                }
+            }
+            if let Err(e) = self.hub.record_validation(dp, &r.package, result) {
+                warn!(error = %e, "cannot record the DP's validation");
+            }
+        }
         let package = r.package.clone();
         if let Err(e) = self.hub.report(dp, &r.package, Some(t)) {
             warn!(error = %e, "cannot record the DP's report");
@@ -446,14 +537,9 @@ impl DpServer {
         m: pb::GetManifest,
         send: &mut quinn::SendStream,
     ) -> Result<(), ferry_wire::WireError> {
-        if !self.hub.snapshot().assigned(dp).contains(&m.package) {
-            warn!(package = %m.package, "manifest refused: package not assigned to this DP");
-            return reply_error(
-                send,
-                Code::NotAllowed,
-                format!("package {} is not assigned to DP {dp}", m.package),
-            )
-            .await;
+        if let Some(why) = self.out_of_scope(dp, &m.package, m.revision) {
+            warn!(package = %m.package, revision = m.revision, %why, "manifest refused");
+            return reply_error(send, Code::NotAllowed, why).await;
         }
         let lib = self.lib.clone();
         let (package, revision) = (m.package.clone(), m.revision);
@@ -530,83 +616,223 @@ impl DpServer {
         write_frame(send, &reply).await
     }
 
-    async fn chunks(
+    /// Why `dp` may not read `revision` of `package`, or `None` when it
+    /// may: the package is assigned to it and the revision is the one it
+    /// must hold, or the one it reported holding (validation repairs it
+    /// until it moves on).
+    fn out_of_scope(&self, dp: &str, package: &str, revision: u32) -> Option<String> {
+        let reg = self.hub.snapshot();
+        if !reg.assigned(dp).contains(package) {
+            return Some(format!("package {package} is not assigned to DP {dp}"));
+        }
+        let target = images::record(&self.lib, package)
+            .ok()
+            .and_then(|r| r.target());
+        let holds = reg
+            .dps
+            .get(dp)
+            .and_then(|d| d.transfers.get(package))
+            .is_some_and(|t| t.revision == revision && t.state != TransferState::Pending);
+        (target != Some(revision) && !holds)
+            .then(|| format!("{package} revision {revision} is not assigned to DP {dp}"))
+    }
+
+    /// The distinct chunks of a revision, cached for the streams that ask.
+    async fn chunk_set(
+        &self,
+        package: &str,
+        revision: u32,
+    ) -> Result<Arc<HashSet<ChunkId>>, StoreError> {
+        let key = (package.to_string(), revision);
+        let cached = {
+            let cache = self.chunk_sets.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, s)| s.clone())
+        };
+        if let Some(s) = cached {
+            return Ok(s);
+        }
+        let lib = self.lib.clone();
+        let (p, r) = key.clone();
+        let set = tokio::task::spawn_blocking(move || {
+            lib.manifests(&p, r).map(|ms| {
+                ms.iter()
+                    .flat_map(|m| m.chunks.iter().map(|c| c.id))
+                    .collect::<HashSet<ChunkId>>()
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt {
+            what: format!("chunk list of {package} revision {revision}"),
+            detail: e.to_string(),
+        })??;
+        let set = Arc::new(set);
+        let mut cache = self.chunk_sets.lock().unwrap_or_else(|p| p.into_inner());
+        cache.push((key, set.clone()));
+        if cache.len() > CHUNK_SET_CACHE {
+            cache.remove(0);
+        }
+        Ok(set)
+    }
+
+    /// A chunk stream: `Want` frames in, one chunk frame per id out, in
+    /// order. Chunks are read ahead on a blocking thread (RocksDB's buffer
+    /// straight into the frame, not hashed again) while earlier ones are on
+    /// the wire.
+    async fn fetch(
         &self,
         dp: &str,
-        g: pb::GetChunks,
+        f: pb::Fetch,
         send: &mut quinn::SendStream,
+        mut recv: quinn::RecvStream,
     ) -> Result<(), ferry_wire::WireError> {
-        if g.ids.len() > MAX_BATCH_CHUNKS {
-            warn!(ids = g.ids.len(), "chunk request refused: too many ids");
-            return reply_error(
-                send,
-                Code::BadRequest,
-                format!(
-                    "{} chunk ids in one request; the limit is {MAX_BATCH_CHUNKS}",
-                    g.ids.len()
-                ),
-            )
-            .await;
+        if let Some(why) = self.out_of_scope(dp, &f.package, f.revision) {
+            warn!(package = %f.package, revision = f.revision, %why, "chunks refused");
+            return reply_error(send, Code::NotAllowed, why).await;
         }
-        let mut ids = Vec::with_capacity(g.ids.len());
-        for raw in &g.ids {
-            match ChunkId::from_slice(raw) {
-                Some(id) => ids.push(id),
-                None => {
-                    return reply_error(send, Code::BadRequest, "a chunk id is not 32 bytes").await
+        let set = {
+            match self.chunk_set(&f.package, f.revision).await {
+                Ok(s) if !s.is_empty() => s,
+                Ok(_) => {
+                    return reply_error(
+                        send,
+                        Code::NotFound,
+                        format!("package {} has no revision {}", f.package, f.revision),
+                    )
+                    .await
                 }
+                Err(e) => return reply_error(send, Code::Internal, e.to_string()).await,
             }
-        }
-        for group in ids.chunks(READ_GROUP) {
-            let lib = self.lib.clone();
-            let group = group.to_vec();
-            let read = tokio::task::spawn_blocking(move || {
-                group
-                    .into_iter()
-                    .map(|id| (id, lib.read_chunk(&id)))
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_default();
-            for (id, data) in read {
-                let reply = match data {
-                    Ok(mut data) => {
-                        self.hub.served(dp, data.len() as u64);
-                        if self.faults.corrupt_next_chunk() {
-                            if let Some(b) = data.first_mut() {
-                                *b ^= 0x80;
-                            }
-                        }
-                        pb::Reply {
-                            kind: Some(reply::Kind::Chunk(pb::Chunk {
-                                id: id.as_bytes().to_vec().into(),
-                                data: data.into(),
-                            })),
-                        }
-                    }
-                    Err(StoreError::MissingChunk(_)) => {
-                        warn!(chunk = %id, "DP asked for a chunk the library does not have");
-                        pb::Reply::error(
-                            Code::NotFound,
-                            format!("chunk {id} is not in the site's content library"),
-                        )
-                    }
-                    Err(e) => {
-                        warn!(chunk = %id, error = %e, "cannot read a chunk for a DP");
-                        pb::Reply::error(Code::Internal, e.to_string())
+        };
+        let (want_tx, mut want_rx) = tokio::sync::mpsc::channel::<Want>(64);
+        let (frame_tx, mut frame_rx) =
+            tokio::sync::mpsc::channel::<(Bytes, u64)>(READ_AHEAD_FRAMES);
+        let lib = self.lib.clone();
+        let faults = self.faults.clone();
+        let (package, revision) = (f.package.clone(), f.revision);
+        let reader = tokio::task::spawn_blocking(move || {
+            while let Some(want) = want_rx.blocking_recv() {
+                let ids = match want {
+                    Want::Ids(ids) => ids,
+                    Want::Refuse(msg) => {
+                        let _ = frame_tx.blocking_send((error_frame(Code::BadRequest, msg), 0));
+                        return;
                     }
                 };
-                write_frame(send, &reply).await?;
+                for id in ids {
+                    let frame = if !set.contains(&id) {
+                        warn!(chunk = %id, %package, revision, "chunk refused: not in the stream's revision");
+                        (
+                            error_frame(
+                                Code::NotAllowed,
+                                format!("chunk {id} is not in {package} revision {revision}"),
+                            ),
+                            0,
+                        )
+                    } else {
+                        match lib.with_chunk(&id, |data| {
+                            let mut frame = ferry_wire::chunk_frame(&id, data);
+                            if faults.corrupt_next_chunk() {
+                                let mut v = frame.to_vec();
+                                if let Some(b) = v.last_mut() {
+                                    *b ^= 0x80;
+                                }
+                                frame = v.into();
+                            }
+                            (frame, data.len() as u64)
+                        }) {
+                            Ok(f) => f,
+                            Err(StoreError::MissingChunk(_)) => {
+                                warn!(chunk = %id, "DP asked for a chunk the library does not have");
+                                (
+                                    error_frame(
+                                        Code::NotFound,
+                                        format!("chunk {id} is not in the site's content library"),
+                                    ),
+                                    0,
+                                )
+                            }
+                            Err(e) => {
+                                warn!(chunk = %id, error = %e, "cannot read a chunk for a DP");
+                                (error_frame(Code::Internal, e.to_string()), 0)
+                            }
+                        }
+                    };
+                    if frame_tx.blocking_send(frame).is_err() {
+                        return;
+                    }
+                }
             }
-        }
-        write_frame(
-            send,
-            &pb::Reply {
-                kind: Some(reply::Kind::Done(pb::ChunksDone {})),
-            },
-        )
-        .await
+        });
+        // The DP's half: `Want` frames until it finishes. A bad one is
+        // answered in order, after what was asked before it.
+        let wants = async move {
+            loop {
+                let refuse = match read_frame::<pb::Want>(&mut recv, MAX_REQUEST_BYTES).await {
+                    Ok(Some(w)) if w.ids.len() > MAX_BATCH_CHUNKS => format!(
+                        "{} chunk ids in one request; the limit is {MAX_BATCH_CHUNKS}",
+                        w.ids.len()
+                    ),
+                    Ok(Some(w)) => {
+                        let ids: Option<Vec<ChunkId>> =
+                            w.ids.iter().map(|raw| ChunkId::from_slice(raw)).collect();
+                        match ids {
+                            Some(ids) => {
+                                if want_tx.send(Want::Ids(ids)).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            None => "a chunk id is not 32 bytes".to_string(),
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) if e.is_retryable() => return,
+                    Err(e) => e.to_string(),
+                };
+                warn!(error = %refuse, "bad request from DP on a chunk stream");
+                let _ = want_tx.send(Want::Refuse(refuse)).await;
+                return;
+            }
+        };
+        let served = self.hub.served_counter(dp);
+        let frames = async {
+            while let Some((frame, n)) = frame_rx.recv().await {
+                send.write_chunk(frame)
+                    .await
+                    .map_err(|e| ferry_wire::WireError::Io(e.into()))?;
+                // Counted as handed to QUIC.
+                served.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok::<(), ferry_wire::WireError>(())
+        };
+        tokio::pin!(wants);
+        tokio::pin!(frames);
+        let result = tokio::select! {
+            r = &mut frames => r,
+            () = &mut wants => (&mut frames).await,
+        };
+        reader.abort();
+        result
     }
+}
+
+/// What the DP's half of a fetch stream hands the reader thread.
+enum Want {
+    /// Chunks to send, in order.
+    Ids(Vec<ChunkId>),
+    /// A bad request: answer this error after what came before, then stop.
+    Refuse(String),
+}
+
+fn error_frame(code: Code, message: String) -> Bytes {
+    let msg = pb::Reply::error(code, message);
+    let mut buf = Vec::with_capacity(4 + msg.encoded_len());
+    buf.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
+    let _ = msg.encode(&mut buf);
+    buf.into()
 }
 
 async fn reply_error(

@@ -729,9 +729,7 @@ pub fn prune(
             .dps
             .get(&dp)
             .and_then(|d| d.transfers.get(id))
-            .is_none_or(|t| {
-                t.state == crate::registry::TransferState::Installed && t.revision == target
-            });
+            .is_none_or(|t| t.state.holds() && t.revision == target);
         if !settled {
             return Ok(Vec::new());
         }

@@ -19,10 +19,12 @@ pub mod images;
 pub mod ingest;
 pub mod jobs;
 pub mod registry;
+pub mod schedule;
 pub mod service;
 pub mod status;
 pub mod updates;
 pub mod upgrade;
+pub mod validation;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -189,7 +191,7 @@ impl Site {
             &read_file(&self.data.join(SIGNING_KEY_FILE), "manifest signing key")?,
             "manifest signing key",
         )?;
-        let server = ferry_net::tls::site_server(&ca_der, identity)?;
+        let server = ferry_net::tls::site_server(&ca_der, identity, self.config.dp.transport())?;
         let listen = self.config.dp.listen;
         let endpoint = quinn::Endpoint::server(server, listen).with_context(|| {
             format!(
@@ -240,6 +242,7 @@ impl Site {
             }
             run
         }));
+        tokio::spawn(validation::scheduler(self.hub.clone()));
         let state = api::ApiState {
             hub: self.hub.clone(),
             lib: self.lib.clone(),

@@ -10,7 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -43,6 +44,9 @@ pub enum HubError {
     /// The operation does not fit the DP's state.
     #[error("{0}")]
     Conflict(String),
+    /// A setting the operator gave cannot be used.
+    #[error("{0}")]
+    Invalid(String),
     /// The registry file could not be read or written.
     #[error("registry {path}: {detail}")]
     Storage {
@@ -74,6 +78,16 @@ pub enum TransferState {
     Failed,
     /// The DP is deleting it.
     Removing,
+    /// Installed, and being re-hashed against its signed manifest.
+    Validating,
+}
+
+impl TransferState {
+    /// Whether the DP holds the revision whole (installed, or validating
+    /// what it installed).
+    pub fn holds(self) -> bool {
+        matches!(self, Self::Installed | Self::Validating)
+    }
 }
 
 /// The last report of one DP about one package.
@@ -91,6 +105,9 @@ pub struct Transfer {
     pub full_bytes: u64,
     /// UDP bytes received at the DP's socket during the transfer.
     pub wire_bytes: u64,
+    /// Bytes the DP copied from files it held (no network).
+    #[serde(default)]
+    pub bytes_local: u64,
     /// Why the last attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -136,6 +153,72 @@ pub struct DpRecord {
     /// Address it last connected from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Content validation: schedule, the latest request, results.
+    #[serde(default)]
+    pub validation: ValidationState,
+}
+
+/// A DP's content validation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationState {
+    /// Five-field cron expression (UTC) for scheduled runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// The latest request's number (0: none yet); the DP answers each once.
+    #[serde(default)]
+    pub requested: u64,
+    /// Packages of the latest request; empty for all.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// When the latest request was made (RFC 3339), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<String>,
+    /// Last scheduled run (RFC 3339): the next one is after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled: Option<String>,
+    /// The last result per package.
+    #[serde(default)]
+    pub results: BTreeMap<String, ValidationResult>,
+}
+
+/// One validation run of one package on one DP.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationResult {
+    /// The request it answers.
+    pub request: u64,
+    /// The revision checked.
+    pub revision: u32,
+    /// Whether the run is over (else: progress so far).
+    pub done: bool,
+    /// Bytes re-hashed, and in all.
+    pub bytes_checked: u64,
+    /// Bytes of the revision.
+    pub bytes_total: u64,
+    /// Chunk occurrences re-hashed.
+    pub chunks_checked: u64,
+    /// Damaged chunks found, each with what became of it.
+    #[serde(default)]
+    pub damaged: Vec<DamageRecord>,
+    /// When the DP reported it (RFC 3339).
+    pub updated: String,
+}
+
+/// One damaged chunk occurrence a DP found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamageRecord {
+    /// File inside the package.
+    pub path: String,
+    /// Offset of the chunk in the file.
+    pub offset: u64,
+    /// Its length.
+    pub len: u32,
+    /// The chunk id (hex).
+    pub chunk: String,
+    /// Refetched and written in place.
+    pub repaired: bool,
+    /// Why it could not be repaired.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// A named set of DPs and the packages they all receive.
@@ -208,7 +291,7 @@ pub struct Hub {
     reg: Mutex<Registry>,
     changed: watch::Sender<u64>,
     online: Mutex<HashMap<String, Online>>,
-    served: Mutex<HashMap<String, u64>>,
+    served: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 /// Now, RFC 3339.
@@ -534,10 +617,7 @@ impl Hub {
                     continue;
                 }
                 if let Some(d) = r.dps.get_mut(&n) {
-                    if d.transfers
-                        .get(package)
-                        .is_some_and(|t| t.state != TransferState::Installed)
-                    {
+                    if d.transfers.get(package).is_some_and(|t| !t.state.holds()) {
                         d.transfers.remove(package);
                     }
                 }
@@ -571,9 +651,76 @@ impl Hub {
                 }
                 None => {
                     d.transfers.remove(package);
+                    d.validation.results.remove(package);
                 }
             }
             d.last_contact = Some(now());
+            Ok(())
+        })
+    }
+
+    /// Asks DP `name` to validate `packages` (all when empty): a new
+    /// request number the DP answers once. Returns the number.
+    pub fn request_validation(&self, name: &str, packages: &[String]) -> Result<u64, HubError> {
+        self.update(true, |r| {
+            let d = r
+                .dps
+                .get_mut(name)
+                .ok_or_else(|| HubError::NoDp(name.into()))?;
+            if d.revoked.is_some() {
+                return Err(HubError::Conflict(format!("DP {name} is revoked")));
+            }
+            d.validation.requested += 1;
+            d.validation.packages = packages.to_vec();
+            d.validation.requested_at = Some(now());
+            Ok(d.validation.requested)
+        })
+    }
+
+    /// Sets (or with `None` clears) DP `name`'s validation schedule.
+    pub fn set_validate_schedule(
+        &self,
+        name: &str,
+        schedule: Option<String>,
+    ) -> Result<(), HubError> {
+        self.update(false, |r| {
+            let d = r
+                .dps
+                .get_mut(name)
+                .ok_or_else(|| HubError::NoDp(name.into()))?;
+            d.validation.schedule = schedule;
+            d.validation.last_scheduled = Some(now());
+            Ok(())
+        })
+    }
+
+    /// A scheduled validation of every package is due for `name`: request
+    /// it and remember when.
+    pub fn scheduled_validation(&self, name: &str, at: &str) -> Result<u64, HubError> {
+        self.update(true, |r| {
+            let d = r
+                .dps
+                .get_mut(name)
+                .ok_or_else(|| HubError::NoDp(name.into()))?;
+            d.validation.requested += 1;
+            d.validation.packages.clear();
+            d.validation.requested_at = Some(now());
+            d.validation.last_scheduled = Some(at.to_string());
+            Ok(d.validation.requested)
+        })
+    }
+
+    /// Records a DP's validation progress or result for `package`.
+    pub fn record_validation(
+        &self,
+        dp: &str,
+        package: &str,
+        result: ValidationResult,
+    ) -> Result<(), HubError> {
+        self.update(false, |r| {
+            if let Some(d) = r.dps.get_mut(dp) {
+                d.validation.results.insert(package.to_string(), result);
+            }
             Ok(())
         })
     }
@@ -628,14 +775,15 @@ impl Hub {
             .cloned()
     }
 
-    /// Counts chunk bytes sent to `dp`.
-    pub fn served(&self, dp: &str, bytes: u64) {
-        *self
-            .served
+    /// The counter of chunk bytes sent to `dp`: a chunk stream takes it
+    /// once and adds to it without a lock.
+    pub fn served_counter(&self, dp: &str) -> Arc<AtomicU64> {
+        self.served
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(dp.to_string())
-            .or_default() += bytes;
+            .or_default()
+            .clone()
     }
 
     /// Chunk bytes sent to `dp` since the site started.
@@ -644,8 +792,7 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(dp)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
 

@@ -11,11 +11,10 @@
 //! committed unless the run succeeds.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ferry_core::{FileHash, Manifest};
+use ferry_core::Manifest;
 use ferry_store::{Library, StoreError};
 use ferry_wim::Wim;
 
@@ -118,26 +117,13 @@ pub fn run(lib: &Library, data: &Path, job: &JobRecord) -> JobRun {
 
 /// Writes the file `m` describes to `dest` from the library and checks it.
 fn rebuild_file(lib: &Library, m: &Manifest, dest: &Path) -> Result<(), Stop> {
-    let io = |e: std::io::Error| Stop(format!("{}: {e}", dest.display()));
-    let file = std::fs::File::create(dest).map_err(io)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    let mut h = blake3::Hasher::new();
-    for c in &m.chunks {
-        let data = lib.read_chunk(&c.id)?;
-        h.update(&data);
-        out.write_all(&data).map_err(io)?;
-    }
-    out.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
-    if FileHash::from(h.finalize()) != m.hash {
-        return Err(Stop(format!(
+    ferry_store::file::write_file(dest, m, |c| lib.read_chunk(&c.id)).map_err(|e| match e {
+        ferry_store::file::WriteError::Mismatch { .. } => Stop(format!(
             "{} rebuilt from the library does not match its hash; run `ferry content verify`",
             m.path
-        )));
-    }
-    Ok(())
+        )),
+        other => Stop(other.to_string()),
+    })
 }
 
 fn outcome(

@@ -56,7 +56,7 @@ pub fn dps(hub: &Hub) -> Vec<DpView> {
             installed: d
                 .transfers
                 .iter()
-                .filter(|(_, t)| t.state == TransferState::Installed)
+                .filter(|(_, t)| t.state.holds())
                 .map(|(p, t)| format!("{p} r{}", t.revision))
                 .collect(),
             served_bytes: hub.served_bytes(&d.name),
@@ -87,6 +87,13 @@ pub struct StatusRow {
     pub full_bytes: u64,
     /// UDP bytes received at the DP for this revision.
     pub wire_bytes: u64,
+    /// Bytes the DP copied from files it held (no network).
+    #[serde(default)]
+    pub bytes_local: u64,
+    /// The package's last validation on the DP (progress while
+    /// `validating`).
+    #[serde(default)]
+    pub validation: Option<crate::registry::ValidationResult>,
     /// Percent of `bytes_needed` received (in progress).
     pub percent: Option<u64>,
     /// Estimated seconds left (in progress).
@@ -147,6 +154,8 @@ pub fn rows(
                 bytes_done: 0,
                 full_bytes: 0,
                 wire_bytes: 0,
+                bytes_local: 0,
+                validation: d.validation.results.get(&p).cloned(),
                 percent: None,
                 eta_secs: None,
                 error: None,
@@ -165,13 +174,23 @@ pub fn rows(
                     row.bytes_done = t.bytes_done;
                     row.full_bytes = t.full_bytes;
                     row.wire_bytes = t.wire_bytes;
+                    row.bytes_local = t.bytes_local;
                     row.error = t.error.clone();
                     row.next_retry = t.next_retry.clone();
+                    if t.state == TransferState::Validating {
+                        row.percent = row.validation.as_ref().map(|v| {
+                            (v.bytes_checked.saturating_mul(100))
+                                .checked_div(v.bytes_total)
+                                .unwrap_or(0)
+                                .min(100)
+                        });
+                    }
                     if t.state == TransferState::InProgress {
                         row.percent = Some(
-                            (t.bytes_done * 100)
+                            (t.bytes_done.saturating_mul(100))
                                 .checked_div(t.bytes_needed)
-                                .unwrap_or(100),
+                                .unwrap_or(100)
+                                .min(100),
                         );
                         let elapsed = t.started.as_deref().and_then(seconds_since);
                         if let Some(el) = elapsed.filter(|&e| e > 0.5 && t.bytes_done > 0) {
@@ -182,7 +201,7 @@ pub fn rows(
                     }
                 }
                 (Some(_), Some(t)) => {
-                    if t.state == TransferState::Installed {
+                    if t.state.holds() {
                         row.holds_revision = Some(t.revision);
                     }
                 }
@@ -222,7 +241,7 @@ pub fn needs(
         let mut have: HashSet<ChunkId> = HashSet::new();
         if let Some(d) = reg.dps.get(dp) {
             for (p, t) in &d.transfers {
-                if t.state == TransferState::Installed {
+                if t.state.holds() {
                     for m in lib.manifests(p, t.revision)? {
                         have.extend(m.chunks.iter().map(|c| c.id));
                     }

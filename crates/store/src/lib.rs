@@ -8,12 +8,20 @@
 //! killed leaves only unreferenced chunks, which [`Library::collect`]
 //! reclaims. See `DESIGN.md` beside this crate for the keyspace.
 //!
+//! A distribution point keeps no chunk copies: its content folder is its
+//! store and RocksDB only the index ([`content::ContentStore`]; chunks are
+//! written in place as they arrive). Writing a file from its manifest has
+//! one home, [`file`], used by both.
+//!
 //! What it is not: it does not know what a package *means* (images, upgrade
 //! packages — that is `ferry-site`), and it does no chunking.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod content;
+pub mod file;
 mod library;
 
+pub use content::{ContentError, ContentStore, RevisionRecord, Stage};
 pub use library::{
     CommitStats, Damage, Import, Library, LibraryStats, RemoveStats, StoreError, CF_CHUNKS,
     CF_HINTS, CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PENDING,

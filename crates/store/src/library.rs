@@ -643,6 +643,21 @@ impl Library {
         Ok(v)
     }
 
+    /// Hands the stored bytes of a chunk to `f` without hashing them (they
+    /// were hashed when imported; RocksDB's checksums still catch a bad
+    /// read; `content verify` and scrubs catch rot). For serving chunks.
+    pub fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes()) {
+            Ok(Some(v)) => Ok(f(&v)),
+            Ok(None) => Err(StoreError::MissingChunk(*id)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => Err(StoreError::Damaged {
+                id: *id,
+                detail: format!("storage checksum failed: {e}"),
+            }),
+            Err(e) => Err(self.db_err(e)),
+        }
+    }
+
     /// Checks each chunk of `ids` (each once) and returns the damaged or
     /// missing ones. `on_chunk` is told each chunk's length as it is checked.
     pub fn verify(

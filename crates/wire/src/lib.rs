@@ -11,6 +11,7 @@
 //! the DP agent).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+use bytes::{BufMut, Bytes, BytesMut};
 use ferry_core::manifest::SegmentRecord;
 use ferry_core::{ChunkId, ChunkRef, FileHash, Manifest, SegmentKind};
 use prost::Message;
@@ -24,8 +25,9 @@ pub mod pb {
 
 /// ALPN protocol id; a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"ferry/1";
-/// Protocol version sent in [`pb::Watch`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version sent in [`pb::Watch`]. Version 2: long-lived fetch
+/// streams (`Fetch` + `Want`) and run-length compact manifests.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame a DP may send (requests, reports): a `GetChunks` of
 /// [`MAX_BATCH_CHUNKS`] ids fits many times over.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -37,8 +39,12 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest frame the site may send (a manifest set; a chunk is far smaller).
 pub const MAX_REPLY_BYTES: usize = 64 << 20;
-/// Most chunk ids one `GetChunks` may name.
+/// Most chunk ids one `Want` may name.
 pub const MAX_BATCH_CHUNKS: usize = 1024;
+/// Most chunks a compact manifest may expand to: the full form must fit in
+/// one reply frame (the site signs it whole), at 38 bytes per chunk. A
+/// hostile run list cannot make the DP allocate more.
+pub const MAX_EXPANDED_CHUNKS: usize = MAX_REPLY_BYTES / 38;
 /// Most bidirectional streams a DP may have open at once on one connection;
 /// QUIC flow control makes the peer wait for more.
 pub const MAX_STREAMS: u32 = 32;
@@ -100,7 +106,10 @@ async fn read_full(r: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io:
 
 /// Reads one frame and decodes it as `M`. `Ok(None)` when the stream ended
 /// cleanly between frames. A length above `max` is rejected before anything
-/// is allocated.
+/// is allocated, and the buffer grows with what arrives, so a peer
+/// announcing a large frame and sending nothing holds no memory. The frame
+/// is read into a [`Bytes`] buffer: the `bytes` fields of the decoded
+/// message (chunk data) point into it instead of being copied.
 pub async fn read_frame<M: Message + Default>(
     r: &mut (impl AsyncRead + Unpin),
     max: usize,
@@ -115,14 +124,21 @@ pub async fn read_frame<M: Message + Default>(
     if len > max {
         return Err(WireError::Oversized { len, max });
     }
-    // Grow with what arrives, so a peer announcing a large frame and
-    // sending nothing holds no memory.
-    let mut buf = Vec::with_capacity(len.min(64 << 10));
-    let got = r.take(len as u64).read_to_end(&mut buf).await?;
-    if got < len {
-        return Err(WireError::Truncated { got, want: len });
+    let mut buf = BytesMut::with_capacity(len.min(64 << 10));
+    let mut rest = r.take(len as u64);
+    while buf.len() < len {
+        if buf.capacity() == buf.len() {
+            // Double what arrived, up to what the frame still lacks.
+            buf.reserve((len - buf.len()).min(buf.len().max(64 << 10)));
+        }
+        if rest.read_buf(&mut buf).await? == 0 {
+            return Err(WireError::Truncated {
+                got: buf.len(),
+                want: len,
+            });
+        }
     }
-    M::decode(buf.as_slice())
+    M::decode(buf.freeze())
         .map(Some)
         .map_err(|e| WireError::Malformed {
             what: std::any::type_name::<M>()
@@ -131,6 +147,27 @@ pub async fn read_frame<M: Message + Default>(
                 .unwrap_or("message"),
             detail: e.to_string(),
         })
+}
+
+/// One framed `Reply{chunk: Chunk{id, data}}`, built with a single copy of
+/// `data` (the site answers from RocksDB's buffer straight into this).
+pub fn chunk_frame(id: &ChunkId, data: &[u8]) -> Bytes {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    let id_field = 1 + encoded_len_varint(32) + 32;
+    let data_field = 1 + encoded_len_varint(data.len() as u64) + data.len();
+    let inner = id_field + data_field;
+    let outer = 1 + encoded_len_varint(inner as u64) + inner;
+    let mut b = BytesMut::with_capacity(4 + outer);
+    b.put_u32(outer as u32);
+    encode_key(4, WireType::LengthDelimited, &mut b);
+    encode_varint(inner as u64, &mut b);
+    encode_key(1, WireType::LengthDelimited, &mut b);
+    encode_varint(32, &mut b);
+    b.put_slice(id.as_bytes());
+    encode_key(2, WireType::LengthDelimited, &mut b);
+    encode_varint(data.len() as u64, &mut b);
+    b.put_slice(data);
+    b.freeze()
 }
 
 /// Encodes `msg` into one frame and writes it.
@@ -172,53 +209,127 @@ pub fn file_to_wire(m: &Manifest) -> pb::FileManifest {
             .map(|c| pb::ChunkRef {
                 id: c.id.as_bytes().to_vec().into(),
                 len: c.len,
-                base_index: 0,
             })
             .collect(),
+        runs: Vec::new(),
     }
 }
 
 /// Turns a full-form manifest body into compact form against `base`, the
-/// chunk list of a revision the DP holds: every chunk found there is named by
-/// its 1-based position instead of its 32-byte id.
+/// chunk list of a revision the DP holds: chunks found there are named in
+/// runs of consecutive base positions (see `FileManifest.runs` in the
+/// proto), so a revision that moved whole resources around costs a triple
+/// per run. A file with no chunk of the base keeps its full form.
 pub fn compact(body: &mut pb::ManifestBody, base: &[ChunkId]) {
     let mut at: std::collections::HashMap<&[u8], u32> = std::collections::HashMap::new();
     for (i, id) in base.iter().enumerate() {
-        at.entry(id.as_bytes().as_slice())
-            .or_insert(u32::try_from(i + 1).unwrap_or(0));
+        if let Ok(i) = u32::try_from(i) {
+            at.entry(id.as_bytes().as_slice()).or_insert(i);
+        }
     }
     for f in &mut body.files {
-        for c in &mut f.chunks {
-            if let Some(&i) = at.get(c.id.as_ref()).filter(|&&i| i > 0) {
-                c.base_index = i;
-                c.id = Default::default();
+        let mut runs: Vec<u32> = Vec::new();
+        let mut fresh: Vec<pb::ChunkRef> = Vec::new();
+        // The triple being built: (start, count, fresh).
+        let mut cur: Option<(u32, u32, u32)> = None;
+        let mut from_base = 0usize;
+        for c in f.chunks.drain(..) {
+            if let Some((start, count, 0)) = cur.as_mut() {
+                let next = (*start + *count) as usize;
+                if base
+                    .get(next)
+                    .is_some_and(|b| b.as_bytes().as_slice() == c.id.as_ref())
+                {
+                    *count += 1;
+                    from_base += 1;
+                    continue;
+                }
             }
+            match at.get(c.id.as_ref()) {
+                Some(&p) => {
+                    if let Some((a, b, c)) = cur.take() {
+                        runs.extend([a, b, c]);
+                    }
+                    cur = Some((p, 1, 0));
+                    from_base += 1;
+                }
+                None => {
+                    let t = cur.get_or_insert((0, 0, 0));
+                    t.2 += 1;
+                    fresh.push(c);
+                }
+            }
+        }
+        if let Some((a, b, c)) = cur {
+            runs.extend([a, b, c]);
+        }
+        if from_base == 0 {
+            f.chunks = fresh;
+        } else {
+            f.chunks = fresh;
+            f.runs = runs;
         }
     }
 }
 
-/// Undoes [`compact`]: fills every `base_index` in from `base`. The result
-/// encodes to the bytes the site signed.
-pub fn expand(body: &mut pb::ManifestBody, base: &[ChunkId]) -> Result<(), WireError> {
+/// Undoes [`compact`]: rebuilds each file's full chunk list from its runs
+/// and `base`. The result encodes to the bytes the site signed.
+pub fn expand(body: &mut pb::ManifestBody, base: &[ChunkRef]) -> Result<(), WireError> {
+    expand_at_most(body, base, MAX_EXPANDED_CHUNKS)
+}
+
+fn expand_at_most(
+    body: &mut pb::ManifestBody,
+    base: &[ChunkRef],
+    max_chunks: usize,
+) -> Result<(), WireError> {
+    let mut total = 0usize;
     for f in &mut body.files {
-        for c in &mut f.chunks {
-            if c.base_index == 0 {
-                continue;
-            }
-            let id = base
-                .get(c.base_index as usize - 1)
-                .ok_or_else(|| WireError::Malformed {
-                    what: "ManifestBody",
-                    detail: format!(
-                        "{}: chunk {} of the base revision named, which has {}",
-                        f.path,
-                        c.base_index,
-                        base.len()
-                    ),
-                })?;
-            c.id = id.as_bytes().to_vec().into();
-            c.base_index = 0;
+        let bad = |detail: String| WireError::Malformed {
+            what: "ManifestBody",
+            detail: format!("{}: {detail}", f.path),
+        };
+        if f.runs.is_empty() {
+            total += f.chunks.len();
+            continue;
         }
+        if f.runs.len() % 3 != 0 {
+            return Err(bad("the run list is not made of triples".into()));
+        }
+        let mut fresh = std::mem::take(&mut f.chunks).into_iter();
+        let mut out = Vec::new();
+        for t in f.runs.chunks_exact(3) {
+            let (start, count, new) = (t[0] as usize, t[1] as usize, t[2] as usize);
+            total = total.saturating_add(count).saturating_add(new);
+            if total > max_chunks {
+                return Err(bad(format!("expands to more than {max_chunks} chunks")));
+            }
+            let run = base
+                .get(start..start.saturating_add(count))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "chunks {start}..{} of the base revision named, which has {}",
+                        start.saturating_add(count),
+                        base.len()
+                    ))
+                })?;
+            out.extend(run.iter().map(|c| pb::ChunkRef {
+                id: Bytes::copy_from_slice(c.id.as_bytes()),
+                len: c.len,
+            }));
+            for _ in 0..new {
+                out.push(
+                    fresh
+                        .next()
+                        .ok_or_else(|| bad("the runs name more new chunks than it lists".into()))?,
+                );
+            }
+        }
+        if fresh.next().is_some() {
+            return Err(bad("it lists new chunks no run uses".into()));
+        }
+        f.chunks = out;
+        f.runs.clear();
     }
     Ok(())
 }
@@ -278,43 +389,132 @@ mod tests {
             .block_on(f)
     }
 
-    #[test]
-    fn compact_manifests_expand_to_the_signed_bytes() {
-        let id = |n: u8| ChunkId::of(&[n; 8]);
-        let refs = |ids: &[u8]| -> Vec<pb::ChunkRef> {
-            ids.iter()
-                .map(|&n| pb::ChunkRef {
-                    id: id(n).as_bytes().to_vec().into(),
-                    len: 8,
-                    base_index: 0,
-                })
-                .collect()
-        };
-        let full = pb::ManifestBody {
+    fn body(files: Vec<Vec<u16>>) -> pb::ManifestBody {
+        pb::ManifestBody {
             package: "FRY00001".into(),
             revision: 2,
             name: "x".into(),
-            files: vec![pb::FileManifest {
-                path: "a.wim".into(),
-                size: 32,
-                hash: vec![0; 32].into(),
-                chunks: refs(&[1, 9, 3, 1]),
-            }],
-        };
+            files: files
+                .into_iter()
+                .enumerate()
+                .map(|(i, ids)| pb::FileManifest {
+                    path: format!("f{i}.wim"),
+                    size: 8 * ids.len() as u64,
+                    hash: vec![0; 32].into(),
+                    chunks: ids
+                        .iter()
+                        .map(|&n| pb::ChunkRef {
+                            id: id16(n).as_bytes().to_vec().into(),
+                            len: 8,
+                        })
+                        .collect(),
+                    runs: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn id16(n: u16) -> ChunkId {
+        ChunkId::of(&n.to_le_bytes())
+    }
+
+    fn refs(ids: impl IntoIterator<Item = u16>) -> Vec<ChunkRef> {
+        ids.into_iter()
+            .map(|n| ChunkRef {
+                id: id16(n),
+                len: 8,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compact_manifests_expand_to_the_signed_bytes() {
+        // The new revision keeps 0..1000 of the base, with two resources
+        // swapped (rebuilt), a new chunk inserted, and a file of its own.
+        let base = refs(0..1000);
+        let mut order: Vec<u16> = (0..1000).collect();
+        order[100..200].rotate_left(50);
+        order.insert(500, 5000);
+        let full = body(vec![order, vec![7000, 7001]]);
         let signed = full.encode_to_vec();
-        let base: Vec<ChunkId> = [1, 2, 3].iter().map(|&n| id(n)).collect();
+        let ids: Vec<ChunkId> = base.iter().map(|c| c.id).collect();
         let mut c = full.clone();
-        compact(&mut c, &base);
-        let idx: Vec<u32> = c.files[0].chunks.iter().map(|r| r.base_index).collect();
-        assert_eq!(idx, [1, 0, 3, 1], "only the new chunk keeps its id");
-        // Each of the three chunks named by position saves its 32-byte id.
-        assert!(signed.len() - c.encode_to_vec().len() >= 3 * 30);
+        compact(&mut c, &ids);
+        assert_eq!(
+            c.files[0].chunks.len(),
+            1,
+            "only the new chunk keeps its id"
+        );
+        assert_eq!(
+            c.files[0].runs,
+            [0, 100, 0, 150, 50, 0, 100, 50, 0, 200, 300, 1, 500, 500, 0]
+        );
+        assert!(c.files[1].runs.is_empty(), "nothing of the base: full form");
+        let small = c.encode_to_vec().len();
+        assert!(
+            small < 400,
+            "{small} bytes for 1003 chunks (full form: {})",
+            signed.len()
+        );
         expand(&mut c, &base).unwrap();
         assert_eq!(c.encode_to_vec(), signed);
+
+        // Runs past the base, uneven triples, and new chunks left over or
+        // missing are refused, not trusted.
         let mut bad = full.clone();
-        compact(&mut bad, &base);
-        let e = expand(&mut bad, &base[..1]).unwrap_err().to_string();
-        assert!(e.contains("chunk 3 of the base revision"), "{e}");
+        compact(&mut bad, &ids);
+        let e = expand(&mut bad.clone(), &base[..10])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("of the base revision named, which has 10"),
+            "{e}"
+        );
+        let mut odd = bad.clone();
+        odd.files[0].runs.pop();
+        assert!(expand(&mut odd, &base).is_err());
+        let mut extra = bad.clone();
+        let first = extra.files[0].chunks[0].clone();
+        extra.files[0].chunks.push(first);
+        assert!(expand(&mut extra, &base)
+            .unwrap_err()
+            .to_string()
+            .contains("no run uses"));
+        let mut short = bad.clone();
+        short.files[0].chunks.clear();
+        assert!(expand(&mut short, &base).is_err());
+        let mut huge = bad;
+        huge.files[0].runs = [0u32, 1000, 0].repeat(6);
+        let e = expand_at_most(&mut huge, &base, 5000).unwrap_err();
+        assert!(e.to_string().contains("more than 5000"), "{e}");
+    }
+
+    #[test]
+    fn chunk_frames_decode_as_replies_without_copying() {
+        run(async {
+            for len in [0usize, 1, 127, 128, 16_383, 16_384, 300_000] {
+                let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let id = ChunkId::of(&data);
+                let frame = chunk_frame(&id, &data);
+                let want = pb::Reply {
+                    kind: Some(pb::reply::Kind::Chunk(pb::Chunk {
+                        id: id.as_bytes().to_vec().into(),
+                        data: data.clone().into(),
+                    })),
+                };
+                let mut via_prost = Vec::new();
+                write_frame(&mut via_prost, &want).await.unwrap();
+                if len > 0 {
+                    // (prost leaves an empty field out; both decode alike)
+                    assert_eq!(frame.as_ref(), via_prost.as_slice(), "len {len}");
+                }
+                let got: pb::Reply = read_frame(&mut frame.as_ref(), MAX_REPLY_BYTES)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(got, want);
+            }
+        });
     }
 
     #[test]

@@ -1,0 +1,744 @@
+//! The driver of one revision's transfer: the sans-io
+//! [`ferry_core::transfer::Transfer`] plus the I/O it asks for.
+//!
+//! - a few long-lived QUIC streams per transfer (`Fetch`, then `Want`
+//!   frames as the window opens), each with a task that sends requests and
+//!   one that reads chunk frames;
+//! - writer threads that hash every arriving chunk against its id, write it
+//!   at its offsets in the staged files, record the slots in the index, and
+//!   only then report it written (a killed DP keeps it);
+//! - local copies (`copy_file_range`) of chunks the DP holds in installed
+//!   files, on the same threads;
+//! - checkpoints every few seconds (files synced, then the epoch), and the
+//!   install when every slot is written.
+//!
+//! The async loop only moves messages; hashing and disk I/O stay on the
+//! writer threads.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use ferry_core::transfer::{
+    CopyOp, Event, Origin, OriginFile, Progress, Slot, Transfer, TransferOptions,
+};
+use ferry_core::units::bytes as human;
+use ferry_core::{ChunkId, ChunkRef};
+use ferry_store::content::{ContentError, Marks, RevisionRecord, Stage};
+use ferry_store::ContentStore;
+use ferry_wire::pb::{self, reply, request, Code};
+use ferry_wire::{read_frame, write_frame, MAX_REPLY_BYTES};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::manifest::Signed;
+
+/// Streams a transfer spreads its requests over.
+pub const FETCH_STREAMS: usize = 4;
+/// Threads that verify and write chunks.
+pub const WRITERS: usize = 2;
+/// Most bytes asked for and not yet written on one stream.
+pub const MAX_STREAM_WINDOW: u64 = 8 << 20;
+/// Space kept free besides a revision's files (the index, logs).
+pub const SPACE_MARGIN: u64 = 32 << 20;
+/// How often written data is made durable (files synced, then recorded).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// Bytes written between checkpoints at most.
+pub const CHECKPOINT_BYTES: u64 = 512 << 20;
+/// A transfer that waits this long for any chunk fails (and is retried).
+pub const STALL_TIMEOUT: Duration = ferry_wire::REPLY_TIMEOUT;
+/// Times a broken chunk stream is opened again before the transfer fails.
+const MAX_STREAM_RESTARTS: u32 = 8;
+
+/// How a transfer ended badly.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The connection is gone: end the session and redial.
+    Disconnected(anyhow::Error),
+    /// This transfer failed; report it and retry later.
+    Transfer(anyhow::Error),
+}
+
+impl Failure {
+    pub(crate) fn of(conn: &quinn::Connection, e: anyhow::Error) -> Self {
+        if conn.close_reason().is_some() {
+            Self::Disconnected(e)
+        } else {
+            Self::Transfer(e)
+        }
+    }
+}
+
+/// What the loop hears from its helpers.
+enum Ev {
+    /// `generation` tells a reopened stream's chunks from its old ones.
+    Chunk {
+        stream: usize,
+        generation: u64,
+        id: ChunkId,
+        data: Bytes,
+    },
+    /// The site answered an id with an error: the transfer cannot finish.
+    SiteError(String),
+    /// A stream broke (reset, closed early).
+    StreamLost {
+        stream: usize,
+        generation: u64,
+        error: String,
+    },
+    Written(ChunkId),
+    Corrupt(ChunkId),
+    Copied {
+        id: u64,
+        ok: bool,
+    },
+    WriteFailed(ContentError),
+}
+
+enum Job {
+    Write {
+        id: ChunkId,
+        len: u32,
+        data: Bytes,
+        places: Vec<(Slot, u64)>,
+    },
+    Copy(CopyOp),
+}
+
+/// Files copies read from: installed files, by handle.
+type Origins = Vec<(File, PathBuf)>;
+
+/// One revision to fetch.
+pub(crate) struct Request<'a> {
+    pub conn: &'a quinn::Connection,
+    pub store: &'a Arc<ContentStore>,
+    pub assignment: &'a pb::Assignment,
+    pub signed: Signed,
+    pub max_rate: Option<u64>,
+    pub dp: &'a str,
+    pub reports: &'a mpsc::UnboundedSender<pb::Report>,
+}
+
+fn report(a: &pb::Assignment, state: pb::State, p: &Progress, wire: u64) -> pb::Report {
+    pb::Report {
+        package: a.package.clone(),
+        revision: a.revision,
+        state: state as i32,
+        bytes_needed: p.bytes_needed,
+        bytes_done: p.bytes_done,
+        full_bytes: p.full_bytes,
+        wire_bytes: wire,
+        bytes_local: p.bytes_local,
+        ..pb::Report::default()
+    }
+}
+
+/// Bytes an unprivileged writer can still use on the filesystem of `path`.
+fn available_space(path: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Fetches, writes and installs one revision. Returns its figures.
+pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
+    let a = r.assignment;
+    let conn = r.conn;
+    let rx_start = conn.stats().udp_rx.bytes;
+    let wire = || conn.stats().udp_rx.bytes.saturating_sub(rx_start);
+    let fail = |e: anyhow::Error| Failure::of(conn, e);
+
+    // Space: every file is preallocated up front, so a full disk shows now.
+    let files: u64 = r.signed.manifests.iter().map(|m| m.size).sum();
+    let content = r.store.content_dir().to_path_buf();
+    let (store, sig) = (r.store.clone(), r.signed.clone());
+    let (package, revision, dp) = (a.package.clone(), a.revision, r.dp.to_string());
+    let max_rate = r.max_rate;
+    let staged = tokio::task::spawn_blocking(move || -> anyhow::Result<(Arc<Stage>, Transfer, Arc<Origins>)> {
+        let stage_dir = content
+            .join(ferry_store::content::INTERNAL_DIR)
+            .join(format!("stage-{package}.r{revision}"));
+        let have = ferry_store::file::disk_usage(&stage_dir);
+        let free = available_space(&content)
+            .with_context(|| format!("cannot read the free space of {}", content.display()))?;
+        let need = (files + SPACE_MARGIN).saturating_sub(have);
+        let short = |free: u64| {
+            anyhow!(
+                "not enough space on DP {dp} for {package} revision {revision}: it needs {} more ({} of files, {} margin) at {}, {} free; free at least {}",
+                human(need),
+                human(files),
+                human(SPACE_MARGIN),
+                content.display(),
+                human(free),
+                human(need.saturating_sub(free))
+            )
+        };
+        if need > free {
+            return Err(short(free));
+        }
+        let record = RevisionRecord {
+            installed: false,
+            name: sig.name.clone(),
+            body: sig.body.clone(),
+            signature: sig.signature.clone(),
+        };
+        let stage = match store.stage(&package, revision, record, sig.manifests.clone()) {
+            Ok(s) => Arc::new(s),
+            // Preallocating the files ran out of space.
+            Err(e @ ContentError::File(_)) if e.is_no_space() => {
+                return Err(anyhow!(e).context(short(available_space(&content).unwrap_or(0))))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let written = stage.written()?;
+        let mut origins: Origins = Vec::new();
+        let mut handles: HashMap<(String, u32, u32), u64> = HashMap::new();
+        let opts = TransferOptions {
+            streams: FETCH_STREAMS,
+            max_stream_window: MAX_STREAM_WINDOW,
+            max_batch_chunks: ferry_wire::MAX_BATCH_CHUNKS,
+            max_rate,
+            ..TransferOptions::default()
+        };
+        let mut lookup_error = None;
+        let machine = Transfer::new(
+            stage.manifests(),
+            opts,
+            |s| written[s.file as usize][s.index as usize],
+            |id| {
+                let (p, l) = match store.locate(id) {
+                    Ok(found) => found?,
+                    Err(e) => {
+                        lookup_error.get_or_insert(e);
+                        return None;
+                    }
+                };
+                let key = (p.clone(), l.revision, l.file);
+                let h = match handles.get(&key) {
+                    Some(&h) => h,
+                    None => {
+                        let path = store.installed_path(&p, l.revision, l.file).ok()?;
+                        let f = File::open(&path).ok()?;
+                        origins.push((f, path));
+                        let h = origins.len() as u64 - 1;
+                        handles.insert(key, h);
+                        h
+                    }
+                };
+                Some(Origin {
+                    file: OriginFile::Other(h),
+                    offset: l.offset,
+                })
+            },
+        );
+        if let Some(e) = lookup_error {
+            return Err(e.into());
+        }
+        Ok((stage, machine, Arc::new(origins)))
+    })
+    .await
+    .map_err(|e| Failure::Transfer(anyhow!("the staging task failed: {e}")))?;
+    let (stage, machine, origins) = staged.map_err(Failure::Transfer)?;
+    let planned = machine.progress();
+    info!(
+        needed_bytes = planned.bytes_needed,
+        local_bytes = planned.bytes_local_planned,
+        full_bytes = planned.full_bytes,
+        "transfer planned"
+    );
+    let _ = r
+        .reports
+        .send(report(a, pb::State::InProgress, &planned, wire()));
+
+    // Writer threads.
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
+    let mut jobs = Vec::with_capacity(WRITERS);
+    let mut threads = Vec::with_capacity(WRITERS);
+    for n in 0..WRITERS {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (stage, origins, ev) = (stage.clone(), origins.clone(), ev_tx.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("ferry-writer-{n}"))
+            .spawn(move || writer(&stage, &origins, rx, ev))
+            .map_err(|e| Failure::Transfer(anyhow!("cannot start a writer thread: {e}")))?;
+        jobs.push(tx);
+        threads.push(t);
+    }
+
+    let mut lp = Loop {
+        conn,
+        dp: r.dp,
+        a,
+        machine,
+        jobs,
+        streams: Vec::new(),
+        ev_tx,
+        restarts: 0,
+        generations: 0,
+        stage: stage.clone(),
+        reports: r.reports,
+        next_writer: 0,
+        rx_start,
+    };
+    let result = lp.drive(&mut ev_rx).await;
+    // Stop the helpers before anything else touches the stage.
+    let Loop {
+        streams,
+        jobs,
+        stage: held,
+        ev_tx,
+        ..
+    } = lp;
+    for s in streams {
+        s.stop();
+    }
+    drop((jobs, held, ev_tx));
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+    let progress = result?;
+
+    let installed = tokio::task::spawn_blocking(move || match Arc::try_unwrap(stage) {
+        Ok(s) => s.install().map_err(anyhow::Error::from),
+        Err(_) => Err(anyhow!("the stage is still in use by a writer")),
+    })
+    .await
+    .map_err(|e| Failure::Transfer(anyhow!("the install task failed: {e}")))?;
+    installed.map_err(|e| fail(e.context("cannot install the revision")))?;
+    Ok((progress, wire()))
+}
+
+/// The helpers of one stream.
+struct StreamTasks {
+    generation: u64,
+    wants: mpsc::UnboundedSender<Vec<ChunkRef>>,
+    sender: tokio::task::JoinHandle<()>,
+    receiver: tokio::task::JoinHandle<()>,
+}
+
+impl StreamTasks {
+    fn stop(self) {
+        drop(self.wants);
+        self.sender.abort();
+        self.receiver.abort();
+    }
+}
+
+struct Loop<'a> {
+    conn: &'a quinn::Connection,
+    dp: &'a str,
+    a: &'a pb::Assignment,
+    machine: Transfer,
+    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+    streams: Vec<StreamTasks>,
+    ev_tx: mpsc::UnboundedSender<Ev>,
+    restarts: u32,
+    generations: u64,
+    stage: Arc<Stage>,
+    reports: &'a mpsc::UnboundedSender<pb::Report>,
+    next_writer: usize,
+    rx_start: u64,
+}
+
+impl Loop<'_> {
+    fn wire(&self) -> u64 {
+        self.conn.stats().udp_rx.bytes.saturating_sub(self.rx_start)
+    }
+
+    fn open_stream(&mut self, stream: usize) -> StreamTasks {
+        self.generations += 1;
+        let generation = self.generations;
+        let (wants, mut want_rx) = mpsc::unbounded_channel::<Vec<ChunkRef>>();
+        let (conn, ev) = (self.conn.clone(), self.ev_tx.clone());
+        let (package, revision) = (self.a.package.clone(), self.a.revision);
+        let (recv_tx, recv_rx) = tokio::sync::oneshot::channel::<quinn::RecvStream>();
+        let ev2 = ev.clone();
+        let sender = tokio::spawn(async move {
+            let r: anyhow::Result<()> = async {
+                let (mut send, recv) = conn.open_bi().await?;
+                let req = pb::Request {
+                    kind: Some(request::Kind::Fetch(pb::Fetch { package, revision })),
+                };
+                write_frame(&mut send, &req).await?;
+                let _ = recv_tx.send(recv);
+                while let Some(batch) = want_rx.recv().await {
+                    let w = pb::Want {
+                        ids: batch
+                            .iter()
+                            .map(|c| Bytes::copy_from_slice(c.id.as_bytes()))
+                            .collect(),
+                    };
+                    write_frame(&mut send, &w).await?;
+                }
+                let _ = send.finish();
+                Ok(())
+            }
+            .await;
+            if let Err(e) = r {
+                let _ = ev.send(Ev::StreamLost {
+                    stream,
+                    generation,
+                    error: format!("{e:#}"),
+                });
+            }
+        });
+        let receiver = tokio::spawn(async move {
+            let Ok(mut recv) = recv_rx.await else {
+                return;
+            };
+            loop {
+                match read_frame::<pb::Reply>(&mut recv, MAX_REPLY_BYTES).await {
+                    Ok(Some(pb::Reply {
+                        kind: Some(reply::Kind::Chunk(c)),
+                    })) => {
+                        let Some(id) = ChunkId::from_slice(&c.id) else {
+                            let _ = ev2.send(Ev::SiteError(
+                                "the site sent a chunk with a malformed id".into(),
+                            ));
+                            return;
+                        };
+                        let chunk = Ev::Chunk {
+                            stream,
+                            generation,
+                            id,
+                            data: c.data,
+                        };
+                        if ev2.send(chunk).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(pb::Reply {
+                        kind: Some(reply::Kind::Error(e)),
+                    })) => {
+                        let what = if e.code == Code::NotFound as i32 {
+                            "the manifest names a chunk the site does not have"
+                        } else {
+                            "the site refused to send chunks"
+                        };
+                        let _ = ev2.send(Ev::SiteError(format!("{what}: {}", e.message)));
+                        return;
+                    }
+                    Ok(Some(_)) => {
+                        let _ = ev2.send(Ev::SiteError(
+                            "the site answered a chunk request with something else".into(),
+                        ));
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = ev2.send(Ev::StreamLost {
+                            stream,
+                            generation,
+                            error: e.to_string(),
+                        });
+                        return;
+                    }
+                }
+            }
+        });
+        StreamTasks {
+            generation,
+            wants,
+            sender,
+            receiver,
+        }
+    }
+
+    /// Explains a failed write; a full disk says how much to free.
+    fn write_failed(&self, e: ContentError) -> anyhow::Error {
+        let what = format!("{} revision {}", self.a.package, self.a.revision);
+        if !e.is_no_space() {
+            return anyhow!(e).context(format!("cannot write {what}"));
+        }
+        let dir = self.stage.dir().to_path_buf();
+        let free = available_space(&dir).unwrap_or(0);
+        anyhow!(
+            "the disk of DP {} is full while writing {what} ({} free at {}; the revision's files are allocated already): free at least {} so the DP can record its progress; it goes on by itself: {e}",
+            self.dp,
+            human(free),
+            dir.display(),
+            human(SPACE_MARGIN)
+        )
+    }
+
+    /// Whether an event comes from the stream's current helpers.
+    fn current(&self, stream: usize, generation: u64) -> bool {
+        self.streams
+            .get(stream)
+            .is_some_and(|s| s.generation == generation)
+    }
+
+    fn send_job(&mut self, job: Job, id: Option<&ChunkId>) -> Result<(), Failure> {
+        // A chunk always goes to the same writer (by id): its two places
+        // never race. Copies go round-robin.
+        let n = match id {
+            Some(id) => id.as_bytes()[0] as usize % self.jobs.len(),
+            None => {
+                self.next_writer = (self.next_writer + 1) % self.jobs.len();
+                self.next_writer
+            }
+        };
+        self.jobs[n]
+            .send(job)
+            .map_err(|_| Failure::Transfer(anyhow!("a writer thread stopped")))
+    }
+
+    /// Runs the machine until every slot is written.
+    async fn drive(
+        &mut self,
+        ev_rx: &mut mpsc::UnboundedReceiver<Ev>,
+    ) -> Result<Progress, Failure> {
+        let mut last_arrival = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        let mut since_checkpoint = 0u64;
+        let mut checkpoint: Option<tokio::task::JoinHandle<Result<(), ContentError>>> = None;
+        loop {
+            let now = Instant::now();
+            while let Some(op) = self.machine.poll_copy() {
+                self.send_job(Job::Copy(op), None)?;
+            }
+            self.machine.set_rtt(self.conn.rtt());
+            for s in 0..FETCH_STREAMS {
+                while let Some(batch) = self.machine.poll_request(s, now) {
+                    while self.streams.len() <= s {
+                        let t = self.open_stream(self.streams.len());
+                        self.streams.push(t);
+                    }
+                    if self.streams[s].wants.send(batch).is_err() {
+                        return Err(Failure::Transfer(anyhow!("a chunk stream stopped")));
+                    }
+                }
+            }
+            while let Some(ev) = self.machine.poll_event() {
+                match ev {
+                    Event::Progress(p) => {
+                        let _ = self.reports.send(report(
+                            self.a,
+                            pb::State::InProgress,
+                            &p,
+                            self.wire(),
+                        ));
+                    }
+                    Event::Complete(p) => {
+                        if let Some(c) = checkpoint.take() {
+                            let _ = c.await;
+                        }
+                        return Ok(p);
+                    }
+                    Event::Failed(msg) => return Err(Failure::Transfer(anyhow!(msg))),
+                }
+            }
+            if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
+                if let Some(c) = checkpoint.take() {
+                    match c.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(Failure::Transfer(self.write_failed(e))),
+                        Err(e) => return Err(Failure::Transfer(anyhow!("checkpoint task: {e}"))),
+                    }
+                }
+            }
+            if checkpoint.is_none()
+                && since_checkpoint > 0
+                && (since_checkpoint >= CHECKPOINT_BYTES
+                    || last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
+            {
+                let stage = self.stage.clone();
+                checkpoint = Some(tokio::task::spawn_blocking(move || stage.checkpoint()));
+                since_checkpoint = 0;
+                last_checkpoint = Instant::now();
+            }
+            let waiting = (0..FETCH_STREAMS).any(|s| self.machine.is_waiting(s));
+            if waiting && last_arrival.elapsed() > STALL_TIMEOUT {
+                return Err(Failure::Transfer(anyhow!(
+                    "the site sent no chunk for {STALL_TIMEOUT:?}"
+                )));
+            }
+            let timeout = self
+                .machine
+                .poll_timeout(now)
+                .unwrap_or(now + Duration::from_secs(1))
+                .min(now + Duration::from_secs(1));
+            let ev = tokio::select! {
+                ev = ev_rx.recv() => ev,
+                _ = tokio::time::sleep_until(timeout.into()) => {
+                    self.machine.handle_timeout(Instant::now());
+                    continue;
+                }
+                e = self.conn.closed() => {
+                    return Err(Failure::Disconnected(anyhow!(crate::agent::explain(&e))));
+                }
+            };
+            let Some(ev) = ev else {
+                return Err(Failure::Transfer(anyhow!("the transfer's helpers stopped")));
+            };
+            let now = Instant::now();
+            match ev {
+                Ev::Chunk {
+                    stream,
+                    generation,
+                    id,
+                    data,
+                } => {
+                    if !self.current(stream, generation) {
+                        continue;
+                    }
+                    last_arrival = now;
+                    let p = self.machine.handle_chunk(stream, &id, now).map_err(|e| {
+                        Failure::Transfer(anyhow!("the site broke the protocol: {e}"))
+                    })?;
+                    let job = Job::Write {
+                        id,
+                        len: p.chunk.len,
+                        data,
+                        places: p.places,
+                    };
+                    self.send_job(job, Some(&id))?;
+                }
+                Ev::Written(id) => {
+                    since_checkpoint += 1;
+                    self.machine.handle_written(&id, now);
+                }
+                Ev::Corrupt(id) => {
+                    warn!(chunk = %id, "chunk failed verification; asking again");
+                    self.machine.handle_corrupt(&id);
+                }
+                Ev::Copied { id, ok } => {
+                    since_checkpoint += 1;
+                    self.machine.handle_copied(id, ok, now);
+                }
+                Ev::WriteFailed(e) => return Err(Failure::Transfer(self.write_failed(e))),
+                Ev::SiteError(msg) => return Err(Failure::Transfer(anyhow!(msg))),
+                Ev::StreamLost {
+                    stream,
+                    generation,
+                    error,
+                } => {
+                    if !self.current(stream, generation) {
+                        continue;
+                    }
+                    if let Some(reason) = self.conn.close_reason() {
+                        return Err(Failure::Disconnected(anyhow!(crate::agent::explain(
+                            &reason
+                        ))));
+                    }
+                    self.restarts += 1;
+                    if self.restarts > MAX_STREAM_RESTARTS {
+                        return Err(Failure::Transfer(anyhow!(
+                            "chunk streams keep breaking: {error}"
+                        )));
+                    }
+                    warn!(stream, %error, "a chunk stream broke; opening it again");
+                    self.machine.handle_stream_lost(stream);
+                    if stream < self.streams.len() {
+                        let fresh = self.open_stream(stream);
+                        std::mem::replace(&mut self.streams[stream], fresh).stop();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A writer thread: verifies, writes, records, then reports. Marks are
+/// recorded in groups when the queue runs dry (or every 64 chunks), and
+/// chunks are reported written only once recorded.
+fn writer(
+    stage: &Stage,
+    origins: &Origins,
+    rx: std::sync::mpsc::Receiver<Job>,
+    ev: mpsc::UnboundedSender<Ev>,
+) {
+    let mut marks = Marks::default();
+    let mut done: Vec<Ev> = Vec::new();
+    let flush = |marks: &mut Marks, done: &mut Vec<Ev>| -> bool {
+        if let Err(e) = stage.record(std::mem::take(marks)) {
+            let _ = ev.send(Ev::WriteFailed(e));
+            return false;
+        }
+        for d in done.drain(..) {
+            let _ = ev.send(d);
+        }
+        true
+    };
+    loop {
+        let job = if done.is_empty() {
+            match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(j) => j,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    if !flush(&mut marks, &mut done) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    flush(&mut marks, &mut done);
+                    return;
+                }
+            }
+        };
+        match job {
+            Job::Write {
+                id,
+                len,
+                data,
+                places,
+            } => {
+                if data.len() != len as usize || ChunkId::of(&data) != id {
+                    // Nothing written: report at once.
+                    let _ = ev.send(Ev::Corrupt(id));
+                    continue;
+                }
+                if let Err(e) = stage.write(&places, &data) {
+                    let _ = ev.send(Ev::WriteFailed(e));
+                    return;
+                }
+                for (s, _) in &places {
+                    stage.mark(&mut marks, s.file, s.index, 1);
+                }
+                done.push(Ev::Written(id));
+            }
+            Job::Copy(op) => {
+                let origin = match op.origin.file {
+                    OriginFile::Other(h) => origins.get(h as usize).map(|(f, p)| (f, p.as_path())),
+                    OriginFile::Stage(n) => stage.file(n).map(|f| (f.file(), f.path())),
+                };
+                let ok = match origin {
+                    Some((f, path)) => match stage.copy(&op, f, path) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(error = %e, "a local copy failed; fetching those chunks instead");
+                            false
+                        }
+                    },
+                    None => false,
+                };
+                if ok {
+                    stage.mark(&mut marks, op.file, op.first, op.count);
+                    done.push(Ev::Copied {
+                        id: op.id,
+                        ok: true,
+                    });
+                } else {
+                    let _ = ev.send(Ev::Copied {
+                        id: op.id,
+                        ok: false,
+                    });
+                }
+            }
+        }
+        if done.len() >= 64 && !flush(&mut marks, &mut done) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Content validation: re-hash what the DP holds against the signed
+//! manifests, refetch each damaged chunk alone and write it in place.
+//!
+//! The site asks with a request number in the assignments (on demand with
+//! `ferry dp validate`, or on the DP's schedule); the DP answers each
+//! number once, reporting `Validating` with progress, then the result per
+//! package: what was checked, and every damaged chunk with its file,
+//! offset and whether the repair worked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use bytes::Bytes;
+use ferry_core::ChunkId;
+use ferry_store::ContentStore;
+use ferry_wire::pb::{self, reply, request};
+use ferry_wire::{read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::agent::report;
+use crate::transfer::Failure;
+
+/// Least time between two progress reports of a validation.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// Answers validation request `request` for `packages` (all when empty)
+/// among those installed and still `wanted`.
+pub(crate) async fn run(
+    conn: &quinn::Connection,
+    store: &Arc<ContentStore>,
+    request: u64,
+    packages: &[String],
+    wanted: &BTreeMap<String, u32>,
+    reports: &mpsc::UnboundedSender<pb::Report>,
+) -> Result<(), Failure> {
+    let s = store.clone();
+    let installed = tokio::task::spawn_blocking(move || s.installed())
+        .await
+        .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
+        .map_err(|e| Failure::Transfer(e.into()))?;
+    for (package, revision) in installed {
+        if !packages.is_empty() && !packages.contains(&package) {
+            continue;
+        }
+        if wanted.get(&package) != Some(&revision) {
+            continue;
+        }
+        let a = pb::Assignment {
+            package: package.clone(),
+            revision,
+            name: String::new(),
+        };
+        let result = one(conn, store, request, &a, reports).await;
+        match result {
+            Ok(v) => {
+                let mut r = report(&a, pb::State::Installed);
+                r.full_bytes = v.bytes_total;
+                r.validation = Some(v);
+                let _ = reports.send(r);
+            }
+            Err(Failure::Disconnected(e)) => return Err(Failure::Disconnected(e)),
+            Err(Failure::Transfer(e)) => {
+                warn!(%package, error = %format!("{e:#}"), "validation failed");
+                let mut r = report(&a, pb::State::Installed);
+                r.validation = Some(pb::Validation {
+                    request,
+                    done: true,
+                    damaged: vec![pb::Damage {
+                        error: format!("validation could not run: {e:#}"),
+                        ..pb::Damage::default()
+                    }],
+                    ..pb::Validation::default()
+                });
+                let _ = reports.send(r);
+            }
+        }
+    }
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.set_validated(request))
+        .await
+        .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
+        .map_err(|e| Failure::Transfer(e.into()))?;
+    Ok(())
+}
+
+async fn one(
+    conn: &quinn::Connection,
+    store: &Arc<ContentStore>,
+    request: u64,
+    a: &pb::Assignment,
+    reports: &mpsc::UnboundedSender<pb::Report>,
+) -> Result<pb::Validation, Failure> {
+    let (s, p, rev) = (store.clone(), a.package.clone(), a.revision);
+    let total: u64 = tokio::task::spawn_blocking(move || {
+        s.manifests(&p, rev)
+            .map(|ms| ms.iter().map(|m| m.size).sum::<u64>())
+    })
+    .await
+    .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
+    .unwrap_or(0);
+    let progress = |checked: u64, chunks: u64| pb::Validation {
+        request,
+        bytes_checked: checked,
+        chunks_checked: chunks,
+        bytes_total: total,
+        ..pb::Validation::default()
+    };
+    let mut r = report(a, pb::State::Validating);
+    r.validation = Some(progress(0, 0));
+    let _ = reports.send(r);
+    info!(package = %a.package, revision = a.revision, bytes = total, "validating");
+
+    let (s, p, tx, a2) = (store.clone(), a.package.clone(), reports.clone(), a.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        let (mut done, mut last) = (0u64, Instant::now());
+        s.validate(&p, |n| {
+            done += n;
+            if last.elapsed() >= REPORT_EVERY {
+                last = Instant::now();
+                let mut r = report(&a2, pb::State::Validating);
+                r.validation = Some(pb::Validation {
+                    request,
+                    bytes_checked: done,
+                    bytes_total: total,
+                    ..pb::Validation::default()
+                });
+                let _ = tx.send(r);
+            }
+        })
+    })
+    .await
+    .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
+    .map_err(|e| Failure::Transfer(e.into()))?;
+    let (revision, checked) = checked;
+    let mut v = progress(checked.bytes, checked.chunks);
+    v.done = true;
+    if checked.damaged.is_empty() {
+        info!(package = %a.package, bytes = checked.bytes, "validated: no damage");
+        return Ok(v);
+    }
+    warn!(package = %a.package, damaged = checked.damaged.len(), "damaged chunks found; refetching them");
+    let mut ids: Vec<ChunkId> = checked.damaged.iter().map(|d| d.id).collect();
+    ids.sort();
+    ids.dedup();
+    let fetched = fetch_few(conn, &a.package, revision, &ids).await;
+    let mut outcome: HashMap<ChunkId, Result<(), String>> = HashMap::new();
+    match fetched {
+        Ok(got) => {
+            for (id, data) in got {
+                let (s, p) = (store.clone(), a.package.clone());
+                let r = tokio::task::spawn_blocking(move || s.repair(&p, &id, &data))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map(drop).map_err(|e| e.to_string()));
+                outcome.insert(id, r);
+            }
+        }
+        Err(e) => {
+            if let Some(reason) = conn.close_reason() {
+                return Err(Failure::Disconnected(anyhow!(crate::agent::explain(
+                    &reason
+                ))));
+            }
+            for id in &ids {
+                outcome.insert(*id, Err(format!("{e:#}")));
+            }
+        }
+    }
+    for d in &checked.damaged {
+        let r = outcome
+            .get(&d.id)
+            .cloned()
+            .unwrap_or_else(|| Err("the site did not send it".into()));
+        match &r {
+            Ok(()) => {
+                info!(package = %a.package, path = %d.path, offset = d.offset, len = d.len, "repaired a damaged chunk")
+            }
+            Err(e) => {
+                warn!(package = %a.package, path = %d.path, offset = d.offset, error = %e, "cannot repair a damaged chunk")
+            }
+        }
+        v.damaged.push(pb::Damage {
+            path: d.path.clone(),
+            offset: d.offset,
+            len: d.len,
+            chunk: Bytes::copy_from_slice(d.id.as_bytes()),
+            repaired: r.is_ok(),
+            error: r.err().unwrap_or_default(),
+        });
+    }
+    Ok(v)
+}
+
+/// Fetches a few chunks of one revision on one stream, each checked
+/// against its id.
+pub(crate) async fn fetch_few(
+    conn: &quinn::Connection,
+    package: &str,
+    revision: u32,
+    ids: &[ChunkId],
+) -> anyhow::Result<Vec<(ChunkId, Bytes)>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let req = pb::Request {
+        kind: Some(request::Kind::Fetch(pb::Fetch {
+            package: package.to_string(),
+            revision,
+        })),
+    };
+    write_frame(&mut send, &req).await?;
+    for batch in ids.chunks(MAX_BATCH_CHUNKS) {
+        let w = pb::Want {
+            ids: batch
+                .iter()
+                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                .collect(),
+        };
+        write_frame(&mut send, &w).await?;
+    }
+    let _ = send.finish();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let got = tokio::time::timeout(
+            ferry_wire::REPLY_TIMEOUT,
+            read_frame::<pb::Reply>(&mut recv, MAX_REPLY_BYTES),
+        )
+        .await
+        .map_err(|_| anyhow!("the site sent nothing for {:?}", ferry_wire::REPLY_TIMEOUT))??;
+        match got.and_then(|r| r.kind) {
+            Some(reply::Kind::Chunk(c)) if c.id.as_ref() == id.as_bytes() => {
+                if ChunkId::of(&c.data) != *id {
+                    bail!("chunk {id} from the site failed verification");
+                }
+                out.push((*id, c.data));
+            }
+            Some(reply::Kind::Chunk(_)) => bail!("the site answered with a chunk not asked for"),
+            Some(reply::Kind::Error(e)) => bail!("the site refused chunk {id}: {}", e.message),
+            _ => bail!("the chunk stream ended early"),
+        }
+    }
+    Ok(out)
+}

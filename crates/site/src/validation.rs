@@ -1,0 +1,235 @@
+//! Content validation on DPs, as the site drives it: requests on demand
+//! (`ferry dp validate`), on each DP's schedule (`ferry dp set
+//! --validate-schedule`), and the results the DPs report.
+//!
+//! A request is a number in the DP's record, pushed with its assignments;
+//! the DP re-hashes what it holds and answers that number once per
+//! package (see `ferry_dp::validate`). A DP that is offline when a request
+//! is made answers when it next connects.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use crate::registry::{Hub, HubError, ValidationResult};
+use crate::schedule::Schedule;
+
+/// Body of `POST /api/v1/dps/{name}/validate`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidateRequest {
+    /// Only these packages (all the DP holds when empty).
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+/// Answer of `POST /api/v1/dps/{name}/validate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidateReply {
+    /// The DP.
+    pub dp: String,
+    /// The request's number: results answering it carry it.
+    pub request: u64,
+    /// Whether the DP is connected (else it validates when it connects).
+    pub online: bool,
+    /// Packages the DP holds that it will validate.
+    pub packages: Vec<String>,
+}
+
+/// Body of `POST /api/v1/dps/{name}/settings`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DpSettings {
+    /// Five-field cron (UTC) for scheduled validation; `"off"` clears it.
+    #[serde(default)]
+    pub validate_schedule: Option<String>,
+}
+
+/// One package's last validation on a DP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationRow {
+    /// The package.
+    pub package: String,
+    /// The result (or the progress of a run in progress).
+    #[serde(flatten)]
+    pub result: ValidationResult,
+}
+
+/// Answer of `GET /api/v1/dps/{name}/validation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationView {
+    /// The DP.
+    pub dp: String,
+    /// Whether it is connected.
+    pub online: bool,
+    /// Its schedule, if any.
+    pub schedule: Option<String>,
+    /// When the schedule runs next (RFC 3339, UTC).
+    pub next_run: Option<String>,
+    /// The latest request's number.
+    pub requested: u64,
+    /// When it was made.
+    pub requested_at: Option<String>,
+    /// Packages the DP holds now (what a request covers).
+    pub holds: Vec<String>,
+    /// Last result per package.
+    pub results: Vec<ValidationRow>,
+}
+
+fn parse_time(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).ok()
+}
+
+fn format_time(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// Packages DP `dp` holds whole now.
+fn holds(hub: &Hub, dp: &str) -> Vec<String> {
+    let reg = hub.snapshot();
+    let assigned = reg.assigned(dp);
+    reg.dps
+        .get(dp)
+        .map(|d| {
+            d.transfers
+                .iter()
+                .filter(|(p, t)| t.state.holds() && assigned.contains(*p))
+                .map(|(p, _)| p.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asks `dp` to validate.
+pub fn request(hub: &Hub, dp: &str, req: &ValidateRequest) -> Result<ValidateReply, HubError> {
+    let held = holds(hub, dp);
+    for p in &req.packages {
+        if !held.contains(p) {
+            return Err(HubError::Conflict(format!(
+                "DP {dp} does not hold {p} (see `ferry status --dp {dp}`)"
+            )));
+        }
+    }
+    let n = hub.request_validation(dp, &req.packages)?;
+    info!(%dp, request = n, packages = ?req.packages, "validation requested");
+    Ok(ValidateReply {
+        dp: dp.to_string(),
+        request: n,
+        online: hub.online(dp).is_some(),
+        packages: if req.packages.is_empty() {
+            held
+        } else {
+            req.packages.clone()
+        },
+    })
+}
+
+/// Sets a DP's settings.
+pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
+    if let Some(expr) = &s.validate_schedule {
+        if expr.eq_ignore_ascii_case("off") || expr.is_empty() {
+            hub.set_validate_schedule(dp, None)?;
+            info!(%dp, "validation schedule cleared");
+        } else {
+            let sched = Schedule::parse(expr)
+                .map_err(|e| HubError::Invalid(format!("--validate-schedule {e}")))?;
+            hub.set_validate_schedule(dp, Some(sched.expr().to_string()))?;
+            info!(%dp, schedule = %sched.expr(), "validation schedule set");
+        }
+    }
+    Ok(())
+}
+
+/// What `ferry dp validation NAME` shows.
+pub fn view(hub: &Hub, dp: &str) -> Result<ValidationView, HubError> {
+    let reg = hub.snapshot();
+    let d = reg.dps.get(dp).ok_or_else(|| HubError::NoDp(dp.into()))?;
+    let v = &d.validation;
+    let next_run = v.schedule.as_deref().and_then(|s| {
+        let sched = Schedule::parse(s).ok()?;
+        let after = v
+            .last_scheduled
+            .as_deref()
+            .and_then(parse_time)
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        sched.next_after(after).map(format_time)
+    });
+    Ok(ValidationView {
+        dp: dp.to_string(),
+        online: hub.online(dp).is_some(),
+        schedule: v.schedule.clone(),
+        next_run,
+        requested: v.requested,
+        requested_at: v.requested_at.clone(),
+        holds: holds(hub, dp),
+        results: v
+            .results
+            .iter()
+            .map(|(p, r)| ValidationRow {
+                package: p.clone(),
+                result: r.clone(),
+            })
+            .collect(),
+    })
+}
+
+/// Longest sleep of the scheduler (it also wakes on registry changes).
+const SCHEDULER_NAP: Duration = Duration::from_secs(60);
+
+/// Requests the scheduled validations when they fall due, for as long as
+/// the site runs.
+pub async fn scheduler(hub: Arc<Hub>) {
+    let mut changes = hub.subscribe();
+    loop {
+        let now = OffsetDateTime::now_utc();
+        let mut earliest: Option<OffsetDateTime> = None;
+        for d in hub.snapshot().dps.values() {
+            let Some(expr) = d.validation.schedule.as_deref() else {
+                continue;
+            };
+            if d.revoked.is_some() {
+                continue;
+            }
+            let sched = match Schedule::parse(expr) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(dp = %d.name, error = %e, "unusable validation schedule");
+                    continue;
+                }
+            };
+            let last = d
+                .validation
+                .last_scheduled
+                .as_deref()
+                .and_then(parse_time)
+                .unwrap_or(now);
+            let Some(next) = sched.next_after(last) else {
+                continue;
+            };
+            if next <= now {
+                match hub.scheduled_validation(&d.name, &format_time(next)) {
+                    Ok(n) => info!(dp = %d.name, request = n, "scheduled validation requested"),
+                    Err(e) => {
+                        warn!(dp = %d.name, error = %e, "cannot request a scheduled validation")
+                    }
+                }
+                if let Some(after) = sched.next_after(next.max(now)) {
+                    earliest = Some(earliest.map_or(after, |e| e.min(after)));
+                }
+            } else {
+                earliest = Some(earliest.map_or(next, |e| e.min(next)));
+            }
+        }
+        let nap = earliest
+            .map(|t| (t - now).unsigned_abs())
+            .unwrap_or(SCHEDULER_NAP)
+            .min(SCHEDULER_NAP)
+            .max(Duration::from_millis(200));
+        tokio::select! {
+            _ = tokio::time::sleep(nap) => {}
+            r = changes.changed() => if r.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Writing a file from its manifest: the one place that does it.
+//!
+//! [`OutFile`] is a file of known size, preallocated, whose chunks are
+//! written at their offsets in any order ([`OutFile::write_at`]) or copied
+//! from another file without passing through user space
+//! ([`OutFile::copy_from`]: `copy_file_range`, which shares extents — a
+//! reflink — where the filesystem can). A DP writes arriving chunks this way;
+//! [`write_file`] writes a whole file in order from any chunk source (the
+//! site's library for exports and servicing), checks it against the
+//! manifest's BLAKE3 and renames it into place.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ferry_core::{ChunkRef, FileHash, Manifest};
+
+/// A file operation that failed, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: cannot {op}: {source}")]
+pub struct FileError {
+    /// The file.
+    pub path: PathBuf,
+    /// What was being done ("preallocate 1.2 GiB", "write", "sync").
+    pub op: String,
+    /// The OS error.
+    pub source: std::io::Error,
+}
+
+impl FileError {
+    fn new(path: &Path, op: impl Into<String>, source: std::io::Error) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            op: op.into(),
+            source,
+        }
+    }
+
+    /// Whether the disk (or quota) is full: freeing space and trying again
+    /// helps.
+    pub fn is_no_space(&self) -> bool {
+        is_no_space(&self.source)
+    }
+}
+
+/// Whether an OS error means the disk (or quota) is full.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || code == Some(rustix::io::Errno::DQUOT.raw_os_error())
+}
+
+/// A file being written at chunk offsets.
+#[derive(Debug)]
+pub struct OutFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl OutFile {
+    /// Opens `path` (creating it) with `size` bytes allocated on disk, so a
+    /// full disk shows here and not in the middle of writing. What it held
+    /// before is kept: a resumed write continues where it was.
+    pub fn open(path: &Path, size: u64) -> Result<Self, FileError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| FileError::new(path, "create", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| FileError::new(path, "read the size of", e))?
+            .len();
+        if len > size {
+            file.set_len(size)
+                .map_err(|e| FileError::new(path, "truncate", e))?;
+        }
+        if size > 0 {
+            match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
+                Ok(()) => {}
+                // Filesystems without fallocate: a sparse file of the size.
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP => file
+                    .set_len(size)
+                    .map_err(|e| FileError::new(path, "set the size of", e))?,
+                Err(e) => {
+                    return Err(FileError::new(
+                        path,
+                        format!("preallocate {}", ferry_core::units::bytes(size)),
+                        e.into(),
+                    ))
+                }
+            }
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The open file (for reads).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Writes `data` at `offset`. Positional: several threads may write
+    /// different ranges at once.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<(), FileError> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| FileError::new(&self.path, format!("write at offset {offset}"), e))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), FileError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| FileError::new(&self.path, format!("read at offset {offset}"), e))
+    }
+
+    /// Copies `len` bytes at `src_offset` of `src` to `offset` of this file,
+    /// in the kernel (`copy_file_range`; extents are shared where the
+    /// filesystem supports it). Falls back to reading and writing where the
+    /// kernel cannot copy between the two files.
+    pub fn copy_from(
+        &self,
+        src: &File,
+        src_path: &Path,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), FileError> {
+        let (mut from, mut to, mut left) = (src_offset, offset, len);
+        while left > 0 {
+            let want = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+            match rustix::fs::copy_file_range(src, Some(&mut from), &self.file, Some(&mut to), want)
+            {
+                Ok(0) => {
+                    return Err(FileError::new(
+                        src_path,
+                        format!("copy {left} bytes from offset {from}"),
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+                Ok(n) => left -= n as u64,
+                Err(e)
+                    if [
+                        rustix::io::Errno::XDEV,
+                        rustix::io::Errno::INVAL,
+                        rustix::io::Errno::NOSYS,
+                        rustix::io::Errno::OPNOTSUPP,
+                    ]
+                    .contains(&e) =>
+                {
+                    return self.copy_by_reading(src, src_path, from, to, left);
+                }
+                Err(e) => {
+                    return Err(FileError::new(
+                        &self.path,
+                        format!("copy {left} bytes from {}", src_path.display()),
+                        e.into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_by_reading(
+        &self,
+        src: &File,
+        src_path: &Path,
+        mut from: u64,
+        mut to: u64,
+        mut left: u64,
+    ) -> Result<(), FileError> {
+        let mut buf = vec![0u8; left.min(4 << 20) as usize];
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], from)
+                .map_err(|e| FileError::new(src_path, format!("read at offset {from}"), e))?;
+            self.write_at(&buf[..n], to)?;
+            (from, to, left) = (from + n as u64, to + n as u64, left - n as u64);
+        }
+        Ok(())
+    }
+
+    /// Flushes the file's data to disk.
+    pub fn sync(&self) -> Result<(), FileError> {
+        self.file
+            .sync_data()
+            .map_err(|e| FileError::new(&self.path, "sync", e))
+    }
+}
+
+/// Syncs a folder, so renames and new entries in it are durable.
+pub fn sync_dir(path: &Path) -> Result<(), FileError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| FileError::new(path, "sync the folder", e))
+}
+
+/// Bytes allocated on disk under `path` (files and folders, as `du`
+/// counts them; links are not followed).
+pub fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        if let Ok(rd) = std::fs::read_dir(path) {
+            for e in rd.flatten() {
+                total += disk_usage(&e.path());
+            }
+        }
+    }
+    total
+}
+
+/// Why [`write_file`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError<E> {
+    /// The chunk source failed (a missing or damaged chunk).
+    #[error(transparent)]
+    Source(E),
+    /// The file system failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The bytes written do not hash to the manifest's BLAKE3.
+    #[error("{path}: rebuilt file does not match its BLAKE3 {expected}")]
+    Mismatch {
+        /// The file written.
+        path: PathBuf,
+        /// The manifest's hash.
+        expected: String,
+    },
+}
+
+/// Writes the file `m` describes to `dest`, taking each chunk's bytes from
+/// `chunk` in order: into `dest` with a `.part` suffix first, checked
+/// against the whole-file BLAKE3 and synced, then renamed over `dest`. On
+/// any error nothing is left at `dest` and the partial file is removed.
+pub fn write_file<E, B: AsRef<[u8]>>(
+    dest: &Path,
+    m: &Manifest,
+    mut chunk: impl FnMut(&ChunkRef) -> Result<B, E>,
+) -> Result<(), WriteError<E>> {
+    let mut part = dest.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let result = (|| {
+        let out = OutFile::open(&part, m.size)?;
+        let mut hasher = blake3::Hasher::new();
+        for (offset, c) in m.offsets() {
+            let data = chunk(c).map_err(WriteError::Source)?;
+            hasher.update(data.as_ref());
+            out.write_at(data.as_ref(), offset)?;
+        }
+        if FileHash::from(hasher.finalize()) != m.hash {
+            return Err(WriteError::Mismatch {
+                path: dest.to_path_buf(),
+                expected: m.hash.to_hex(),
+            });
+        }
+        out.sync()?;
+        std::fs::rename(&part, dest).map_err(|e| FileError::new(dest, "rename into place", e))?;
+        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(parts: &[&[u8]]) -> Manifest {
+        Manifest::of_parts("f", parts.iter().copied())
+    }
+
+    #[test]
+    fn chunks_land_at_their_offsets_in_any_order_and_copies_move_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = OutFile::open(&dir.path().join("a"), 10).unwrap();
+        assert_eq!(std::fs::metadata(a.path()).unwrap().len(), 10);
+        a.write_at(b"6789", 6).unwrap();
+        a.write_at(b"012345", 0).unwrap();
+        assert_eq!(std::fs::read(a.path()).unwrap(), b"0123456789");
+        let b = OutFile::open(&dir.path().join("b"), 6).unwrap();
+        b.copy_from(a.file(), a.path(), 4, 1, 5).unwrap();
+        assert_eq!(std::fs::read(b.path()).unwrap(), b"\x0045678");
+        // Past the end of the source: an error naming the source.
+        let e = b.copy_from(a.file(), a.path(), 8, 0, 5).unwrap_err();
+        assert!(
+            e.to_string().contains(&a.path().display().to_string()),
+            "{e}"
+        );
+        // Reopening keeps what was written (a resumed transfer).
+        drop(a);
+        let again = OutFile::open(&dir.path().join("a"), 10).unwrap();
+        let mut buf = [0u8; 10];
+        again.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"0123456789");
+    }
+
+    #[test]
+    fn write_file_checks_the_hash_and_leaves_nothing_behind_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts: [&[u8]; 3] = [b"hello ", b"big ", b"world"];
+        let m = manifest(&parts);
+        let dest = dir.path().join("out.bin");
+        let mut n = 0;
+        write_file::<(), _>(&dest, &m, |_| {
+            n += 1;
+            Ok(parts[n - 1].to_vec())
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello big world");
+
+        let wrong = dir.path().join("wrong.bin");
+        let e = write_file::<(), _>(&wrong, &m, |_| Ok(b"xxxx".to_vec())).unwrap_err();
+        assert!(matches!(e, WriteError::Mismatch { .. }), "{e:?}");
+        let e = write_file::<_, Vec<u8>>(&wrong, &m, |_| Err("chunk gone")).unwrap_err();
+        assert!(matches!(e, WriteError::Source("chunk gone")));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec!["out.bin"], "no partial files");
+    }
+
+    #[test]
+    fn a_full_disk_is_named_as_such() {
+        let e = FileError::new(
+            Path::new("/x"),
+            "preallocate",
+            std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+        );
+        assert!(e.is_no_space());
+        let other = FileError::new(Path::new("/x"), "write", std::io::ErrorKind::Other.into());
+        assert!(!other.is_no_space());
+    }
+}

@@ -1,0 +1,303 @@
+//! The DP data path end to end, with real site and DP processes: the
+//! content folder as the only copy of the bytes, resuming after kills, a
+//! disk that fills in the middle, validation and repair, impaired links.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_tests::disk::{du, SmallDisk};
+use ferry_tests::harness::{wait_for, DpProc, SiteProc};
+use ferry_tests::relay::{Impairment, Relay};
+use ferry_tests::tree::TreeSpec;
+use ferry_tests::wimtools::{self, ServiceSpec};
+use rand::{Rng, SeedableRng};
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (x, y) = (fs::read(a).unwrap(), fs::read(b).unwrap());
+    x.len() == y.len() && blake3::hash(&x) == blake3::hash(&y)
+}
+
+fn id_of(pkg: &serde_json::Value) -> String {
+    pkg["id"].as_str().unwrap().to_string()
+}
+
+fn served(site: &SiteProc, dp: &str) -> u64 {
+    site.dp_row(dp).unwrap()["served_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn a_dps_disk_holds_its_content_once_after_a_copy_and_a_redistribution() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TreeSpec {
+        files: 2500,
+        seed: 31,
+        size_scale: 2.0,
+        ..TreeSpec::default()
+    };
+    let pair = wimtools::serviced_pair(dir.path(), &spec, "LZX", &ServiceSpec::default()).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let id = id_of(&site.add_image(&pair.base, &[]).unwrap());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let check = |wim: &Path, when: &str| {
+        let size = fs::metadata(wim).unwrap().len();
+        let used = du(&[&dp.content(), &dp.data.join("index")]).unwrap();
+        eprintln!(
+            "{when}: du of content + index {used} for a {size}-byte image ({:.4}×)",
+            used as f64 / size as f64
+        );
+        assert!(
+            used as f64 <= size as f64 * 1.05,
+            "{when}: {used} bytes on disk for {size} bytes of content"
+        );
+        assert!(
+            !dp.data.join("library").exists(),
+            "no second copy of the chunks"
+        );
+    };
+    assert!(same_file(
+        &dp.content().join(&id).join("base.wim"),
+        &pair.base
+    ));
+    check(&pair.base, "first copy");
+
+    site.refresh(&id, &pair.serviced).unwrap();
+    let row = site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();
+    assert!(same_file(
+        &dp.content().join(&id).join("base.wim"),
+        &pair.serviced
+    ));
+    // The unchanged resources were copied on the DP, not sent.
+    let local = row["bytes_local"].as_u64().unwrap();
+    let fetched = row["bytes_done"].as_u64().unwrap();
+    assert!(local > fetched * 5, "local {local}, fetched {fetched}");
+    check(&pair.serviced, "redistribution");
+}
+
+#[test]
+fn a_dp_killed_twenty_times_finishes_byte_identical_without_fetching_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::big_wim(dir.path(), 256, 7).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let mut dp = DpProc::enroll(dir.path(), "dp1", &site).unwrap();
+    // Slow enough that twenty kills land in the middle.
+    dp.serve_args = vec!["--max-rate".into(), "12M".into()];
+    dp.serve().unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    let needed = wait_for("the transfer to start", LIMIT, || {
+        let r = site.row(&id, "dp1")?;
+        Ok(r.and_then(|r| r["bytes_needed"].as_u64())
+            .filter(|&n| n > 0))
+    })
+    .unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(20);
+    let mut kills = 0;
+    while kills < 20 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1100)));
+        let row = site.row(&id, "dp1").unwrap().unwrap();
+        assert_ne!(
+            row["state"], "installed",
+            "finished after {kills} kills: the transfer is too fast for this test"
+        );
+        dp.kill();
+        kills += 1;
+        dp.serve().unwrap();
+    }
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let got = dp.content().join(&id).join(wim.file_name().unwrap());
+    assert!(same_file(&got, &wim), "byte-identical after {kills} kills");
+    wimtools::verify(&got).unwrap();
+    // Let the last counts reach the site.
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = served(&site, "dp1");
+    eprintln!(
+        "{kills} kills: {sent} chunk bytes sent for {needed} needed ({:.4}×)",
+        sent as f64 / needed as f64
+    );
+    assert!(
+        sent as f64 <= needed as f64 * 1.1,
+        "{sent} chunk bytes sent for {needed} needed"
+    );
+}
+
+#[test]
+fn a_disk_that_fills_mid_transfer_fails_clearly_keeps_the_old_revision_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let r1 = wimtools::big_wim(dir.path(), 64, 8).unwrap();
+    let r2 = wimtools::big_wim(dir.path(), 64, 9).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let disk_dir = dir.path().join("dpdisk");
+    // Room for both revisions and the margin, and not much more.
+    let disk = SmallDisk::mount(&disk_dir, 190).unwrap();
+    let mut dp = DpProc::enroll(&disk_dir, "dp1", &site).unwrap();
+    dp.serve_args = vec!["--max-rate".into(), "8M".into()];
+    dp.serve().unwrap();
+    let id = id_of(&site.add_image(&r1, &[]).unwrap());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let served_file = dp.content().join(&id).join("big-8.wim");
+    assert!(same_file(&served_file, &r1));
+
+    site.refresh(&id, &r2).unwrap();
+    wait_for("the second revision to be under way", LIMIT, || {
+        let r = site.row(&id, "dp1")?.unwrap();
+        Ok((r["state"] == "in-progress" && r["bytes_done"].as_u64() > Some(4 << 20)).then_some(()))
+    })
+    .unwrap();
+    // Something else fills the disk in the middle of the transfer.
+    let filler = disk_dir.join("filler.bin");
+    disk.fill(&filler).unwrap();
+    let row = wait_for("the DP to report the full disk", LIMIT, || {
+        Ok(site.row(&id, "dp1")?.filter(|r| r["state"] == "failed"))
+    })
+    .unwrap();
+    let err = row["error"].as_str().unwrap();
+    eprintln!("failed as: {err}");
+    assert!(err.contains("DP dp1"), "names the DP: {err}");
+    assert!(err.contains("full") || err.contains("space"), "{err}");
+    assert!(
+        err.contains("free at least"),
+        "names the space needed: {err}"
+    );
+    assert!(row["next_retry"].is_string());
+    // The old revision is still what clients see, whole.
+    assert!(same_file(&served_file, &r1), "revision 1 still served");
+    let entries: Vec<String> = fs::read_dir(dp.content())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(!dp
+        .content()
+        .join(".ferry")
+        .join(format!("{id}.r2"))
+        .exists());
+    // Space comes back: the DP finishes by itself.
+    fs::remove_file(&filler).unwrap();
+    site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();
+    // (A refreshed file keeps its name in the package.)
+    assert!(same_file(&served_file, &r2), "revision 2 installed whole");
+    assert!(
+        dp.log_text().contains("open again"),
+        "the index was reopened"
+    );
+    dp.kill();
+}
+
+#[test]
+fn validation_names_a_flipped_byte_and_refetches_only_that_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "v", 600, 41, wimtools::WINDOWS_PROPS).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+
+    // A clean DP validates clean.
+    let out = site.cli_json(&["dp", "validate", "dp1"]).unwrap();
+    let clean = &out["results"][0];
+    assert_eq!(clean["package"], id);
+    assert_eq!(clean["damaged"].as_array().unwrap().len(), 0);
+    assert_eq!(clean["bytes_checked"], fs::metadata(&wim).unwrap().len());
+
+    // One byte flipped in the middle of the file on the DP's disk.
+    let file = dp.content().join(&id).join("v.wim");
+    let mut bytes = fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    fs::write(&file, &bytes).unwrap();
+    let before = served(&site, "dp1");
+    let out = site.cli(&["dp", "validate", "dp1", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("v.wim at offset"), "{text}");
+    assert!(text.contains("repaired"), "{text}");
+    let v = site.cli_json(&["dp", "validation", "dp1"]).unwrap();
+    let r = &v["results"][0];
+    let damaged = r["damaged"].as_array().unwrap();
+    assert_eq!(damaged.len(), 1, "{v}");
+    let d = &damaged[0];
+    assert_eq!(d["path"], "v.wim");
+    let (offset, len) = (d["offset"].as_u64().unwrap(), d["len"].as_u64().unwrap());
+    assert!(
+        offset <= at as u64 && (at as u64) < offset + len,
+        "the chunk holds the byte"
+    );
+    assert_eq!(d["repaired"], true);
+    assert!(same_file(&file, &wim), "byte-identical after the repair");
+    std::thread::sleep(Duration::from_millis(300));
+    let moved = served(&site, "dp1") - before;
+    assert_eq!(moved, len, "exactly the one chunk moved");
+    // The site saw the damage too.
+    let log = fs::read_to_string(&site.log).unwrap();
+    assert!(log.contains("damage found"), "site log names the damage");
+
+    // A schedule: set, shown, refused when malformed.
+    let set = site
+        .cli_json(&["dp", "set", "dp1", "--validate-schedule", "0 3 * * 0"])
+        .unwrap();
+    assert_eq!(set["schedule"], "0 3 * * 0");
+    assert!(set["next_run"].as_str().unwrap().ends_with("T03:00:00Z"));
+    let bad = site.cli(&["dp", "set", "dp1", "--validate-schedule", "0 3 * *"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("5 fields"));
+    // Every minute: the site asks by itself.
+    let requested = v["requested"].as_u64().unwrap();
+    site.cli_ok(&["dp", "set", "dp1", "--validate-schedule", "* * * * *"])
+        .unwrap();
+    let start = Instant::now();
+    wait_for("a scheduled validation", Duration::from_secs(90), || {
+        let v = site.cli_json(&["dp", "validation", "dp1"])?;
+        let answered = v["results"][0]["request"].as_u64().unwrap_or(0);
+        Ok((answered > requested && v["results"][0]["done"] == true).then_some(()))
+    })
+    .unwrap();
+    eprintln!("scheduled validation after {:?}", start.elapsed());
+}
+
+#[test]
+fn a_distribution_over_40ms_rtt_and_2_percent_loss_completes_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "far", 400, 51, &[]).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        site.dp_addr().parse().unwrap(),
+        Impairment {
+            delay: Duration::from_millis(20),
+            jitter: Duration::from_millis(2),
+            loss: 0.02,
+            reorder: 0.01,
+            ..Impairment::default()
+        },
+    )
+    .unwrap();
+    let mut dp =
+        DpProc::enroll_via(dir.path(), "far", &site, &relay.addr.to_string(), &[]).unwrap();
+    dp.serve().unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    let t = Instant::now();
+    site.cli_ok(&["distribute", &id, "--dp", "far"]).unwrap();
+    site.wait_installed(&id, "far", 1, LIMIT).unwrap();
+    let size = fs::metadata(&wim).unwrap().len();
+    let dropped = relay
+        .stats
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "{size} bytes over 40 ms RTT and 2 % loss in {:?} ({dropped} datagrams dropped)",
+        t.elapsed()
+    );
+    assert!(dropped > 0, "the relay dropped datagrams");
+    assert!(same_file(&dp.content().join(&id).join("far.wim"), &wim));
+}
