@@ -58,7 +58,7 @@ fn rsync_literal(base: &Path, new: &Path) -> anyhow::Result<(u64, u64)> {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--list") {
+    if ferry_benches::listing() {
         return Ok(());
     }
     fs::create_dir_all(root())?;
@@ -168,11 +168,5 @@ fn main() -> anyhow::Result<()> {
         pair.changes.deleted.len()
     );
     results.insert("stored".into(), json!(pairs));
-    println!("{report}");
-    fs::write(
-        root().join("results.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    fs::write(root().join("results.md"), report)?;
-    Ok(())
+    ferry_benches::save("results", &report, &serde_json::Value::Object(results))
 }

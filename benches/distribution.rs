@@ -81,7 +81,7 @@ fn installed_at(
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--list") {
+    if ferry_benches::listing() {
         return Ok(());
     }
     fs::create_dir_all(root())?;
@@ -265,11 +265,5 @@ fn main() -> anyhow::Result<()> {
                "peak_rss_site": rss_site, "peak_rss_dp": rss_dp}),
     );
 
-    println!("{report}");
-    fs::write(
-        root().join("distribution.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    fs::write(root().join("distribution.md"), report)?;
-    Ok(())
+    ferry_benches::save("distribution", &report, &serde_json::Value::Object(results))
 }

@@ -51,6 +51,25 @@ pub fn cached_wim(name: &str, spec: &TreeSpec, min_bytes: u64) -> anyhow::Result
     Ok(wim)
 }
 
+/// Whether cargo only asks for the list of benches (`--list`): the
+/// end-to-end benches then run nothing.
+pub fn listing() -> bool {
+    std::env::args().any(|a| a == "--list")
+}
+
+/// Prints `report` and writes it and `results` to `NAME.md` and
+/// `NAME.json` under [`root`].
+pub fn save(name: &str, report: &str, results: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{report}");
+    fs::create_dir_all(root())?;
+    fs::write(root().join(format!("{name}.md")), report)?;
+    fs::write(
+        root().join(format!("{name}.json")),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    Ok(())
+}
+
 /// Runs a command and returns its wall time and output; fails if it fails.
 pub fn timed(cmd: &mut Command) -> anyhow::Result<(Duration, String)> {
     let t = Instant::now();
@@ -181,12 +200,17 @@ impl Drop for Daemon {
 
 /// An rsync daemon on 127.0.0.1 serving `dir` as module `m`.
 pub fn rsync_daemon(dir: &Path, work: &Path) -> anyhow::Result<(Daemon, u16)> {
+    rsync_daemon_at(dir, work, "127.0.0.1")
+}
+
+/// An rsync daemon on `address` serving `dir` as module `m`.
+pub fn rsync_daemon_at(dir: &Path, work: &Path, address: &str) -> anyhow::Result<(Daemon, u16)> {
     let port = free_port()?;
     let conf = work.join("rsyncd.conf");
     fs::write(
         &conf,
         format!(
-            "use chroot = no\nport = {port}\naddress = 127.0.0.1\npid file = {}\n[m]\npath = {}\nread only = yes\n",
+            "use chroot = no\nport = {port}\naddress = {address}\npid file = {}\n[m]\npath = {}\nread only = yes\n",
             work.join("rsyncd.pid").display(),
             dir.display()
         ),
@@ -199,9 +223,7 @@ pub fn rsync_daemon(dir: &Path, work: &Path) -> anyhow::Result<(Daemon, u16)> {
         .spawn()?;
     let d = Daemon(child);
     wait_for("rsync daemon", Duration::from_secs(10), || {
-        Ok(std::net::TcpStream::connect(("127.0.0.1", port))
-            .ok()
-            .map(drop))
+        Ok(std::net::TcpStream::connect((address, port)).ok().map(drop))
     })?;
     Ok((d, port))
 }
@@ -213,15 +235,35 @@ pub fn rsync_get(
     dest: &Path,
     whole: bool,
 ) -> anyhow::Result<(Duration, u64)> {
+    rsync_get_via(&[], "127.0.0.1", port, file, dest, whole)
+}
+
+/// [`rsync_get`] from a daemon at `host`, run under `prefix` (`ip netns
+/// exec NAME` for a client in a namespace).
+pub fn rsync_get_via(
+    prefix: &[String],
+    host: &str,
+    port: u16,
+    file: &str,
+    dest: &Path,
+    whole: bool,
+) -> anyhow::Result<(Duration, u64)> {
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg("rsync");
+            c
+        }
+        None => Command::new("rsync"),
+    };
     let (d, out) = timed(
-        Command::new("rsync")
-            .args(["--stats", "--inplace"])
+        cmd.args(["--stats", "--inplace"])
             .arg(if whole {
                 "--whole-file"
             } else {
                 "--no-whole-file"
             })
-            .arg(format!("rsync://127.0.0.1:{port}/m/{file}"))
+            .arg(format!("rsync://{host}:{port}/m/{file}"))
             .arg(dest),
     )?;
     let line = out

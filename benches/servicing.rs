@@ -25,7 +25,7 @@ use serde_json::json;
 const LIMIT: Duration = Duration::from_secs(1800);
 
 fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--list") {
+    if ferry_benches::listing() {
         return Ok(());
     }
     let big = big_wim()?;
@@ -175,11 +175,5 @@ rsync took {:.2} s. Peak memory of the site: {:.0} MiB.\n",
         "site_peak_rss": rss_site,
         "service_mbps": mbps(big_len, t_service),
     });
-    println!("{report}");
-    fs::write(root().join("servicing.md"), &report)?;
-    fs::write(
-        root().join("servicing.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    Ok(())
+    ferry_benches::save("servicing", &report, &results)
 }

@@ -2,7 +2,8 @@
 # The whole job on one machine: a site and two distribution points on
 # loopback, a WIM made on the spot, import, distribute, offline servicing in
 # Ferry (updates applied with wimlib, a new revision sent to the DPs as a
-# delta), status, history, and an OS upgrade package with one image index.
+# delta), status, history, content validation and repair on a DP, and an OS
+# upgrade package with one image index.
 # Installs what it needs first. Leaves its files in $FERRY_DEMO_DIR (default:
 # a fresh folder under /tmp) and stops the site when done.
 set -euo pipefail
@@ -114,6 +115,20 @@ for dp in dp1 dp2; do
   wimverify "$f" | tail -1
   wimdir "$f" 1 | grep -q ferry-example.txt && echo "$dp: the image holds KB5031356's file"
 done
+
+step "Content validation: a byte flipped on dp1's disk is found, and that chunk alone refetched (ferry dp validate dp1)"
+python3 - "$work/dp1/content/$base/base.wim" <<'PY'
+import sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(1_000_000)
+    b = f.read(1)
+    f.seek(1_000_000)
+    f.write(bytes([b[0] ^ 1]))
+PY
+cmp -s "$work/dp1/content/$base/base.wim" "$work/serviced-by-ferry.wim" || echo "dp1: its copy now differs at byte 1,000,000"
+"$ferry" dp validate dp1
+cmp "$work/dp1/content/$base/base.wim" "$work/serviced-by-ferry.wim" && echo "dp1: byte-identical again"
+"$ferry" dp set dp2 --validate-schedule "0 3 * * 0"
 
 step "A job scheduled 3 s ahead runs by itself: ferry image service $base --optimize --at +3s"
 "$ferry" image service "$base" --optimize --at +3s

@@ -27,10 +27,19 @@ impl SmallDisk {
         Ok(Self(dir.to_path_buf()))
     }
 
+    /// Bytes in use on it.
+    pub fn used(&self) -> anyhow::Result<u64> {
+        self.df("used")
+    }
+
     /// Bytes still free on it.
     pub fn free(&self) -> anyhow::Result<u64> {
+        self.df("avail")
+    }
+
+    fn df(&self, field: &str) -> anyhow::Result<u64> {
         let out = Command::new("df")
-            .args(["--output=avail", "-B1"])
+            .args([format!("--output={field}").as_str(), "-B1"])
             .arg(&self.0)
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -42,6 +51,35 @@ impl SmallDisk {
 }
 
 impl SmallDisk {
+    /// Makes an XFS filesystem with reflinks (`mkfs.xfs -m reflink=1`) of
+    /// `mib` MiB in the file `image` and loop-mounts it at `dir`.
+    pub fn xfs(image: &Path, dir: &Path, mib: u64) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let f = std::fs::File::create(image)?;
+        f.set_len(mib << 20)?;
+        drop(f);
+        let out = Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(image)
+            .output()
+            .context("cannot run mkfs.xfs (Debian's xfsprogs; scripts/setup.sh installs it)")?;
+        if !out.status.success() {
+            bail!("mkfs.xfs failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "this test needs root to loop-mount a filesystem: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Self(dir.to_path_buf()))
+    }
+
     /// Takes every free byte with a file at `path` (as another program
     /// filling the disk would); removing the file gives them back.
     pub fn fill(&self, path: &Path) -> anyhow::Result<()> {

@@ -158,6 +158,16 @@ impl SiteProc {
         Ok(site)
     }
 
+    /// Stops the server, rewrites `site.toml` with `edit`, and starts it
+    /// again.
+    pub fn edit_config(&mut self, edit: impl FnOnce(String) -> String) -> anyhow::Result<()> {
+        self.stop()?;
+        let path = self.data.join("site.toml");
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, edit(text))?;
+        self.serve()
+    }
+
     /// Starts (or restarts) `ferry site serve` and waits until it answers.
     pub fn serve(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()

@@ -301,3 +301,88 @@ fn a_distribution_over_40ms_rtt_and_2_percent_loss_completes_byte_identical() {
     assert!(dropped > 0, "the relay dropped datagrams");
     assert!(same_file(&dp.content().join(&id).join("far.wim"), &wim));
 }
+
+#[test]
+fn a_dp_of_the_older_layout_keeps_what_it_holds_and_fetches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "old", 300, 61, &[]).unwrap();
+    let mut site = SiteProc::start(dir.path()).unwrap();
+    let mut dp = DpProc::enroll(dir.path(), "dp1", &site).unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+
+    // The layout DPs had before: a library with every chunk, and the file
+    // rebuilt in content/.ferry/ID.r1 behind the content/ID link.
+    site.stop().unwrap();
+    {
+        let src = ferry_store::Library::open(&site.data.join("library")).unwrap();
+        let manifests = src.manifests(&id, 1).unwrap();
+        let old = ferry_store::Library::open(&dp.data.join("library")).unwrap();
+        let mut imp = old.begin_import();
+        for c in manifests.iter().flat_map(|m| m.chunks.iter()) {
+            imp.put_chunk(&c.id, &src.read_chunk(&c.id).unwrap())
+                .unwrap();
+        }
+        imp.commit(&id, 1, &manifests, |_, _| Ok(b"{}".to_vec()))
+            .unwrap();
+    }
+    let folder = dp.content().join(".ferry").join(format!("{id}.r1"));
+    fs::create_dir_all(&folder).unwrap();
+    fs::copy(&wim, folder.join("old.wim")).unwrap();
+    std::os::unix::fs::symlink(format!(".ferry/{id}.r1"), dp.content().join(&id)).unwrap();
+    site.serve().unwrap();
+
+    dp.serve().unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    wait_for("the adopted revision to be proven", LIMIT, || {
+        Ok(dp
+            .log_text()
+            .contains("adopted revision proven")
+            .then_some(()))
+    })
+    .unwrap();
+    assert_eq!(served(&site, "dp1"), 0, "nothing fetched");
+    assert!(!dp.data.join("library").exists(), "the old library is gone");
+    assert!(same_file(&dp.content().join(&id).join("old.wim"), &wim));
+    // And it is a DP of the new layout now: validation proves it.
+    let v = site.cli_json(&["dp", "validate", "dp1"]).unwrap();
+    assert_eq!(
+        v["results"][0]["damaged"].as_array().unwrap().len(),
+        0,
+        "{v}"
+    );
+}
+
+#[test]
+fn on_a_reflink_filesystem_a_package_sharing_an_installed_ones_content_costs_no_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::big_wim(dir.path(), 96, 71).unwrap();
+    let size = fs::metadata(&wim).unwrap().len();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let disk_dir = dir.path().join("xfs");
+    let disk = SmallDisk::xfs(&dir.path().join("xfs.img"), &disk_dir, 600).unwrap();
+    let dp = DpProc::start(&disk_dir, "dp1", &site).unwrap();
+    let a = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &a, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&a, "dp1", 1, LIMIT).unwrap();
+    let used_one = disk.used().unwrap();
+    // The same image as a second package: the DP holds every chunk.
+    let b = id_of(&site.add_image(&wim, &["--name", "copy"]).unwrap());
+    site.cli_ok(&["distribute", &b, "--dp", "dp1"]).unwrap();
+    let row = site.wait_installed(&b, "dp1", 1, LIMIT).unwrap();
+    assert_eq!(row["bytes_done"], 0, "nothing fetched");
+    assert_eq!(
+        row["bytes_local"].as_u64(),
+        Some(size),
+        "all copied locally"
+    );
+    let grew = disk.used().unwrap().saturating_sub(used_one);
+    eprintln!("a second {size}-byte package took {grew} more bytes on XFS");
+    assert!(
+        grew < size / 20,
+        "the copy shares the extents: {grew} of {size} bytes"
+    );
+    let name = wim.file_name().unwrap();
+    assert!(same_file(&dp.content().join(&b).join(name), &wim));
+    assert!(same_file(&dp.content().join(&a).join(name), &wim));
+}

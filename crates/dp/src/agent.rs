@@ -316,12 +316,21 @@ impl DpAgent {
                     continue;
                 }
                 let key = (a.package.clone(), a.revision);
-                let installed = self
+                let mut installed = self
                     .installed()
                     .await?
                     .into_iter()
                     .find(|(p, _)| *p == a.package)
                     .map(|(_, r)| r);
+                if installed == Some(a.revision) && !told_installed.contains(&key) {
+                    match self.prove_adopted(conn, a).await {
+                        Ok(true) => {}
+                        Ok(false) => installed = None,
+                        Err(e) => {
+                            warn!(package = %a.package, error = %format!("{e:#}"), "cannot prove an adopted revision against the site's manifest")
+                        }
+                    }
+                }
                 if installed == Some(a.revision) {
                     if told_installed.insert(key) {
                         let full = self.full_bytes(&a.package, a.revision).await;
@@ -392,6 +401,48 @@ impl DpAgent {
                 None => desired_rx.changed().await?,
             }
         }
+    }
+
+    /// A revision adopted from the older DP layout has no signed manifest
+    /// yet: fetch it, and keep it if it names the same chunks (else the
+    /// revision is dropped, to be fetched again). Whether it stays.
+    async fn prove_adopted(
+        &self,
+        conn: &quinn::Connection,
+        a: &pb::Assignment,
+    ) -> anyhow::Result<bool> {
+        let store = self.store().await?;
+        let (s, p, r) = (store.clone(), a.package.clone(), a.revision);
+        let held = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let rec = s.record(&p, r)?;
+            Ok((rec, s.manifests(&p, r)?))
+        })
+        .await??;
+        let (Some(rec), ours) = held else {
+            return Ok(true);
+        };
+        if !rec.signature.is_empty() {
+            return Ok(true);
+        }
+        let signed = manifest::fetch(conn, &self.manifest_key, a, None).await?;
+        let same = signed.manifests.len() == ours.len()
+            && signed
+                .manifests
+                .iter()
+                .zip(&ours)
+                .all(|(x, y)| x.path == y.path && x.chunks == y.chunks);
+        let (p, r) = (a.package.clone(), a.revision);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+            if same {
+                store.set_signed(&p, r, &signed.name, signed.body, signed.signature)?;
+                info!(package = %p, revision = r, "adopted revision proven against the site's signed manifest");
+            } else {
+                warn!(package = %p, revision = r, "adopted revision differs from the site's manifest; fetching it again");
+                store.uninstall(&p)?;
+            }
+            Ok(same)
+        })
+        .await?
     }
 
     async fn full_bytes(&self, package: &str, revision: u32) -> u64 {
