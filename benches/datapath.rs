@@ -23,6 +23,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -145,89 +146,110 @@ fn main() -> anyhow::Result<()> {
     let mut report = String::new();
     let mut results = serde_json::Map::new();
     let ns = Netns::create("bench", 9)?;
+    // FERRY_BENCH_ONLY=first,wan,redist,memory runs only those sections.
+    let only = std::env::var("FERRY_BENCH_ONLY").ok();
+    let run = |s: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == s));
 
     // --- 1. first copy --------------------------------------------------
-    let big = big_wim()?;
-    let big_len = fs::metadata(&big)?.len();
-    let work = tempfile::tempdir_in(root())?;
-    let w = work.path();
-    let mut rows: Vec<Row> = Vec::new();
-    {
-        let (_rsyncd, port) = rsync_daemon_at(big.parent().context("folder")?, w, &ns.host_ip)?;
-        timed(
-            std::process::Command::new("cat")
-                .arg(&big)
-                .stdout(std::process::Stdio::null()),
-        )?;
-        let dest = w.join("rsync.wim");
-        let before = ns.host_bytes()?;
-        let (t, _) = rsync_get_via(&ns.exec_prefix(), &ns.host_ip, port, "big.wim", &dest, true)?;
-        let after = ns.host_bytes()?;
-        anyhow::ensure!(same(&dest, &big)?, "rsync's copy differs");
-        fs::remove_file(&dest)?;
-        rows.push(Row {
-            what: "`rsync --whole-file` from a daemon on the host".into(),
-            seconds: t.as_secs_f64(),
-            bytes: big_len,
-            wire: (after.0 - before.0, after.1 - before.1),
-        });
-    }
-    let mut site = site_for(&ns, w, "site")?;
-    let id = site.add_image(&big, &[])?["id"]
-        .as_str()
-        .context("id")?
-        .to_string();
-    let site_addr = format!("{}:{}", ns.host_ip, site.dp_port);
-    let mut memory = Vec::new();
-    let variants = [
-        ("bbr", "aes-128-gcm", None),
-        ("bbr", "chacha20-poly1305", None),
-        ("bbr", "aes-256-gcm", None),
-        ("cubic", "aes-128-gcm", None),
-        ("bbr", "aes-128-gcm", std::env::var_os("FERRY_BIN_DEV")),
-    ];
-    let release_bin = std::env::var_os("FERRY_BIN");
-    for (n, (cc, cipher, bin)) in variants.iter().enumerate() {
-        let dev = bin.is_some();
-        if let Some(b) = bin {
-            std::env::set_var("FERRY_BIN", b);
-        }
-        // A fresh site process (peak memory of serving only) and DP.
-        set_transport(&mut site, cc, cipher)?;
-        let name = format!("dp{n}");
-        let mut dp = dp_in(&ns, w, &name, &site, &site_addr)?;
-        let before = ns.host_bytes()?;
-        let (t, _) = distribute(&site, &id, &name)?;
-        let after = ns.host_bytes()?;
-        let got = dp.content().join(&id).join("big.wim");
-        anyhow::ensure!(same(&got, &big)?, "{name}'s copy differs");
-        memory.push((
-            format!("{cc}, {cipher}{}", if dev { ", dev build" } else { "" }),
-            peak_rss(site.pid().context("pid")?)?,
-            peak_rss(dp.pid().context("pid")?)?,
-        ));
-        rows.push(Row {
-            what: format!(
-                "`ferry distribute`, {cc}, {cipher}{}",
-                if dev { ", **dev build**" } else { "" }
-            ),
-            seconds: t.as_secs_f64(),
-            bytes: big_len,
-            wire: (after.0 - before.0, after.1 - before.1),
-        });
-        dp.stop()?;
-        site.cli_ok(&["undistribute", &id, "--dp", &name])?;
-        let _ = fs::remove_dir_all(&dp.data);
-        if dev {
-            match &release_bin {
-                Some(b) => std::env::set_var("FERRY_BIN", b),
-                None => std::env::remove_var("FERRY_BIN"),
+    if run("first") || run("wan") {
+        let big = big_wim()?;
+        let big_len = fs::metadata(&big)?.len();
+        let work = tempfile::tempdir_in(root())?;
+        let w = work.path();
+        let mut rows: Vec<Row> = Vec::new();
+        if run("first") {
+            let (_rsyncd, port) = rsync_daemon_at(big.parent().context("folder")?, w, &ns.host_ip)?;
+            timed(
+                std::process::Command::new("cat")
+                    .arg(&big)
+                    .stdout(std::process::Stdio::null()),
+            )?;
+            // rsync's time on this VM varies by 2× from run to run: the
+            // best of three is the figure Ferry is held against.
+            let dest = w.join("rsync.wim");
+            let mut best: Option<Row> = None;
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                let before = ns.host_bytes()?;
+                let (t, _) =
+                    rsync_get_via(&ns.exec_prefix(), &ns.host_ip, port, "big.wim", &dest, true)?;
+                let after = ns.host_bytes()?;
+                anyhow::ensure!(same(&dest, &big)?, "rsync's copy differs");
+                fs::remove_file(&dest)?;
+                times.push(format!("{:.2}", t.as_secs_f64()));
+                if best.as_ref().is_none_or(|b| t.as_secs_f64() < b.seconds) {
+                    best = Some(Row {
+                        what: String::new(),
+                        seconds: t.as_secs_f64(),
+                        bytes: big_len,
+                        wire: (after.0 - before.0, after.1 - before.1),
+                    });
+                }
             }
-            set_transport(&mut site, "bbr", "aes-128-gcm")?;
+            let mut best = best.context("no rsync run")?;
+            best.what = format!(
+                "`rsync --whole-file` from a daemon on the host (best of {} s)",
+                times.join(", ")
+            );
+            rows.push(best);
         }
-    }
-    let rsync_s = rows[0].seconds;
-    report += &format!(
+        let mut site = site_for(&ns, w, "site")?;
+        let id = site.add_image(&big, &[])?["id"]
+            .as_str()
+            .context("id")?
+            .to_string();
+        let site_addr = format!("{}:{}", ns.host_ip, site.dp_port);
+        if run("first") {
+            let mut memory = Vec::new();
+            let variants = [
+                ("bbr", "aes-128-gcm", None),
+                ("bbr", "chacha20-poly1305", None),
+                ("bbr", "aes-256-gcm", None),
+                ("cubic", "aes-128-gcm", None),
+                ("bbr", "aes-128-gcm", std::env::var_os("FERRY_BIN_DEV")),
+            ];
+            let release_bin = std::env::var_os("FERRY_BIN");
+            for (n, (cc, cipher, bin)) in variants.iter().enumerate() {
+                let dev = bin.is_some();
+                if let Some(b) = bin {
+                    std::env::set_var("FERRY_BIN", b);
+                }
+                // A fresh site process (peak memory of serving only) and DP.
+                set_transport(&mut site, cc, cipher)?;
+                let name = format!("dp{n}");
+                let mut dp = dp_in(&ns, w, &name, &site, &site_addr)?;
+                let before = ns.host_bytes()?;
+                let (t, _) = distribute(&site, &id, &name)?;
+                let after = ns.host_bytes()?;
+                let got = dp.content().join(&id).join("big.wim");
+                anyhow::ensure!(same(&got, &big)?, "{name}'s copy differs");
+                memory.push((
+                    format!("{cc}, {cipher}{}", if dev { ", dev build" } else { "" }),
+                    peak_rss(site.pid().context("pid")?)?,
+                    peak_rss(dp.pid().context("pid")?)?,
+                ));
+                rows.push(Row {
+                    what: format!(
+                        "`ferry distribute`, {cc}, {cipher}{}",
+                        if dev { ", **dev build**" } else { "" }
+                    ),
+                    seconds: t.as_secs_f64(),
+                    bytes: big_len,
+                    wire: (after.0 - before.0, after.1 - before.1),
+                });
+                dp.stop()?;
+                site.cli_ok(&["undistribute", &id, "--dp", &name])?;
+                let _ = fs::remove_dir_all(&dp.data);
+                if dev {
+                    match &release_bin {
+                        Some(b) => std::env::set_var("FERRY_BIN", b),
+                        None => std::env::remove_var("FERRY_BIN"),
+                    }
+                    set_transport(&mut site, "bbr", "aes-128-gcm")?;
+                }
+            }
+            let rsync_s = rows[0].seconds;
+            report += &format!(
         "## First copy of a {:.2} GiB WIM over a veth into a network namespace\n\n\
          Site (or rsync daemon) on the host, DP (or rsync client) in the namespace; \
          until the DP has the file installed. Wire: bytes the kernel counted on the \
@@ -235,100 +257,117 @@ fn main() -> anyhow::Result<()> {
          | what | time | MB/s | ÷ rsync throughput | wire in | wire out |\n|---|---|---|---|---|---|\n",
         big_len as f64 / (1u64 << 30) as f64
     );
-    for r in &rows {
-        report += &format!(
-            "| {} | {:.2} s | {:.0} | {:.2} | {} | {} |\n",
-            r.what,
-            r.seconds,
-            mbps(r.bytes, Duration::from_secs_f64(r.seconds)),
-            rsync_s / r.seconds,
-            r.wire.1,
-            r.wire.0
-        );
-    }
-    report += "\nPeak memory (VmHWM) of the processes that served and received it:\n\n| run | site | DP |\n|---|---|---|\n";
-    for (what, s, d) in &memory {
-        report += &format!(
-            "| {what} | {:.0} MiB | {:.0} MiB |\n",
-            *s as f64 / 1048576.0,
-            *d as f64 / 1048576.0
-        );
-    }
-    report += "\n";
-    results.insert(
+            for r in &rows {
+                report += &format!(
+                    "| {} | {:.2} s | {:.0} | {:.2} | {} | {} |\n",
+                    r.what,
+                    r.seconds,
+                    mbps(r.bytes, Duration::from_secs_f64(r.seconds)),
+                    rsync_s / r.seconds,
+                    r.wire.1,
+                    r.wire.0
+                );
+            }
+            report += "\nPeak memory (VmHWM) of the processes that served and received it:\n\n| run | site | DP |\n|---|---|---|\n";
+            for (what, s, d) in &memory {
+                report += &format!(
+                    "| {what} | {:.0} MiB | {:.0} MiB |\n",
+                    *s as f64 / 1048576.0,
+                    *d as f64 / 1048576.0
+                );
+            }
+            report += "\n";
+            results.insert(
         "first_copy".into(),
         json!(rows
             .iter()
             .map(|r| json!({"what": r.what, "seconds": r.seconds, "bytes": r.bytes, "wire_in": r.wire.1, "wire_out": r.wire.0}))
             .collect::<Vec<_>>()),
     );
+        }
 
-    // --- 2. through the relay: 20 ms RTT, 1 Gbit/s ------------------------
-    {
-        ns.limit("1gbit")?;
-        let relay = Relay::start(
-            format!("{}:0", ns.host_ip).parse()?,
-            site_addr.parse()?,
-            Impairment {
-                delay: Duration::from_millis(10),
-                ..Impairment::default()
-            },
-        )?;
-        let name = "far";
-        let mut dp = dp_in(&ns, w, name, &site, &relay.addr.to_string())?;
-        let before = ns.host_bytes()?;
-        let (t, _) = distribute(&site, &id, name)?;
-        let after = ns.host_bytes()?;
-        anyhow::ensure!(
-            same(&dp.content().join(&id).join("big.wim"), &big)?,
-            "copy differs"
-        );
-        let wire_in = after.1 - before.1;
-        let link = 125e6;
-        let goodput = big_len as f64 / t.as_secs_f64();
-        let wire_rate = wire_in as f64 / t.as_secs_f64();
-        report += &format!(
-            "## The same copy at 20 ms RTT through a 1 Gbit/s link\n\n\
-             The impairment relay (10 ms each way) in front of the site, `tc qdisc … tbf rate 1gbit` on the veth.\n\n\
-             | figure | value |\n|---|---|\n\
-             | time until installed | {:.2} s |\n\
-             | file bytes per second | {:.1} MB/s = **{:.1} % of the link rate** (125 MB/s) |\n\
-             | bytes on the veth per second | {:.1} MB/s = {:.1} % of the link rate |\n\n",
-            t.as_secs_f64(),
-            goodput / 1e6,
-            goodput / link * 100.0,
-            wire_rate / 1e6,
-            wire_rate / link * 100.0,
-        );
-        results.insert(
-            "wan".into(),
-            json!({"seconds": t.as_secs_f64(), "bytes": big_len, "wire_in": wire_in, "goodput_share": goodput / link}),
-        );
-        dp.stop()?;
-        site.cli_ok(&["undistribute", &id, "--dp", name])?;
-        drop(relay);
+        // --- 2. through the relay: 20 ms RTT, 1 Gbit/s ------------------------
+        if run("wan") {
+            ns.limit("1gbit")?;
+            let relay = Relay::start(
+                format!("{}:0", ns.host_ip).parse()?,
+                site_addr.parse()?,
+                Impairment {
+                    delay: Duration::from_millis(10),
+                    ..Impairment::default()
+                },
+            )?;
+            let link = 125e6;
+            report += "## The same copy at 20 ms RTT through a 1 Gbit/s link\n\n\
+                 The impairment relay (10 ms each way) in front of the site, \
+                 `tc qdisc … tbf rate 1gbit burst 1mbit latency 50ms` on the veth.\n\n\
+                 | congestion control | time until installed | file bytes per second | share of the link rate (125 MB/s) | bytes on the veth per second | datagrams dropped by tbf / by the relay's full socket |\n\
+                 |---|---|---|---|---|---|\n";
+            let mut wan = Vec::new();
+            for (n, cc) in ["bbr", "cubic"].iter().enumerate() {
+                set_transport(&mut site, cc, "aes-128-gcm")?;
+                let name = format!("far{n}");
+                let mut dp = dp_in(&ns, w, &name, &site, &relay.addr.to_string())?;
+                let before = ns.host_bytes()?;
+                let drops = (
+                    ns.qdisc_drops()?,
+                    relay.stats.send_failed.load(Ordering::Relaxed),
+                );
+                let (t, _) = distribute(&site, &id, &name)?;
+                let after = ns.host_bytes()?;
+                let drops = (
+                    ns.qdisc_drops()? - drops.0,
+                    relay.stats.send_failed.load(Ordering::Relaxed) - drops.1,
+                );
+                anyhow::ensure!(
+                    same(&dp.content().join(&id).join("big.wim"), &big)?,
+                    "copy differs"
+                );
+                let wire_in = after.1 - before.1;
+                let goodput = big_len as f64 / t.as_secs_f64();
+                let wire_rate = wire_in as f64 / t.as_secs_f64();
+                report += &format!(
+                    "| {cc} | {:.2} s | {:.1} MB/s | **{:.1} %** | {:.1} MB/s ({:.1} %) | {} / {} |\n",
+                    t.as_secs_f64(),
+                    goodput / 1e6,
+                    goodput / link * 100.0,
+                    wire_rate / 1e6,
+                    wire_rate / link * 100.0,
+                    drops.0,
+                    drops.1,
+                );
+                wan.push(json!({"congestion": cc, "seconds": t.as_secs_f64(), "bytes": big_len, "wire_in": wire_in, "goodput_share": goodput / link}));
+                dp.stop()?;
+                site.cli_ok(&["undistribute", &id, "--dp", &name])?;
+                let _ = fs::remove_dir_all(&dp.data);
+            }
+            report += "\n";
+            results.insert("wan".into(), json!(wan));
+            drop(relay);
+        }
+        drop(site);
+        drop(work);
     }
-    drop(site);
-    drop(work);
 
     // --- 3. redistribution after servicing --------------------------------
-    let pair_dir = root().join("datapath-pair");
-    let pair = ferry_benches::serviced_pair(&pair_dir)?;
-    let rebuilt = pair_dir.join("rebuilt.wim");
-    fs::copy(&pair.serviced, &rebuilt)?;
-    wimtools::optimize(&rebuilt)?;
-    let recaptured = pair_dir.join("recaptured.wim");
-    let tree2 = pair_dir.join("serviced-tree");
-    wimtools::serviced_tree(&pair.serviced, &tree2)?;
-    wimtools::capture(
-        &tree2,
-        &recaptured,
-        "Windows 11 Enterprise",
-        "LZX",
-        wimtools::WINDOWS_PROPS,
-    )?;
-    fs::remove_dir_all(&tree2)?;
-    report += &format!(
+    if run("redist") {
+        let pair_dir = root().join("datapath-pair");
+        let pair = ferry_benches::serviced_pair(&pair_dir)?;
+        let rebuilt = pair_dir.join("rebuilt.wim");
+        fs::copy(&pair.serviced, &rebuilt)?;
+        wimtools::optimize(&rebuilt)?;
+        let recaptured = pair_dir.join("recaptured.wim");
+        let tree2 = pair_dir.join("serviced-tree");
+        wimtools::serviced_tree(&pair.serviced, &tree2)?;
+        wimtools::capture(
+            &tree2,
+            &recaptured,
+            "Windows 11 Enterprise",
+            "LZX",
+            wimtools::WINDOWS_PROPS,
+        )?;
+        fs::remove_dir_all(&tree2)?;
+        report += &format!(
         "## Redistribution after servicing: bytes on the veth\n\n\
          A 3,000-file LZX image ({} bytes) on the DP; then each serviced copy. Bytes the kernel \
          counted on the veth, both directions, from the refresh until installed (Ferry) or for \
@@ -336,67 +375,67 @@ fn main() -> anyhow::Result<()> {
          The chunk floor is computed from the WIMs' own tables (`wimtools::chunk_floor`, not \
          Ferry's parser): header, blob table, XML and integrity table, plus for every resource \
          the base lacks its chunk table and the compressed chunks that appear nowhere in the base.\n\n\
-         | serviced copy | image | chunk floor | ferry on the veth | ÷ floor | ferry chunk bytes | manifest bytes (est.) | rsync on the veth | ferry ÷ rsync |\n\
+         | serviced copy | image | chunk floor | ferry on the veth | ÷ floor | ferry chunk bytes | manifest bytes | rsync on the veth | ferry ÷ rsync |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         fs::metadata(&pair.base)?.len()
     );
-    let mut kinds = serde_json::Map::new();
-    for (kind, file) in [
-        ("appended (wimupdate)", &pair.serviced),
-        ("rebuilt (wimoptimize)", &rebuilt),
-        ("recaptured (wimcapture)", &recaptured),
-    ] {
-        let floor = wimtools::chunk_floor(&pair.base, file)?;
-        let work = tempfile::tempdir_in(root())?;
-        let w = work.path();
-        // rsync onto a copy of the base, in the namespace.
-        let (_rsyncd, port) = rsync_daemon_at(&pair_dir, w, &ns.host_ip)?;
-        let dest = w.join("dest.wim");
-        fs::copy(&pair.base, &dest)?;
-        let name = file.file_name().and_then(|n| n.to_str()).context("name")?;
-        let before = ns.host_bytes()?;
-        rsync_get_via(&ns.exec_prefix(), &ns.host_ip, port, name, &dest, false)?;
-        let after = ns.host_bytes()?;
-        anyhow::ensure!(same(&dest, file)?, "rsync's copy differs");
-        let rsync_wire = (after.0 - before.0) + (after.1 - before.1);
-        // Ferry.
-        let site = site_for(&ns, w, "site")?;
-        let id = site.add_image(&pair.base, &[])?["id"]
-            .as_str()
-            .context("id")?
-            .to_string();
-        let addr = format!("{}:{}", ns.host_ip, site.dp_port);
-        let dp = dp_in(&ns, w, "dp", &site, &addr)?;
-        distribute(&site, &id, "dp")?;
-        let before = ns.host_bytes()?;
-        site.refresh(&id, file)?;
-        let row = wait_installed(&site, &id, "dp", 2)?;
-        // The last acknowledgements.
-        std::thread::sleep(Duration::from_millis(300));
-        let after = ns.host_bytes()?;
-        let got = dp.content().join(&id).join("base.wim");
-        anyhow::ensure!(same(&got, file)?, "the DP's copy differs");
-        let wire = (after.0 - before.0) + (after.1 - before.1);
-        let chunk_bytes = row["bytes_done"].as_u64().unwrap_or(0);
-        let socket = row["wire_bytes"].as_u64().unwrap_or(0);
-        report += &format!(
-            "| {kind} | {} | {floor} | {wire} | {:.3} | {chunk_bytes} | {} | {rsync_wire} | {:.3} |\n",
+        let mut kinds = serde_json::Map::new();
+        for (kind, file) in [
+            ("appended (wimupdate)", &pair.serviced),
+            ("rebuilt (wimoptimize)", &rebuilt),
+            ("recaptured (wimcapture)", &recaptured),
+        ] {
+            let floor = wimtools::chunk_floor(&pair.base, file)?;
+            let work = tempfile::tempdir_in(root())?;
+            let w = work.path();
+            // rsync onto a copy of the base, in the namespace.
+            let (_rsyncd, port) = rsync_daemon_at(&pair_dir, w, &ns.host_ip)?;
+            let dest = w.join("dest.wim");
+            fs::copy(&pair.base, &dest)?;
+            let name = file.file_name().and_then(|n| n.to_str()).context("name")?;
+            let before = ns.host_bytes()?;
+            rsync_get_via(&ns.exec_prefix(), &ns.host_ip, port, name, &dest, false)?;
+            let after = ns.host_bytes()?;
+            anyhow::ensure!(same(&dest, file)?, "rsync's copy differs");
+            let rsync_wire = (after.0 - before.0) + (after.1 - before.1);
+            // Ferry.
+            let site = site_for(&ns, w, "site")?;
+            let id = site.add_image(&pair.base, &[])?["id"]
+                .as_str()
+                .context("id")?
+                .to_string();
+            let addr = format!("{}:{}", ns.host_ip, site.dp_port);
+            let dp = dp_in(&ns, w, "dp", &site, &addr)?;
+            distribute(&site, &id, "dp")?;
+            let before = ns.host_bytes()?;
+            site.refresh(&id, file)?;
+            let row = wait_installed(&site, &id, "dp", 2)?;
+            // The last acknowledgements.
+            std::thread::sleep(Duration::from_millis(300));
+            let after = ns.host_bytes()?;
+            let got = dp.content().join(&id).join("base.wim");
+            anyhow::ensure!(same(&got, file)?, "the DP's copy differs");
+            let wire = (after.0 - before.0) + (after.1 - before.1);
+            let chunk_bytes = row["bytes_done"].as_u64().unwrap_or(0);
+            let manifest = row["manifest_bytes"].as_u64().unwrap_or(0);
+            report += &format!(
+            "| {kind} | {} | {floor} | {wire} | {:.3} | {chunk_bytes} | {manifest} | {rsync_wire} | {:.3} |\n",
             fs::metadata(file)?.len(),
             wire as f64 / floor as f64,
-            socket.saturating_sub(chunk_bytes),
             wire as f64 / rsync_wire as f64,
         );
-        kinds.insert(
+            kinds.insert(
             kind.into(),
-            json!({"image": fs::metadata(file)?.len(), "floor": floor, "ferry_wire": wire, "ferry_chunks": chunk_bytes, "rsync_wire": rsync_wire}),
+            json!({"image": fs::metadata(file)?.len(), "floor": floor, "ferry_wire": wire, "ferry_chunks": chunk_bytes, "manifest_bytes": manifest, "rsync_wire": rsync_wire}),
         );
+        }
+        report += "\n(\"manifest bytes\": the signed manifest as it travelled, in compact form against the base revision.)\n\n";
+        results.insert("redistribution".into(), serde_json::Value::Object(kinds));
     }
-    report += "\n(\"manifest bytes (est.)\": UDP bytes at the DP's socket less chunk bytes: the compact manifest, QUIC headers and reports.)\n\n";
-    results.insert("redistribution".into(), serde_json::Value::Object(kinds));
     drop(ns);
 
     // --- 4. memory with a 4 GiB image ------------------------------------
-    {
+    if run("memory") {
         let huge = huge_wim()?;
         let huge_len = fs::metadata(&huge)?.len();
         let work = tempfile::tempdir_in(root())?;

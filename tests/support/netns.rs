@@ -129,6 +129,22 @@ impl Netns {
             ],
         )
     }
+
+    /// Packets the host side's root qdisc (the [`limit`](Self::limit)) has
+    /// dropped so far, from `tc -s qdisc show`.
+    pub fn qdisc_drops(&self) -> anyhow::Result<u64> {
+        let out = Command::new("tc")
+            .args(["-s", "qdisc", "show", "dev", &self.host_if])
+            .output()
+            .context("cannot run `tc` (Debian's iproute2)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "… Sent 123 bytes 4 pkt (dropped 5, overlimits 6 requeues 0)"
+        text.split("(dropped ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("no drop count in `tc -s qdisc show`: {text}"))
+    }
 }
 
 impl Drop for Netns {

@@ -513,6 +513,7 @@ impl DpAgent {
             .await
             .map_err(|e| Failure::of(conn, e))?;
         let store = self.store().await.map_err(Failure::Transfer)?;
+        let manifest_bytes = signed.wire_bytes;
         let (progress, wire) = transfer::run(transfer::Request {
             conn,
             store: &store,
@@ -526,17 +527,18 @@ impl DpAgent {
         info!(
             needed_bytes = progress.bytes_needed,
             local_bytes = progress.bytes_local,
+            manifest_bytes,
             wire_bytes = wire,
             full_bytes = progress.full_bytes,
             "installed"
         );
-        let mut r = report(a, pb::State::Installed);
-        r.bytes_needed = progress.bytes_needed;
-        r.bytes_done = progress.bytes_done;
-        r.bytes_local = progress.bytes_local;
-        r.full_bytes = progress.full_bytes;
-        r.wire_bytes = wire;
-        let _ = reports.send(r);
+        let _ = reports.send(transfer::report(
+            a,
+            pb::State::Installed,
+            &progress,
+            wire,
+            manifest_bytes,
+        ));
         Ok(())
     }
 

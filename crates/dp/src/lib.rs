@@ -81,7 +81,8 @@ pub fn client_endpoint(site: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    quinn::Endpoint::client(bind).with_context(|| format!("cannot open a UDP socket on {bind}"))
+    ferry_net::tls::endpoint(bind, None)
+        .with_context(|| format!("cannot open a UDP socket on {bind}"))
 }
 
 /// Enrolls the folder `data` with the site at `site` using a token from

@@ -19,6 +19,8 @@ pub struct Signed {
     pub name: String,
     /// The decoded, checked file manifests.
     pub manifests: Vec<Manifest>,
+    /// Bytes of the manifest as it travelled (compact or full form).
+    pub wire_bytes: u64,
 }
 
 /// Error text marking a compact manifest that did not expand against this
@@ -150,6 +152,7 @@ pub fn verify(
         signature: signed.signature.to_vec(),
         name: body.name,
         manifests: out,
+        wire_bytes: (signed.body.len() + signed.signature.len()) as u64,
     })
 }
 

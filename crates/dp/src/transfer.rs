@@ -31,7 +31,7 @@ use ferry_core::{ChunkId, ChunkRef};
 use ferry_store::content::{ContentError, Marks, RevisionRecord, Stage};
 use ferry_store::ContentStore;
 use ferry_wire::pb::{self, reply, request, Code};
-use ferry_wire::{read_frame, write_frame, MAX_REPLY_BYTES};
+use ferry_wire::{write_frame, MAX_REPLY_BYTES};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -41,6 +41,11 @@ use crate::manifest::Signed;
 pub const FETCH_STREAMS: usize = 4;
 /// Threads that verify and write chunks.
 pub const WRITERS: usize = 2;
+/// Least bytes asked for and not yet written, over all streams. On a LAN
+/// twice the bandwidth-delay product is far less; this much rides out the
+/// scheduling hiccups of a busy machine (8 MiB: 280–300 MB/s on the bench
+/// machine's veth where 1 MiB gave 250; BENCHMARKS.md).
+pub const MIN_WINDOW: u64 = 8 << 20;
 /// Most bytes asked for and not yet written on one stream.
 pub const MAX_STREAM_WINDOW: u64 = 8 << 20;
 /// Space kept free besides a revision's files (the index, logs).
@@ -51,6 +56,10 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 pub const CHECKPOINT_BYTES: u64 = 512 << 20;
 /// A transfer that waits this long for any chunk fails (and is retried).
 pub const STALL_TIMEOUT: Duration = ferry_wire::REPLY_TIMEOUT;
+/// Chunks a writer reports at most before it records them.
+const WRITER_FLUSH: usize = 64;
+/// Events handled before the loop hands jobs to the writers.
+const EVENT_BATCH: usize = 256;
 /// Times a broken chunk stream is opened again before the transfer fails.
 const MAX_STREAM_RESTARTS: u32 = 8;
 
@@ -92,6 +101,8 @@ enum Ev {
     },
     Written(ChunkId),
     Corrupt(ChunkId),
+    /// Several events at once (a writer's flush).
+    Batch(Vec<Ev>),
     Copied {
         id: u64,
         ok: bool,
@@ -109,6 +120,9 @@ enum Job {
     Copy(CopyOp),
 }
 
+/// A chunk that hashed to its id, and the places to write it.
+type Verified = (ChunkId, Bytes, Vec<(Slot, u64)>);
+
 /// Files copies read from: installed files, by handle.
 type Origins = Vec<(File, PathBuf)>;
 
@@ -123,8 +137,16 @@ pub(crate) struct Request<'a> {
     pub reports: &'a mpsc::UnboundedSender<pb::Report>,
 }
 
-fn report(a: &pb::Assignment, state: pb::State, p: &Progress, wire: u64) -> pb::Report {
+/// A report of `a` in `state` with the transfer's figures.
+pub(crate) fn report(
+    a: &pb::Assignment,
+    state: pb::State,
+    p: &Progress,
+    wire: u64,
+    manifest_bytes: u64,
+) -> pb::Report {
     pb::Report {
+        manifest_bytes,
         package: a.package.clone(),
         revision: a.revision,
         state: state as i32,
@@ -201,6 +223,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
             max_stream_window: MAX_STREAM_WINDOW,
             max_batch_chunks: ferry_wire::MAX_BATCH_CHUNKS,
             max_rate,
+            min_window: MIN_WINDOW,
             ..TransferOptions::default()
         };
         let mut lookup_error = None;
@@ -249,16 +272,21 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         full_bytes = planned.full_bytes,
         "transfer planned"
     );
-    let _ = r
-        .reports
-        .send(report(a, pb::State::InProgress, &planned, wire()));
+    let manifest_bytes = r.signed.wire_bytes;
+    let _ = r.reports.send(report(
+        a,
+        pb::State::InProgress,
+        &planned,
+        wire(),
+        manifest_bytes,
+    ));
 
     // Writer threads.
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
     let mut jobs = Vec::with_capacity(WRITERS);
     let mut threads = Vec::with_capacity(WRITERS);
     for n in 0..WRITERS {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Job>>();
         let (stage, origins, ev) = (stage.clone(), origins.clone(), ev_tx.clone());
         let t = std::thread::Builder::new()
             .name(format!("ferry-writer-{n}"))
@@ -271,8 +299,10 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     let mut lp = Loop {
         conn,
         dp: r.dp,
+        manifest_bytes,
         a,
         machine,
+        pending: (0..jobs.len()).map(|_| Vec::new()).collect(),
         jobs,
         streams: Vec::new(),
         ev_tx,
@@ -314,6 +344,37 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     Ok((progress, wire()))
 }
 
+/// A reply on a chunk stream.
+enum Incoming {
+    /// A chunk.
+    Chunk { id: ChunkId, data: Bytes },
+    /// Anything else, decoded.
+    Other(pb::Reply),
+}
+
+/// Reads the next reply frame from a chunk stream into one buffer (a copy
+/// out of quinn's: hashing and writing one contiguous piece costs less than
+/// keeping the dozen packet-sized pieces a chunk arrives in).
+async fn next_reply(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Incoming>, ferry_wire::WireError> {
+    Ok(
+        match ferry_wire::read_frame::<pb::Reply>(recv, MAX_REPLY_BYTES).await? {
+            None => None,
+            Some(pb::Reply {
+                kind: Some(reply::Kind::Chunk(c)),
+            }) => match ChunkId::from_slice(&c.id) {
+                Some(id) => Some(Incoming::Chunk { id, data: c.data }),
+                None => Some(Incoming::Other(pb::Reply::error(
+                    Code::BadRequest,
+                    "the site sent a chunk with a malformed id",
+                ))),
+            },
+            Some(other) => Some(Incoming::Other(other)),
+        },
+    )
+}
+
 /// The helpers of one stream.
 struct StreamTasks {
     generation: u64,
@@ -333,9 +394,12 @@ impl StreamTasks {
 struct Loop<'a> {
     conn: &'a quinn::Connection,
     dp: &'a str,
+    manifest_bytes: u64,
     a: &'a pb::Assignment,
     machine: Transfer,
-    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+    jobs: Vec<std::sync::mpsc::Sender<Vec<Job>>>,
+    /// Jobs gathered while events are drained, per writer.
+    pending: Vec<Vec<Job>>,
     streams: Vec<StreamTasks>,
     ev_tx: mpsc::UnboundedSender<Ev>,
     restarts: u32,
@@ -393,29 +457,21 @@ impl Loop<'_> {
                 return;
             };
             loop {
-                match read_frame::<pb::Reply>(&mut recv, MAX_REPLY_BYTES).await {
-                    Ok(Some(pb::Reply {
-                        kind: Some(reply::Kind::Chunk(c)),
-                    })) => {
-                        let Some(id) = ChunkId::from_slice(&c.id) else {
-                            let _ = ev2.send(Ev::SiteError(
-                                "the site sent a chunk with a malformed id".into(),
-                            ));
-                            return;
-                        };
+                match next_reply(&mut recv).await {
+                    Ok(Some(Incoming::Chunk { id, data })) => {
                         let chunk = Ev::Chunk {
                             stream,
                             generation,
                             id,
-                            data: c.data,
+                            data,
                         };
                         if ev2.send(chunk).is_err() {
                             return;
                         }
                     }
-                    Ok(Some(pb::Reply {
+                    Ok(Some(Incoming::Other(pb::Reply {
                         kind: Some(reply::Kind::Error(e)),
-                    })) => {
+                    }))) => {
                         let what = if e.code == Code::NotFound as i32 {
                             "the manifest names a chunk the site does not have"
                         } else {
@@ -424,7 +480,7 @@ impl Loop<'_> {
                         let _ = ev2.send(Ev::SiteError(format!("{what}: {}", e.message)));
                         return;
                     }
-                    Ok(Some(_)) => {
+                    Ok(Some(Incoming::Other(_))) => {
                         let _ = ev2.send(Ev::SiteError(
                             "the site answered a chunk request with something else".into(),
                         ));
@@ -474,7 +530,8 @@ impl Loop<'_> {
             .is_some_and(|s| s.generation == generation)
     }
 
-    fn send_job(&mut self, job: Job, id: Option<&ChunkId>) -> Result<(), Failure> {
+    /// Queues a job for a writer; [`Self::flush_jobs`] hands them over.
+    fn send_job(&mut self, job: Job, id: Option<&ChunkId>) {
         // A chunk always goes to the same writer (by id): its two places
         // never race. Copies go round-robin.
         let n = match id {
@@ -484,9 +541,18 @@ impl Loop<'_> {
                 self.next_writer
             }
         };
-        self.jobs[n]
-            .send(job)
-            .map_err(|_| Failure::Transfer(anyhow!("a writer thread stopped")))
+        self.pending[n].push(job);
+    }
+
+    /// Hands the queued jobs to the writers, one batch each.
+    fn flush_jobs(&mut self) -> Result<(), Failure> {
+        for (tx, jobs) in self.jobs.iter().zip(self.pending.iter_mut()) {
+            if !jobs.is_empty() {
+                tx.send(std::mem::take(jobs))
+                    .map_err(|_| Failure::Transfer(anyhow!("a writer thread stopped")))?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs the machine until every slot is written.
@@ -501,8 +567,9 @@ impl Loop<'_> {
         loop {
             let now = Instant::now();
             while let Some(op) = self.machine.poll_copy() {
-                self.send_job(Job::Copy(op), None)?;
+                self.send_job(Job::Copy(op), None);
             }
+            self.flush_jobs()?;
             self.machine.set_rtt(self.conn.rtt());
             for s in 0..FETCH_STREAMS {
                 while let Some(batch) = self.machine.poll_request(s, now) {
@@ -523,6 +590,7 @@ impl Loop<'_> {
                             pb::State::InProgress,
                             &p,
                             self.wire(),
+                            self.manifest_bytes,
                         ));
                     }
                     Event::Complete(p) => {
@@ -577,81 +645,108 @@ impl Loop<'_> {
             let Some(ev) = ev else {
                 return Err(Failure::Transfer(anyhow!("the transfer's helpers stopped")));
             };
+            // Everything that is waiting, then one hand-over per writer.
             let now = Instant::now();
-            match ev {
-                Ev::Chunk {
-                    stream,
-                    generation,
+            self.handle(ev, now, &mut last_arrival, &mut since_checkpoint)?;
+            for _ in 0..EVENT_BATCH {
+                match ev_rx.try_recv() {
+                    Ok(ev) => self.handle(ev, now, &mut last_arrival, &mut since_checkpoint)?,
+                    Err(_) => break,
+                }
+            }
+            self.flush_jobs()?;
+        }
+    }
+
+    /// Feeds one event to the machine.
+    fn handle(
+        &mut self,
+        ev: Ev,
+        now: Instant,
+        last_arrival: &mut Instant,
+        since_checkpoint: &mut u64,
+    ) -> Result<(), Failure> {
+        match ev {
+            Ev::Chunk {
+                stream,
+                generation,
+                id,
+                data,
+            } => {
+                if !self.current(stream, generation) {
+                    return Ok(());
+                }
+                *last_arrival = now;
+                let p = self
+                    .machine
+                    .handle_chunk(stream, &id, now)
+                    .map_err(|e| Failure::Transfer(anyhow!("the site broke the protocol: {e}")))?;
+                let job = Job::Write {
                     id,
+                    len: p.chunk.len,
                     data,
-                } => {
-                    if !self.current(stream, generation) {
-                        continue;
-                    }
-                    last_arrival = now;
-                    let p = self.machine.handle_chunk(stream, &id, now).map_err(|e| {
-                        Failure::Transfer(anyhow!("the site broke the protocol: {e}"))
-                    })?;
-                    let job = Job::Write {
-                        id,
-                        len: p.chunk.len,
-                        data,
-                        places: p.places,
-                    };
-                    self.send_job(job, Some(&id))?;
+                    places: p.places,
+                };
+                self.send_job(job, Some(&id));
+            }
+            Ev::Batch(events) => {
+                for e in events {
+                    self.handle(e, now, last_arrival, since_checkpoint)?;
                 }
-                Ev::Written(id) => {
-                    since_checkpoint += 1;
-                    self.machine.handle_written(&id, now);
+            }
+            Ev::Written(id) => {
+                *since_checkpoint += 1;
+                self.machine.handle_written(&id, now);
+            }
+            Ev::Corrupt(id) => {
+                warn!(chunk = %id, "chunk failed verification; asking again");
+                self.machine.handle_corrupt(&id);
+            }
+            Ev::Copied { id, ok } => {
+                *since_checkpoint += 1;
+                self.machine.handle_copied(id, ok, now);
+            }
+            Ev::WriteFailed(e) => return Err(Failure::Transfer(self.write_failed(e))),
+            Ev::SiteError(msg) => return Err(Failure::Transfer(anyhow!(msg))),
+            Ev::StreamLost {
+                stream,
+                generation,
+                error,
+            } => {
+                if !self.current(stream, generation) {
+                    return Ok(());
                 }
-                Ev::Corrupt(id) => {
-                    warn!(chunk = %id, "chunk failed verification; asking again");
-                    self.machine.handle_corrupt(&id);
+                if let Some(reason) = self.conn.close_reason() {
+                    return Err(Failure::Disconnected(anyhow!(crate::agent::explain(
+                        &reason
+                    ))));
                 }
-                Ev::Copied { id, ok } => {
-                    since_checkpoint += 1;
-                    self.machine.handle_copied(id, ok, now);
+                self.restarts += 1;
+                if self.restarts > MAX_STREAM_RESTARTS {
+                    return Err(Failure::Transfer(anyhow!(
+                        "chunk streams keep breaking: {error}"
+                    )));
                 }
-                Ev::WriteFailed(e) => return Err(Failure::Transfer(self.write_failed(e))),
-                Ev::SiteError(msg) => return Err(Failure::Transfer(anyhow!(msg))),
-                Ev::StreamLost {
-                    stream,
-                    generation,
-                    error,
-                } => {
-                    if !self.current(stream, generation) {
-                        continue;
-                    }
-                    if let Some(reason) = self.conn.close_reason() {
-                        return Err(Failure::Disconnected(anyhow!(crate::agent::explain(
-                            &reason
-                        ))));
-                    }
-                    self.restarts += 1;
-                    if self.restarts > MAX_STREAM_RESTARTS {
-                        return Err(Failure::Transfer(anyhow!(
-                            "chunk streams keep breaking: {error}"
-                        )));
-                    }
-                    warn!(stream, %error, "a chunk stream broke; opening it again");
-                    self.machine.handle_stream_lost(stream);
-                    if stream < self.streams.len() {
-                        let fresh = self.open_stream(stream);
-                        std::mem::replace(&mut self.streams[stream], fresh).stop();
-                    }
+                warn!(stream, %error, "a chunk stream broke; opening it again");
+                self.machine.handle_stream_lost(stream);
+                if stream < self.streams.len() {
+                    let fresh = self.open_stream(stream);
+                    std::mem::replace(&mut self.streams[stream], fresh).stop();
                 }
             }
         }
+        Ok(())
     }
 }
 
-/// A writer thread: verifies, writes, records, then reports. Marks are
-/// recorded in groups when the queue runs dry (or every 64 chunks), and
-/// chunks are reported written only once recorded.
+/// A writer thread: verifies, writes, records, then reports. Each batch of
+/// jobs is recorded in the index in one write when the queue runs dry (or
+/// every [`WRITER_FLUSH`] chunks), and its chunks are reported written only
+/// once recorded.
 fn writer(
     stage: &Stage,
     origins: &Origins,
-    rx: std::sync::mpsc::Receiver<Job>,
+    rx: std::sync::mpsc::Receiver<Vec<Job>>,
     ev: mpsc::UnboundedSender<Ev>,
 ) {
     let mut marks = Marks::default();
@@ -661,13 +756,13 @@ fn writer(
             let _ = ev.send(Ev::WriteFailed(e));
             return false;
         }
-        for d in done.drain(..) {
-            let _ = ev.send(d);
+        if !done.is_empty() {
+            let _ = ev.send(Ev::Batch(std::mem::take(done)));
         }
         true
     };
     loop {
-        let job = if done.is_empty() {
+        let jobs = if done.is_empty() {
             match rx.recv() {
                 Ok(j) => j,
                 Err(_) => return,
@@ -687,58 +782,72 @@ fn writer(
                 }
             }
         };
-        match job {
-            Job::Write {
-                id,
-                len,
-                data,
-                places,
-            } => {
-                if data.len() != len as usize || ChunkId::of(&data) != id {
-                    // Nothing written: report at once.
-                    let _ = ev.send(Ev::Corrupt(id));
-                    continue;
+        // Verify every arriving chunk, write them all in runs, then record.
+        let mut writes: Vec<Verified> = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Write {
+                    id,
+                    len,
+                    data,
+                    places,
+                } => {
+                    if data.len() != len as usize || ChunkId::of(&data) != id {
+                        // Nothing written: no mark to wait for.
+                        let _ = ev.send(Ev::Corrupt(id));
+                    } else {
+                        writes.push((id, data, places));
+                    }
                 }
-                if let Err(e) = stage.write(&places, &data) {
-                    let _ = ev.send(Ev::WriteFailed(e));
-                    return;
-                }
-                for (s, _) in &places {
-                    stage.mark(&mut marks, s.file, s.index, 1);
-                }
-                done.push(Ev::Written(id));
-            }
-            Job::Copy(op) => {
-                let origin = match op.origin.file {
-                    OriginFile::Other(h) => origins.get(h as usize).map(|(f, p)| (f, p.as_path())),
-                    OriginFile::Stage(n) => stage.file(n).map(|f| (f.file(), f.path())),
-                };
-                let ok = match origin {
-                    Some((f, path)) => match stage.copy(&op, f, path) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            warn!(error = %e, "a local copy failed; fetching those chunks instead");
-                            false
-                        }
-                    },
-                    None => false,
-                };
-                if ok {
-                    stage.mark(&mut marks, op.file, op.first, op.count);
-                    done.push(Ev::Copied {
-                        id: op.id,
-                        ok: true,
-                    });
-                } else {
-                    let _ = ev.send(Ev::Copied {
-                        id: op.id,
-                        ok: false,
-                    });
-                }
+                Job::Copy(op) => match run_copy(stage, origins, op, &mut marks) {
+                    e @ Ev::Copied { ok: true, .. } => done.push(e),
+                    e => {
+                        let _ = ev.send(e);
+                    }
+                },
             }
         }
-        if done.len() >= 64 && !flush(&mut marks, &mut done) {
+        let mut items: Vec<(u32, u64, &[u8])> = Vec::new();
+        for (_, data, places) in &writes {
+            for (s, offset) in places {
+                items.push((s.file, *offset, data.as_ref()));
+            }
+        }
+        if let Err(e) = stage.write_many(&mut items) {
+            let _ = ev.send(Ev::WriteFailed(e));
+            return;
+        }
+        drop(items);
+        for (id, _, places) in &writes {
+            for (s, _) in places {
+                stage.mark(&mut marks, s.file, s.index, 1);
+            }
+            done.push(Ev::Written(*id));
+        }
+        if done.len() >= WRITER_FLUSH && !flush(&mut marks, &mut done) {
             return;
         }
     }
+}
+
+/// Runs one local copy; the event says whether it worked.
+fn run_copy(stage: &Stage, origins: &Origins, op: CopyOp, marks: &mut Marks) -> Ev {
+    let origin = match op.origin.file {
+        OriginFile::Other(h) => origins.get(h as usize).map(|(f, p)| (f, p.as_path())),
+        OriginFile::Stage(n) => stage.file(n).map(|f| (f.file(), f.path())),
+    };
+    let ok = match origin {
+        Some((f, path)) => match stage.copy(&op, f, path) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "a local copy failed; fetching those chunks instead");
+                false
+            }
+        },
+        None => false,
+    };
+    if ok {
+        stage.mark(marks, op.file, op.first, op.count);
+    }
+    Ev::Copied { id: op.id, ok }
 }

@@ -142,13 +142,52 @@ pub fn transport(congestion: Congestion) -> Arc<quinn::TransportConfig> {
     }
     t.max_concurrent_bidi_streams(ferry_wire::MAX_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
-    t.send_window(64 << 20);
+    // What a receiver buffers before its application reads, per stream and
+    // per connection: a DP asks for at most 4 streams × 8 MiB at a time,
+    // and each MiB buffered here is DP memory.
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    // What the sender buffers per connection, sent or not: several
+    // bandwidth-delay products of a gigabit WAN link, and a bound on the
+    // site's memory per DP when it reads faster than it can encrypt.
+    t.send_window(16 << 20);
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // 20 s fits a u32 of milliseconds; the conversion cannot fail.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     Arc::new(t)
+}
+
+/// Kernel buffer of each endpoint's UDP socket, each way. The default
+/// (about 200 KiB) holds a millisecond at the rates Ferry moves; a receiver
+/// busy for longer drops what the kernel cannot queue, and the sender
+/// resends it.
+pub const UDP_BUFFER_BYTES: usize = 16 << 20;
+
+/// A UDP socket bound to `addr` with [`UDP_BUFFER_BYTES`] of kernel buffer
+/// each way: forced past `net.core.rmem_max` when the process may
+/// (CAP_NET_ADMIN), else as much as the limit allows.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use rustix::net::sockopt;
+    let s = std::net::UdpSocket::bind(addr)?;
+    if sockopt::set_socket_recv_buffer_size_force(&s, UDP_BUFFER_BYTES).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(&s, UDP_BUFFER_BYTES);
+    }
+    if sockopt::set_socket_send_buffer_size_force(&s, UDP_BUFFER_BYTES).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(&s, UDP_BUFFER_BYTES);
+    }
+    Ok(s)
+}
+
+/// A QUIC endpoint on [`udp_socket`]`(addr)`: a server when `server` is
+/// given, else a client only.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = udp_socket(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }
 
 /// How often an idle connection is pinged.

@@ -9,12 +9,15 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ferry_core::ChunkId;
 use ferry_net::pki::{fingerprint, CaFiles, SigningKey};
 use ferry_store::{Library, StoreError};
 use ferry_wire::pb::{self, reply, request, Code};
-use ferry_wire::{read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES, MAX_REQUEST_BYTES};
+use ferry_wire::{
+    put_chunk_frame, put_frame, read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+};
 use prost::Message;
 use tracing::{debug, info, warn, Instrument};
 
@@ -39,8 +42,10 @@ fn bounded(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
-/// Chunk frames read ahead of the wire per fetch stream.
-const READ_AHEAD_FRAMES: usize = 64;
+/// Buffers of frames read ahead of the wire per fetch stream.
+const READ_AHEAD: usize = 16;
+/// Bytes of chunk frames packed into one buffer before it is handed on.
+const FRAME_BATCH_BYTES: usize = 64 << 10;
 /// Revisions whose chunk sets are kept for scoping fetch streams.
 const CHUNK_SET_CACHE: usize = 8;
 
@@ -96,6 +101,10 @@ pub struct DpServer {
     site_code: String,
     faults: Arc<Faults>,
     chunk_sets: Mutex<Vec<(Revision, ChunkSet)>>,
+    /// Held while a chunk set is built: a DP opens its fetch streams at
+    /// once, and each building its own copy of a large revision's set (and
+    /// manifests) would multiply the site's peak memory.
+    chunk_set_build: tokio::sync::Mutex<()>,
 }
 
 impl DpServer {
@@ -117,6 +126,7 @@ impl DpServer {
             site_code,
             faults: Arc::new(Faults::from_env()),
             chunk_sets: Mutex::new(Vec::new()),
+            chunk_set_build: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -460,6 +470,7 @@ impl DpServer {
             full_bytes: r.full_bytes,
             wire_bytes: r.wire_bytes,
             bytes_local: r.bytes_local,
+            manifest_bytes: r.manifest_bytes,
             error: (!r.error.is_empty()).then_some(bounded(&r.error)),
             next_retry,
             started: None,
@@ -478,6 +489,7 @@ impl DpServer {
                 t.bytes_done = prev.bytes_done;
                 t.wire_bytes = prev.wire_bytes;
                 t.bytes_local = prev.bytes_local;
+                t.manifest_bytes = prev.manifest_bytes;
                 t.full_bytes = t.full_bytes.max(prev.full_bytes);
             }
         }
@@ -644,14 +656,18 @@ impl DpServer {
         revision: u32,
     ) -> Result<Arc<HashSet<ChunkId>>, StoreError> {
         let key = (package.to_string(), revision);
-        let cached = {
+        let cached = || {
             let cache = self.chunk_sets.lock().unwrap_or_else(|p| p.into_inner());
             cache
                 .iter()
                 .find(|(k, _)| *k == key)
                 .map(|(_, s)| s.clone())
         };
-        if let Some(s) = cached {
+        if let Some(s) = cached() {
+            return Ok(s);
+        }
+        let _building = self.chunk_set_build.lock().await;
+        if let Some(s) = cached() {
             return Ok(s);
         }
         let lib = self.lib.clone();
@@ -707,62 +723,73 @@ impl DpServer {
             }
         };
         let (want_tx, mut want_rx) = tokio::sync::mpsc::channel::<Want>(64);
-        let (frame_tx, mut frame_rx) =
-            tokio::sync::mpsc::channel::<(Bytes, u64)>(READ_AHEAD_FRAMES);
+        let (frame_tx, mut frame_rx) = tokio::sync::mpsc::channel::<(Bytes, u64)>(READ_AHEAD);
         let lib = self.lib.clone();
         let faults = self.faults.clone();
         let (package, revision) = (f.package.clone(), f.revision);
         let reader = tokio::task::spawn_blocking(move || {
+            // Frames are packed into buffers of about FRAME_BATCH_BYTES: one
+            // hand-over and one QUIC write each, not one per chunk.
+            let mut batch = BytesMut::new();
+            let mut data_bytes = 0u64;
+            let send = |batch: &mut BytesMut, n: &mut u64| {
+                let out = (batch.split().freeze(), std::mem::take(n));
+                frame_tx.blocking_send(out).is_ok()
+            };
             while let Some(want) = want_rx.blocking_recv() {
                 let ids = match want {
                     Want::Ids(ids) => ids,
                     Want::Refuse(msg) => {
-                        let _ = frame_tx.blocking_send((error_frame(Code::BadRequest, msg), 0));
+                        put_frame(&mut batch, &pb::Reply::error(Code::BadRequest, msg));
+                        let _ = send(&mut batch, &mut data_bytes);
                         return;
                     }
                 };
                 for id in ids {
-                    let frame = if !set.contains(&id) {
+                    if !set.contains(&id) {
                         warn!(chunk = %id, %package, revision, "chunk refused: not in the stream's revision");
-                        (
-                            error_frame(
-                                Code::NotAllowed,
-                                format!("chunk {id} is not in {package} revision {revision}"),
-                            ),
-                            0,
-                        )
+                        let e = pb::Reply::error(
+                            Code::NotAllowed,
+                            format!("chunk {id} is not in {package} revision {revision}"),
+                        );
+                        put_frame(&mut batch, &e);
                     } else {
-                        match lib.with_chunk(&id, |data| {
-                            let mut frame = ferry_wire::chunk_frame(&id, data);
-                            if faults.corrupt_next_chunk() {
-                                let mut v = frame.to_vec();
-                                if let Some(b) = v.last_mut() {
-                                    *b ^= 0x80;
+                        let read = lib.with_chunk(&id, |data| {
+                            put_chunk_frame(&mut batch, &id, data);
+                            data.len() as u64
+                        });
+                        match read {
+                            Ok(n) => {
+                                data_bytes += n;
+                                if faults.corrupt_next_chunk() {
+                                    if let Some(b) = batch.last_mut() {
+                                        *b ^= 0x80;
+                                    }
                                 }
-                                frame = v.into();
                             }
-                            (frame, data.len() as u64)
-                        }) {
-                            Ok(f) => f,
                             Err(StoreError::MissingChunk(_)) => {
                                 warn!(chunk = %id, "DP asked for a chunk the library does not have");
-                                (
-                                    error_frame(
-                                        Code::NotFound,
-                                        format!("chunk {id} is not in the site's content library"),
-                                    ),
-                                    0,
-                                )
+                                let e = pb::Reply::error(
+                                    Code::NotFound,
+                                    format!("chunk {id} is not in the site's content library"),
+                                );
+                                put_frame(&mut batch, &e);
                             }
                             Err(e) => {
                                 warn!(chunk = %id, error = %e, "cannot read a chunk for a DP");
-                                (error_frame(Code::Internal, e.to_string()), 0)
+                                put_frame(
+                                    &mut batch,
+                                    &pb::Reply::error(Code::Internal, e.to_string()),
+                                );
                             }
                         }
-                    };
-                    if frame_tx.blocking_send(frame).is_err() {
+                    }
+                    if batch.len() >= FRAME_BATCH_BYTES && !send(&mut batch, &mut data_bytes) {
                         return;
                     }
+                }
+                if !batch.is_empty() && !send(&mut batch, &mut data_bytes) {
+                    return;
                 }
             }
         });
@@ -825,14 +852,6 @@ enum Want {
     Ids(Vec<ChunkId>),
     /// A bad request: answer this error after what came before, then stop.
     Refuse(String),
-}
-
-fn error_frame(code: Code, message: String) -> Bytes {
-    let msg = pb::Reply::error(code, message);
-    let mut buf = Vec::with_capacity(4 + msg.encoded_len());
-    buf.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
-    let _ = msg.encode(&mut buf);
-    buf.into()
 }
 
 async fn reply_error(

@@ -193,7 +193,7 @@ impl Site {
         )?;
         let server = ferry_net::tls::site_server(&ca_der, identity, self.config.dp.transport())?;
         let listen = self.config.dp.listen;
-        let endpoint = quinn::Endpoint::server(server, listen).with_context(|| {
+        let endpoint = ferry_net::tls::endpoint(listen, Some(server)).with_context(|| {
             format!(
                 "cannot listen for DPs on UDP {listen} ([dp] listen in {})",
                 self.data.join(CONFIG_FILE).display()

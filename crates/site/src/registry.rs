@@ -108,6 +108,9 @@ pub struct Transfer {
     /// Bytes the DP copied from files it held (no network).
     #[serde(default)]
     pub bytes_local: u64,
+    /// Bytes of the signed manifest as it travelled.
+    #[serde(default)]
+    pub manifest_bytes: u64,
     /// Why the last attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -90,6 +90,9 @@ pub struct StatusRow {
     /// Bytes the DP copied from files it held (no network).
     #[serde(default)]
     pub bytes_local: u64,
+    /// Bytes of the signed manifest the DP received for this revision.
+    #[serde(default)]
+    pub manifest_bytes: u64,
     /// The package's last validation on the DP (progress while
     /// `validating`).
     #[serde(default)]
@@ -155,6 +158,7 @@ pub fn rows(
                 full_bytes: 0,
                 wire_bytes: 0,
                 bytes_local: 0,
+                manifest_bytes: 0,
                 validation: d.validation.results.get(&p).cloned(),
                 percent: None,
                 eta_secs: None,
@@ -175,6 +179,7 @@ pub fn rows(
                     row.full_bytes = t.full_bytes;
                     row.wire_bytes = t.wire_bytes;
                     row.bytes_local = t.bytes_local;
+                    row.manifest_bytes = t.manifest_bytes;
                     row.error = t.error.clone();
                     row.next_retry = t.next_retry.clone();
                     if t.state == TransferState::Validating {

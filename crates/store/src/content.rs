@@ -73,6 +73,8 @@ const CFS: [&str; 5] = [
 /// Ferry's own folder inside the content folder.
 pub const INTERNAL_DIR: &str = ".ferry";
 const META_VALIDATED: &[u8] = b"validated";
+/// Chunk locations written per batch when a revision is installed.
+const LOCATION_BATCH: usize = 32 << 10;
 
 /// Why the content store failed. The text names the file or package.
 #[derive(Debug, thiserror::Error)]
@@ -787,8 +789,8 @@ impl ContentStore {
     }
 
     /// Records `revision` of `package` as installed (its folder is in
-    /// place), in one synced batch: the record, the locations of its
-    /// chunks, and the package's other installed revisions forgotten. Then
+    /// place): the locations of its chunks, then in one synced batch the
+    /// record and the package's other installed revisions forgotten. Then
     /// the link is switched and the old folders go.
     fn record_installed(&self, package: &str, revision: u32) -> Result<(), ContentError> {
         let Some(mut rec) = self.record(package, revision)? else {
@@ -800,20 +802,12 @@ impl ContentStore {
             .filter(|(p, r, old)| p == package && *r != revision && old.installed)
             .map(|(_, r, _)| r)
             .collect();
+        // The locations first, in bounded batches (a large image has
+        // hundreds of thousands: one batch of them all would be the DP's
+        // peak memory). They point into the folder already in place, so a
+        // crash before the record below leaves them true, and the start
+        // after it finishes this install again.
         let mut b = WriteBatch::default();
-        // Deletes first: the puts below win for chunks both revisions hold.
-        for &r in &older {
-            self.forget_into(&mut b, package, r)?;
-        }
-        rec.installed = true;
-        let key = rev_key(package, revision);
-        b.put_cf(
-            self.cf(CF_REVISIONS),
-            &key,
-            postcard::to_stdvec(&rec).unwrap_or_default(),
-        );
-        b.delete_range_cf(self.cf(CF_WRITTEN), &key, &prefix_end(&key));
-        b.delete_cf(self.cf(CF_DP_META), epoch_key(package, revision));
         let mut seen = HashSet::new();
         for (f, m) in self.manifests(package, revision)?.iter().enumerate() {
             for (offset, c) in m.offsets() {
@@ -827,9 +821,33 @@ impl ContentStore {
                             offset,
                         }),
                     );
+                    if b.len() >= LOCATION_BATCH {
+                        self.write(std::mem::take(&mut b), false)?;
+                    }
                 }
             }
         }
+        drop(seen);
+        // All of them in place before the older revisions are read below:
+        // a put still in this batch would lose to the delete after it.
+        if !b.is_empty() {
+            self.write(std::mem::take(&mut b), false)?;
+        }
+        // Then, in one synced batch: the older revisions forgotten (their
+        // locations that still point at them: the chunks this one lacks),
+        // the record, the staging state gone.
+        for &r in &older {
+            self.forget_into(&mut b, package, r)?;
+        }
+        rec.installed = true;
+        let key = rev_key(package, revision);
+        b.put_cf(
+            self.cf(CF_REVISIONS),
+            &key,
+            postcard::to_stdvec(&rec).unwrap_or_default(),
+        );
+        b.delete_range_cf(self.cf(CF_WRITTEN), &key, &prefix_end(&key));
+        b.delete_cf(self.cf(CF_DP_META), epoch_key(package, revision));
         self.write(b, true)?;
         self.switch_link(package, revision)?;
         for r in older {
@@ -1128,6 +1146,36 @@ impl Stage {
                 .get(s.file as usize)
                 .ok_or_else(|| ContentError::NotInstalled(format!("file {}", s.file)))?;
             f.write_at(data, *offset)?;
+        }
+        Ok(())
+    }
+
+    /// Writes many verified chunks: `items` are (file number, offset,
+    /// bytes). They are sorted and every run of consecutive ones goes to the
+    /// disk in one `pwritev`. The caller then records the slots.
+    pub fn write_many(&self, items: &mut [(u32, u64, &[u8])]) -> Result<(), ContentError> {
+        items.sort_unstable_by_key(|(f, o, _)| (*f, *o));
+        let mut i = 0;
+        while i < items.len() {
+            let (file, start, _) = items[i];
+            let mut end = start;
+            let mut j = i;
+            while j < items.len() && items[j].0 == file && items[j].1 == end {
+                end += items[j].2.len() as u64;
+                j += 1;
+            }
+            if j == i {
+                // Overlapping slots cannot happen in one revision; write it
+                // alone rather than loop.
+                j = i + 1;
+            }
+            let f = self
+                .files
+                .get(file as usize)
+                .ok_or_else(|| ContentError::NotInstalled(format!("file {file}")))?;
+            let bufs: Vec<&[u8]> = items[i..j].iter().map(|(_, _, b)| *b).collect();
+            f.write_vectored_at(&bufs, start)?;
+            i = j;
         }
         Ok(())
     }

@@ -43,6 +43,9 @@ impl FileError {
     }
 }
 
+/// Buffers per `pwritev` call (Linux allows 1024).
+const MAX_IOVECS: usize = 512;
+
 /// Whether an OS error means the disk (or quota) is full.
 pub fn is_no_space(e: &std::io::Error) -> bool {
     let code = e.raw_os_error();
@@ -122,6 +125,47 @@ impl OutFile {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| FileError::new(&self.path, format!("write at offset {offset}"), e))
+    }
+
+    /// Writes `bufs` one after another from `offset` in one system call
+    /// each round (`pwritev`): consecutive chunks in one write, whole
+    /// pages rather than pieces of them.
+    pub fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<(), FileError> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let (mut done, mut first, mut skip) = (0usize, 0usize, 0usize);
+        while done < total {
+            let slices: Vec<std::io::IoSlice<'_>> = bufs[first..]
+                .iter()
+                .take(MAX_IOVECS)
+                .enumerate()
+                .map(|(i, b)| std::io::IoSlice::new(if i == 0 { &b[skip..] } else { b }))
+                .collect();
+            let at = offset + done as u64;
+            let mut n = rustix::io::pwritev(&self.file, &slices, at).map_err(|e| {
+                FileError::new(&self.path, format!("write at offset {at}"), e.into())
+            })?;
+            if n == 0 {
+                return Err(FileError::new(
+                    &self.path,
+                    format!("write at offset {at}"),
+                    std::io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            done += n;
+            // Step over what was written.
+            while n > 0 && first < bufs.len() {
+                let left = bufs[first].len() - skip;
+                if n >= left {
+                    n -= left;
+                    first += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -305,6 +349,18 @@ mod tests {
         a.write_at(b"6789", 6).unwrap();
         a.write_at(b"012345", 0).unwrap();
         assert_eq!(std::fs::read(a.path()).unwrap(), b"0123456789");
+        let many: Vec<Vec<u8>> = (0..1500u32)
+            .map(|n| vec![(n % 251) as u8; 1 + n as usize % 7])
+            .collect();
+        let total: usize = many.iter().map(Vec::len).sum();
+        let v = OutFile::open(&dir.path().join("v"), total as u64 + 3).unwrap();
+        let refs: Vec<&[u8]> = many.iter().map(Vec::as_slice).collect();
+        v.write_vectored_at(&refs, 3).unwrap();
+        assert_eq!(
+            std::fs::read(v.path()).unwrap()[3..],
+            many.concat()[..],
+            "more buffers than one call takes"
+        );
         let b = OutFile::open(&dir.path().join("b"), 6).unwrap();
         b.copy_from(a.file(), a.path(), 4, 1, 5).unwrap();
         assert_eq!(std::fs::read(b.path()).unwrap(), b"\x0045678");

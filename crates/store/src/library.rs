@@ -48,6 +48,8 @@ const ALL_CFS: [&str; 7] = [
 ];
 /// Unlogged chunk writes are batched up to this many bytes.
 const CHUNK_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// The block cache all column families share.
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
 /// Pending-list id for chunks whose reference count fell to zero.
 const GARBAGE_IMPORT: u64 = 0;
 /// Freed bytes wait in blob files until they exceed this share of the live
@@ -245,6 +247,10 @@ impl Library {
         opts.set_keep_log_file_num(5);
         let mut table = BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
+        // One block cache for every column family, of a fixed size: serving
+        // a large image touches every block of the chunk index, and the
+        // site's memory must not grow with the library.
+        table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
         let cfs = ALL_CFS.iter().map(|&name| {
             let mut o = Options::default();
             o.set_block_based_table_factory(&table);

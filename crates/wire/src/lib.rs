@@ -152,22 +152,38 @@ pub async fn read_frame<M: Message + Default>(
 /// One framed `Reply{chunk: Chunk{id, data}}`, built with a single copy of
 /// `data` (the site answers from RocksDB's buffer straight into this).
 pub fn chunk_frame(id: &ChunkId, data: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    put_chunk_frame(&mut b, id, data);
+    b.freeze()
+}
+
+/// Appends one framed `Reply{chunk: Chunk{id, data}}` to `b`: several
+/// frames in one buffer go to QUIC as one write.
+pub fn put_chunk_frame(b: &mut BytesMut, id: &ChunkId, data: &[u8]) {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
     let id_field = 1 + encoded_len_varint(32) + 32;
     let data_field = 1 + encoded_len_varint(data.len() as u64) + data.len();
     let inner = id_field + data_field;
     let outer = 1 + encoded_len_varint(inner as u64) + inner;
-    let mut b = BytesMut::with_capacity(4 + outer);
+    b.reserve(4 + outer);
     b.put_u32(outer as u32);
-    encode_key(4, WireType::LengthDelimited, &mut b);
-    encode_varint(inner as u64, &mut b);
-    encode_key(1, WireType::LengthDelimited, &mut b);
-    encode_varint(32, &mut b);
+    encode_key(4, WireType::LengthDelimited, b);
+    encode_varint(inner as u64, b);
+    encode_key(1, WireType::LengthDelimited, b);
+    encode_varint(32, b);
     b.put_slice(id.as_bytes());
-    encode_key(2, WireType::LengthDelimited, &mut b);
-    encode_varint(data.len() as u64, &mut b);
+    encode_key(2, WireType::LengthDelimited, b);
+    encode_varint(data.len() as u64, b);
     b.put_slice(data);
-    b.freeze()
+}
+
+/// Appends `msg` as one frame to `b`.
+pub fn put_frame(b: &mut BytesMut, msg: &impl Message) {
+    let len = msg.encoded_len();
+    b.reserve(4 + len);
+    b.put_u32(len as u32);
+    // Encoding into a buffer with enough room cannot fail.
+    let _ = msg.encode(b);
 }
 
 /// Encodes `msg` into one frame and writes it.
@@ -175,11 +191,8 @@ pub async fn write_frame(
     w: &mut (impl AsyncWrite + Unpin),
     msg: &impl Message,
 ) -> Result<(), WireError> {
-    let len = msg.encoded_len();
-    let mut buf = Vec::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    // Encoding into a Vec with enough capacity cannot fail.
-    let _ = msg.encode(&mut buf);
+    let mut buf = BytesMut::new();
+    put_frame(&mut buf, msg);
     w.write_all(&buf).await?;
     Ok(())
 }
