@@ -176,7 +176,10 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     // Space: every file is preallocated up front, so a full disk shows now.
     let files: u64 = r.signed.manifests.iter().map(|m| m.size).sum();
     let content = r.store.content_dir().to_path_buf();
-    let (store, sig) = (r.store.clone(), r.signed.clone());
+    let manifest_bytes = r.signed.wire_bytes;
+    // Moved, not copied: a large image's manifests and signed body are tens
+    // of MiB each, and the stage keeps the only copy from here on.
+    let (store, sig) = (r.store.clone(), r.signed);
     let (package, revision, dp) = (a.package.clone(), a.revision, r.dp.to_string());
     let max_rate = r.max_rate;
     let staged = tokio::task::spawn_blocking(move || -> anyhow::Result<(Arc<Stage>, Transfer, Arc<Origins>)> {
@@ -203,11 +206,11 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         }
         let record = RevisionRecord {
             installed: false,
-            name: sig.name.clone(),
-            body: sig.body.clone(),
-            signature: sig.signature.clone(),
+            name: sig.name,
+            body: sig.body,
+            signature: sig.signature,
         };
-        let stage = match store.stage(&package, revision, record, sig.manifests.clone()) {
+        let stage = match store.stage(&package, revision, record, sig.manifests) {
             Ok(s) => Arc::new(s),
             // Preallocating the files ran out of space.
             Err(e @ ContentError::File(_)) if e.is_no_space() => {
@@ -272,7 +275,6 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         full_bytes = planned.full_bytes,
         "transfer planned"
     );
-    let manifest_bytes = r.signed.wire_bytes;
     let _ = r.reports.send(report(
         a,
         pb::State::InProgress,
@@ -320,12 +322,14 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         jobs,
         stage: held,
         ev_tx,
+        machine,
         ..
     } = lp;
     for s in streams {
         s.stop();
     }
-    drop((jobs, held, ev_tx));
+    // The machine's per-chunk state goes before the install needs memory.
+    drop((jobs, held, ev_tx, machine));
     let _ = tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();

@@ -378,7 +378,7 @@ impl ContentStore {
                 );
             }
             store.write(b, true)?;
-            store.record_installed(&package, revision)?;
+            store.record_installed(&package, revision, &manifests)?;
         }
         store.reconcile()?;
         Ok(store)
@@ -792,7 +792,12 @@ impl ContentStore {
     /// place): the locations of its chunks, then in one synced batch the
     /// record and the package's other installed revisions forgotten. Then
     /// the link is switched and the old folders go.
-    fn record_installed(&self, package: &str, revision: u32) -> Result<(), ContentError> {
+    fn record_installed(
+        &self,
+        package: &str,
+        revision: u32,
+        manifests: &[Manifest],
+    ) -> Result<(), ContentError> {
         let Some(mut rec) = self.record(package, revision)? else {
             return Err(ContentError::NotInstalled(format!("{package} r{revision}")));
         };
@@ -809,7 +814,7 @@ impl ContentStore {
         // after it finishes this install again.
         let mut b = WriteBatch::default();
         let mut seen = HashSet::new();
-        for (f, m) in self.manifests(package, revision)?.iter().enumerate() {
+        for (f, m) in manifests.iter().enumerate() {
             for (offset, c) in m.offsets() {
                 if seen.insert(c.id) {
                     b.put_cf(
@@ -880,7 +885,7 @@ impl ContentStore {
             } else if done.is_dir() {
                 // Renamed into place, not yet recorded: finish the install.
                 tracing::info!(package = %p, revision = r, "finishing an interrupted install");
-                self.record_installed(p, *r)?;
+                self.record_installed(p, *r, &self.manifests(p, *r)?)?;
                 known.insert(revision_dir_name(p, *r));
             } else if self.stage_dir(p, *r).is_dir() {
                 known.insert(stage_dir_name(p, *r));
@@ -1257,7 +1262,7 @@ impl Stage {
         }
         std::fs::rename(&self.dir, &done).map_err(io(&done, "rename into place"))?;
         sync_dir(&store.internal())?;
-        store.record_installed(&self.package, self.revision)
+        store.record_installed(&self.package, self.revision, &self.manifests)
     }
 }
 
