@@ -1,10 +1,11 @@
-//! Faults: a site killed mid-import, chunks damaged on disk.
+//! Faults: a site killed mid-import or amid DP reports, chunks damaged on
+//! disk; a registry of the previous release moved in.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_tests::harness::SiteProc;
+use ferry_tests::harness::{DpProc, SiteProc};
 use ferry_tests::tree::Content;
 use ferry_tests::wimtools;
 
@@ -134,4 +135,174 @@ fn damaged_chunk_is_named_and_export_refuses_it() {
         .filter(|e| e.file_name().to_string_lossy().starts_with(".ferry-export"))
         .collect();
     assert!(leftovers.is_empty(), "temporary export removed");
+}
+
+/// What an operator sees of DPs, groups and assignments, without what
+/// changes by itself (online, last contact, addresses).
+fn registry_view(site: &SiteProc) -> serde_json::Value {
+    let dps: Vec<serde_json::Value> = site
+        .cli_json(&["dp", "list"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "name": d["name"], "enrollment": d["enrollment"],
+                "groups": d["groups"], "assigned": d["assigned"],
+            })
+        })
+        .collect();
+    serde_json::json!({"dps": dps, "groups": site.cli_json(&["group", "list"]).unwrap()})
+}
+
+/// The installed rows of `ferry status`, figures included.
+fn installed_rows(site: &SiteProc) -> Vec<serde_json::Value> {
+    site.status(None)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["state"] == "installed")
+        .map(|r| {
+            serde_json::json!({
+                "package": r["package"], "dp": r["dp"], "revision": r["revision"],
+                "bytes_needed": r["bytes_needed"], "bytes_done": r["bytes_done"],
+                "wire_bytes": r["wire_bytes"], "full_bytes": r["full_bytes"],
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_site_killed_amid_dp_reports_keeps_dps_groups_assignments_and_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = wimtools::tree_wim(dir.path(), "small", 200, 71, &[]).unwrap();
+    let big = big_wim(dir.path(), 12);
+    let mut site = SiteProc::start(dir.path()).unwrap();
+    let small_id = site.add_image(&small, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let big_id = site.add_image(&big, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut dp1 = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let mut dp2 = DpProc::enroll(dir.path(), "dp2", &site).unwrap();
+    // Slow enough that dp2 reports progress for seconds.
+    dp2.serve_args = vec!["--max-rate".into(), "4M".into()];
+    dp2.serve().unwrap();
+    site.cli_ok(&["group", "create", "branch"]).unwrap();
+    site.cli_ok(&["group", "add", "branch", "dp2"]).unwrap();
+    site.cli_ok(&["distribute", &small_id, "--dp", "dp1"])
+        .unwrap();
+    site.wait_installed(&small_id, "dp1", 1, Duration::from_secs(60))
+        .unwrap();
+    site.cli_ok(&["distribute", &big_id, "--group", "branch"])
+        .unwrap();
+    // In the middle of dp2's progress reports.
+    ferry_tests::harness::wait_for("dp2 to report progress", Duration::from_secs(60), || {
+        Ok(site
+            .row(&big_id, "dp2")?
+            .filter(|r| r["state"] == "in-progress" && r["bytes_done"].as_u64() > Some(0)))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let view = registry_view(&site);
+    let installed = installed_rows(&site);
+    assert_eq!(installed.len(), 1, "{installed:?}");
+    assert!(installed[0]["wire_bytes"].as_u64() > Some(0));
+    site.kill();
+
+    site.serve().unwrap();
+    assert_eq!(registry_view(&site), view, "DPs, groups, assignments");
+    assert_eq!(
+        installed_rows(&site),
+        installed,
+        "counters of what is installed"
+    );
+    // dp1 reconnects and says "installed" again: its figures stay.
+    ferry_tests::harness::wait_for("dp1 to reconnect", Duration::from_secs(60), || {
+        Ok(site.dp_row("dp1")?["online"].as_bool().filter(|&b| b))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(installed_rows(&site), installed, "after dp1 reported again");
+    // dp2 goes on and finishes.
+    site.wait_installed(&big_id, "dp2", 1, Duration::from_secs(120))
+        .unwrap();
+    let rows = installed_rows(&site);
+    site.kill();
+    site.serve().unwrap();
+    assert_eq!(installed_rows(&site), rows, "after a second kill");
+    dp1.stop().unwrap();
+    dp2.stop().unwrap();
+}
+
+#[test]
+fn a_site_with_the_previous_releases_registry_json_keeps_every_dp_enrolled() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "img", 200, 72, &[]).unwrap();
+    let mut site = SiteProc::start(dir.path()).unwrap();
+    let id = site.add_image(&wim, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    site.cli_ok(&["group", "create", "branch"]).unwrap();
+    site.cli_ok(&["group", "add", "branch", "dp1"]).unwrap();
+    site.cli_ok(&["distribute", &id, "--group", "branch"])
+        .unwrap();
+    site.wait_installed(&id, "dp1", 1, Duration::from_secs(60))
+        .unwrap();
+    let view = registry_view(&site);
+    let installed = installed_rows(&site);
+    dp.stop().unwrap();
+    site.stop().unwrap();
+
+    // What the previous release kept: registry.json beside a library with
+    // no registry in it. Its records are the same JSON.
+    let library = site.data.join("library");
+    {
+        let lib = ferry_store::Library::open(&library).unwrap();
+        let records = lib.state(b"").unwrap();
+        let mut dps = serde_json::Map::new();
+        let mut groups = serde_json::Map::new();
+        for (k, v) in &records {
+            let k = String::from_utf8(k.clone()).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(v).unwrap();
+            match k.split_once('/') {
+                Some(("dp", name)) => dps.insert(name.to_string(), v),
+                Some(("group", name)) => groups.insert(name.to_string(), v),
+                _ => panic!("unexpected state record {k}"),
+            };
+        }
+        assert_eq!(dps.len(), 1);
+        let old = serde_json::json!({"dps": dps, "groups": groups});
+        fs::write(
+            site.data.join("registry.json"),
+            serde_json::to_vec_pretty(&old).unwrap(),
+        )
+        .unwrap();
+        let gone: Vec<ferry_store::StateChange> =
+            records.into_iter().map(|(k, _)| (k, None)).collect();
+        lib.write_state(&gone).unwrap();
+        assert!(lib.state(b"").unwrap().is_empty());
+    }
+
+    site.serve().unwrap();
+    assert!(!site.data.join("registry.json").exists());
+    assert!(site.data.join("registry.json.migrated").exists());
+    assert_eq!(registry_view(&site), view, "DPs, groups, assignments");
+    assert_eq!(installed_rows(&site), installed, "counters");
+    // The DP's certificate is still accepted: it reconnects and holds its
+    // package.
+    dp.serve().unwrap();
+    ferry_tests::harness::wait_for("dp1 to reconnect", Duration::from_secs(60), || {
+        Ok(site.dp_row("dp1")?["online"].as_bool().filter(|&b| b))
+    })
+    .unwrap();
+    site.wait_installed(&id, "dp1", 1, Duration::from_secs(60))
+        .unwrap();
+    assert!(!dp.log_text().contains("revoked"));
+    dp.stop().unwrap();
 }

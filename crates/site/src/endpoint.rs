@@ -413,13 +413,7 @@ impl DpServer {
     }
 
     fn on_report(&self, dp: &str, r: pb::Report) {
-        let reg = self.hub.snapshot();
-        let known = reg.assigned(dp).contains(&r.package)
-            || reg
-                .dps
-                .get(dp)
-                .is_some_and(|d| d.transfers.contains_key(&r.package));
-        if !known {
+        if !self.hub.concerns(dp, &r.package) {
             debug!(package = %r.package, "report about a package this DP neither holds nor is assigned; ignored");
             return;
         }
@@ -462,7 +456,9 @@ impl DpServer {
             at.format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default()
         });
-        let mut t = Transfer {
+        // "Still installed" without figures keeps those of the transfer
+        // that installed it (`Hub::report`).
+        let t = Transfer {
             revision: r.revision,
             state,
             bytes_needed: r.bytes_needed,
@@ -476,23 +472,6 @@ impl DpServer {
             started: None,
             updated: updated.clone(),
         };
-        // "Still installed" (after a reconnect or a validation) carries no
-        // transfer figures: keep those of the transfer that installed it.
-        if state.holds() && r.bytes_needed == 0 && r.bytes_done == 0 && r.wire_bytes == 0 {
-            if let Some(prev) = reg
-                .dps
-                .get(dp)
-                .and_then(|d| d.transfers.get(&r.package))
-                .filter(|p| p.revision == r.revision && p.state.holds())
-            {
-                t.bytes_needed = prev.bytes_needed;
-                t.bytes_done = prev.bytes_done;
-                t.wire_bytes = prev.wire_bytes;
-                t.bytes_local = prev.bytes_local;
-                t.manifest_bytes = prev.manifest_bytes;
-                t.full_bytes = t.full_bytes.max(prev.full_bytes);
-            }
-        }
         if let Some(v) = &r.validation {
             let result = crate::registry::ValidationResult {
                 request: v.request,

@@ -150,10 +150,10 @@ impl Site {
     pub fn open(data: &Path) -> anyhow::Result<Self> {
         let config = SiteConfig::load(data)?;
         let token = read_token(data)?;
-        let lib = Library::open(&data.join(LIBRARY_DIR))
-            .with_context(|| format!("cannot open the content library of the site in {} (is another `ferry site serve` running on it?)", data.display()))?;
+        let lib = Arc::new(Library::open(&data.join(LIBRARY_DIR))
+            .with_context(|| format!("cannot open the content library of the site in {} (is another `ferry site serve` running on it?)", data.display()))?);
         ensure_keys(data, &config.site_code)?;
-        let hub = registry::Hub::load(data)?;
+        let hub = registry::Hub::open(data, lib.clone())?;
         let jobs = jobs::Jobs::load(data, |package, job| {
             let rec = images::record(&lib, package).ok()?;
             rec.revisions.iter().find_map(|r| {
@@ -167,7 +167,7 @@ impl Site {
             data: data.to_path_buf(),
             config,
             token,
-            lib: Arc::new(lib),
+            lib,
             hub: Arc::new(hub),
             jobs: Arc::new(jobs),
         })
@@ -257,6 +257,8 @@ impl Site {
             .await
             .context("operator API stopped")?;
         endpoint.close(0u32.into(), b"site stopping");
+        // Progress reports kept in memory only.
+        self.hub.flush()?;
         Ok(())
     }
 }

@@ -3,21 +3,33 @@
 //!
 //! The site is the source of truth for what each DP should hold: a DP's
 //! assignment is its own packages plus those of every group it belongs to,
-//! each at the package's latest revision. The registry lives in
-//! `DIR/registry.json`, rewritten atomically (temporary file, fsync, rename)
-//! on every change; [`Hub`] wraps it with a lock, a change signal for
-//! connected DPs, and what is only true while the site runs (who is online).
+//! each at the package's latest revision. The registry lives in the site's
+//! RocksDB (the library's `state` column family): one record per DP and per
+//! group, written in one synced batch per change. [`Hub`] keeps it in
+//! memory with a lock, a change signal for connected DPs, and what is only
+//! true while the site runs (who is online, bytes served). A DP's progress
+//! reports change memory only; its record is written when a transfer's
+//! state, revision or error changes, and for every DP when the site stops.
+//! A `registry.json` of an earlier release is moved in on first start.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ferry_store::Library;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-/// File name of the registry inside the data folder.
+/// File name of the registry of earlier releases inside the data folder;
+/// moved into the library on first start, then renamed to
+/// [`MIGRATED_REGISTRY_FILE`].
 pub const REGISTRY_FILE: &str = "registry.json";
+/// What an earlier release's registry file is renamed to once moved in.
+pub const MIGRATED_REGISTRY_FILE: &str = "registry.json.migrated";
+/// Key prefixes of the records in the library's state.
+const DP_PREFIX: &[u8] = b"dp/";
+const GROUP_PREFIX: &[u8] = b"group/";
 /// Longest DP or group name.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -290,8 +302,10 @@ pub struct Online {
 
 /// The registry with its lock, change signal and live state.
 pub struct Hub {
-    path: PathBuf,
+    lib: Arc<Library>,
     reg: Mutex<Registry>,
+    /// DPs whose in-memory record has progress not written yet.
+    unsaved: Mutex<BTreeSet<String>>,
     changed: watch::Sender<u64>,
     online: Mutex<HashMap<String, Online>>,
     served: Mutex<HashMap<String, Arc<AtomicU64>>>,
@@ -324,36 +338,126 @@ pub fn token_hash(secret: &str) -> String {
 }
 
 impl Hub {
-    /// Loads `DIR/registry.json` (an empty registry when it does not exist).
-    pub fn load(data: &Path) -> Result<Self, HubError> {
-        let path = data.join(REGISTRY_FILE);
-        let reg = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| HubError::Storage {
-                path: path.clone(),
-                detail: format!("not a valid registry: {e}"),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
-            Err(e) => {
-                return Err(HubError::Storage {
-                    path,
-                    detail: e.to_string(),
-                })
-            }
-        };
-        Ok(Self {
-            path,
-            reg: Mutex::new(reg),
+    /// Opens the registry kept in `lib`; a `DIR/registry.json` of an
+    /// earlier release is moved in first (when the library holds none).
+    /// A record that cannot be read is reported and skipped, never hiding
+    /// the others.
+    pub fn open(data: &Path, lib: Arc<Library>) -> Result<Self, HubError> {
+        let hub = Self {
+            lib,
+            reg: Mutex::new(Registry::default()),
+            unsaved: Mutex::new(BTreeSet::new()),
             changed: watch::channel(0).0,
             online: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
+        };
+        let old = data.join(REGISTRY_FILE);
+        let mut reg = hub.read_records()?;
+        if reg.dps.is_empty() && reg.groups.is_empty() && old.exists() {
+            let bytes = std::fs::read(&old).map_err(|e| HubError::Storage {
+                path: old.clone(),
+                detail: e.to_string(),
+            })?;
+            reg = serde_json::from_slice(&bytes).map_err(|e| HubError::Storage {
+                path: old.clone(),
+                detail: format!("not a valid registry: {e}"),
+            })?;
+            hub.save(&Registry::default(), &reg, &BTreeSet::new())?;
+            tracing::info!(
+                dps = reg.dps.len(),
+                groups = reg.groups.len(),
+                from = %old.display(),
+                "registry moved into the site's library"
+            );
+        }
+        if old.exists() {
+            let to = data.join(MIGRATED_REGISTRY_FILE);
+            std::fs::rename(&old, &to)
+                .and_then(|()| std::fs::File::open(data)?.sync_all())
+                .map_err(|e| HubError::Storage {
+                    path: old.clone(),
+                    detail: format!("moved in, but cannot rename it to {}: {e}", to.display()),
+                })?;
+        }
+        *hub.reg.lock().unwrap_or_else(|p| p.into_inner()) = reg;
+        Ok(hub)
+    }
+
+    fn storage(&self, detail: impl std::fmt::Display) -> HubError {
+        HubError::Storage {
+            path: self.lib.path().to_path_buf(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn read_records(&self) -> Result<Registry, HubError> {
+        fn read<T: serde::de::DeserializeOwned>(
+            hub: &Hub,
+            prefix: &[u8],
+            what: &str,
+        ) -> Result<BTreeMap<String, T>, HubError> {
+            let mut out = BTreeMap::new();
+            for (k, v) in hub.lib.state(prefix).map_err(|e| hub.storage(e))? {
+                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                match serde_json::from_slice(&v) {
+                    Ok(rec) => {
+                        out.insert(name, rec);
+                    }
+                    Err(e) => tracing::error!(
+                        %name,
+                        error = %e,
+                        library = %hub.lib.path().display(),
+                        "skipping an unreadable {what} record of the registry"
+                    ),
+                }
+            }
+            Ok(out)
+        }
+        Ok(Registry {
+            dps: read(self, DP_PREFIX, "DP")?,
+            groups: read(self, GROUP_PREFIX, "group")?,
         })
     }
 
-    fn save(&self, reg: &Registry) -> Result<(), HubError> {
-        crate::save_json(&self.path, reg).map_err(|e| HubError::Storage {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })
+    /// Writes the records that differ between `old` and `new`, and those
+    /// of the DPs in `also`, in one synced batch.
+    fn save(
+        &self,
+        old: &Registry,
+        new: &Registry,
+        also: &BTreeSet<String>,
+    ) -> Result<(), HubError> {
+        fn diff<T: Serialize + PartialEq>(
+            prefix: &[u8],
+            old: &BTreeMap<String, T>,
+            new: &BTreeMap<String, T>,
+            also: &BTreeSet<String>,
+            out: &mut Vec<ferry_store::StateChange>,
+        ) -> Result<(), serde_json::Error> {
+            let key = |name: &str| [prefix, name.as_bytes()].concat();
+            for (name, rec) in new {
+                if old.get(name) != Some(rec) || also.contains(name) {
+                    out.push((key(name), Some(serde_json::to_vec(rec)?)));
+                }
+            }
+            for name in old.keys().filter(|n| !new.contains_key(*n)) {
+                out.push((key(name), None));
+            }
+            Ok(())
+        }
+        let mut changes = Vec::new();
+        diff(DP_PREFIX, &old.dps, &new.dps, also, &mut changes)
+            .and_then(|()| {
+                diff(
+                    GROUP_PREFIX,
+                    &old.groups,
+                    &new.groups,
+                    &BTreeSet::new(),
+                    &mut changes,
+                )
+            })
+            .map_err(|e| self.storage(e))?;
+        self.lib.write_state(&changes).map_err(|e| self.storage(e))
     }
 
     /// Runs `f` on a copy of the registry and keeps the result only if it
@@ -367,13 +471,74 @@ impl Hub {
         let mut next = reg.clone();
         let out = f(&mut next)?;
         if next != *reg {
-            self.save(&next)?;
+            // A changed DP's record is written whole, progress that was
+            // only in memory included.
+            let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+            self.save(&reg, &next, &unsaved)?;
+            unsaved.clear();
             *reg = next;
             if notify {
                 self.changed.send_modify(|n| *n += 1);
             }
         }
         Ok(out)
+    }
+
+    /// Changes DP `dp`'s record with `f`; writes it (synced) when `f` says
+    /// the change must last, else keeps it in memory until the next write
+    /// or [`Self::flush`]. `Ok(None)` for an unknown DP.
+    fn update_dp<T>(
+        &self,
+        dp: &str,
+        f: impl FnOnce(&mut DpRecord) -> (bool, T),
+    ) -> Result<Option<T>, HubError> {
+        let mut reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(d) = reg.dps.get_mut(dp) else {
+            return Ok(None);
+        };
+        let mut next = d.clone();
+        let (lasting, out) = f(&mut next);
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        if lasting {
+            let v = serde_json::to_vec(&next).map_err(|e| self.storage(e))?;
+            self.lib
+                .write_state(&[([DP_PREFIX, dp.as_bytes()].concat(), Some(v))])
+                .map_err(|e| self.storage(e))?;
+            unsaved.remove(dp);
+        } else if next != *d {
+            unsaved.insert(dp.to_string());
+        }
+        *d = next;
+        Ok(Some(out))
+    }
+
+    /// Writes every DP record whose progress changed only in memory (at
+    /// shutdown).
+    pub fn flush(&self) -> Result<(), HubError> {
+        let reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changes = Vec::new();
+        for dp in unsaved.iter() {
+            if let Some(rec) = reg.dps.get(dp) {
+                let v = serde_json::to_vec(rec).map_err(|e| self.storage(e))?;
+                changes.push(([DP_PREFIX, dp.as_bytes()].concat(), Some(v)));
+            }
+        }
+        self.lib
+            .write_state(&changes)
+            .map_err(|e| self.storage(e))?;
+        unsaved.clear();
+        Ok(())
+    }
+
+    /// Whether DP `dp` holds or is assigned `package` (what a report may
+    /// be about), without copying the registry.
+    pub fn concerns(&self, dp: &str, package: &str) -> bool {
+        let reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
+        reg.dps
+            .get(dp)
+            .is_some_and(|d| d.transfers.contains_key(package))
+            || reg.assigned(dp).contains(package)
     }
 
     /// A copy of the registry.
@@ -391,10 +556,7 @@ impl Hub {
     /// added again for a new secret; the old one stops working.
     pub fn add_dp(&self, name: &str) -> Result<String, HubError> {
         check_name(name)?;
-        let secret = ferry_net::pki::random_token().map_err(|e| HubError::Storage {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })?;
+        let secret = ferry_net::pki::random_token().map_err(|e| self.storage(e))?;
         let hash = token_hash(&secret);
         self.update(false, |r| {
             match r.dps.get_mut(name) {
@@ -630,36 +792,51 @@ impl Hub {
     }
 
     /// Records a DP's report. `None` in `transfer` forgets the package (the
-    /// DP removed it).
+    /// DP removed it). Progress stays in memory; a new revision, state or
+    /// error is written at once.
     pub fn report(
         &self,
         dp: &str,
         package: &str,
         transfer: Option<Transfer>,
     ) -> Result<(), HubError> {
-        self.update(false, |r| {
-            let Some(d) = r.dps.get_mut(dp) else {
-                return Ok(());
+        self.update_dp(dp, |d| {
+            d.last_contact = Some(now());
+            let Some(mut t) = transfer else {
+                let had = d.transfers.remove(package).is_some();
+                let had_result = d.validation.results.remove(package).is_some();
+                return (had || had_result, ());
             };
-            match transfer {
-                Some(mut t) => {
-                    let prev = d.transfers.get(package);
-                    t.started = match prev {
-                        Some(p) if p.revision == t.revision && p.started.is_some() => {
-                            p.started.clone()
-                        }
-                        _ => Some(t.updated.clone()),
-                    };
-                    d.transfers.insert(package.to_string(), t);
-                }
-                None => {
-                    d.transfers.remove(package);
-                    d.validation.results.remove(package);
+            let prev = d.transfers.get(package);
+            let lasting = prev.is_none_or(|p| {
+                p.revision != t.revision || p.state != t.state || p.error != t.error
+            });
+            if let Some(p) = prev.filter(|p| p.revision == t.revision) {
+                t.started = p.started.clone();
+                // A DP says "installed" again, without figures, each time it
+                // connects or ends a validation: the figures of the
+                // transfer that installed it stay.
+                let again = p.state.holds()
+                    && t.state.holds()
+                    && t.bytes_needed == 0
+                    && t.bytes_done == 0
+                    && t.wire_bytes == 0;
+                if again {
+                    t.bytes_needed = p.bytes_needed;
+                    t.bytes_done = p.bytes_done;
+                    t.wire_bytes = p.wire_bytes;
+                    t.bytes_local = p.bytes_local;
+                    t.manifest_bytes = p.manifest_bytes;
+                    t.full_bytes = t.full_bytes.max(p.full_bytes);
                 }
             }
-            d.last_contact = Some(now());
-            Ok(())
+            if t.started.is_none() {
+                t.started = Some(t.updated.clone());
+            }
+            d.transfers.insert(package.to_string(), t);
+            (lasting, ())
         })
+        .map(|_| ())
     }
 
     /// Asks DP `name` to validate `packages` (all when empty): a new
@@ -720,12 +897,13 @@ impl Hub {
         package: &str,
         result: ValidationResult,
     ) -> Result<(), HubError> {
-        self.update(false, |r| {
-            if let Some(d) = r.dps.get_mut(dp) {
-                d.validation.results.insert(package.to_string(), result);
-            }
-            Ok(())
+        // Progress of a run stays in memory; its end is written.
+        let lasting = result.done;
+        self.update_dp(dp, |d| {
+            d.validation.results.insert(package.to_string(), result);
+            (lasting, ())
         })
+        .map(|_| ())
     }
 
     /// Marks a DP connected.
@@ -742,13 +920,12 @@ impl Hub {
                     conn: conn.clone(),
                 },
             );
-        self.update(false, |r| {
-            if let Some(d) = r.dps.get_mut(dp) {
-                d.last_contact = Some(now());
-                d.address = Some(address);
-            }
-            Ok(())
+        self.update_dp(dp, |d| {
+            d.last_contact = Some(now());
+            d.address = Some(address);
+            (true, ())
         })
+        .map(|_| ())
     }
 
     /// Marks a DP gone (if `conn` is still its current connection).
@@ -761,11 +938,9 @@ impl Hub {
             online.remove(dp);
         }
         drop(online);
-        let _ = self.update(false, |r| {
-            if let Some(d) = r.dps.get_mut(dp) {
-                d.last_contact = Some(now());
-            }
-            Ok(())
+        let _ = self.update_dp(dp, |d| {
+            d.last_contact = Some(now());
+            (true, ())
         });
     }
 
@@ -812,10 +987,32 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn open(dir: &Path) -> Hub {
+        let lib = Arc::new(Library::open(&dir.join("library")).unwrap());
+        Hub::open(dir, lib).unwrap()
+    }
+
+    fn transfer(revision: u32, state: TransferState, done: u64) -> Transfer {
+        Transfer {
+            revision,
+            state,
+            bytes_needed: 1000,
+            bytes_done: done,
+            full_bytes: 4000,
+            wire_bytes: done + 10,
+            bytes_local: 3000,
+            manifest_bytes: 50,
+            error: None,
+            next_retry: None,
+            started: None,
+            updated: now(),
+        }
+    }
+
     #[test]
     fn tokens_are_one_time_and_assignments_follow_groups() {
         let dir = tempfile::tempdir().unwrap();
-        let hub = Hub::load(dir.path()).unwrap();
+        let hub = open(dir.path());
         let secret = hub.add_dp("dp1").unwrap();
         hub.add_dp("dp2").unwrap();
         assert!(hub.add_dp("../x").is_err());
@@ -837,12 +1034,142 @@ mod tests {
         assert!(e.to_string().contains("group east"), "{e}");
         hub.undistribute("FRY00001", &[], &["east".into()]).unwrap();
         assert!(hub.snapshot().assigned("dp2").is_empty());
-
-        // Persisted.
-        let again = Hub::load(dir.path()).unwrap();
-        assert_eq!(again.snapshot(), hub.snapshot());
         hub.revoke("dp1").unwrap();
         assert!(hub.identify("fp1").unwrap_err().contains("revoked"));
         assert!(hub.identify("other").is_err());
+
+        // Persisted, in the library.
+        let before = hub.snapshot();
+        drop(hub);
+        let again = open(dir.path());
+        assert_eq!(again.snapshot(), before);
+        assert!(!dir.path().join(REGISTRY_FILE).exists());
+    }
+
+    #[test]
+    fn a_registry_json_of_the_previous_release_is_moved_in_with_every_dp_enrolled() {
+        let dir = tempfile::tempdir().unwrap();
+        // As the previous release wrote it.
+        let old = r#"{
+  "dps": {
+    "dp1": {
+      "name": "dp1",
+      "created": "2026-11-20T10:00:00Z",
+      "enrolled": "2026-11-20T10:01:00Z",
+      "cert_fingerprint": "aa11",
+      "packages": ["FRY00001"],
+      "transfers": {
+        "FRY00001": {
+          "revision": 2, "state": "installed", "bytes_needed": 500,
+          "bytes_done": 500, "full_bytes": 9000, "wire_bytes": 520,
+          "updated": "2026-11-20T11:00:00Z"
+        }
+      },
+      "last_contact": "2026-11-20T11:00:00Z"
+    },
+    "dp2": {
+      "name": "dp2", "created": "2026-11-20T10:00:00Z",
+      "enrolled": "2026-11-20T10:02:00Z", "cert_fingerprint": "bb22"
+    },
+    "dp3": {
+      "name": "dp3", "created": "2026-11-20T10:00:00Z",
+      "token_hash": "cc33"
+    }
+  },
+  "groups": { "branch": { "members": ["dp2"], "packages": ["FRY00002"] } }
+}"#;
+        std::fs::write(dir.path().join(REGISTRY_FILE), old).unwrap();
+        let hub = open(dir.path());
+        let check = |hub: &Hub| {
+            assert_eq!(hub.identify("aa11").unwrap(), "dp1");
+            assert_eq!(hub.identify("bb22").unwrap(), "dp2");
+            let reg = hub.snapshot();
+            assert_eq!(reg.dps.len(), 3);
+            assert_eq!(reg.dps["dp3"].token_hash.as_deref(), Some("cc33"));
+            assert!(reg.assigned("dp2").contains("FRY00002"));
+            assert!(reg.assigned("dp1").contains("FRY00001"));
+            let t = &reg.dps["dp1"].transfers["FRY00001"];
+            assert_eq!(
+                (t.revision, t.state, t.wire_bytes),
+                (2, TransferState::Installed, 520)
+            );
+        };
+        check(&hub);
+        assert!(!dir.path().join(REGISTRY_FILE).exists(), "renamed");
+        assert!(
+            dir.path().join(MIGRATED_REGISTRY_FILE).exists(),
+            "kept aside"
+        );
+        drop(hub);
+        // From the library now.
+        check(&open(dir.path()));
+
+        // A registry.json that is not one: a clear error naming it.
+        let dir2 = tempfile::tempdir().unwrap();
+        std::fs::write(dir2.path().join(REGISTRY_FILE), "{\"dps\": 3}").unwrap();
+        let lib = Arc::new(Library::open(&dir2.path().join("library")).unwrap());
+        let Err(e) = Hub::open(dir2.path(), lib) else {
+            panic!("a broken registry.json was accepted");
+        };
+        assert!(e.to_string().contains("registry.json"), "{e}");
+        assert!(e.to_string().contains("not a valid registry"), "{e}");
+    }
+
+    #[test]
+    fn progress_stays_in_memory_and_a_new_state_is_written_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = open(dir.path());
+        hub.add_dp("dp1").unwrap();
+        hub.report(
+            "dp1",
+            "P",
+            Some(transfer(1, TransferState::InProgress, 100)),
+        )
+        .unwrap();
+        hub.report(
+            "dp1",
+            "P",
+            Some(transfer(1, TransferState::InProgress, 700)),
+        )
+        .unwrap();
+        assert_eq!(hub.snapshot().dps["dp1"].transfers["P"].bytes_done, 700);
+        drop(hub);
+        // Killed without a flush: the state as it was last written.
+        let hub = open(dir.path());
+        let t = hub.snapshot().dps["dp1"].transfers["P"].clone();
+        assert_eq!((t.state, t.bytes_done), (TransferState::InProgress, 100));
+
+        hub.report(
+            "dp1",
+            "P",
+            Some(transfer(1, TransferState::InProgress, 900)),
+        )
+        .unwrap();
+        hub.flush().unwrap();
+        drop(hub);
+        let hub = open(dir.path());
+        assert_eq!(
+            hub.snapshot().dps["dp1"].transfers["P"].bytes_done,
+            900,
+            "flushed"
+        );
+
+        hub.report(
+            "dp1",
+            "P",
+            Some(transfer(1, TransferState::Installed, 1000)),
+        )
+        .unwrap();
+        // The DP says "installed" again, without figures, when it reconnects.
+        let mut again = transfer(1, TransferState::Installed, 0);
+        (again.bytes_needed, again.wire_bytes, again.bytes_local) = (0, 0, 0);
+        hub.report("dp1", "P", Some(again)).unwrap();
+        drop(hub);
+        let t = open(dir.path()).snapshot().dps["dp1"].transfers["P"].clone();
+        assert_eq!(t.state, TransferState::Installed);
+        assert_eq!(
+            (t.bytes_done, t.wire_bytes, t.bytes_local),
+            (1000, 1010, 3000)
+        );
     }
 }

@@ -23,6 +23,6 @@ mod library;
 
 pub use content::{ContentError, ContentStore, RevisionRecord, Stage};
 pub use library::{
-    CommitStats, Damage, Import, Library, LibraryStats, RemoveStats, StoreError, CF_CHUNKS,
-    CF_HINTS, CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PENDING,
+    CommitStats, Damage, Import, Library, LibraryStats, RemoveStats, StateChange, StateRecord,
+    StoreError, CF_CHUNKS, CF_HINTS, CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PENDING,
 };

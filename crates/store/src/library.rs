@@ -36,8 +36,11 @@ pub const CF_HINTS: &str = "hints";
 /// key: setting name (UTF-8) → value: setting bytes (`next-package`: u64 LE;
 /// `garbage-bytes`: u64 LE, bytes freed since the last space reclamation).
 pub const CF_META: &str = "meta";
+/// The site's own records (its registry of DPs and groups): key → value,
+/// both chosen by the caller ([`Library::state`], [`Library::write_state`]).
+const CF_STATE: &str = "state";
 
-const ALL_CFS: [&str; 7] = [
+const ALL_CFS: [&str; 8] = [
     CF_CHUNKS,
     CF_INDEX,
     CF_PACKAGES,
@@ -45,9 +48,14 @@ const ALL_CFS: [&str; 7] = [
     CF_PENDING,
     CF_HINTS,
     CF_META,
+    CF_STATE,
 ];
 /// Unlogged chunk writes are batched up to this many bytes.
 const CHUNK_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// A state record: key, value.
+pub type StateRecord = (Vec<u8>, Vec<u8>);
+/// A change to a state record: its key, and the new value (`None`: delete).
+pub type StateChange = (Vec<u8>, Option<Vec<u8>>);
 /// The block cache all column families share.
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
 /// Pending-list id for chunks whose reference count fell to zero.
@@ -323,6 +331,40 @@ impl Library {
         let mut w = WriteOptions::default();
         w.set_sync(true);
         w
+    }
+
+    /// The state records whose keys start with `prefix`, in key order.
+    pub fn state(&self, prefix: &[u8]) -> Result<Vec<StateRecord>, StoreError> {
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_STATE),
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Puts (`Some`) and deletes (`None`) state records, all or none, synced.
+    pub fn write_state(&self, changes: &[StateChange]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut b = WriteBatch::default();
+        for (k, v) in changes {
+            match v {
+                Some(v) => b.put_cf(self.cf(CF_STATE), k, v),
+                None => b.delete_cf(self.cf(CF_STATE), k),
+            }
+        }
+        self.db
+            .write_opt(b, &Self::synced())
+            .map_err(|e| self.db_err(e))
     }
 
     /// Chunks and bytes stored (referenced or awaiting collection).
