@@ -239,6 +239,61 @@ impl JobRecord {
 struct JobsFile {
     next_id: u64,
     jobs: Vec<JobRecord>,
+    /// Entries this release cannot read (damaged, or from a newer one):
+    /// kept as they were and written back, never dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unreadable: Vec<serde_json::Value>,
+}
+
+/// `jobs.json` read entry by entry: one that cannot be read is set aside
+/// (and logged), not a reason to lose the others.
+#[derive(Deserialize)]
+struct RawJobsFile {
+    #[serde(default)]
+    next_id: u64,
+    #[serde(default)]
+    jobs: Vec<serde_json::Value>,
+    #[serde(default)]
+    unreadable: Vec<serde_json::Value>,
+}
+
+impl JobsFile {
+    fn parse(bytes: &[u8], path: &Path) -> Result<Self, JobError> {
+        let raw: RawJobsFile = serde_json::from_slice(bytes).map_err(|e| JobError::Storage {
+            path: path.to_path_buf(),
+            detail: format!("not a valid jobs file: {e}"),
+        })?;
+        let mut out = JobsFile {
+            next_id: raw.next_id,
+            jobs: Vec::new(),
+            unreadable: raw.unreadable,
+        };
+        for v in raw.jobs {
+            match serde_json::from_value::<JobRecord>(v.clone()) {
+                Ok(j) => out.jobs.push(j),
+                Err(e) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        job = %v.get("id").map(ToString::to_string).unwrap_or_default(),
+                        error = %e,
+                        "a job in the jobs file cannot be read; it is kept aside"
+                    );
+                    out.unreadable.push(v);
+                }
+            }
+        }
+        // `next_id` is the last id given; new ones stay clear of every id
+        // in the file, readable or not.
+        let highest = out
+            .jobs
+            .iter()
+            .map(|j| j.id)
+            .chain(out.unreadable.iter().filter_map(|v| v.get("id")?.as_u64()))
+            .max()
+            .unwrap_or(0);
+        out.next_id = out.next_id.max(highest);
+        Ok(out)
+    }
 }
 
 fn parse_time(t: &str) -> Option<OffsetDateTime> {
@@ -338,10 +393,7 @@ impl Jobs {
     ) -> Result<Self, JobError> {
         let path = data.join(JOBS_FILE);
         let mut file: JobsFile = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| JobError::Storage {
-                path: path.clone(),
-                detail: format!("not a valid jobs file: {e}"),
-            })?,
+            Ok(b) => JobsFile::parse(&b, &path)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => JobsFile::default(),
             Err(e) => {
                 return Err(JobError::Storage {
@@ -682,5 +734,40 @@ mod tests {
         );
         assert_eq!(jobs.get(1).unwrap().state, JobState::Cancelled);
         assert!(jobs.next_due().is_none());
+    }
+
+    #[test]
+    fn an_unreadable_job_is_kept_aside_and_hides_none_of_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path(), |_, _| None).unwrap();
+        let later = ServiceRequest {
+            at: Some("+1h".into()),
+            ..ServiceRequest::default()
+        };
+        for _ in 0..3 {
+            jobs.create("FRY00001", later.clone()).unwrap();
+        }
+        drop(jobs);
+        let path = dir.path().join(JOBS_FILE);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v["jobs"][2]["state"] = "exploded".into();
+        v["next_id"] = 0.into();
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+
+        let jobs = Jobs::load(dir.path(), |_, _| None).unwrap();
+        assert_eq!(jobs.get(1).unwrap().id, 1);
+        assert_eq!(jobs.get(2).unwrap().id, 2);
+        assert!(jobs.get(3).is_err(), "the damaged one is not a job");
+        // A new job gets an id no entry has, and the damaged entry is
+        // written back as it was.
+        let d = jobs.create("FRY00001", later).unwrap();
+        assert_eq!(d.id, 4);
+        drop(jobs);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["unreadable"][0]["id"], 3);
+        assert_eq!(v["unreadable"][0]["state"], "exploded");
+        let jobs = Jobs::load(dir.path(), |_, _| None).unwrap();
+        assert_eq!(jobs.get(4).unwrap().id, 4);
     }
 }

@@ -103,7 +103,8 @@ fn ensure_keys(data: &Path, site_code: &str) -> anyhow::Result<()> {
 }
 
 /// Writes `value` as JSON to `path` whole or not at all: a synced temporary
-/// file in the same folder, renamed over it.
+/// file in the same folder, renamed over it, and the folder synced so the
+/// rename itself survives a crash.
 pub(crate) fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -112,7 +113,7 @@ pub(crate) fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io:
     tmp.write_all(&body)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn read_file(path: &Path, what: &str) -> anyhow::Result<String> {

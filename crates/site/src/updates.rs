@@ -556,8 +556,22 @@ pub fn import(data: &Path, source: &Path) -> Result<UpdateRecord, UpdateError> {
         payload_bytes,
     };
     let json = serde_json::to_vec_pretty(&record).map_err(|e| bad(source, e.to_string()))?;
+    // The record marks a whole import: it and every folder of the copy
+    // are on disk before the rename makes it visible.
     let rec_path = staged.join(IMPORTED_FILE);
-    std::fs::write(&rec_path, json).map_err(io(&rec_path))?;
+    std::fs::write(&rec_path, json)
+        .and_then(|()| std::fs::File::open(&rec_path)?.sync_all())
+        .map_err(io(&rec_path))?;
+    for d in walkdir::WalkDir::new(&staged)
+        .contents_first(true)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_dir())
+    {
+        std::fs::File::open(d.path())
+            .and_then(|f| f.sync_all())
+            .map_err(io(d.path()))?;
+    }
     std::fs::rename(&staged, &dest).map_err(io(&dest))?;
     std::fs::File::open(&catalog)
         .and_then(|f| f.sync_all())
@@ -601,7 +615,15 @@ pub fn list(data: &Path) -> Result<Vec<UpdateRecord>, UpdateError> {
         if name.starts_with('.') {
             continue;
         }
-        out.push(read(data, &name)?);
+        // One unreadable entry is reported, not a reason to hide the rest.
+        match read(data, &name) {
+            Ok(u) => out.push(u),
+            Err(err) => tracing::error!(
+                folder = %e.path().display(),
+                error = %err,
+                "an entry of the update catalog cannot be read; skipped"
+            ),
+        }
     }
     out.sort_by(|a, b| {
         (&a.manifest.released, &a.manifest.id).cmp(&(&b.manifest.released, &b.manifest.id))
@@ -852,6 +874,30 @@ delete = ["Windows/System32/old.dll"]
         let empty = tempfile::tempdir().unwrap();
         let e = check_folder(empty.path()).unwrap_err().to_string();
         assert!(e.contains("no update.toml"), "{e}");
+    }
+    #[test]
+    fn an_unreadable_catalog_entry_hides_none_of_the_others() {
+        let data = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        for id in ["KB1000001", "KB1000002"] {
+            let u = src.path().join(id);
+            let f = u.join("payload/Windows/System32");
+            std::fs::create_dir_all(&f).unwrap();
+            std::fs::write(f.join("ntoskrnl.exe"), b"kernel").unwrap();
+            std::fs::write(u.join(MANIFEST_FILE), GOOD.replace("KB5031356", id)).unwrap();
+            let rec = import(data.path(), &u).unwrap();
+            assert_eq!(rec.manifest.id, id);
+        }
+        assert_eq!(list(data.path()).unwrap().len(), 2);
+        let damaged = folder(data.path(), "KB1000001")
+            .unwrap()
+            .join(IMPORTED_FILE);
+        std::fs::write(&damaged, b"{ not json").unwrap();
+        let left = list(data.path()).unwrap();
+        assert_eq!(left.len(), 1, "the readable one is listed");
+        assert_eq!(left[0].manifest.id, "KB1000002");
+        let e = read(data.path(), "KB1000001").unwrap_err().to_string();
+        assert!(e.contains("imported.json"), "{e}");
     }
 }
 
