@@ -542,7 +542,7 @@ pub fn source_state(record: &PackageRecord) -> SourceState {
         PackageKind::Image => {
             std::fs::metadata(&rev.source.path).map(|m| (m.len(), modified_ns(&m)))
         }
-        PackageKind::Upgrade => crate::upgrade::folder_stamp(Path::new(&rev.source.path)),
+        PackageKind::Upgrade => folder_stamp(Path::new(&rev.source.path)),
     };
     match now {
         Err(_) => SourceState::Missing,
@@ -551,9 +551,26 @@ pub fn source_state(record: &PackageRecord) -> SourceState {
     }
 }
 
-/// Modification time of a file, nanoseconds since the Unix epoch.
-pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
-    modified_ns(meta)
+/// Total bytes and newest modification time of the files below `root`: what
+/// `image show` compares to tell whether the folder changed since import.
+pub fn folder_stamp(root: &Path) -> std::io::Result<(u64, i64)> {
+    let mut size = 0;
+    let mut newest = 0i64;
+    for entry in walkdir::WalkDir::new(root).follow_links(false) {
+        let entry = entry.map_err(std::io::Error::other)?;
+        if entry.file_type().is_file() {
+            let m = entry.metadata().map_err(std::io::Error::other)?;
+            size += m.len();
+            newest = newest.max(modified_ns(&m));
+        }
+    }
+    if !root.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "not a folder",
+        ));
+    }
+    Ok((size, newest))
 }
 
 /// Every package, in id order.

@@ -91,28 +91,6 @@ struct Found {
     size: u64,
 }
 
-/// Total bytes and newest modification time of the files below `root`: what
-/// `image show` compares to tell whether the folder changed since import.
-pub fn folder_stamp(root: &Path) -> std::io::Result<(u64, i64)> {
-    let mut size = 0;
-    let mut newest = 0i64;
-    for entry in walkdir::WalkDir::new(root).follow_links(false) {
-        let entry = entry.map_err(std::io::Error::other)?;
-        if entry.file_type().is_file() {
-            let m = entry.metadata().map_err(std::io::Error::other)?;
-            size += m.len();
-            newest = newest.max(images::mtime_ns(&m));
-        }
-    }
-    if !root.is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "not a folder",
-        ));
-    }
-    Ok((size, newest))
-}
-
 fn bad(path: &Path, reason: impl Into<String>) -> ImageError {
     ImageError::Source {
         path: path.display().to_string(),
@@ -270,7 +248,7 @@ pub fn import(
             }
         }
     }
-    let stamp_before = folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
+    let stamp_before = images::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
     let files = scan(root)?;
     if files.is_empty() {
         return Err(bad(root, "the folder holds no files"));
@@ -387,7 +365,7 @@ pub fn import(
             }
         }
     }
-    let stamp_after = folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
+    let stamp_after = images::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
     if stamp_after != stamp_before {
         drop(import);
         lib.try_collect()?;
