@@ -557,7 +557,9 @@ fn import_stream(
                 if view.record.revisions.len() > 1 {
                     // DPs holding the package move to the new revision.
                     s.hub.notify();
-                    if let Err(e) = images::prune(&lib, &s.hub.snapshot(), &view.record.id) {
+                    if let Err(e) = images::prune(&lib, &view.record.id, |t| {
+                        s.hub.snapshot().settled(&view.record.id, t)
+                    }) {
                         tracing::warn!(package = %view.record.id, error = %e, "cannot remove unused revisions");
                     }
                 }

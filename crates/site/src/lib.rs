@@ -3,28 +3,25 @@
 //! What it is: [`init`] lays down a site's data folder (configuration,
 //! operator token, CA, content library); [`Site::open`] and [`Site::run`]
 //! serve the operator API and the QUIC endpoint for distribution points over
-//! it. [`images`] holds the import, inspect, export, verify and remove
-//! operations; [`ingest`] streams a file into the library; [`catalog`] is
-//! what the site records per package; [`registry`] what it knows of its DPs;
-//! [`endpoint`] answers the DPs.
+//! it. Three concerns, a folder each: [`library`] (the content library:
+//! packages, import, export), [`servicing`] (update catalog, jobs, the run of
+//! a job) and [`distribution`] (the DP registry, the QUIC endpoint, status,
+//! validation); [`api`] is the operator API over all three, [`config`] the
+//! site's `site.toml`.
 //!
 //! What it is not: a command-line program (that is `ferry-cli`), and the only
 //! process that opens the site's RocksDB: the CLI always goes through the API.
 
 pub mod api;
-pub mod catalog;
 pub mod config;
-pub mod endpoint;
-pub mod images;
-pub mod ingest;
-pub mod jobs;
-pub mod registry;
-pub mod schedule;
-pub mod service;
-pub mod status;
-pub mod updates;
-pub mod upgrade;
-pub mod validation;
+pub mod distribution;
+pub mod library;
+pub mod servicing;
+
+// Each module also by its short name (`crate::images`, `ferry_site::jobs`).
+pub use distribution::{endpoint, registry, schedule, status, validation};
+pub use library::{catalog, images, ingest, upgrade};
+pub use servicing::{jobs, service, updates};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -100,6 +97,13 @@ fn ensure_keys(data: &Path, site_code: &str) -> anyhow::Result<()> {
         ferry_net::pki::write_secret(&data.join(SIGNING_KEY_FILE), &key)?;
     }
     Ok(())
+}
+
+/// Now, RFC 3339 (UTC).
+pub fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Writes `value` as JSON to `path` whole or not at all: a synced temporary
@@ -236,7 +240,7 @@ impl Site {
                 if run.distributed {
                     hub.notify();
                 }
-                match images::prune(&lib, &hub.snapshot(), &job.package) {
+                match images::prune(&lib, &job.package, |t| hub.snapshot().settled(&job.package, t)) {
                     Ok(pruned) => run.pruned = pruned,
                     Err(e) => tracing::warn!(package = %job.package, error = %e, "cannot remove unused revisions"),
                 }

@@ -37,7 +37,7 @@ pub fn check(
         if crate::jobs::parse_at(at, now)? < now - time::Duration::MINUTE {
             return Err(format!(
                 "--at {at} is in the past (times are UTC; now is {})",
-                crate::registry::now()
+                crate::now()
             ));
         }
     }
@@ -111,7 +111,7 @@ pub fn run(lib: &Library, data: &Path, job: &JobRecord) -> JobRun {
         run.revision = None;
     }
     run.seconds = t0.elapsed().as_secs_f64();
-    run.finished = Some(crate::registry::now());
+    run.finished = Some(crate::now());
     run
 }
 
@@ -383,7 +383,7 @@ fn service(
     let mut record: PackageRecord = rec.clone();
     record.revisions.push(RevisionRecord {
         revision: number,
-        created: crate::registry::now(),
+        created: crate::now(),
         source: SourceRecord {
             path: format!(
                 "{} revision {} serviced by job {}",

@@ -551,7 +551,7 @@ pub fn import(data: &Path, source: &Path) -> Result<UpdateRecord, UpdateError> {
     }
     let record = UpdateRecord {
         manifest,
-        imported: crate::registry::now(),
+        imported: crate::now(),
         source: source.display().to_string(),
         payload_bytes,
     };

@@ -515,7 +515,9 @@ impl DpServer {
             // An old revision may be unused by every DP now.
             let (lib, hub) = (self.lib.clone(), self.hub.clone());
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = images::prune(&lib, &hub.snapshot(), &package) {
+                if let Err(e) =
+                    images::prune(&lib, &package, |t| hub.snapshot().settled(&package, t))
+                {
                     warn!(package = %package, error = %e, "cannot remove unused revisions");
                 }
             });

@@ -190,7 +190,7 @@ impl JobRun {
     /// A run starting now.
     pub fn start() -> Self {
         Self {
-            started: crate::registry::now(),
+            started: crate::now(),
             finished: None,
             outcome: JobState::Running,
             base_revision: None,
@@ -413,7 +413,7 @@ impl Jobs {
                 };
                 if let Some(r) = j.runs.last_mut() {
                     r.outcome = outcome;
-                    r.finished = Some(crate::registry::now());
+                    r.finished = Some(crate::now());
                     r.revision = done.map(|(rev, _)| rev);
                     r.error = Some(match done {
                         Some(_) => "the site server stopped after the job committed its revision; the update outcomes of this run were not recorded".into(),
@@ -625,7 +625,7 @@ impl Jobs {
                         failed.error = Some(format!("the job's thread failed: {e}"));
                         failed
                     });
-                    done.finished.get_or_insert_with(crate::registry::now);
+                    done.finished.get_or_insert_with(crate::now);
                     tracing::info!(job = job.id, outcome = done.outcome.name(), revision = ?done.revision, error = ?done.error, "servicing job ended");
                     if let Err(e) = self.finish(job.id, done) {
                         tracing::error!(job = job.id, error = %e, "cannot record the job's outcome");

@@ -731,25 +731,21 @@ pub fn verify(lib: &Library, id: Option<&str>) -> Result<VerifyReport, ImageErro
 /// Removes the revisions of `id` no DP uses any more: every one but the
 /// newest and the released one. While a DP that holds the package has not
 /// installed the released revision, nothing goes: it may still serve an
-/// older one to its clients. Returns the revisions removed.
+/// older one to its clients. `settled(target)` says whether every DP that
+/// holds the package has the released revision `target` installed (the
+/// site asks its DP registry).
+/// Returns the revisions removed.
 pub fn prune(
     lib: &Library,
-    reg: &crate::registry::Registry,
     id: &str,
+    settled: impl FnOnce(u32) -> bool,
 ) -> Result<Vec<u32>, ImageError> {
     let rec = record(lib, id)?;
     let (Some(latest), Some(target)) = (rec.latest().map(|r| r.revision), rec.target()) else {
         return Ok(Vec::new());
     };
-    for dp in reg.holders(id) {
-        let settled = reg
-            .dps
-            .get(&dp)
-            .and_then(|d| d.transfers.get(id))
-            .is_none_or(|t| t.state.holds() && t.revision == target);
-        if !settled {
-            return Ok(Vec::new());
-        }
+    if !settled(target) {
+        return Ok(Vec::new());
     }
     let old: Vec<u32> = rec
         .revisions
@@ -820,7 +816,6 @@ pub fn release_latest(lib: &Library, id: &str) -> Result<u32, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Registry;
     use ferry_core::manifest::SegmentRecord;
     use ferry_core::{ChunkRef, SegmentKind};
 
@@ -904,10 +899,20 @@ mod tests {
         );
         assert_eq!(stale, now, "the caller gets what was stored");
 
-        // With no DP holding it, everything but the newest goes.
+        // While a DP is not on the released revision, nothing goes; once
+        // every DP is (or none holds it), everything but the newest goes.
         add_revision(&lib, &mut stale, 4, Release::Newest);
         assert_eq!(revisions(&lib), [1, 2, 3, 4]);
-        let removed = prune(&lib, &Registry::default(), "FRY00001").unwrap();
+        let mut asked = None;
+        let removed = prune(&lib, "FRY00001", |t| {
+            asked = Some(t);
+            false
+        })
+        .unwrap();
+        assert!(removed.is_empty());
+        assert_eq!(asked, Some(4), "asked about the released revision");
+        assert_eq!(revisions(&lib), [1, 2, 3, 4]);
+        let removed = prune(&lib, "FRY00001", |_| true).unwrap();
         assert_eq!(removed, [1, 2, 3]);
         assert_eq!(revisions(&lib), [4]);
         assert!(lib.manifests("FRY00001", 1).unwrap().is_empty());

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub use crate::now;
 use ferry_store::Library;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -277,6 +278,17 @@ impl Registry {
             .collect()
     }
 
+    /// Whether every DP that holds or must hold `package` has revision
+    /// `target` installed (older revisions may then go).
+    pub fn settled(&self, package: &str, target: u32) -> bool {
+        self.holders(package).iter().all(|dp| {
+            self.dps
+                .get(dp)
+                .and_then(|d| d.transfers.get(package))
+                .is_none_or(|t| t.state.holds() && t.revision == target)
+        })
+    }
+
     /// DPs that hold or must hold `package`.
     pub fn holders(&self, package: &str) -> Vec<String> {
         self.dps
@@ -309,13 +321,6 @@ pub struct Hub {
     changed: watch::Sender<u64>,
     online: Mutex<HashMap<String, Online>>,
     served: Mutex<HashMap<String, Arc<AtomicU64>>>,
-}
-
-/// Now, RFC 3339.
-pub fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 fn check_name(name: &str) -> Result<(), HubError> {
@@ -1171,5 +1176,43 @@ mod tests {
             (t.bytes_done, t.wire_bytes, t.bytes_local),
             (1000, 1010, 3000)
         );
+    }
+
+    #[test]
+    fn a_package_is_settled_when_every_holder_has_the_target_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = open(dir.path());
+        assert!(hub.snapshot().settled("P", 2), "no DP holds it");
+        hub.add_dp("dp1").unwrap();
+        hub.add_dp("dp2").unwrap();
+        hub.distribute("P", &["dp1".into(), "dp2".into()], &[])
+            .unwrap();
+        assert!(
+            hub.snapshot().settled("P", 2),
+            "assigned, nothing reported yet"
+        );
+        hub.report(
+            "dp1",
+            "P",
+            Some(transfer(1, TransferState::Installed, 1000)),
+        )
+        .unwrap();
+        hub.report(
+            "dp2",
+            "P",
+            Some(transfer(2, TransferState::Installed, 1000)),
+        )
+        .unwrap();
+        assert!(!hub.snapshot().settled("P", 2), "dp1 still holds r1");
+        hub.report("dp1", "P", Some(transfer(2, TransferState::InProgress, 10)))
+            .unwrap();
+        assert!(!hub.snapshot().settled("P", 2), "dp1 is not done");
+        hub.report(
+            "dp1",
+            "P",
+            Some(transfer(2, TransferState::Installed, 1000)),
+        )
+        .unwrap();
+        assert!(hub.snapshot().settled("P", 2));
     }
 }

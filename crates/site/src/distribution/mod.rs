@@ -1,0 +1,11 @@
+//! Distribution to DPs: what the site knows of them ([`registry`]: enrollment,
+//! groups, assignments, reports, kept in the library's `state`), the QUIC
+//! endpoint they talk to ([`endpoint`]), the views operators read
+//! ([`status`]), and DP content validation on demand and on a schedule
+//! ([`validation`], [`schedule`]: five-field cron).
+
+pub mod endpoint;
+pub mod registry;
+pub mod schedule;
+pub mod status;
+pub mod validation;
