@@ -1,5 +1,5 @@
-//! Faults: a site killed mid-import or amid DP reports, chunks damaged on
-//! disk; a registry of the previous release moved in.
+//! Faults: a site killed mid-import, mid-servicing or amid DP reports,
+//! chunks damaged on disk; a registry of the previous release moved in.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,12 @@ fn blob_files(library: &Path) -> Vec<PathBuf> {
 /// A WIM of `n` files of 4 MiB of incompressible bytes, stored uncompressed:
 /// quick to make, large enough that an import flushes chunks to disk midway.
 fn big_wim(dir: &Path, n: usize) -> PathBuf {
+    big_wim_with(dir, n, &[])
+}
+
+/// [`big_wim`] with image properties (`wimtools::WINDOWS_PROPS`: one that
+/// updates apply to).
+fn big_wim_with(dir: &Path, n: usize, props: &[(&str, &str)]) -> PathBuf {
     let tree = dir.join("big");
     fs::create_dir_all(&tree).unwrap();
     let mut c = Content::new(99);
@@ -34,7 +40,7 @@ fn big_wim(dir: &Path, n: usize) -> PathBuf {
         fs::write(tree.join(format!("f{i}.bin")), b).unwrap();
     }
     let wim = dir.join("big.wim");
-    wimtools::capture(&tree, &wim, "Big", "none", &[]).unwrap();
+    wimtools::capture(&tree, &wim, "Big", "none", props).unwrap();
     wim
 }
 
@@ -307,5 +313,92 @@ fn a_site_with_the_previous_releases_registry_json_keeps_every_dp_enrolled() {
     site.wait_installed(&id, "dp1", 1, Duration::from_secs(60))
         .unwrap();
     assert!(!dp.log_text().contains("revoked"));
+    dp.stop().unwrap();
+}
+
+#[test]
+fn a_site_killed_during_a_servicing_job_keeps_its_catalog_jobs_and_dps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Large enough that the job runs for a while (rebuild, update, verify,
+    // ingest of ~160 MiB).
+    let wim = big_wim_with(d, 40, wimtools::WINDOWS_PROPS);
+    let mut site = SiteProc::start(d).unwrap();
+    let id = site.add_image(&wim, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut dp = DpProc::start(d, "dp1", &site).unwrap();
+    site.cli_ok(&["group", "create", "branch"]).unwrap();
+    site.cli_ok(&["group", "add", "branch", "dp1"]).unwrap();
+    site.cli_ok(&["distribute", &id, "--group", "branch"])
+        .unwrap();
+    site.wait_installed(&id, "dp1", 1, Duration::from_secs(120))
+        .unwrap();
+    let mut update = ferry_tests::updates::UpdateSpec::new("KB7000001", "2026-04-14");
+    update.add = vec![("Windows/System32/new.dll".into(), b"new".to_vec())];
+    let folder = update.write(&d.join("updates")).unwrap();
+    site.cli_ok(&["update", "import", folder.to_str().unwrap()])
+        .unwrap();
+    let catalog_before = site.cli_json(&["image", "show", &id]).unwrap();
+    let view = registry_view(&site);
+    let installed = installed_rows(&site);
+
+    let mut cli = std::process::Command::new(ferry_tests::harness::ferry_bin())
+        .arg("--data")
+        .arg(&site.data)
+        .args(["image", "service", &id, "--updates", "KB7000001"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    ferry_tests::harness::wait_for("the job to run", Duration::from_secs(60), || {
+        let j = site.cli_json(&["jobs", "show", "1"]).ok();
+        Ok(j.filter(|j| j["state"] == "running"))
+    })
+    .unwrap();
+    site.kill();
+    let _ = cli.wait();
+
+    site.serve().unwrap();
+    let job = site.cli_json(&["jobs", "show", "1"]).unwrap();
+    let catalog = site.cli_json(&["image", "show", &id]).unwrap();
+    match job["state"].as_str() {
+        // Killed before the revision was committed: nothing of it is kept.
+        Some("failed") => {
+            assert!(
+                job["runs"][0]["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("stopped"),
+                "{job}"
+            );
+            assert_eq!(catalog["revisions"], catalog_before["revisions"]);
+            // Nothing new to send: dp1 says "installed" again, figures kept.
+            assert_eq!(installed_rows(&site), installed, "counters");
+        }
+        // Killed after: the revision is there and the job says so.
+        Some("succeeded") => {
+            assert_eq!(job["runs"][0]["revision"], 2, "{job}");
+            assert_eq!(catalog["revisions"].as_array().unwrap().len(), 2);
+        }
+        other => panic!("job after the kill: {other:?} {job}"),
+    }
+    assert!(
+        fs::read_dir(site.data.join("work"))
+            .map(|mut e| e.next().is_none())
+            .unwrap_or(true),
+        "the job's work files are gone"
+    );
+    assert_eq!(registry_view(&site), view, "DPs, groups, assignments");
+    // The site services again, and the DP gets the result.
+    if job["state"] == "failed" {
+        site.cli_ok(&["image", "service", &id, "--updates", "KB7000001"])
+            .unwrap();
+    }
+    site.cli_ok(&["distribute", &id, "--group", "branch"])
+        .unwrap();
+    site.wait_installed(&id, "dp1", 2, Duration::from_secs(120))
+        .unwrap();
     dp.stop().unwrap();
 }
