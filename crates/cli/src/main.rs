@@ -21,12 +21,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc's allocator: the data path allocates and frees
-/// a buffer per chunk on several threads, which glibc answered with fresh
-/// zeroed pages and lock contention (BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Ferry: content-addressed distribution of Windows OS images.
 #[derive(Parser, Debug)]
 #[command(name = "ferry", version, about)]
