@@ -152,7 +152,8 @@ fn main() -> anyhow::Result<()> {
                "small_wim_bytes": small_len}),
     );
 
-    if std::env::var("FERRY_BENCH_ONLY").is_ok_and(|o| o == "import") {
+    // FERRY_BENCH_ONLY=import stops here.
+    if !ferry_benches::section("storage") {
         return ferry_benches::save("results", &report, &serde_json::Value::Object(results));
     }
 

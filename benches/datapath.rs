@@ -147,8 +147,7 @@ fn main() -> anyhow::Result<()> {
     let mut results = serde_json::Map::new();
     let ns = Netns::create("bench", 9)?;
     // FERRY_BENCH_ONLY=first,wan,redist,memory runs only those sections.
-    let only = std::env::var("FERRY_BENCH_ONLY").ok();
-    let run = |s: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == s));
+    let run = ferry_benches::section;
 
     // --- 1. first copy --------------------------------------------------
     if run("first") || run("wan") {

@@ -57,6 +57,12 @@ pub fn listing() -> bool {
     std::env::args().any(|a| a == "--list")
 }
 
+/// Whether section `name` runs: all do unless `FERRY_BENCH_ONLY` lists
+/// some (comma-separated).
+pub fn section(name: &str) -> bool {
+    std::env::var("FERRY_BENCH_ONLY").map_or(true, |o| o.split(',').any(|x| x == name))
+}
+
 /// Prints `report` and writes it and `results` to `NAME.md` and
 /// `NAME.json` under [`root`].
 pub fn save(name: &str, report: &str, results: &serde_json::Value) -> anyhow::Result<()> {

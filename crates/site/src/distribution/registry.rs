@@ -505,9 +505,9 @@ impl Hub {
         let (lasting, out) = f(&mut next);
         let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
         if lasting {
-            let v = serde_json::to_vec(&next).map_err(|e| self.storage(e))?;
+            let change = self.dp_change(dp, &next)?;
             self.lib
-                .write_state(&[([DP_PREFIX, dp.as_bytes()].concat(), Some(v))])
+                .write_state(&[change])
                 .map_err(|e| self.storage(e))?;
             unsaved.remove(dp);
         } else if next != *d {
@@ -515,6 +515,12 @@ impl Hub {
         }
         *d = next;
         Ok(Some(out))
+    }
+
+    /// The write of DP `name`'s record.
+    fn dp_change(&self, name: &str, rec: &DpRecord) -> Result<ferry_store::StateChange, HubError> {
+        let v = serde_json::to_vec(rec).map_err(|e| self.storage(e))?;
+        Ok(([DP_PREFIX, name.as_bytes()].concat(), Some(v)))
     }
 
     /// Writes every DP record whose progress changed only in memory (at
@@ -525,8 +531,7 @@ impl Hub {
         let mut changes = Vec::new();
         for dp in unsaved.iter() {
             if let Some(rec) = reg.dps.get(dp) {
-                let v = serde_json::to_vec(rec).map_err(|e| self.storage(e))?;
-                changes.push(([DP_PREFIX, dp.as_bytes()].concat(), Some(v)));
+                changes.push(self.dp_change(dp, rec)?);
             }
         }
         self.lib
