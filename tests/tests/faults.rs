@@ -9,15 +9,26 @@ use ferry_tests::harness::{DpProc, SiteProc};
 use ferry_tests::tree::Content;
 use ferry_tests::wimtools;
 
-fn blob_files(library: &Path) -> Vec<PathBuf> {
-    fs::read_dir(library)
+/// Files in `dir` whose name ends in `.ext`.
+fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "blob"))
+                .filter(|p| p.extension().is_some_and(|e| e == ext))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Bytes an import has written so far into its pack files (in the
+/// library's `incoming` folder until the commit moves them in).
+fn incoming_bytes(library: &Path) -> u64 {
+    files_with(&library.join("incoming"), "sst")
+        .iter()
+        .filter_map(|p| fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// A WIM of `n` files of 4 MiB of incompressible bytes, stored uncompressed:
@@ -50,7 +61,6 @@ fn site_killed_mid_import_keeps_nothing_and_reclaims_chunks() {
     let wim = big_wim(dir.path(), 80);
     let mut site = SiteProc::start(dir.path()).unwrap();
     let library = site.data.join("library");
-    let before = blob_files(&library).len();
     let mut cli = std::process::Command::new(ferry_tests::harness::ferry_bin())
         .arg("--data")
         .arg(&site.data)
@@ -62,7 +72,7 @@ fn site_killed_mid_import_keeps_nothing_and_reclaims_chunks() {
         .unwrap();
     // Wait until chunks of the import have reached disk, then kill -9.
     let start = Instant::now();
-    while blob_files(&library).len() == before {
+    while incoming_bytes(&library) < 32 << 20 {
         assert!(
             cli.try_wait().unwrap().is_none(),
             "the import finished before any chunk was flushed"
@@ -80,6 +90,11 @@ fn site_killed_mid_import_keeps_nothing_and_reclaims_chunks() {
         site.package_count().unwrap(),
         0,
         "no half-registered package"
+    );
+    assert_eq!(
+        incoming_bytes(&library),
+        0,
+        "the unfinished pack was deleted"
     );
     assert_eq!(
         site.stored_chunks().unwrap(),
@@ -105,10 +120,11 @@ fn damaged_chunk_is_named_and_export_refuses_it() {
     let id = pkg["id"].as_str().unwrap().to_string();
     site.stop().unwrap();
 
-    // Flip bytes in the middle of the largest blob file, as a bad disk would.
-    let mut blobs = blob_files(&site.data.join("library"));
-    blobs.sort_by_key(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0));
-    let target = blobs.last().expect("chunks live in blob files");
+    // Flip bytes in the middle of the largest table file (the pack of the
+    // import), as a bad disk would.
+    let mut tables = files_with(&site.data.join("library"), "sst");
+    tables.sort_by_key(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+    let target = tables.last().expect("chunks live in table files");
     let mut bytes = fs::read(target).unwrap();
     let mid = bytes.len() / 2;
     for b in &mut bytes[mid..mid + 8] {

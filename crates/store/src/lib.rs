@@ -19,10 +19,12 @@
 
 pub mod content;
 pub mod file;
+mod gate;
 mod library;
 
 pub use content::{ContentError, ContentStore, RevisionRecord, Stage};
 pub use library::{
     CommitStats, Damage, Import, Library, LibraryStats, RemoveStats, StateChange, StateRecord,
-    StoreError, CF_CHUNKS, CF_HINTS, CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PENDING,
+    StoreError, CF_CHUNKS, CF_HINTS, CF_INDEX, CF_MANIFESTS, CF_META, CF_PACKAGES, CF_PACKS,
+    CF_PENDING,
 };

@@ -3,20 +3,31 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Mutex;
 
 use ferry_core::{ChunkId, ChunkRef, Manifest};
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IngestExternalFileOptions, IteratorMode, Options, ReadOptions, SstFileWriter, WriteBatch,
+    WriteOptions, DB,
 };
 use thiserror::Error;
 
-/// key: [`ChunkId`] (32 bytes) → value: the chunk's bytes. Large values live
-/// in RocksDB blob files, so compaction does not rewrite them.
+use crate::gate::{Exclusive, Gate, Shared};
+
+/// key: pack number (u64 BE) ++ sequence number in the pack (u32 BE) →
+/// value: a chunk's bytes. Each import writes its new chunks, in arrival
+/// order, into table files of its own pack and hands them to RocksDB whole
+/// at commit (`ingest_external_file`): no memtable, no flush, no compaction
+/// (packs never overlap), each byte written once.
+pub const CF_PACKS: &str = "packs";
+/// key: [`ChunkId`] (32 bytes) → value: the chunk's bytes, in blob files.
+/// Where releases before [`CF_PACKS`] stored chunks; read, freed and
+/// reclaimed as before, never written.
 pub const CF_CHUNKS: &str = "chunks";
 /// key: [`ChunkId`] → value: reference count (u64 LE) ++ chunk length (u32
-/// LE). Present exactly when the chunk is in [`CF_CHUNKS`]; a count of 0
+/// LE) ++ its key in [`CF_PACKS`] (12 bytes; absent: the chunk is in
+/// [`CF_CHUNKS`]). Present exactly when the chunk is stored; a count of 0
 /// means stored but not (yet, or no longer) referenced.
 pub const CF_INDEX: &str = "index";
 /// key: package id (UTF-8) → value: the catalog record, opaque to the store.
@@ -24,9 +35,10 @@ pub const CF_PACKAGES: &str = "packages";
 /// key: package id ++ 0x00 ++ revision (u32 BE) ++ file number (u32 BE) →
 /// value: [`Manifest::encode`] bytes.
 pub const CF_MANIFESTS: &str = "manifests";
-/// key: import id (u64 BE) ++ [`ChunkId`] → empty. Chunks written by an
-/// import that has not committed, and (import id 0) chunks whose count fell
-/// to 0; [`Library::collect`] deletes those still unreferenced.
+/// key: 0 (u64 BE) ++ [`ChunkId`] → empty. Chunks whose count fell to 0;
+/// [`Library::collect`] deletes those still unreferenced. (Releases before
+/// [`CF_PACKS`] also listed here, under other numbers, the chunks of
+/// imports not yet committed; `collect` treats those the same way.)
 pub const CF_PENDING: &str = "pending";
 /// key: segment fingerprint ([`ferry_core::segment::fingerprint`], 16
 /// bytes) ++ segment length (u64 BE) → value: postcard
@@ -40,7 +52,8 @@ pub const CF_META: &str = "meta";
 /// both chosen by the caller ([`Library::state`], [`Library::write_state`]).
 const CF_STATE: &str = "state";
 
-const ALL_CFS: [&str; 8] = [
+const ALL_CFS: [&str; 9] = [
+    CF_PACKS,
     CF_CHUNKS,
     CF_INDEX,
     CF_PACKAGES,
@@ -50,8 +63,15 @@ const ALL_CFS: [&str; 8] = [
     CF_META,
     CF_STATE,
 ];
-/// Unlogged chunk writes are batched up to this many bytes.
-const CHUNK_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// An import starts a new table file of its pack after this many bytes, so
+/// the index the writer holds in memory stays small.
+const PACK_FILE_BYTES: u64 = 256 << 20;
+/// Meta key prefix of a pack being ingested: `pack-open\0` ++ pack (u64 BE).
+/// Written (synced) before an import's files are ingested and deleted by
+/// its commit batch; one left at open means the commit never landed, and
+/// the pack's chunks are deleted.
+const META_PACK_OPEN: &[u8] = b"pack-open\0";
+const META_NEXT_PACK: &[u8] = b"next-pack";
 /// A state record: key, value.
 pub type StateRecord = (Vec<u8>, Vec<u8>);
 /// A change to a state record: its key, and the new value (`None`: delete).
@@ -68,12 +88,6 @@ const RECLAIM_SHARE: u64 = 4;
 /// See [`RECLAIM_SHARE`].
 const RECLAIM_MIN_BYTES: u64 = 64 << 20;
 const META_GARBAGE: &[u8] = b"garbage-bytes";
-/// Import ids with this bit set belong to named, durable stages
-/// ([`Library::begin_staged`]); their pending chunks survive a restart.
-const STAGE_BIT: u64 = 1 << 63;
-/// Meta key prefix of a stage: `stage\0` ++ name → import id (u64 LE).
-const META_STAGE: &[u8] = b"stage\0";
-const META_NEXT_STAGE: &[u8] = b"next-stage";
 
 /// What went wrong in the library.
 #[derive(Debug, Error)]
@@ -188,28 +202,75 @@ pub struct Library {
     path: PathBuf,
     /// Imports hold it shared; deleting unreferenced chunks takes it
     /// exclusively, so no import can lose a chunk it found already stored.
-    gate: RwLock<()>,
+    gate: Gate,
     /// Serialises reference-count read-modify-write between commits and removals.
     counts: Mutex<()>,
-    next_import: AtomicU64,
+    /// The options of [`CF_PACKS`], which an import's table files are
+    /// written with.
+    pack_options: Options,
     chunks: AtomicU64,
     bytes: AtomicU64,
 }
 
-fn index_value(count: u64, len: u32) -> [u8; 12] {
-    let mut v = [0u8; 12];
-    v[..8].copy_from_slice(&count.to_le_bytes());
-    v[8..].copy_from_slice(&len.to_le_bytes());
-    v
+/// A key in [`CF_PACKS`].
+type PackKey = [u8; 12];
+
+fn pack_key(pack: u64, seq: u32) -> PackKey {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&pack.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
-fn parse_index(v: &[u8]) -> Option<(u64, u32)> {
-    if v.len() != 12 {
-        return None;
+/// A chunk's [`CF_INDEX`] entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    count: u64,
+    len: u32,
+    /// Its key in [`CF_PACKS`]; `None`: in [`CF_CHUNKS`] under its id.
+    pack: Option<PackKey>,
+}
+
+impl Entry {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        v.extend(self.count.to_le_bytes());
+        v.extend(self.len.to_le_bytes());
+        if let Some(k) = &self.pack {
+            v.extend(k);
+        }
+        v
     }
-    let count = u64::from_le_bytes(v[..8].try_into().ok()?);
-    let len = u32::from_le_bytes(v[8..].try_into().ok()?);
-    Some((count, len))
+
+    fn parse(v: &[u8]) -> Option<Self> {
+        if v.len() != 12 && v.len() != 24 {
+            return None;
+        }
+        Some(Self {
+            count: u64::from_le_bytes(v[..8].try_into().ok()?),
+            len: u32::from_le_bytes(v[8..12].try_into().ok()?),
+            pack: v.get(12..24).and_then(|k| k.try_into().ok()),
+        })
+    }
+
+    fn with_count(self, count: u64) -> Self {
+        Self { count, ..self }
+    }
+}
+
+/// The options of [`CF_PACKS`]: chunks are compressed already; the table
+/// index goes through the shared block cache, so it does not grow in memory
+/// with the library; reads of chunk blocks bypass that cache
+/// ([`Library::chunk_read`]).
+fn pack_options(cache: &Cache) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_block_size(16 << 10);
+    let mut o = Options::default();
+    o.set_block_based_table_factory(&table);
+    o.set_compression_type(DBCompressionType::None);
+    o
 }
 
 fn manifest_prefix(package: &str, revision: u32) -> Vec<u8> {
@@ -258,8 +319,13 @@ impl Library {
         // One block cache for every column family, of a fixed size: serving
         // a large image touches every block of the chunk index, and the
         // site's memory must not grow with the library.
-        table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        table.set_block_cache(&cache);
+        let pack_opts = pack_options(&cache);
         let cfs = ALL_CFS.iter().map(|&name| {
+            if name == CF_PACKS {
+                return ColumnFamilyDescriptor::new(name, pack_options(&cache));
+            }
             let mut o = Options::default();
             o.set_block_based_table_factory(&table);
             if name == CF_CHUNKS {
@@ -287,18 +353,19 @@ impl Library {
         let lib = Self {
             db,
             path: path.to_path_buf(),
-            gate: RwLock::new(()),
+            gate: Gate::default(),
             counts: Mutex::new(()),
-            next_import: AtomicU64::new(GARBAGE_IMPORT + 1),
+            pack_options: pack_opts,
             chunks: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         };
+        lib.drop_unfinished_packs()?;
         let (mut n, mut b) = (0u64, 0u64);
         for item in lib.db.iterator_cf(lib.cf(CF_INDEX), IteratorMode::Start) {
             let (_, v) = item.map_err(|e| lib.db_err(e))?;
-            if let Some((_, len)) = parse_index(&v) {
+            if let Some(e) = Entry::parse(&v) {
                 n += 1;
-                b += u64::from(len);
+                b += u64::from(e.len);
             }
         }
         lib.chunks.store(n, Ordering::Relaxed);
@@ -311,6 +378,115 @@ impl Library {
     /// The folder the library lives in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where imports write their table files before the commit hands them
+    /// to RocksDB.
+    fn incoming(&self) -> PathBuf {
+        self.path.join("incoming")
+    }
+
+    /// After a crash: deletes the table files of imports that never
+    /// committed, and the chunks of packs whose ingestion was not followed
+    /// by their commit.
+    fn drop_unfinished_packs(&self) -> Result<(), StoreError> {
+        let incoming = self.incoming();
+        let io = |e: std::io::Error| StoreError::Corrupt {
+            what: format!("folder {}", incoming.display()),
+            detail: e.to_string(),
+        };
+        match std::fs::remove_dir_all(&incoming) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        std::fs::create_dir_all(&incoming).map_err(io)?;
+        let open = self
+            .scan(CF_META, META_PACK_OPEN)?
+            .into_iter()
+            .filter_map(|(k, _)| {
+                let b = <[u8; 8]>::try_from(&k[META_PACK_OPEN.len()..]).ok()?;
+                Some(u64::from_be_bytes(b))
+            });
+        for pack in open {
+            self.drop_pack(pack)?;
+            tracing::info!(pack, "dropped the chunks of an import that never committed");
+        }
+        Ok(())
+    }
+
+    /// Deletes every chunk of `pack` and its ingestion marker: for a pack
+    /// whose commit did not land.
+    fn drop_pack(&self, pack: u64) -> Result<(), StoreError> {
+        let (from, to) = (pack_key(pack, 0), pack_key(pack + 1, 0));
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_PACKS), from, to);
+        batch.delete_cf(self.cf(CF_META), pack_open_key(pack));
+        self.db
+            .write_opt(batch, &Self::synced())
+            .map_err(|e| self.db_err(e))?;
+        self.db
+            .compact_range_cf(self.cf(CF_PACKS), Some(&from[..]), Some(&to[..]));
+        Ok(())
+    }
+
+    /// Allocates the next pack number, durably.
+    fn next_pack(&self) -> Result<u64, StoreError> {
+        let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.meta_u64(META_NEXT_PACK)? + 1;
+        self.db
+            .put_cf_opt(
+                self.cf(CF_META),
+                META_NEXT_PACK,
+                n.to_le_bytes(),
+                &Self::synced(),
+            )
+            .map_err(|e| self.db_err(e))?;
+        Ok(n)
+    }
+
+    /// The [`CF_INDEX`] entry of a chunk.
+    fn entry(&self, id: &ChunkId) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_INDEX), id.as_bytes())
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| Entry::parse(&v)))
+    }
+
+    /// Reads a stored chunk's bytes into `f`, wherever they are. Chunk
+    /// blocks are read once per request and would only push the index out
+    /// of the block cache, so they bypass it.
+    fn chunk_read<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
+        let Some(entry) = self.entry(id)? else {
+            return Err(StoreError::MissingChunk(*id));
+        };
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        let got = match &entry.pack {
+            Some(k) => self.db.get_pinned_cf_opt(self.cf(CF_PACKS), k, &ro),
+            None => self
+                .db
+                .get_pinned_cf_opt(self.cf(CF_CHUNKS), id.as_bytes(), &ro),
+        };
+        match got {
+            Ok(Some(v)) => Ok(f(&v)),
+            Ok(None) => Err(StoreError::MissingChunk(*id)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => Err(StoreError::Damaged {
+                id: *id,
+                detail: format!("storage checksum failed: {e}"),
+            }),
+            Err(e) => Err(self.db_err(e)),
+        }
+    }
+
+    /// Deletes a chunk's bytes and index entry in `batch`.
+    fn delete_chunk(&self, batch: &mut WriteBatch, id: &ChunkId, entry: &Entry) {
+        batch.delete_cf(self.cf(CF_INDEX), id.as_bytes());
+        match &entry.pack {
+            Some(k) => batch.delete_cf(self.cf(CF_PACKS), k),
+            None => batch.delete_cf(self.cf(CF_CHUNKS), id.as_bytes()),
+        }
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -335,11 +511,16 @@ impl Library {
 
     /// The state records whose keys start with `prefix`, in key order.
     pub fn state(&self, prefix: &[u8]) -> Result<Vec<StateRecord>, StoreError> {
+        self.scan(CF_STATE, prefix)
+    }
+
+    /// The records of column family `cf` whose keys start with `prefix`, in
+    /// key order.
+    fn scan(&self, cf: &str, prefix: &[u8]) -> Result<Vec<StateRecord>, StoreError> {
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(
-            self.cf(CF_STATE),
-            IteratorMode::From(prefix, Direction::Forward),
-        );
+        let it = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward));
         for item in it {
             let (k, v) = item.map_err(|e| self.db_err(e))?;
             if !k.starts_with(prefix) {
@@ -381,124 +562,40 @@ impl Library {
     pub fn begin_import(&self) -> Import<'_> {
         Import {
             lib: self,
-            _shared: self.gate.read().unwrap_or_else(|p| p.into_inner()),
-            id: self.next_import.fetch_add(1, Ordering::Relaxed),
-            batch: WriteBatch::default(),
-            batch_bytes: 0,
-            batch_ids: HashSet::new(),
-            stage: None,
+            _shared: self.gate.shared(),
+            writer: None,
+            pack: None,
+            files: Vec::new(),
+            written: HashMap::new(),
         }
-    }
-
-    /// Starts or resumes the durable import called `name`. Its chunks are
-    /// written through the write-ahead log ([`Import::persist`]) and, unlike
-    /// those of [`Library::begin_import`], survive a restart: beginning the
-    /// same name again finds them stored ([`Import::has_chunk`]). Ends with
-    /// [`Import::commit`] or [`Library::abandon_stage`].
-    pub fn begin_staged(&self, name: &str) -> Result<Import<'_>, StoreError> {
-        let key = [META_STAGE, name.as_bytes()].concat();
-        let id = {
-            let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-            match self.meta_u64(&key)? {
-                0 => {
-                    let n = self.meta_u64(META_NEXT_STAGE)? + 1;
-                    let mut b = WriteBatch::default();
-                    b.put_cf(self.cf(CF_META), META_NEXT_STAGE, n.to_le_bytes());
-                    b.put_cf(self.cf(CF_META), &key, (STAGE_BIT | n).to_le_bytes());
-                    self.db
-                        .write_opt(b, &Self::synced())
-                        .map_err(|e| self.db_err(e))?;
-                    STAGE_BIT | n
-                }
-                id => id,
-            }
-        };
-        Ok(Import {
-            lib: self,
-            _shared: self.gate.read().unwrap_or_else(|p| p.into_inner()),
-            id,
-            batch: WriteBatch::default(),
-            batch_bytes: 0,
-            batch_ids: HashSet::new(),
-            stage: Some(key),
-        })
-    }
-
-    /// Names of the durable imports begun and not yet committed or abandoned.
-    pub fn stages(&self) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .live_stages()?
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect())
-    }
-
-    fn live_stages(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut out = Vec::new();
-        let it = self.db.iterator_cf(
-            self.cf(CF_META),
-            IteratorMode::From(META_STAGE, Direction::Forward),
-        );
-        for item in it {
-            let (k, v) = item.map_err(|e| self.db_err(e))?;
-            let Some(name) = k.strip_prefix(META_STAGE) else {
-                break;
-            };
-            let id = v.as_ref().try_into().map(u64::from_le_bytes).unwrap_or(0);
-            out.push((String::from_utf8_lossy(name).into_owned(), id));
-        }
-        Ok(out)
-    }
-
-    /// Gives up the durable import `name`: its chunks that nothing references
-    /// are freed by the next [`Library::collect`].
-    pub fn abandon_stage(&self, name: &str) -> Result<(), StoreError> {
-        let key = [META_STAGE, name.as_bytes()].concat();
-        self.db
-            .delete_cf_opt(self.cf(CF_META), key, &Self::synced())
-            .map_err(|e| self.db_err(e))?;
-        self.try_collect()?;
-        Ok(())
     }
 
     /// Deletes every chunk that is listed as pending and has no reference,
     /// and clears the pending lists. Waits for running imports to end.
     pub fn collect(&self) -> Result<RemoveStats, StoreError> {
-        let exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let exclusive = self.gate.exclusive();
         self.collect_locked(&exclusive)
     }
 
     /// Runs [`Library::collect`] only if no import is running right now.
     pub fn try_collect(&self) -> Result<Option<RemoveStats>, StoreError> {
-        match self.gate.try_write() {
-            Ok(exclusive) => self.collect_locked(&exclusive).map(Some),
-            Err(_) => Ok(None),
+        match self.gate.try_exclusive() {
+            Some(exclusive) => self.collect_locked(&exclusive).map(Some),
+            None => Ok(None),
         }
     }
 
     /// [`Library::collect`] with the gate held exclusively by the caller.
-    fn collect_locked(
-        &self,
-        _exclusive: &RwLockWriteGuard<'_, ()>,
-    ) -> Result<RemoveStats, StoreError> {
+    fn collect_locked(&self, _exclusive: &Exclusive<'_>) -> Result<RemoveStats, StoreError> {
         let _counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = WriteBatch::default();
         let mut freed = RemoveStats::default();
         let mut seen = HashSet::new();
-        let staged: HashSet<u64> = self.live_stages()?.into_iter().map(|(_, id)| id).collect();
         for item in self
             .db
             .iterator_cf(self.cf(CF_PENDING), IteratorMode::Start)
         {
             let (k, _) = item.map_err(|e| self.db_err(e))?;
-            let import = k
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(GARBAGE_IMPORT);
-            if staged.contains(&import) {
-                continue;
-            }
             batch.delete_cf(self.cf(CF_PENDING), &k);
             let Some(id) = ChunkId::from_slice(&k[8..]) else {
                 continue;
@@ -506,15 +603,10 @@ impl Library {
             if !seen.insert(id) {
                 continue;
             }
-            let idx = self
-                .db
-                .get_cf(self.cf(CF_INDEX), id.as_bytes())
-                .map_err(|e| self.db_err(e))?;
-            if let Some((0, len)) = idx.as_deref().and_then(parse_index) {
-                batch.delete_cf(self.cf(CF_INDEX), id.as_bytes());
-                batch.delete_cf(self.cf(CF_CHUNKS), id.as_bytes());
+            if let Some(e) = self.entry(&id)?.filter(|e| e.count == 0) {
+                self.delete_chunk(&mut batch, &id, &e);
                 freed.freed_chunks += 1;
-                freed.freed_bytes += u64::from(len);
+                freed.freed_bytes += u64::from(e.len);
             }
         }
         let garbage = self.meta_u64(META_GARBAGE)? + freed.freed_bytes;
@@ -541,9 +633,14 @@ impl Library {
     }
 
     /// Rewrites the chunk files without the chunks deleted since the last
-    /// time: a compaction of the chunk keys with blob garbage collection on.
-    /// Runs by itself once enough was freed; callable any time.
+    /// time: a compaction of the packs, and of the older chunk keys with blob
+    /// garbage collection on. Runs by itself once enough was freed; callable
+    /// any time.
     pub fn reclaim_space(&self) -> Result<(), StoreError> {
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(self.cf(CF_PACKS), None::<&[u8]>, None::<&[u8]>, &opts);
         let cf = self.cf(CF_CHUNKS);
         let set = |on: &str| {
             self.db
@@ -557,8 +654,6 @@ impl Library {
                 .map_err(|e| self.db_err(e))
         };
         set("true")?;
-        let mut opts = rocksdb::CompactOptions::default();
-        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         self.db
             .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
         set("false")?;
@@ -671,17 +766,7 @@ impl Library {
 
     /// Reads a chunk and checks it against its id.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let v = match self.db.get_cf(self.cf(CF_CHUNKS), id.as_bytes()) {
-            Ok(Some(v)) => v,
-            Ok(None) => return Err(StoreError::MissingChunk(*id)),
-            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
-                return Err(StoreError::Damaged {
-                    id: *id,
-                    detail: format!("storage checksum failed: {e}"),
-                })
-            }
-            Err(e) => return Err(self.db_err(e)),
-        };
+        let v = self.chunk_read(id, <[u8]>::to_vec)?;
         if ChunkId::of(&v) != *id {
             return Err(StoreError::Damaged {
                 id: *id,
@@ -695,15 +780,7 @@ impl Library {
     /// were hashed when imported; RocksDB's checksums still catch a bad
     /// read; `content verify` and scrubs catch rot). For serving chunks.
     pub fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
-        match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes()) {
-            Ok(Some(v)) => Ok(f(&v)),
-            Ok(None) => Err(StoreError::MissingChunk(*id)),
-            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => Err(StoreError::Damaged {
-                id: *id,
-                detail: format!("storage checksum failed: {e}"),
-            }),
-            Err(e) => Err(self.db_err(e)),
-        }
+        self.chunk_read(id, f)
     }
 
     /// Checks each chunk of `ids` (each once) and returns the damaged or
@@ -745,11 +822,34 @@ impl Library {
 
     /// Reference count and length of a chunk, if stored.
     pub fn chunk_info(&self, id: &ChunkId) -> Result<Option<(u64, u32)>, StoreError> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_INDEX), id.as_bytes())
-            .map_err(|e| self.db_err(e))?
-            .and_then(|v| parse_index(&v)))
+        Ok(self.entry(id)?.map(|e| (e.count, e.len)))
+    }
+
+    /// Chunk lists of segments seen before with this
+    /// [`fingerprint`](ferry_core::segment::fingerprint) and at most
+    /// `max_len` bytes, longest first.
+    pub fn hints(&self, fp: &[u8; 16], max_len: u64) -> Result<Vec<Vec<ChunkRef>>, StoreError> {
+        let lib = self;
+        let mut out = Vec::new();
+        let it = lib.db.iterator_cf(
+            lib.cf(CF_HINTS),
+            IteratorMode::From(fp.as_slice(), Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(|e| lib.db_err(e))?;
+            if !k.starts_with(fp) || k.len() != 24 {
+                break;
+            }
+            let len = u64::from_be_bytes(k[16..24].try_into().unwrap_or([0xFF; 8]));
+            if len > max_len {
+                break;
+            }
+            if let Ok(chunks) = postcard::from_bytes::<Vec<ChunkRef>>(&v) {
+                out.push(chunks);
+            }
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// Rewrites a package's catalog record with `f` (given the stored
@@ -826,11 +926,15 @@ impl Library {
                 }
             }
             for (id, n) in drops {
-                let Some((count, len)) = self.chunk_info(&id)? else {
+                let Some(e) = self.entry(&id)? else {
                     continue;
                 };
-                let left = count.saturating_sub(n);
-                batch.put_cf(self.cf(CF_INDEX), id.as_bytes(), index_value(left, len));
+                let left = e.count.saturating_sub(n);
+                batch.put_cf(
+                    self.cf(CF_INDEX),
+                    id.as_bytes(),
+                    e.with_count(left).encode(),
+                );
                 if left == 0 {
                     batch.put_cf(self.cf(CF_PENDING), pending_key(GARBAGE_IMPORT, &id), []);
                 }
@@ -846,106 +950,104 @@ impl Library {
     }
 }
 
+fn pack_open_key(pack: u64) -> Vec<u8> {
+    [META_PACK_OPEN, &pack.to_be_bytes()].concat()
+}
+
 /// One import in progress. See [`Library::begin_import`].
 pub struct Import<'a> {
     lib: &'a Library,
-    _shared: RwLockReadGuard<'a, ()>,
-    id: u64,
-    batch: WriteBatch,
-    batch_bytes: usize,
-    batch_ids: HashSet<ChunkId>,
-    /// Meta key of a durable import ([`Library::begin_staged`]).
-    stage: Option<Vec<u8>>,
+    _shared: Shared<'a>,
+    /// The table file being written (declared before `files`: it is closed
+    /// before they are deleted).
+    writer: Option<SstFileWriter<'a>>,
+    /// This import's pack number, taken at its first new chunk.
+    pack: Option<u64>,
+    /// The pack's table files, in key order; the last one is being written.
+    files: Vec<PathBuf>,
+    /// The chunks this import wrote: id → (length, sequence number in the
+    /// pack).
+    written: HashMap<ChunkId, (u32, u32)>,
 }
 
-impl Import<'_> {
-    /// Writes the chunks put so far. For a durable import they are then in
-    /// the write-ahead log and survive the process being killed.
-    pub fn persist(&mut self) -> Result<(), StoreError> {
-        self.write_batch()
+impl Drop for Import<'_> {
+    fn drop(&mut self) {
+        // Uncommitted (or committed: the files were moved into the library).
+        self.writer = None;
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+impl<'a> Import<'a> {
+    /// The library this import writes to.
+    pub fn library(&self) -> &'a Library {
+        self.lib
     }
 
     /// Whether the chunk is stored already (or written by this import).
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(self.batch_ids.contains(id) || self.lib.has_chunk(id)?)
+        Ok(self.written.contains_key(id) || self.lib.has_chunk(id)?)
     }
 
     /// Stores a chunk unless it is there already. Returns whether it was new.
-    /// The caller has hashed `data` to `id`.
+    /// The caller has hashed `data` to `id`. The bytes go to this import's
+    /// pack file; they join the library at [`Import::commit`].
     pub fn put_chunk(&mut self, id: &ChunkId, data: &[u8]) -> Result<bool, StoreError> {
         if self.has_chunk(id)? {
             return Ok(false);
         }
         let lib = self.lib;
-        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        self.batch.put_cf(lib.cf(CF_CHUNKS), id.as_bytes(), data);
-        self.batch
-            .put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(0, len));
-        self.batch
-            .put_cf(lib.cf(CF_PENDING), pending_key(self.id, id), []);
-        self.batch_ids.insert(*id);
-        self.batch_bytes += data.len();
-        lib.chunks.fetch_add(1, Ordering::Relaxed);
-        lib.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if self.batch_bytes >= CHUNK_BATCH_BYTES {
-            self.write_batch()?;
+        let pack = match self.pack {
+            Some(p) => p,
+            None => {
+                let p = lib.next_pack()?;
+                self.pack = Some(p);
+                p
+            }
+        };
+        if self
+            .writer
+            .as_ref()
+            .is_none_or(|w| w.file_size() >= PACK_FILE_BYTES)
+        {
+            self.finish_file()?;
+            let path = lib
+                .incoming()
+                .join(format!("{pack:016x}-{}.sst", self.files.len()));
+            let w = SstFileWriter::create(&lib.pack_options);
+            w.open(&path).map_err(|e| lib.db_err(e))?;
+            self.files.push(path);
+            self.writer = Some(w);
         }
+        let seq = u32::try_from(self.written.len())
+            .map_err(|_| StoreError::Refused("an import of more than 4 billion chunks".into()))?;
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        if let Some(w) = self.writer.as_mut() {
+            w.put(pack_key(pack, seq), data)
+                .map_err(|e| lib.db_err(e))?;
+        }
+        self.written.insert(*id, (len, seq));
         Ok(true)
     }
 
-    fn write_batch(&mut self) -> Result<(), StoreError> {
-        if self.batch.is_empty() {
-            return Ok(());
+    /// Finishes (and syncs) the table file being written, if any.
+    fn finish_file(&mut self) -> Result<(), StoreError> {
+        if let Some(mut w) = self.writer.take() {
+            w.finish().map_err(|e| self.lib.db_err(e))?;
         }
-        let mut w = WriteOptions::default();
-        // A plain import is made durable by the flush in `commit`; a crash
-        // before that loses chunks and their pending entries together. A
-        // durable one goes through the log.
-        w.disable_wal(self.stage.is_none());
-        let batch = std::mem::take(&mut self.batch);
-        self.lib
-            .db
-            .write_opt(batch, &w)
-            .map_err(|e| self.lib.db_err(e))?;
-        self.batch_bytes = 0;
-        self.batch_ids.clear();
         Ok(())
     }
 
-    /// Chunk lists of segments seen before with this
-    /// [`fingerprint`](ferry_core::segment::fingerprint) and at most
-    /// `max_len` bytes, longest first.
-    pub fn hints(&self, fp: &[u8; 16], max_len: u64) -> Result<Vec<Vec<ChunkRef>>, StoreError> {
-        let lib = self.lib;
-        let mut out = Vec::new();
-        let it = lib.db.iterator_cf(
-            lib.cf(CF_HINTS),
-            IteratorMode::From(fp.as_slice(), Direction::Forward),
-        );
-        for item in it {
-            let (k, v) = item.map_err(|e| lib.db_err(e))?;
-            if !k.starts_with(fp) || k.len() != 24 {
-                break;
-            }
-            let len = u64::from_be_bytes(k[16..24].try_into().unwrap_or([0xFF; 8]));
-            if len > max_len {
-                break;
-            }
-            if let Ok(chunks) = postcard::from_bytes::<Vec<ChunkRef>>(&v) {
-                out.push(chunks);
-            }
-        }
-        out.reverse();
-        Ok(out)
-    }
-
-    /// Makes the import visible: writes the manifests as `revision` of
-    /// `package`, the catalog record, one reference per manifest entry, and
-    /// the segment hints, all in one synced batch after the import's chunks
-    /// are flushed to disk. `record` builds the catalog record from the
-    /// commit's figures and the record stored now (if any), both read under
-    /// the lock that serialises commits, removals and record updates: the
-    /// figures are exact and no concurrent change to the record is lost.
+    /// Makes the import visible: hands its pack files to RocksDB, then
+    /// writes the manifests as `revision` of `package`, the catalog record,
+    /// the index entries of its new chunks, one reference per manifest
+    /// entry, and the segment hints, all in one synced batch. `record`
+    /// builds the catalog record from the commit's figures and the record
+    /// stored now (if any), both read under the lock that serialises
+    /// commits, removals and record updates: the figures are exact and no
+    /// concurrent change to the record is lost.
     pub fn commit(
         mut self,
         package: &str,
@@ -953,13 +1055,8 @@ impl Import<'_> {
         manifests: &[Manifest],
         record: impl FnOnce(&CommitStats, Option<&[u8]>) -> Result<Vec<u8>, StoreError>,
     ) -> Result<CommitStats, StoreError> {
-        self.write_batch()?;
+        self.finish_file()?;
         let lib = self.lib;
-        let mut fo = FlushOptions::default();
-        fo.set_wait(true);
-        let cfs = [lib.cf(CF_CHUNKS), lib.cf(CF_INDEX), lib.cf(CF_PENDING)];
-        lib.db.flush_cfs_opt(&cfs, &fo).map_err(|e| lib.db_err(e))?;
-
         let mut batch = WriteBatch::default();
         let mut stats = CommitStats::default();
         let mut adds: HashMap<ChunkId, u64> = HashMap::new();
@@ -980,14 +1077,6 @@ impl Import<'_> {
                 );
             }
         }
-        let mut start = self.id.to_be_bytes().to_vec();
-        start.extend([0u8; 32]);
-        let mut end = (self.id + 1).to_be_bytes().to_vec();
-        end.extend([0u8; 32]);
-        batch.delete_range_cf(lib.cf(CF_PENDING), start, end);
-        if let Some(key) = &self.stage {
-            batch.delete_cf(lib.cf(CF_META), key);
-        }
 
         let _counts = lib.counts.lock().unwrap_or_else(|p| p.into_inner());
         // Committing a revision twice would count its references twice.
@@ -997,24 +1086,91 @@ impl Import<'_> {
                 revision,
             });
         }
+        if let Some(pack) = self.pack {
+            lib.db
+                .put_cf_opt(lib.cf(CF_META), pack_open_key(pack), [], &Library::synced())
+                .map_err(|e| lib.db_err(e))?;
+            let mut io = IngestExternalFileOptions::default();
+            io.set_move_files(true);
+            lib.db
+                .ingest_external_file_cf_opts(lib.cf(CF_PACKS), &io, self.files.clone())
+                .map_err(|e| lib.db_err(e))?;
+            batch.delete_cf(lib.cf(CF_META), pack_open_key(pack));
+        }
+        let done = self.index_and_write(batch, adds, &mut stats, package, record);
+        if let (Err(_), Some(pack)) = (&done, self.pack) {
+            // Ingested but not committed: nothing names these chunks. (If
+            // this fails too, the marker stays and the next open does it.)
+            let _ = lib.drop_pack(pack);
+        }
+        done.map(|()| stats)
+    }
+
+    /// The second half of [`Import::commit`], under its lock, after the
+    /// pack is ingested: index entries and references, then the batch.
+    fn index_and_write(
+        &self,
+        mut batch: WriteBatch,
+        adds: HashMap<ChunkId, u64>,
+        stats: &mut CommitStats,
+        package: &str,
+        record: impl FnOnce(&CommitStats, Option<&[u8]>) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<(), StoreError> {
+        let lib = self.lib;
+        let mut used = HashSet::new();
+        let mut added = LibraryStats::default();
         for (id, n) in adds {
-            let (count, len) = lib.chunk_info(&id)?.ok_or(StoreError::MissingChunk(id))?;
-            if count == 0 {
+            let entry = match lib.entry(&id)? {
+                Some(e) => e,
+                None => {
+                    let &(len, seq) = self.written.get(&id).ok_or(StoreError::MissingChunk(id))?;
+                    used.insert(id);
+                    added.chunks += 1;
+                    added.bytes += u64::from(len);
+                    Entry {
+                        count: 0,
+                        len,
+                        pack: self.pack.map(|p| pack_key(p, seq)),
+                    }
+                }
+            };
+            if entry.count == 0 {
                 stats.new_chunks += 1;
-                stats.new_bytes += u64::from(len);
+                stats.new_bytes += u64::from(entry.len);
             }
-            batch.put_cf(lib.cf(CF_INDEX), id.as_bytes(), index_value(count + n, len));
+            batch.put_cf(
+                lib.cf(CF_INDEX),
+                id.as_bytes(),
+                entry.with_count(entry.count + n).encode(),
+            );
+        }
+        // Chunks another import committed meanwhile, or that no manifest
+        // names: this pack's copies are garbage from the start.
+        let mut garbage = 0u64;
+        if let Some(pack) = self.pack {
+            for (id, &(len, seq)) in &self.written {
+                if !used.contains(id) {
+                    batch.delete_cf(lib.cf(CF_PACKS), pack_key(pack, seq));
+                    garbage += u64::from(len);
+                }
+            }
+        }
+        if garbage > 0 {
+            let total = lib.meta_u64(META_GARBAGE)? + garbage;
+            batch.put_cf(lib.cf(CF_META), META_GARBAGE, total.to_le_bytes());
         }
         let current = lib.package(package)?;
         batch.put_cf(
             lib.cf(CF_PACKAGES),
             package.as_bytes(),
-            record(&stats, current.as_deref())?,
+            record(stats, current.as_deref())?,
         );
         lib.db
             .write_opt(batch, &Library::synced())
             .map_err(|e| lib.db_err(e))?;
-        Ok(stats)
+        lib.chunks.fetch_add(added.chunks, Ordering::Relaxed);
+        lib.bytes.fetch_add(added.bytes, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -1099,69 +1255,100 @@ mod tests {
             let mut imp = lib.begin_import();
             let d = data(100_000, 3);
             imp.put_chunk(&ChunkId::of(&d), &d).unwrap();
-            imp.write_batch().unwrap();
-            lib.db.flush().unwrap();
-            // Dropped without commit, as a failed import is.
+            imp.finish_file().unwrap();
+            assert_eq!(imp.files.len(), 1);
+            assert!(imp.files[0].exists(), "the pack file is on disk");
+            // Killed before commit: nothing runs at the end.
+            std::mem::forget(imp);
         }
         let lib = Library::open(dir.path()).unwrap();
         assert_eq!(lib.stats(), LibraryStats::default());
         assert!(lib.chunk_ids().unwrap().is_empty());
+        let left = std::fs::read_dir(lib.incoming()).unwrap().count();
+        assert_eq!(left, 0, "the unfinished pack file was deleted");
     }
 
     #[test]
-    fn staged_chunks_survive_reopening_until_committed_or_abandoned() {
+    fn a_pack_ingested_but_never_committed_is_dropped_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let d = data(300_000, 7);
+        let d = data(2 << 20, 8);
+        let (pack, before) = {
+            let lib = Library::open(dir.path()).unwrap();
+            let before = disk_bytes(dir.path());
+            let mut imp = lib.begin_import();
+            imp.put_chunk(&ChunkId::of(&d), &d).unwrap();
+            imp.finish_file().unwrap();
+            // What `commit` does before its batch, then a crash.
+            let pack = imp.pack.unwrap();
+            lib.db
+                .put_cf(lib.cf(CF_META), pack_open_key(pack), [])
+                .unwrap();
+            let mut io = IngestExternalFileOptions::default();
+            io.set_move_files(true);
+            lib.db
+                .ingest_external_file_cf_opts(lib.cf(CF_PACKS), &io, imp.files.clone())
+                .unwrap();
+            let k = pack_key(pack, 0);
+            assert!(lib.db.get_cf(lib.cf(CF_PACKS), k).unwrap().is_some());
+            std::mem::forget(imp);
+            (pack, before)
+        };
+        let lib = Library::open(dir.path()).unwrap();
+        assert!(
+            lib.db
+                .get_cf(lib.cf(CF_PACKS), pack_key(pack, 0))
+                .unwrap()
+                .is_none(),
+            "the pack's chunks are gone"
+        );
+        assert!(lib.meta_u64(&pack_open_key(pack)).unwrap() == 0);
+        assert_eq!(lib.stats(), LibraryStats::default());
+        let after = disk_bytes(dir.path());
+        assert!(after < before + (1 << 20), "space came back: {after}");
+        // The next import takes a new pack and commits as usual.
+        assert_eq!(import(&lib, "A", &d).new_bytes, 2 << 20);
+        assert!(lib.next_pack().unwrap() > pack + 1);
+    }
+
+    #[test]
+    fn chunks_of_an_earlier_release_are_read_counted_and_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        // One 64 KiB chunk, as `import` cuts it.
+        let d = data(64 << 10, 7);
         let id = ChunkId::of(&d);
         {
             let lib = Library::open(dir.path()).unwrap();
-            let mut st = lib.begin_staged("FRY00001/2").unwrap();
-            st.put_chunk(&id, &d).unwrap();
-            st.persist().unwrap();
-            // Killed before commit: no flush, only the log.
+            // As releases before packs stored a chunk: bytes under its id,
+            // a 12-byte index entry, then a commit that references it.
+            let mut b = WriteBatch::default();
+            b.put_cf(lib.cf(CF_CHUNKS), id.as_bytes(), &d);
+            let old = Entry {
+                count: 0,
+                len: d.len() as u32,
+                pack: None,
+            };
+            assert_eq!(old.encode().len(), 12);
+            b.put_cf(lib.cf(CF_INDEX), id.as_bytes(), old.encode());
+            lib.db.write(b).unwrap();
         }
         let lib = Library::open(dir.path()).unwrap();
-        assert_eq!(lib.stages().unwrap(), vec!["FRY00001/2".to_string()]);
-        assert!(lib.has_chunk(&id).unwrap(), "staged chunk kept at open");
-        let st = lib.begin_staged("FRY00001/2").unwrap();
-        assert!(st.has_chunk(&id).unwrap());
-        drop(st);
-        lib.abandon_stage("FRY00001/2").unwrap();
-        assert!(!lib.has_chunk(&id).unwrap(), "abandoned stage freed");
-        assert!(lib.stages().unwrap().is_empty());
-
-        let mut st = lib.begin_staged("FRY00001/3").unwrap();
-        st.put_chunk(&id, &d).unwrap();
-        let m = Manifest {
-            path: "f".into(),
-            size: d.len() as u64,
-            hash: FileHash::of(&d),
-            chunks: vec![ChunkRef {
-                id,
-                len: d.len() as u32,
-            }],
-            segments: vec![SegmentRecord {
-                kind: SegmentKind::Data,
-                offset: 0,
-                len: d.len() as u64,
-                first_chunk: 0,
-                chunk_count: 1,
-                fingerprint: None,
-            }],
-        };
-        st.commit("FRY00001", 3, &[m], |_, _| Ok(b"{}".to_vec()))
-            .unwrap();
-        assert!(lib.stages().unwrap().is_empty());
-        drop(lib);
-        let lib = Library::open(dir.path()).unwrap();
-        assert!(lib.has_chunk(&id).unwrap());
+        assert_eq!(lib.stats().bytes, 64 << 10);
+        let s = import(&lib, "A", &d);
         assert_eq!(
-            lib.remove_revision("FRY00001", 3, |_| Ok(None))
-                .unwrap()
-                .freed_bytes,
-            300_000
+            s.new_bytes,
+            64 << 10,
+            "unreferenced before: new to the catalog"
         );
-        assert!(lib.package("FRY00001").unwrap().is_some(), "record kept");
+        assert_eq!(lib.stats().bytes, 64 << 10, "but not stored again");
+        assert_eq!(lib.meta_u64(META_NEXT_PACK).unwrap(), 0, "no pack written");
+        assert_eq!(lib.read_chunk(&id).unwrap(), d);
+        assert_eq!(lib.remove_package("A").unwrap().freed_bytes, 64 << 10);
+        assert!(!lib.has_chunk(&id).unwrap());
+        assert!(lib
+            .db
+            .get_cf(lib.cf(CF_CHUNKS), id.as_bytes())
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Streaming a file into the library: read each segment, cut it into
 //! chunks, hash and store them, and build the manifest.
 //!
-//! Memory stays bounded by the read window (a few MiB) whatever the file's
-//! size: a segment is read as it is chunked, never whole.
+//! Three threads, each on its own core where there is one: the caller's
+//! reads, cuts and hashes chunks; one hashes the whole file; one writes the
+//! chunks into the import's pack. Memory stays bounded by the read window
+//! and the blocks in the two queues (a few MiB) whatever the file's size: a
+//! segment is read as it is chunked, never whole.
 
 use std::io::Read;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -11,7 +14,7 @@ use ferry_core::chunker::{Cdc, Chunker, ResourceChunker, MAX_CHUNK_BYTES};
 use ferry_core::manifest::SegmentRecord;
 use ferry_core::segment::{fingerprint, HINT_PREFIX_BYTES};
 use ferry_core::{ChunkId, ChunkRef, FileHash, Manifest, Segment, SegmentKind, Split};
-use ferry_store::{Import, StoreError};
+use ferry_store::{Import, Library, StoreError};
 
 /// Bytes read from the file at a time.
 const READ_BYTES: usize = 4 * 1024 * 1024;
@@ -99,26 +102,78 @@ impl<R: Read> Window<'_, R> {
     }
 }
 
-/// Builds one manifest while chunks are stored.
-struct Builder<'i, 'l> {
-    import: &'i mut Import<'l>,
+/// Chunks on their way to the writer thread: their bytes end to end.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
     chunks: Vec<ChunkRef>,
 }
 
-impl Builder<'_, '_> {
+/// A batch is handed to the writer once it holds this many bytes.
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Batches queued for the writer.
+const WRITER_QUEUE: usize = 4;
+
+/// Builds one manifest while chunks go to the writer.
+struct Builder<'l> {
+    lib: &'l Library,
+    chunks: Vec<ChunkRef>,
+    batch: Batch,
+    writer: SyncSender<Batch>,
+    spare: Receiver<Batch>,
+}
+
+impl Builder<'_> {
     fn emit(&mut self, data: &[u8]) -> Result<(), StoreError> {
         self.emit_as(ChunkId::of(data), data)
     }
 
     /// Stores a chunk whose id the caller has computed already.
     fn emit_as(&mut self, id: ChunkId, data: &[u8]) -> Result<(), StoreError> {
-        self.import.put_chunk(&id, data)?;
-        self.chunks.push(ChunkRef {
+        let c = ChunkRef {
             id,
             len: data.len() as u32,
-        });
+        };
+        self.chunks.push(c);
+        self.batch.chunks.push(c);
+        self.batch.data.extend_from_slice(data);
+        if self.batch.data.len() >= BATCH_BYTES {
+            self.send()?;
+        }
         Ok(())
     }
+
+    /// Hands the batch to the writer.
+    fn send(&mut self) -> Result<(), StoreError> {
+        let next = self.spare.try_recv().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.batch, next);
+        // The writer only hangs up after an error, which `ingest` reports
+        // in place of this one.
+        self.writer
+            .send(batch)
+            .map_err(|_| StoreError::Refused("the chunk writer stopped".into()))
+    }
+}
+
+/// Stores the chunks of each batch, in order, and hands the emptied
+/// batches back.
+fn write_batches(
+    import: &mut Import<'_>,
+    batches: Receiver<Batch>,
+    spare: SyncSender<Batch>,
+) -> Result<(), StoreError> {
+    for mut batch in batches {
+        let mut at = 0;
+        for c in &batch.chunks {
+            let end = at + c.len as usize;
+            import.put_chunk(&c.id, &batch.data[at..end])?;
+            at = end;
+        }
+        batch.data.clear();
+        batch.chunks.clear();
+        let _ = spare.try_send(batch);
+    }
+    Ok(())
 }
 
 /// Blocks queued for the whole-file hasher (each up to [`READ_BYTES`]).
@@ -127,7 +182,8 @@ const HASH_QUEUE_BLOCKS: usize = 4;
 /// Reads `reader` (positioned at offset 0) segment by segment and stores
 /// its chunks through `import`; returns the manifest for `path`.
 /// `progress` is called with the bytes read so far. The whole-file BLAKE3 is
-/// computed on a second thread while this one chunks, hashes and stores.
+/// computed on a second thread and chunks are stored on a third while this
+/// one reads, cuts and hashes.
 pub fn ingest<R: Read>(
     import: &mut Import<'_>,
     reader: &mut R,
@@ -146,11 +202,24 @@ pub fn ingest<R: Read>(
             }
             h.finalize()
         });
-        let result = chunk_segments(import, reader, segments, path, progress, tx, spare);
-        let hash = hasher.join().map_err(|_| IngestError::Read {
+        let lib = import.library();
+        let (to_writer, batches) = sync_channel::<Batch>(WRITER_QUEUE);
+        let (give_back_batch, spare_batches) = sync_channel::<Batch>(WRITER_QUEUE + 1);
+        let writer = scope.spawn(move || write_batches(import, batches, give_back_batch));
+        let b = Builder {
+            lib,
+            chunks: Vec::new(),
+            batch: Batch::default(),
+            writer: to_writer,
+            spare: spare_batches,
+        };
+        let result = chunk_segments(b, reader, segments, path, progress, tx, spare);
+        let failed = |what: &str| IngestError::Read {
             offset: 0,
-            source: std::io::Error::other("the whole-file hasher thread failed"),
-        })?;
+            source: std::io::Error::other(format!("the {what} thread failed")),
+        };
+        let hash = hasher.join().map_err(|_| failed("whole-file hasher"))?;
+        writer.join().map_err(|_| failed("chunk writer"))??;
         result.map(|mut m| {
             m.hash = FileHash::from(hash);
             m
@@ -160,7 +229,7 @@ pub fn ingest<R: Read>(
 
 /// The chunking half of [`ingest`]; the manifest's hash is filled in there.
 fn chunk_segments<R: Read>(
-    import: &mut Import<'_>,
+    mut b: Builder<'_>,
     reader: &mut R,
     segments: &[Segment],
     path: &str,
@@ -168,10 +237,6 @@ fn chunk_segments<R: Read>(
     whole: SyncSender<Vec<u8>>,
     spare: Receiver<Vec<u8>>,
 ) -> Result<Manifest, IngestError> {
-    let mut b = Builder {
-        import,
-        chunks: Vec::new(),
-    };
     let mut records = Vec::with_capacity(segments.len());
     let mut w = Window {
         reader,
@@ -231,6 +296,7 @@ fn chunk_segments<R: Read>(
             fingerprint: fp,
         });
     }
+    b.send()?;
     Ok(Manifest {
         path: path.to_string(),
         size: w.read_total,
@@ -245,14 +311,14 @@ fn chunk_segments<R: Read>(
 /// leaves old metadata, blob table, XML and dropped resources behind in just
 /// this way). Stops at the first chunk that does not match; the caller
 /// chunks whatever is left.
-fn reuse_known<R: Read>(b: &mut Builder<'_, '_>, w: &mut Window<'_, R>) -> Result<(), IngestError> {
+fn reuse_known<R: Read>(b: &mut Builder<'_>, w: &mut Window<'_, R>) -> Result<(), IngestError> {
     'next_segment: loop {
         w.fill(HINT_PREFIX_BYTES)?;
         let Some(fp) = fingerprint(w.view()) else {
             return Ok(());
         };
         let ahead = w.view().len() as u64 + w.unread;
-        for candidate in b.import.hints(&fp, ahead)? {
+        for candidate in b.lib.hints(&fp, ahead)? {
             let mut matched = 0usize;
             for c in &candidate {
                 let len = c.len as usize;
