@@ -104,6 +104,12 @@ fn main() -> anyhow::Result<()> {
     let wire = row["wire_bytes"].as_u64().unwrap_or(0);
     let chunk_bytes = row["bytes_done"].as_u64().unwrap_or(0);
     let rss_site = peak_rss(site.pid().context("pid")?)?;
+    // The job's phases, as the site logs them.
+    let phases: String = fs::read_to_string(&site.log)?
+        .lines()
+        .find(|l| l.contains("servicing job committed"))
+        .and_then(|l| l.find("rebuild_s").map(|i| l[i..].to_string()))
+        .unwrap_or_default();
 
     let serviced = w.join("serviced.wim");
     site.export(&id, &serviced)?;
@@ -135,6 +141,7 @@ Image: {} bytes, {} files; update {} replaces {} files ({:.1} MiB payload).\n\n\
 | rsync daemon, `--no-whole-file` | {rsync_bytes} | {:.3} | {:.2} % |\n\
 | blob floor | {floor} | 1.000 | {:.2} % |\n\
 | serviced image | {serviced_len} | | 100 % |\n\n\
+Job phases (site log): `{phases}`.\n\n\
 rsync took {:.2} s. Peak memory of the site: {:.0} MiB.\n",
         big_len as f64 / (1u64 << 30) as f64,
         big_len,
@@ -166,6 +173,7 @@ rsync took {:.2} s. Peak memory of the site: {:.0} MiB.\n",
         "job_secs": job_secs,
         "until_installed_secs": t_total.as_secs_f64(),
         "wimupdate_secs": t_wimupdate.as_secs_f64(),
+        "phases": phases,
         "wire_bytes": wire,
         "chunk_bytes": chunk_bytes,
         "rsync_bytes": rsync_bytes,

@@ -7,7 +7,7 @@ use std::fs::File;
 use ferry_core::SegmentKind;
 use ferry_tests::tree::TreeSpec;
 use ferry_tests::wimtools::{self, ServiceSpec};
-use ferry_wim::Layout;
+use ferry_wim::{verify_blobs_from, Layout, VerifyError};
 
 #[test]
 fn segments_match_wiminfo_and_cover_every_byte_once() {
@@ -64,5 +64,62 @@ fn segments_match_wiminfo_and_cover_every_byte_once() {
             expect_gaps,
             "an in-place append leaves the old tables behind as gaps"
         );
+    }
+}
+
+#[test]
+fn the_blobs_an_append_wrote_check_against_their_sha1_and_a_damaged_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TreeSpec {
+        files: 120,
+        seed: 11,
+        size_scale: 0.5,
+        ..TreeSpec::default()
+    };
+    for compress in ["none", "XPRESS", "LZX", "LZMS"] {
+        let sub = dir.path().join(compress);
+        std::fs::create_dir_all(&sub).unwrap();
+        let pair = wimtools::serviced_pair(&sub, &spec, compress, &ServiceSpec::default()).unwrap();
+        let base_len = std::fs::metadata(&pair.base).unwrap().len();
+        let read = |wim: &std::path::Path| {
+            let len = std::fs::metadata(wim).unwrap().len();
+            Layout::read(&mut File::open(wim).unwrap(), len).unwrap()
+        };
+        let layout = read(&pair.serviced);
+        let present = layout
+            .blobs
+            .iter()
+            .filter(|b| b.reshdr.is_present())
+            .count() as u64;
+        let all = verify_blobs_from(&pair.serviced, &layout, 0)
+            .unwrap()
+            .expect("no solid resources");
+        assert_eq!(all.blobs, present, "{compress}: every blob checked");
+        let new = verify_blobs_from(&pair.serviced, &layout, base_len)
+            .unwrap()
+            .unwrap();
+        assert!(
+            new.blobs > 0 && new.blobs < all.blobs,
+            "{compress}: only the appended blobs: {new:?} of {all:?}"
+        );
+
+        // One byte of the largest appended resource flipped.
+        let target = layout
+            .blobs
+            .iter()
+            .filter(|b| b.reshdr.offset >= base_len)
+            .max_by_key(|b| b.reshdr.size_in_wim)
+            .unwrap()
+            .reshdr;
+        let mut bytes = std::fs::read(&pair.serviced).unwrap();
+        bytes[(target.offset + target.size_in_wim / 2) as usize] ^= 0x55;
+        let damaged = sub.join("damaged.wim");
+        std::fs::write(&damaged, bytes).unwrap();
+        let e = verify_blobs_from(&damaged, &layout, base_len).unwrap_err();
+        match &e {
+            VerifyError::Bad { offset, .. } => assert_eq!(*offset, target.offset, "{e}"),
+            other => panic!("{compress}: {other}"),
+        }
+        assert!(e.to_string().contains("damaged.wim"), "{e}");
     }
 }

@@ -294,35 +294,68 @@ pub enum WriteError<E> {
     },
 }
 
-/// Writes the file `m` describes to `dest`, taking each chunk's bytes from
-/// `chunk` in order: into `dest` with a `.part` suffix first, checked
-/// against the whole-file BLAKE3 and synced, then renamed over `dest`. On
-/// any error nothing is left at `dest` and the partial file is removed.
-pub fn write_file<E, B: AsRef<[u8]>>(
+/// Whether [`write_file`] makes its file durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced, and its folder too, before it is renamed into place: a file
+    /// that must survive a crash.
+    Synced,
+    /// Not synced: a work file that a crash makes worthless anyway (the
+    /// page cache writes it back, or it is deleted first).
+    Scratch,
+}
+
+/// Chunks are gathered into blocks of this many bytes, each hashed and
+/// written while it is still in the CPU's cache. (Handing blocks to a
+/// second thread was measured slower on 2 cores: 4.4 s against 2.9 s for a
+/// 1.39 GiB WIM, the writes copying from the other core's cache.)
+const WRITE_BLOCK_BYTES: usize = 256 << 10;
+
+/// Writes the file `m` describes to `dest`; `chunk` appends each chunk's
+/// bytes, in order, to the buffer it is given. Into `dest` with a `.part`
+/// suffix first, checked against the whole-file BLAKE3 (and synced, if
+/// asked), then renamed over `dest`. On any error
+/// nothing is left at `dest` and the partial file is removed.
+pub fn write_file<E>(
     dest: &Path,
     m: &Manifest,
-    mut chunk: impl FnMut(&ChunkRef) -> Result<B, E>,
+    durability: Durability,
+    mut chunk: impl FnMut(&ChunkRef, &mut Vec<u8>) -> Result<(), E>,
 ) -> Result<(), WriteError<E>> {
     let mut part = dest.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
     let result = (|| {
         let out = OutFile::open(&part, m.size)?;
-        let mut hasher = blake3::Hasher::new();
-        for (offset, c) in m.offsets() {
-            let data = chunk(c).map_err(WriteError::Source)?;
-            hasher.update(data.as_ref());
-            out.write_at(data.as_ref(), offset)?;
+        let mut h = blake3::Hasher::new();
+        let mut block = Vec::with_capacity(WRITE_BLOCK_BYTES);
+        let mut offset = 0u64;
+        for c in &m.chunks {
+            chunk(c, &mut block).map_err(WriteError::Source)?;
+            if block.len() >= WRITE_BLOCK_BYTES {
+                h.update(&block);
+                out.write_at(&block, offset)?;
+                offset += block.len() as u64;
+                block.clear();
+            }
         }
-        if FileHash::from(hasher.finalize()) != m.hash {
+        h.update(&block);
+        out.write_at(&block, offset)?;
+        let hash = FileHash::from(h.finalize());
+        if hash != m.hash {
             return Err(WriteError::Mismatch {
                 path: dest.to_path_buf(),
                 expected: m.hash.to_hex(),
             });
         }
-        out.sync()?;
+        if durability == Durability::Synced {
+            out.sync()?;
+        }
         std::fs::rename(&part, dest).map_err(|e| FileError::new(dest, "rename into place", e))?;
-        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty() && durability == Durability::Synced)
+        {
             sync_dir(parent)?;
         }
         Ok(())
@@ -384,18 +417,38 @@ mod tests {
         let parts: [&[u8]; 3] = [b"hello ", b"big ", b"world"];
         let m = manifest(&parts);
         let dest = dir.path().join("out.bin");
+        for durability in [Durability::Synced, Durability::Scratch] {
+            let mut n = 0;
+            write_file::<()>(&dest, &m, durability, |_, buf| {
+                n += 1;
+                buf.extend_from_slice(parts[n - 1]);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), b"hello big world");
+        }
+        // More than one block's worth: blocks land at their offsets.
+        let big: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 300_000]).collect();
+        let mb = Manifest::of_parts("big", big.iter().map(Vec::as_slice));
+        let big_dest = dir.path().join("big.bin");
         let mut n = 0;
-        write_file::<(), _>(&dest, &m, |_| {
+        write_file::<()>(&big_dest, &mb, Durability::Scratch, |_, buf| {
+            buf.extend_from_slice(&big[n]);
             n += 1;
-            Ok(parts[n - 1].to_vec())
+            Ok(())
         })
         .unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), b"hello big world");
+        assert_eq!(std::fs::read(&big_dest).unwrap(), big.concat());
+        std::fs::remove_file(&big_dest).unwrap();
 
         let wrong = dir.path().join("wrong.bin");
-        let e = write_file::<(), _>(&wrong, &m, |_| Ok(b"xxxx".to_vec())).unwrap_err();
+        let e = write_file::<()>(&wrong, &m, Durability::Synced, |_, buf| {
+            buf.extend_from_slice(b"xxxx");
+            Ok(())
+        })
+        .unwrap_err();
         assert!(matches!(e, WriteError::Mismatch { .. }), "{e:?}");
-        let e = write_file::<_, Vec<u8>>(&wrong, &m, |_| Err("chunk gone")).unwrap_err();
+        let e = write_file(&wrong, &m, Durability::Synced, |_, _| Err("chunk gone")).unwrap_err();
         assert!(matches!(e, WriteError::Source("chunk gone")));
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -433,12 +433,14 @@ impl Wim {
     /// appends the new data and a new blob table, leaving the old resources
     /// in place (cheap, and unchanged resources keep their offsets); with
     /// `rebuild` it rewrites the file so data no image refers to any more is
-    /// dropped.
+    /// dropped. Not synced (as `wimupdate` does not): Ferry services a work
+    /// copy, whose result is imported, and the import is what is durable.
     pub fn overwrite(&mut self, rebuild: bool) -> Result<(), WimError> {
-        let mut flags = sys::WIMLIB_WRITE_FLAG_FSYNC;
-        if rebuild {
-            flags |= sys::WIMLIB_WRITE_FLAG_REBUILD;
-        }
+        let flags = if rebuild {
+            sys::WIMLIB_WRITE_FLAG_REBUILD
+        } else {
+            0
+        };
         // SAFETY: live WIMStruct opened with write access; default threads.
         let code = unsafe { sys::wimlib_overwrite(self.raw.as_ptr(), flags as c_int, 0) };
         check(code, if rebuild { "rebuild" } else { "write" }, &self.path)
@@ -521,6 +523,80 @@ impl Drop for Wim {
     fn drop(&mut self) {
         // SAFETY: self.raw came from wimlib and is freed exactly once here.
         unsafe { sys::wimlib_free(self.raw.as_ptr()) };
+    }
+}
+
+/// A compression format of WIM resources, for [`Decompressor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// XPRESS (`--compress=fast`).
+    Xpress,
+    /// LZX (`--compress=maximum`, the default of DISM and wimlib).
+    Lzx,
+    /// LZMS (`--compress=recovery`).
+    Lzms,
+}
+
+/// wimlib's decompressor for one format and chunk size: what reading a
+/// compressed resource chunk by chunk needs, without a `WIMStruct`.
+pub struct Decompressor {
+    raw: NonNull<sys::wimlib_decompressor>,
+    max_block: usize,
+}
+
+// SAFETY: a decompressor has no thread affinity; `&mut self` serialises use.
+unsafe impl Send for Decompressor {}
+
+impl Decompressor {
+    /// A decompressor for chunks of up to `max_block` uncompressed bytes.
+    pub fn new(kind: Compression, max_block: usize) -> Result<Self, WimError> {
+        init();
+        let ctype = match kind {
+            Compression::Xpress => sys::wimlib_compression_type_WIMLIB_COMPRESSION_TYPE_XPRESS,
+            Compression::Lzx => sys::wimlib_compression_type_WIMLIB_COMPRESSION_TYPE_LZX,
+            Compression::Lzms => sys::wimlib_compression_type_WIMLIB_COMPRESSION_TYPE_LZMS,
+        };
+        let mut raw = ptr::null_mut();
+        // SAFETY: valid out-pointer; wimlib validates type and size.
+        let code = unsafe { sys::wimlib_create_decompressor(ctype, max_block, &mut raw) };
+        let err = |code: c_int| WimError {
+            op: format!("create a {kind:?} decompressor for {max_block}-byte chunks"),
+            path: String::new(),
+            code,
+            message: error_message(code),
+        };
+        if code != 0 {
+            return Err(err(code));
+        }
+        let raw = NonNull::new(raw).ok_or_else(|| err(-1))?;
+        Ok(Self { raw, max_block })
+    }
+
+    /// Decompresses `input` into all of `out` (its length is the chunk's
+    /// uncompressed size). False when the data is invalid.
+    pub fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> bool {
+        if out.len() > self.max_block {
+            return false;
+        }
+        // SAFETY: both buffers are valid for their lengths; the
+        // decompressor is live and used by one caller at a time.
+        let code = unsafe {
+            sys::wimlib_decompress(
+                input.as_ptr().cast(),
+                input.len(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+                self.raw.as_ptr(),
+            )
+        };
+        code == 0
+    }
+}
+
+impl Drop for Decompressor {
+    fn drop(&mut self) {
+        // SAFETY: created by wimlib_create_decompressor, freed once.
+        unsafe { sys::wimlib_free_decompressor(self.raw.as_ptr()) }
     }
 }
 

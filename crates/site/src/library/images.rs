@@ -233,7 +233,7 @@ pub fn import(
     data: &Path,
     site_code: &str,
     req: &ImportRequest,
-    mut progress: impl FnMut(Progress),
+    progress: impl FnMut(Progress),
 ) -> Result<PackageView, ImageError> {
     let shown = req.path.display().to_string();
     let existing = match &req.package {
@@ -277,9 +277,15 @@ pub fn import(
     });
 
     let mut import = lib.begin_import();
-    let manifest = match ingest_path(&mut import, file_path, &file_name, true, &shown, |p| {
-        progress(p)
-    }) {
+    let manifest = match ingest_path(
+        &mut import,
+        file_path,
+        &file_name,
+        true,
+        &shown,
+        None,
+        progress,
+    ) {
         Ok(m) => m,
         Err(e) => {
             drop(import);
@@ -375,6 +381,7 @@ pub(crate) fn ingest_path(
     name: &str,
     as_wim: bool,
     shown: &str,
+    kept: Option<&crate::ingest::Kept<'_>>,
     mut progress: impl FnMut(Progress),
 ) -> Result<Manifest, ImageError> {
     let source = |e: std::io::Error| ImageError::Source {
@@ -401,7 +408,7 @@ pub(crate) fn ingest_path(
             split: ferry_core::Split::Cdc,
         }]
     };
-    ingest(import, &mut reader, &segments, name, |done| {
+    ingest(import, &mut reader, &segments, name, kept, |done| {
         progress(Progress {
             done,
             total: file_len,

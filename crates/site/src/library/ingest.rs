@@ -100,6 +100,66 @@ impl<R: Read> Window<'_, R> {
         self.pos += n;
         self.offset += n as u64;
     }
+
+    /// Reads the rest of the segment through (for the whole-file hash)
+    /// without cutting it.
+    fn pass(&mut self, mut progress: impl FnMut(u64)) -> Result<(), IngestError> {
+        loop {
+            self.fill(READ_BYTES)?;
+            let n = self.view().len();
+            if n == 0 {
+                return Ok(());
+            }
+            self.consume(n);
+            progress(self.read_total);
+        }
+    }
+}
+
+/// What an in-place append left of the file it was made from: the old
+/// manifest's segments below `below`, whose bytes the append did not touch.
+/// The importer takes their chunks as they were instead of cutting and
+/// hashing them again (the bytes are still read, for the whole-file hash).
+pub struct Kept<'m> {
+    manifest: &'m Manifest,
+    below: u64,
+}
+
+impl<'m> Kept<'m> {
+    /// For a WIM that wimlib appended to in place (`wimlib_overwrite`
+    /// without a rebuild), made from the file `manifest` describes: it
+    /// writes the header and then only past the old resources, from where
+    /// the old blob table, XML data or integrity table began at the earliest.
+    pub fn after_append(manifest: &'m Manifest) -> Self {
+        let below = manifest
+            .segments
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.kind,
+                    SegmentKind::BlobTable | SegmentKind::Xml | SegmentKind::Integrity
+                )
+            })
+            .map(|s| s.offset)
+            .min()
+            .unwrap_or(0)
+            .min(manifest.size);
+        Self { manifest, below }
+    }
+
+    /// The old record and chunks of a segment the append left as it was.
+    fn of(&self, seg: &Segment) -> Option<(&'m SegmentRecord, &'m [ChunkRef])> {
+        if seg.kind == SegmentKind::Header || seg.end() > self.below {
+            return None;
+        }
+        let m = self.manifest;
+        let i = m
+            .segments
+            .binary_search_by_key(&seg.offset, |r| r.offset)
+            .ok()?;
+        let r = &m.segments[i];
+        (r.len == seg.len && r.kind == seg.kind).then(|| (r, m.segment_chunks(r)))
+    }
 }
 
 /// Chunks on their way to the writer thread: their bytes end to end.
@@ -180,7 +240,8 @@ fn write_batches(
 const HASH_QUEUE_BLOCKS: usize = 4;
 
 /// Reads `reader` (positioned at offset 0) segment by segment and stores
-/// its chunks through `import`; returns the manifest for `path`.
+/// its chunks through `import`; returns the manifest for `path`. Segments
+/// `kept` names keep their old chunks.
 /// `progress` is called with the bytes read so far. The whole-file BLAKE3 is
 /// computed on a second thread and chunks are stored on a third while this
 /// one reads, cuts and hashes.
@@ -189,6 +250,7 @@ pub fn ingest<R: Read>(
     reader: &mut R,
     segments: &[Segment],
     path: &str,
+    kept: Option<&Kept<'_>>,
     progress: impl FnMut(u64),
 ) -> Result<Manifest, IngestError> {
     std::thread::scope(|scope| {
@@ -213,7 +275,7 @@ pub fn ingest<R: Read>(
             writer: to_writer,
             spare: spare_batches,
         };
-        let result = chunk_segments(b, reader, segments, path, progress, tx, spare);
+        let result = chunk_segments(b, reader, segments, path, kept, progress, tx, spare);
         let failed = |what: &str| IngestError::Read {
             offset: 0,
             source: std::io::Error::other(format!("the {what} thread failed")),
@@ -228,11 +290,13 @@ pub fn ingest<R: Read>(
 }
 
 /// The chunking half of [`ingest`]; the manifest's hash is filled in there.
+#[allow(clippy::too_many_arguments)]
 fn chunk_segments<R: Read>(
     mut b: Builder<'_>,
     reader: &mut R,
     segments: &[Segment],
     path: &str,
+    kept: Option<&Kept<'_>>,
     mut progress: impl FnMut(u64),
     whole: SyncSender<Vec<u8>>,
     spare: Receiver<Vec<u8>>,
@@ -255,8 +319,17 @@ fn chunk_segments<R: Read>(
             "the previous segment was consumed whole"
         );
         w.unread = seg.len;
-        w.fill(HINT_PREFIX_BYTES)?;
         let first_chunk = b.chunks.len() as u32;
+        if let Some((old, chunks)) = kept.and_then(|k| k.of(seg)) {
+            w.pass(&mut progress)?;
+            b.chunks.extend_from_slice(chunks);
+            records.push(SegmentRecord {
+                first_chunk,
+                ..*old
+            });
+            continue;
+        }
+        w.fill(HINT_PREFIX_BYTES)?;
         let fp = if seg.kind == SegmentKind::Header {
             None
         } else {

@@ -347,7 +347,7 @@ pub fn import(
             }
         };
         let shown = root.join(&f.rel).display().to_string();
-        let m = images::ingest_path(&mut import, read_from, &f.rel, as_wim, &shown, |p| {
+        let m = images::ingest_path(&mut import, read_from, &f.rel, as_wim, &shown, None, |p| {
             progress(Progress {
                 done: done_before + p.done,
                 total,

@@ -3,12 +3,16 @@
 //! of the same package.
 //!
 //! One run: rebuild the newest revision's WIM from the library into
-//! `DATA/work/job-N/`, apply each update to every image it is for (one
-//! `wimlib_update_image` call per image, which wimlib rolls back whole on
-//! error), write the WIM back (appending, or rebuilt with `--optimize`),
-//! verify it, and import it. The other files of an upgrade package are
-//! carried over by reference; only the WIM is read again. Nothing is
-//! committed unless the run succeeds.
+//! `DATA/work/job-N/` (checked against its whole-file hash), apply each
+//! update to every image it is for (one `wimlib_update_image` call per
+//! image, which wimlib rolls back whole on error), write the WIM back
+//! (appending, or rebuilt with `--optimize`), verify it, and import it. An
+//! append keeps the old file as its prefix, so only what it wrote is
+//! verified (each new blob against its SHA-1) and chunked; the old
+//! resources keep their chunks and are only read for the whole-file hash. A
+//! rebuilt WIM is verified and imported whole. The other files of an
+//! upgrade package are carried over by reference. Nothing is committed
+//! unless the run succeeds.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,6 +24,7 @@ use ferry_wim::Wim;
 
 use crate::catalog::{FileRecord, PackageRecord, RevisionRecord, ServiceRecord, SourceRecord};
 use crate::images::{self, ImageError};
+use crate::ingest::Kept;
 use crate::jobs::{JobRecord, JobRun, JobState, ServiceRequest, UpdateOutcome, UpdateResult};
 use crate::updates::{self, UpdateRecord};
 
@@ -115,9 +120,14 @@ pub fn run(lib: &Library, data: &Path, job: &JobRecord) -> JobRun {
     run
 }
 
-/// Writes the file `m` describes to `dest` from the library and checks it.
+/// Writes the file `m` describes to `dest` from the library and checks it
+/// against its whole-file hash (which a damaged chunk cannot pass).
 fn rebuild_file(lib: &Library, m: &Manifest, dest: &Path) -> Result<(), Stop> {
-    ferry_store::file::write_file(dest, m, |c| lib.read_chunk(&c.id)).map_err(|e| match e {
+    let scratch = ferry_store::file::Durability::Scratch;
+    ferry_store::file::write_file(dest, m, scratch, |c, buf| {
+        lib.with_chunk(&c.id, |b| buf.extend_from_slice(b))
+    })
+    .map_err(|e| match e {
         ferry_store::file::WriteError::Mismatch { .. } => Stop(format!(
             "{} rebuilt from the library does not match its hash; run `ferry content verify`",
             m.path
@@ -248,7 +258,9 @@ fn service(
         .ok_or_else(|| Stop(format!("{wim_path} is not in revision {}", base.revision)))?;
     run.size_before = Some(old.size);
     let copy = work.join("image.wim");
+    let t_rebuild = Instant::now();
     rebuild_file(lib, old, &copy)?;
+    let t_update = Instant::now();
     let mut wim = Wim::open_for_update(&copy).map_err(|e| Stop(e.to_string()))?;
 
     let mut applied = Vec::new();
@@ -344,22 +356,37 @@ fn service(
             "no update applied ({why}); no revision was made"
         )));
     }
+    let t_write = Instant::now();
     wim.overwrite(req.optimize)
         .map_err(|e| Stop(e.to_string()))?;
     drop(wim);
+    let t_verify = Instant::now();
     let mut check =
         Wim::open(&copy).map_err(|e| Stop(format!("the serviced WIM does not open: {e}")))?;
-    check
-        .verify()
-        .map_err(|e| Stop(format!("the serviced WIM does not verify: {e}")))?;
+    let appended = !req.optimize;
+    if !appended || !verify_appended(&copy, old.size)? {
+        check
+            .verify()
+            .map_err(|e| Stop(format!("the serviced WIM does not verify: {e}")))?;
+    }
     let (wim_info, image_infos) = (check.info(), check.images());
     drop(check);
     run.size_after = std::fs::metadata(&copy).map(|m| m.len()).ok();
 
     // The new revision: the WIM read again, every other file carried over.
+    let t_import = Instant::now();
     let mut import = lib.begin_import();
     let shown = format!("job {} copy of {}", job.id, wim_path);
-    let new_wim = match images::ingest_path(&mut import, &copy, &wim_path, true, &shown, |_| {}) {
+    let kept = appended.then(|| Kept::after_append(old));
+    let new_wim = match images::ingest_path(
+        &mut import,
+        &copy,
+        &wim_path,
+        true,
+        &shown,
+        kept.as_ref(),
+        |_| {},
+    ) {
         Ok(m) => m,
         Err(e) => {
             drop(import);
@@ -416,6 +443,17 @@ fn service(
         images::Release::Unchanged
     };
     images::commit(import, &mut record, &new_manifests, release)?;
+    let secs = |from: Instant, to: Instant| (to - from).as_secs_f64();
+    let end = Instant::now();
+    tracing::info!(
+        job = job.id,
+        rebuild_s = secs(t_rebuild, t_update),
+        update_s = secs(t_update, t_write),
+        write_s = secs(t_write, t_verify),
+        verify_s = secs(t_verify, t_import),
+        import_s = secs(t_import, end),
+        "servicing job committed revision {number}"
+    );
     // Committed: from here on the run succeeded, whatever else fails.
     run.revision = Some(number);
     run.distributed = req.distribute;
@@ -428,6 +466,28 @@ fn service(
         tracing::warn!(error = %e, "unreferenced chunks are left for the next collection");
     }
     Ok(())
+}
+
+/// Checks the blobs an append wrote past `old_len` against their SHA-1.
+/// False when they cannot be checked this way (a solid resource): the
+/// caller verifies the whole WIM.
+fn verify_appended(wim: &Path, old_len: u64) -> Result<bool, Stop> {
+    let unreadable = |e: String| Stop(format!("the serviced WIM cannot be read: {e}"));
+    let mut f = std::fs::File::open(wim).map_err(|e| unreadable(e.to_string()))?;
+    let len = f.metadata().map_err(|e| unreadable(e.to_string()))?.len();
+    let layout = ferry_wim::Layout::read(&mut f, len).map_err(|e| unreadable(e.to_string()))?;
+    match ferry_wim::verify_blobs_from(wim, &layout, old_len) {
+        Ok(Some(c)) => {
+            tracing::debug!(
+                blobs = c.blobs,
+                bytes = c.bytes,
+                "verified the appended blobs"
+            );
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(e) => Err(Stop(format!("the serviced WIM does not verify: {e}"))),
+    }
 }
 
 /// Where a job's work files go.
