@@ -129,6 +129,9 @@ pub fn rows(
         images::record(lib, p)?;
     }
     let mut out = Vec::new();
+    // Each package's record, read once for all its rows.
+    let mut records: std::collections::BTreeMap<String, Option<(String, Option<u32>)>> =
+        Default::default();
     for d in reg.dps.values() {
         if dp.is_some_and(|n| n != d.name) {
             continue;
@@ -140,15 +143,22 @@ pub fn rows(
             if package.is_some_and(|q| q != p) {
                 continue;
             }
-            let rec = images::record(lib, &p).ok();
+            let rec = records
+                .entry(p.clone())
+                .or_insert_with(|| {
+                    images::record(lib, &p)
+                        .ok()
+                        .map(|r| (r.name.clone(), r.target()))
+                })
+                .clone();
             let want = assigned
                 .contains(&p)
-                .then(|| rec.as_ref().and_then(|r| r.target()))
+                .then(|| rec.as_ref().and_then(|r| r.1))
                 .flatten();
             let t = d.transfers.get(&p);
             let mut row = StatusRow {
                 package: p.clone(),
-                name: rec.map(|r| r.name).unwrap_or_default(),
+                name: rec.map(|r| r.0).unwrap_or_default(),
                 dp: d.name.clone(),
                 revision: want,
                 state: "pending".into(),
