@@ -405,9 +405,10 @@ async fn remove_image(
             ),
         });
     }
-    let lib = s.lib.clone();
+    let (lib, data) = (s.lib.clone(), s.data.clone());
     let out = blocking(move || {
         let r = images::remove(&lib, &id)?;
+        crate::servicing::kept::forget(&data, &id);
         tracing::info!(package = %id, freed_bytes = r.freed_bytes, "package removed");
         Ok(r)
     })

@@ -2,8 +2,9 @@
 //! wimlib, on Ferry's own copy, and committing the result as a new revision
 //! of the same package.
 //!
-//! One run: rebuild the newest revision's WIM from the library into
-//! `DATA/work/job-N/` (checked against its whole-file hash), apply each
+//! One run: take the WIM the previous job of this package left (see
+//! [`kept`]), or rebuild the newest revision's WIM from the library
+//! (checked against its whole-file hash), into `DATA/work/job-N/`; apply each
 //! update to every image it is for (one `wimlib_update_image` call per
 //! image, which wimlib rolls back whole on error), write the WIM back
 //! (appending, or rebuilt with `--optimize`), verify it, and import it. An
@@ -26,6 +27,7 @@ use crate::catalog::{FileRecord, PackageRecord, RevisionRecord, ServiceRecord, S
 use crate::images::{self, ImageError};
 use crate::ingest::Kept;
 use crate::jobs::{JobRecord, JobRun, JobState, ServiceRequest, UpdateOutcome, UpdateResult};
+use crate::servicing::kept;
 use crate::updates::{self, UpdateRecord};
 
 /// Checks a service request before it becomes a job: the package exists
@@ -259,7 +261,10 @@ fn service(
     run.size_before = Some(old.size);
     let copy = work.join("image.wim");
     let t_rebuild = Instant::now();
-    rebuild_file(lib, old, &copy)?;
+    let from_kept = kept::take(data, &job.package, base.revision, old, &copy);
+    if !from_kept {
+        rebuild_file(lib, old, &copy)?;
+    }
     let t_update = Instant::now();
     let mut wim = Wim::open_for_update(&copy).map_err(|e| Stop(e.to_string()))?;
 
@@ -443,10 +448,14 @@ fn service(
         images::Release::Unchanged
     };
     images::commit(import, &mut record, &new_manifests, release)?;
+    if let Err(e) = kept::keep(data, &job.package, number, &new_wim, &copy) {
+        tracing::warn!(error = %e, "the serviced WIM is not kept; the next job rebuilds it");
+    }
     let secs = |from: Instant, to: Instant| (to - from).as_secs_f64();
     let end = Instant::now();
     tracing::info!(
         job = job.id,
+        from_kept,
         rebuild_s = secs(t_rebuild, t_update),
         update_s = secs(t_update, t_write),
         write_s = secs(t_write, t_verify),
