@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     let phases: String = fs::read_to_string(&site.log)?
         .lines()
         .find(|l| l.contains("servicing job committed"))
-        .and_then(|l| l.find("from_kept").map(|i| l[i..].to_string()))
+        .and_then(|l| l.find("sparse").map(|i| l[i..].to_string()))
         .unwrap_or_default();
 
     let serviced = w.join("serviced.wim");
@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     let (t_rsync, rsync_bytes) = rsync_get(port, "serviced.wim", &dest, false)?;
     dp.stop()?;
 
-    // The next job starts from the WIM this one left (no rebuild).
+    // The next job of the same package.
     site.cli_ok(&["update", "import", update2.to_str().context("path")?])?;
     let t = Instant::now();
     let job2 = site.cli_json(&["image", "service", &id, "--updates", "KB9990002"])?;
@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         .lines()
         .filter(|l| l.contains("servicing job committed"))
         .nth(1)
-        .and_then(|l| l.find("from_kept").map(|i| l[i..].to_string()))
+        .and_then(|l| l.find("sparse").map(|i| l[i..].to_string()))
         .unwrap_or_default();
     wait_for("site to settle", Duration::from_secs(5), || Ok(Some(())))?;
 
@@ -159,7 +159,7 @@ Image: {} bytes, {} files; update {} replaces {} files ({:.1} MiB payload).\n\n\
 | `ferry image service --distribute`, first job (CLI until the job ends) | {:.2} s | job's own time {:.2} s |\n\
 | until the DP installed revision 2 | {:.2} s | |\n\
 | `cp` + `wimupdate` on a copy, same files (best of 3) | {:.2} s | ferry / wimupdate = {:.2}× |\n\
-| the next job (another 5 %), from the WIM the first one left | {t_service2:.2?} | ferry / wimupdate = {:.2}× |\n\n\
+| the next job (another 5 %) | {t_service2:.2?} | ferry / wimupdate = {:.2}× |\n\n\
 | redistribution | bytes | × floor | % of image |\n|---|---:|---:|---:|\n\
 | Ferry, UDP bytes at the DP's socket | {wire} | {:.3} | {:.2} % |\n\
 | Ferry, chunk payload | {chunk_bytes} | {:.3} | {:.2} % |\n\

@@ -48,11 +48,25 @@ pub fn capture(
     compress: &str,
     props: &[(&str, &str)],
 ) -> anyhow::Result<()> {
+    capture_with(tree, wim, name, compress, props, &[])
+}
+
+/// [`capture`] with more `wimcapture` options (`--check`: an integrity
+/// table).
+pub fn capture_with(
+    tree: &Path,
+    wim: &Path,
+    name: &str,
+    compress: &str,
+    props: &[(&str, &str)],
+    extra: &[&str],
+) -> anyhow::Result<()> {
     let mut cmd = Command::new("wimcapture");
     cmd.arg(tree)
         .arg(wim)
         .arg(name)
-        .arg(format!("--compress={compress}"));
+        .arg(format!("--compress={compress}"))
+        .args(extra);
     run(with_props(&mut cmd, props)).map(drop)
 }
 

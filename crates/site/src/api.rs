@@ -405,10 +405,9 @@ async fn remove_image(
             ),
         });
     }
-    let (lib, data) = (s.lib.clone(), s.data.clone());
+    let lib = s.lib.clone();
     let out = blocking(move || {
         let r = images::remove(&lib, &id)?;
-        crate::servicing::kept::forget(&data, &id);
         tracing::info!(package = %id, freed_bytes = r.freed_bytes, "package removed");
         Ok(r)
     })

@@ -168,7 +168,6 @@ impl Site {
         })?;
         // Work files a stopped site left behind (exports, job copies).
         let _ = std::fs::remove_dir_all(images::work_dir(data));
-        servicing::kept::sweep(data, &lib);
         Ok(Self {
             data: data.to_path_buf(),
             config,

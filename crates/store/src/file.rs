@@ -13,6 +13,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ferry_core::manifest::SegmentRecord;
 use ferry_core::{ChunkRef, FileHash, Manifest};
 
 /// A file operation that failed, naming the file.
@@ -366,6 +367,44 @@ pub fn write_file<E>(
     result
 }
 
+/// Writes, of the file `m` describes, only the segments `wanted` picks, at
+/// their offsets, into `dest` of the file's full size: the rest stays a
+/// hole (reads as zeros, costs no disk). `chunk` appends each chunk's bytes
+/// to the buffer it is given. For a work copy a tool reads only parts of:
+/// not synced, and not checked against the whole-file hash (the caller
+/// checks the chunks it gives).
+pub fn write_sparse<E>(
+    dest: &Path,
+    m: &Manifest,
+    wanted: impl Fn(&SegmentRecord) -> bool,
+    mut chunk: impl FnMut(&ChunkRef, &mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), WriteError<E>> {
+    let result = (|| {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dest)
+            .map_err(|e| FileError::new(dest, "create", e))?;
+        file.set_len(m.size)
+            .map_err(|e| FileError::new(dest, "set the size of", e))?;
+        let mut buf = Vec::new();
+        for seg in m.segments.iter().filter(|s| wanted(s)) {
+            buf.clear();
+            for c in m.segment_chunks(seg) {
+                chunk(c, &mut buf).map_err(WriteError::Source)?;
+            }
+            file.write_all_at(&buf, seg.offset)
+                .map_err(|e| FileError::new(dest, format!("write at offset {}", seg.offset), e))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(dest);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +494,55 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec!["out.bin"], "no partial files");
+    }
+
+    #[test]
+    fn a_sparse_copy_holds_the_wanted_segments_and_zeros_elsewhere() {
+        use ferry_core::SegmentKind;
+        let dir = tempfile::tempdir().unwrap();
+        let parts: [&[u8]; 3] = [b"head", b"big middle", b"tail"];
+        let mut m = manifest(&parts);
+        let kinds = [SegmentKind::Header, SegmentKind::Blob, SegmentKind::Xml];
+        let mut at = 0;
+        m.segments = parts
+            .iter()
+            .zip(kinds)
+            .enumerate()
+            .map(|(i, (p, kind))| {
+                let r = SegmentRecord {
+                    kind,
+                    offset: at,
+                    len: p.len() as u64,
+                    first_chunk: i as u32,
+                    chunk_count: 1,
+                    fingerprint: None,
+                };
+                at += p.len() as u64;
+                r
+            })
+            .collect();
+        let dest = dir.path().join("sparse.bin");
+        let mut n = 0;
+        write_sparse::<()>(
+            &dest,
+            &m,
+            |s| s.kind != SegmentKind::Blob,
+            |c, buf| {
+                let i = m.chunks.iter().position(|x| x == c).unwrap();
+                buf.extend_from_slice(parts[i]);
+                n += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(n, 2, "only the wanted segments' chunks are asked for");
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            b"head\0\0\0\0\0\0\0\0\0\0tail"
+        );
+        let e = write_sparse(&dest, &m, |_| true, |_, _| Err("gone")).unwrap_err();
+        assert!(matches!(e, WriteError::Source("gone")));
+        assert!(!dest.exists(), "nothing left on error");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! and the blocks in the two queues (a few MiB) whatever the file's size: a
 //! segment is read as it is chunked, never whole.
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use ferry_core::chunker::{Cdc, Chunker, ResourceChunker, MAX_CHUNK_BYTES};
@@ -101,28 +101,55 @@ impl<R: Read> Window<'_, R> {
         self.offset += n as u64;
     }
 
-    /// Reads the rest of the segment through (for the whole-file hash)
-    /// without cutting it.
-    fn pass(&mut self, mut progress: impl FnMut(u64)) -> Result<(), IngestError> {
-        loop {
-            self.fill(READ_BYTES)?;
-            let n = self.view().len();
-            if n == 0 {
-                return Ok(());
+    /// At the start of a segment whose chunks are known: skips its bytes
+    /// in the file (which may be a hole) and hands the whole-file hasher
+    /// the chunks' bytes from the library instead.
+    fn take_from(
+        &mut self,
+        lib: &Library,
+        chunks: &[ChunkRef],
+        mut progress: impl FnMut(u64),
+    ) -> Result<(), IngestError>
+    where
+        R: Seek,
+    {
+        debug_assert!(self.view().is_empty() && self.pos == self.end);
+        let len = self.unread;
+        let offset = self.offset;
+        self.reader
+            .seek(SeekFrom::Current(len as i64))
+            .map_err(|source| IngestError::Read { offset, source })?;
+        let mut block = self.spare.try_recv().unwrap_or_default();
+        block.clear();
+        for c in chunks {
+            lib.with_chunk(&c.id, |b| block.extend_from_slice(b))?;
+            if block.len() >= READ_BYTES {
+                let next = self.spare.try_recv().unwrap_or_default();
+                self.read_total += block.len() as u64;
+                let _ = self.whole.send(std::mem::replace(&mut block, next));
+                block.clear();
+                progress(self.read_total);
             }
-            self.consume(n);
-            progress(self.read_total);
         }
+        self.read_total += block.len() as u64;
+        let _ = self.whole.send(block);
+        self.unread = 0;
+        self.offset += len;
+        progress(self.read_total);
+        Ok(())
     }
 }
 
 /// What an in-place append left of the file it was made from: the old
 /// manifest's segments below `below`, whose bytes the append did not touch.
 /// The importer takes their chunks as they were instead of cutting and
-/// hashing them again (the bytes are still read, for the whole-file hash).
+/// hashing them again, and feeds the whole-file hash from the library: the
+/// file need not even hold those bytes (servicing's work copy leaves them
+/// as holes).
 pub struct Kept<'m> {
     manifest: &'m Manifest,
     below: u64,
+    lib: &'m Library,
 }
 
 impl<'m> Kept<'m> {
@@ -130,7 +157,7 @@ impl<'m> Kept<'m> {
     /// without a rebuild), made from the file `manifest` describes: it
     /// writes the header and then only past the old resources, from where
     /// the old blob table, XML data or integrity table began at the earliest.
-    pub fn after_append(manifest: &'m Manifest) -> Self {
+    pub fn after_append(lib: &'m Library, manifest: &'m Manifest) -> Self {
         let below = manifest
             .segments
             .iter()
@@ -144,7 +171,11 @@ impl<'m> Kept<'m> {
             .min()
             .unwrap_or(0)
             .min(manifest.size);
-        Self { manifest, below }
+        Self {
+            manifest,
+            below,
+            lib,
+        }
     }
 
     /// The old record and chunks of a segment the append left as it was.
@@ -245,7 +276,7 @@ const HASH_QUEUE_BLOCKS: usize = 4;
 /// `progress` is called with the bytes read so far. The whole-file BLAKE3 is
 /// computed on a second thread and chunks are stored on a third while this
 /// one reads, cuts and hashes.
-pub fn ingest<R: Read>(
+pub fn ingest<R: Read + Seek>(
     import: &mut Import<'_>,
     reader: &mut R,
     segments: &[Segment],
@@ -291,7 +322,7 @@ pub fn ingest<R: Read>(
 
 /// The chunking half of [`ingest`]; the manifest's hash is filled in there.
 #[allow(clippy::too_many_arguments)]
-fn chunk_segments<R: Read>(
+fn chunk_segments<R: Read + Seek>(
     mut b: Builder<'_>,
     reader: &mut R,
     segments: &[Segment],
@@ -320,8 +351,8 @@ fn chunk_segments<R: Read>(
         );
         w.unread = seg.len;
         let first_chunk = b.chunks.len() as u32;
-        if let Some((old, chunks)) = kept.and_then(|k| k.of(seg)) {
-            w.pass(&mut progress)?;
+        if let Some((k, (old, chunks))) = kept.and_then(|k| Some((k, k.of(seg)?))) {
+            w.take_from(k.lib, chunks, &mut progress)?;
             b.chunks.extend_from_slice(chunks);
             records.push(SegmentRecord {
                 first_chunk,

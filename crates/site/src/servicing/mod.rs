@@ -1,9 +1,8 @@
 //! Offline servicing: the update catalog ([`updates`]), servicing jobs and
 //! their scheduler ([`jobs`]), the run of one job ([`service`]: copy the
 //! image out, apply the updates with wimlib, ingest the result as the next
-//! revision), and the serviced WIM kept for the next job ([`kept`]).
+//! revision).
 
 pub mod jobs;
-pub mod kept;
 pub mod service;
 pub mod updates;

@@ -2,9 +2,10 @@
 //! wimlib, on Ferry's own copy, and committing the result as a new revision
 //! of the same package.
 //!
-//! One run: take the WIM the previous job of this package left (see
-//! [`kept`]), or rebuild the newest revision's WIM from the library
-//! (checked against its whole-file hash), into `DATA/work/job-N/`; apply each
+//! One run: write the newest revision's WIM from the library into
+//! `DATA/work/job-N/` — for an append only its header, tables and
+//! metadata, the rest left as holes (wimlib's append reads nothing else);
+//! whole, checked against its hash, for a rebuild — apply each
 //! update to every image it is for (one `wimlib_update_image` call per
 //! image, which wimlib rolls back whole on error), write the WIM back
 //! (appending, or rebuilt with `--optimize`), verify it, and import it. An
@@ -27,7 +28,6 @@ use crate::catalog::{FileRecord, PackageRecord, RevisionRecord, ServiceRecord, S
 use crate::images::{self, ImageError};
 use crate::ingest::Kept;
 use crate::jobs::{JobRecord, JobRun, JobState, ServiceRequest, UpdateOutcome, UpdateResult};
-use crate::servicing::kept;
 use crate::updates::{self, UpdateRecord};
 
 /// Checks a service request before it becomes a job: the package exists
@@ -120,6 +120,35 @@ pub fn run(lib: &Library, data: &Path, job: &JobRecord) -> JobRun {
     run.seconds = t0.elapsed().as_secs_f64();
     run.finished = Some(crate::now());
     run
+}
+
+/// For an append: writes of the WIM `m` describes only what wimlib reads
+/// when it appends (header, blob table, XML, metadata resources), each
+/// chunk checked against its id, the rest left as holes. False (and
+/// nothing to rely on at `dest`) when the WIM needs a whole copy: an
+/// integrity table, which wimlib recomputes over the whole file, or solid
+/// resources.
+fn sparse_copy(lib: &Library, m: &Manifest, dest: &Path) -> Result<bool, Stop> {
+    use ferry_core::SegmentKind as K;
+    if m.segments.iter().any(|s| s.kind == K::Integrity) {
+        return Ok(false);
+    }
+    let wanted = |s: &ferry_core::manifest::SegmentRecord| {
+        matches!(s.kind, K::Header | K::BlobTable | K::Xml | K::Metadata)
+    };
+    ferry_store::file::write_sparse(dest, m, wanted, |c, buf| {
+        buf.extend_from_slice(&lib.read_chunk(&c.id)?);
+        Ok::<(), StoreError>(())
+    })
+    .map_err(|e| Stop(e.to_string()))?;
+    let unreadable = |e: String| Stop(format!("the work copy of {} cannot be read: {e}", m.path));
+    let mut f = std::fs::File::open(dest).map_err(|e| unreadable(e.to_string()))?;
+    let layout = ferry_wim::Layout::read(&mut f, m.size).map_err(|e| unreadable(e.to_string()))?;
+    let solid = layout
+        .blobs
+        .iter()
+        .any(|b| b.reshdr.flags & ferry_wim::layout::RESHDR_FLAG_SOLID != 0);
+    Ok(!solid)
 }
 
 /// Writes the file `m` describes to `dest` from the library and checks it
@@ -261,8 +290,8 @@ fn service(
     run.size_before = Some(old.size);
     let copy = work.join("image.wim");
     let t_rebuild = Instant::now();
-    let from_kept = kept::take(data, &job.package, base.revision, old, &copy);
-    if !from_kept {
+    let sparse = !req.optimize && sparse_copy(lib, old, &copy)?;
+    if !sparse {
         rebuild_file(lib, old, &copy)?;
     }
     let t_update = Instant::now();
@@ -370,6 +399,11 @@ fn service(
         Wim::open(&copy).map_err(|e| Stop(format!("the serviced WIM does not open: {e}")))?;
     let appended = !req.optimize;
     if !appended || !verify_appended(&copy, old.size)? {
+        if sparse {
+            return Err(Stop(
+                "the serviced WIM has a new blob in a solid resource, which Ferry verifies only in a whole copy; service it with --optimize".into(),
+            ));
+        }
         check
             .verify()
             .map_err(|e| Stop(format!("the serviced WIM does not verify: {e}")))?;
@@ -382,7 +416,7 @@ fn service(
     let t_import = Instant::now();
     let mut import = lib.begin_import();
     let shown = format!("job {} copy of {}", job.id, wim_path);
-    let kept = appended.then(|| Kept::after_append(old));
+    let kept = appended.then(|| Kept::after_append(lib, old));
     let new_wim = match images::ingest_path(
         &mut import,
         &copy,
@@ -448,15 +482,12 @@ fn service(
         images::Release::Unchanged
     };
     images::commit(import, &mut record, &new_manifests, release)?;
-    if let Err(e) = kept::keep(data, &job.package, number, &new_wim, &copy) {
-        tracing::warn!(error = %e, "the serviced WIM is not kept; the next job rebuilds it");
-    }
     let secs = |from: Instant, to: Instant| (to - from).as_secs_f64();
     let end = Instant::now();
     tracing::info!(
         job = job.id,
-        from_kept,
-        rebuild_s = secs(t_rebuild, t_update),
+        sparse,
+        copy_s = secs(t_rebuild, t_update),
         update_s = secs(t_update, t_write),
         write_s = secs(t_write, t_verify),
         verify_s = secs(t_verify, t_import),
