@@ -770,4 +770,40 @@ mod tests {
         let jobs = Jobs::load(dir.path(), |_, _| None).unwrap();
         assert_eq!(jobs.get(4).unwrap().id, 4);
     }
+
+    #[test]
+    fn a_jobs_file_of_the_previous_release_loads_whole_and_keeps_its_ids() {
+        // As commit 5eb3e20 wrote it: no `unreadable` list, the request
+        // flattened into each job, `next_id` the last id given.
+        let old = r#"{
+  "next_id": 3,
+  "jobs": [
+    {"id": 1, "package": "FRY00001", "updates": ["KB1"], "continue_on_error": false,
+     "distribute": true, "optimize": false, "created": "2026-11-01T02:00:00Z",
+     "state": "succeeded",
+     "runs": [{"started": "2026-11-01T02:00:00Z", "finished": "2026-11-01T02:00:09Z",
+               "outcome": "succeeded", "base_revision": 1, "revision": 2,
+               "updates": [], "size_before": 100, "size_after": 120}]},
+    {"id": 3, "package": "FRY00002", "updates": ["KB2"], "schedule": "0 2 * * 6",
+     "continue_on_error": true, "distribute": false, "optimize": false,
+     "created": "2026-11-02T02:00:00Z", "state": "scheduled",
+     "next_run": "2099-01-03T02:00:00Z", "runs": []}
+  ]
+}"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(JOBS_FILE), old).unwrap();
+        let jobs = Jobs::load(dir.path(), |_, _| None).unwrap();
+        let one = jobs.get(1).unwrap();
+        assert_eq!(one.state, JobState::Succeeded);
+        assert_eq!(one.runs[0].revision, Some(2));
+        assert!(one.request.distribute);
+        let three = jobs.get(3).unwrap();
+        assert_eq!(three.state, JobState::Scheduled);
+        assert_eq!(three.request.schedule.as_deref(), Some("0 2 * * 6"));
+        assert!(three.request.continue_on_error);
+        let due = jobs.next_due().unwrap();
+        assert_eq!(due.year(), 2099, "the scheduled job keeps its next run");
+        let next = jobs.create("FRY00001", ServiceRequest::default()).unwrap();
+        assert_eq!(next.id, 4, "ids go on after the last one given");
+    }
 }
