@@ -336,8 +336,7 @@ fn a_site_with_the_previous_releases_registry_json_keeps_every_dp_enrolled() {
 fn a_site_killed_during_a_servicing_job_keeps_its_catalog_jobs_and_dps() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Large enough that the job runs for a while (rebuild, update, verify,
-    // ingest of ~160 MiB).
+    // ~160 MiB, serviced with ~96 MiB of new files.
     let wim = big_wim_with(d, 40, wimtools::WINDOWS_PROPS);
     let mut site = SiteProc::start(d).unwrap();
     let id = site.add_image(&wim, &[]).unwrap()["id"]
@@ -352,7 +351,12 @@ fn a_site_killed_during_a_servicing_job_keeps_its_catalog_jobs_and_dps() {
     site.wait_installed(&id, "dp1", 1, Duration::from_secs(120))
         .unwrap();
     let mut update = ferry_tests::updates::UpdateSpec::new("KB7000001", "2026-04-14");
-    update.add = vec![("Windows/System32/new.dll".into(), b"new".to_vec())];
+    // 96 MiB of new, incompressible files: the append, its verification
+    // and the import take long enough to be caught running.
+    let mut c = Content::new(5);
+    update.add = (0..24)
+        .map(|i| (format!("Windows/System32/new{i}.dll"), c.bytes(4 << 20)))
+        .collect();
     let folder = update.write(&d.join("updates")).unwrap();
     site.cli_ok(&["update", "import", folder.to_str().unwrap()])
         .unwrap();

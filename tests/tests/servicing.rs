@@ -38,6 +38,17 @@ fn base(dir: &Path, files: usize, seed: u64) -> Base {
     Base { tree, files, wim }
 }
 
+/// [`base`], and a site that imported it: (base, site, package id).
+fn imported(dir: &Path, files: usize, seed: u64) -> (Base, SiteProc, String) {
+    let b = base(dir, files, seed);
+    let site = SiteProc::start(dir).unwrap();
+    let id = site.add_image(&b.wim, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (b, site, id)
+}
+
 fn image_path(rel: &Path) -> String {
     rel.to_string_lossy().into_owned()
 }
@@ -111,12 +122,7 @@ fn ids(rows: &serde_json::Value) -> Vec<String> {
 fn two_updates_one_superseding_the_other_make_a_revision_with_exactly_their_files() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let b = base(d, 200, 41);
-    let site = SiteProc::start(d).unwrap();
-    let id = site.add_image(&b.wim, &[]).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (b, site, id) = imported(d, 200, 41);
     let history = site.cli_json(&["image", "history", &id]).unwrap();
     assert!(history["entries"].as_array().unwrap().is_empty());
     assert!(
@@ -251,12 +257,7 @@ fn two_updates_one_superseding_the_other_make_a_revision_with_exactly_their_file
 fn a_broken_update_stops_the_job_unless_continue_on_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let b = base(d, 120, 42);
-    let site = SiteProc::start(d).unwrap();
-    let id = site.add_image(&b.wim, &[]).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (_, site, id) = imported(d, 120, 42);
     // Well formed, but deletes a path this image does not have.
     let mut broken = UpdateSpec::new("KB6000001", "2026-03-10");
     broken.delete = vec!["Windows/System32/not-there.dll".into()];
@@ -329,12 +330,7 @@ fn a_broken_update_stops_the_job_unless_continue_on_error() {
 fn requests_that_cannot_work_are_refused_before_a_job_exists() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let b = base(d, 40, 43);
-    let site = SiteProc::start(d).unwrap();
-    let id = site.add_image(&b.wim, &[]).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (_, site, id) = imported(d, 40, 43);
     let mut arm = UpdateSpec::new("KB7000001", "2026-03-10");
     arm.architectures = vec!["arm64".into()];
     arm.add = vec![("a.dll".into(), b"a".to_vec())];
@@ -408,12 +404,7 @@ fn requests_that_cannot_work_are_refused_before_a_job_exists() {
 fn scheduled_jobs_run_by_themselves_and_cancelled_ones_never_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let b = base(d, 60, 44);
-    let site = SiteProc::start(d).unwrap();
-    let id = site.add_image(&b.wim, &[]).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (_, site, id) = imported(d, 60, 44);
     let mut u1 = UpdateSpec::new("KB8000001", "2026-04-14");
     u1.add = vec![("Windows/one.dll".into(), b"one".to_vec())];
     let mut u2 = UpdateSpec::new("KB8000002", "2026-04-14");
@@ -513,12 +504,7 @@ fn scheduled_jobs_run_by_themselves_and_cancelled_ones_never_run() {
 fn optimize_drops_what_nothing_refers_to_and_the_file_still_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let b = base(d, 150, 45);
-    let site = SiteProc::start(d).unwrap();
-    let id = site.add_image(&b.wim, &[]).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (b, site, id) = imported(d, 150, 45);
     // Replace the 20 largest files: appended, the old data stays behind.
     let mut by_size: Vec<&PathBuf> = b.files.iter().collect();
     by_size.sort_by_key(|f| std::cmp::Reverse(fs::metadata(b.tree.join(f)).unwrap().len()));
@@ -721,4 +707,54 @@ fn jobs_start_from_a_copy_of_the_tables_only_unless_an_integrity_table_needs_the
             );
         }
     }
+}
+
+#[test]
+fn a_schedule_is_standard_cron_saturday_is_6_and_sunday_is_0_or_7() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, site, id) = imported(d, 20, 61);
+    let mut u = UpdateSpec::new("KB6100001", "2026-03-10");
+    u.add = vec![("Windows/x.dll".into(), vec![1; 100])];
+    import_update(&site, &u, d);
+    use time::format_description::well_known::Rfc3339;
+    for (expr, day) in [
+        ("0 2 * * 6", time::Weekday::Saturday),
+        ("0 2 * * 0", time::Weekday::Sunday),
+        ("0 2 * * 7", time::Weekday::Sunday),
+        ("30 4 * * mon", time::Weekday::Monday),
+    ] {
+        let j = site
+            .cli_json(&[
+                "image",
+                "service",
+                &id,
+                "--updates",
+                "KB6100001",
+                "--schedule",
+                expr,
+            ])
+            .unwrap_or_else(|e| panic!("{expr}: {e}"));
+        let next = j["next_run"].as_str().expect("a next run");
+        let at = time::OffsetDateTime::parse(next, &Rfc3339).unwrap();
+        assert_eq!(at.weekday(), day, "{expr}: {next}");
+        assert_eq!(at.offset(), time::UtcOffset::UTC);
+        let n = j["id"].as_u64().unwrap().to_string();
+        site.cli_ok(&["jobs", "cancel", &n]).unwrap();
+    }
+    let out = site.cli(&[
+        "image",
+        "service",
+        &id,
+        "--updates",
+        "KB6100001",
+        "--schedule",
+        "0 2 * * 8",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"0 2 * * 8\"") && !err.contains("0 0 2"),
+        "the error quotes what was typed: {err}"
+    );
 }

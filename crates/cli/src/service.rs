@@ -25,8 +25,9 @@ pub(crate) struct ServiceArgs {
     /// (UTC), or +N[s|m|h|d].
     #[arg(long, conflicts_with = "schedule")]
     pub(crate) at: Option<String>,
-    /// Run at every occurrence of this cron expression (UTC; 5 fields, or 6
-    /// with seconds first).
+    /// Run at every occurrence of this cron expression: standard 5 fields
+    /// (minute hour day month weekday; weekdays 0-6 from Sunday, 7 also
+    /// Sunday, or SUN-SAT), UTC; 6 with seconds first.
     #[arg(long)]
     pub(crate) schedule: Option<String>,
     /// Record a failing update and apply the rest (without it, the job stops

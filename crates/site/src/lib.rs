@@ -16,10 +16,11 @@ pub mod api;
 pub mod config;
 pub mod distribution;
 pub mod library;
+pub mod schedule;
 pub mod servicing;
 
 // Each module also by its short name (`crate::images`, `ferry_site::jobs`).
-pub use distribution::{endpoint, registry, schedule, status, validation};
+pub use distribution::{endpoint, registry, status, validation};
 pub use library::{catalog, images, ingest, upgrade};
 pub use servicing::{jobs, service, updates};
 

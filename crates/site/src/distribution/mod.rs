@@ -2,10 +2,9 @@
 //! groups, assignments, reports, kept in the library's `state`), the QUIC
 //! endpoint they talk to ([`endpoint`]), the views operators read
 //! ([`status`]), and DP content validation on demand and on a schedule
-//! ([`validation`], [`schedule`]: five-field cron).
+//! ([`validation`], on `crate::schedule`'s five-field cron).
 
 pub mod endpoint;
 pub mod registry;
-pub mod schedule;
 pub mod status;
 pub mod validation;

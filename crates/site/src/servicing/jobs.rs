@@ -9,13 +9,14 @@
 //! their outcome. Times are UTC.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
+
+use crate::schedule::Schedule;
 
 /// The jobs file inside the data folder.
 pub const JOBS_FILE: &str = "jobs.json";
@@ -347,32 +348,18 @@ pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String>
     ))
 }
 
-/// Parses a cron expression: five fields (minute hour day month weekday), or
-/// six with seconds first. UTC.
-pub fn parse_cron(expr: &str) -> Result<cron::Schedule, String> {
-    let fields = expr.split_whitespace().count();
-    let full = match fields {
-        5 => format!("0 {expr}"),
-        6 => expr.to_string(),
-        _ => {
-            return Err(format!(
-                "--schedule {expr:?}: a cron expression has 5 fields (minute hour day month weekday), or 6 with seconds first"
-            ))
-        }
-    };
-    cron::Schedule::from_str(&full).map_err(|e| format!("--schedule {expr:?}: {e}"))
+/// Parses a `--schedule`: standard five-field cron (minute hour
+/// day-of-month month weekday, weekdays 0–6 from Sunday, 7 also Sunday,
+/// or names), in UTC ([`crate::schedule`]).
+pub fn parse_cron(expr: &str) -> Result<Schedule, String> {
+    Schedule::parse(expr).map_err(|e| format!("--schedule {e}"))
 }
 
 /// The next occurrence of `expr` strictly after `after`.
 pub fn next_occurrence(expr: &str, after: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    let schedule = parse_cron(expr)?;
-    let after = chrono::DateTime::<chrono::Utc>::from_timestamp(after.unix_timestamp(), 0)
-        .ok_or_else(|| "time out of range".to_string())?;
-    let next = schedule
-        .after(&after)
-        .next()
-        .ok_or_else(|| format!("--schedule {expr:?} never fires again"))?;
-    OffsetDateTime::from_unix_timestamp(next.timestamp()).map_err(|e| e.to_string())
+    parse_cron(expr)?
+        .next_after(after)
+        .ok_or_else(|| format!("--schedule {expr:?} never fires again"))
 }
 
 /// The job list with its lock and wake-up signal.
@@ -679,18 +666,46 @@ mod tests {
     }
 
     #[test]
-    fn cron_takes_five_or_six_fields_in_utc() {
+    fn cron_is_standard_five_fields_in_utc_with_weekdays_from_sunday() {
+        // 2026-11-22 is a Sunday.
         let now = t("2026-11-22T01:00:00Z");
         assert_eq!(
             next_occurrence("30 3 * * *", now).unwrap(),
             t("2026-11-22T03:30:00Z")
         );
+        // The README's "Saturday at 02:00".
+        assert_eq!(
+            next_occurrence("0 2 * * 6", now).unwrap(),
+            t("2026-11-28T02:00:00Z")
+        );
+        for sunday in ["0 2 * * 0", "0 2 * * 7", "0 2 * * sun"] {
+            assert_eq!(
+                next_occurrence(sunday, now).unwrap(),
+                t("2026-11-22T02:00:00Z"),
+                "{sunday}"
+            );
+        }
+        assert_eq!(
+            next_occurrence("0 2 * * MON-FRI", now).unwrap(),
+            t("2026-11-23T02:00:00Z")
+        );
+        let e = parse_cron("* * *").unwrap_err();
+        assert!(e.contains("5 fields") && e.contains("\"* * *\""), "{e}");
+        let e = parse_cron("0 2 * * 8").unwrap_err();
+        assert!(
+            e.contains("\"0 2 * * 8\"") && !e.contains("0 0 2"),
+            "names what was typed: {e}"
+        );
+        assert!(parse_cron("99 * * * *").is_err());
+        // Six fields: seconds first, weekdays as in five.
         assert_eq!(
             next_occurrence("*/10 * * * * *", now).unwrap(),
             t("2026-11-22T01:00:10Z")
         );
-        assert!(parse_cron("* * *").unwrap_err().contains("5 fields"));
-        assert!(parse_cron("99 * * * *").is_err());
+        assert_eq!(
+            next_occurrence("0 0 2 * * 6", now).unwrap(),
+            t("2026-11-28T02:00:00Z")
+        );
     }
 
     #[test]

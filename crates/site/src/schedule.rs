@@ -1,5 +1,7 @@
 //! Standard five-field cron expressions (minute hour day-of-month month
-//! weekday), in UTC.
+//! weekday), in UTC: servicing jobs' `--schedule` and DPs' validation
+//! schedules. Six fields, with seconds first, are taken too (for schedules
+//! finer than a minute, as tests use).
 //!
 //! Weekdays are 0–6 from Sunday (7 is Sunday too) or `SUN`…`SAT`, as in
 //! crontab(5). The `cron` crate counts weekdays from 1 = Sunday and wants a
@@ -68,10 +70,15 @@ fn weekdays(field: &str) -> Result<[bool; 7], String> {
 }
 
 impl Schedule {
-    /// Parses a five-field expression. Errors name the expression and say
-    /// what is wrong, for the flag's user.
+    /// Parses a five-field expression (or six, seconds first). Errors name
+    /// the expression and say what is wrong, for the flag's user.
     pub fn parse(expr: &str) -> Result<Self, String> {
-        let fields: Vec<&str> = expr.split_whitespace().collect();
+        let mut fields: Vec<&str> = expr.split_whitespace().collect();
+        let second = if fields.len() == 6 {
+            fields.remove(0)
+        } else {
+            "0"
+        };
         let [minute, hour, dom, month, dow] = fields[..] else {
             return Err(format!(
                 "{expr:?} is not a cron expression: it needs 5 fields (minute hour day-of-month month weekday), e.g. \"0 2 * * 6\" for Saturdays at 02:00 UTC"
@@ -93,7 +100,7 @@ impl Schedule {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let full = format!("0 {minute} {hour} {dom} {month} {dow}");
+        let full = format!("{second} {minute} {hour} {dom} {month} {dow}");
         let inner = cron::Schedule::from_str(&full).map_err(|e| format!("{expr:?}: {e}"))?;
         Ok(Self {
             expr: expr.split_whitespace().collect::<Vec<_>>().join(" "),
