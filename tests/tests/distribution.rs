@@ -230,7 +230,60 @@ fn revoked_dps_used_tokens_and_foreign_cas_are_refused() {
             .output()
             .unwrap()
     };
-    assert!(init("dp2", &token, &site.dp_addr()).status.success());
+    // The site's own folder (FERRY_DATA of the quick start), and a folder
+    // holding something else, are refused before the token is spent.
+    for (folder, says) in [
+        (site.data.clone(), "is a site's data folder"),
+        (dir.path().to_path_buf(), "is not empty"),
+    ] {
+        let before: Vec<_> = fs::read_dir(&folder)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        let out = std::process::Command::new(ferry_tests::harness::ferry_bin())
+            .args([
+                "dp",
+                "init",
+                "--site",
+                &site.dp_addr(),
+                "--token",
+                &token,
+                "--data",
+            ])
+            .arg(&folder)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        let after: Vec<_> = fs::read_dir(&folder)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(before, after, "nothing written into {}", folder.display());
+    }
+    assert!(
+        init("dp2", &token, &site.dp_addr()).status.success(),
+        "the token is still good"
+    );
+    // A DP that never finished enrolling gets a new token; the old one is
+    // dead, and an enrolled DP gets none.
+    let add = |name: &str| {
+        site.cli_json(&["dp", "add", name]).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (first, second) = (add("dp9"), add("dp9"));
+    assert_ne!(first, second);
+    assert!(!init("dp9-old", &first, &site.dp_addr()).status.success());
+    assert!(init("dp9", &second, &site.dp_addr()).status.success());
+    assert!(
+        !site.cli(&["dp", "add", "dp9"]).status.success(),
+        "enrolled: no new token"
+    );
     let again = init("dp2-again", &token, &site.dp_addr());
     assert!(!again.status.success());
     assert!(

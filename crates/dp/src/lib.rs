@@ -85,6 +85,36 @@ pub fn client_endpoint(site: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
         .with_context(|| format!("cannot open a UDP socket on {bind}"))
 }
 
+/// What marks a site's data folder (`ferry site init` writes it).
+const SITE_CONFIG_FILE: &str = "site.toml";
+
+/// Refuses, before anything is sent to the site (the token stays unused),
+/// a folder that is a site's or holds anything else already: a DP's files
+/// must not land among another's.
+fn check_folder(data: &Path) -> anyhow::Result<()> {
+    if data.join(SITE_CONFIG_FILE).exists() {
+        bail!(
+            "{} is a site's data folder (it holds {SITE_CONFIG_FILE}): give the DP a folder of its own with --data DIR (FERRY_DATA may point at the site)",
+            data.display()
+        );
+    }
+    match std::fs::read_dir(data) {
+        Ok(mut entries) => {
+            if let Some(e) = entries.next() {
+                let first = e.map(|e| e.file_name().to_string_lossy().into_owned());
+                bail!(
+                    "{} is not empty ({} and maybe more) and is not a DP's folder: give the DP an empty or new folder with --data DIR",
+                    data.display(),
+                    first.unwrap_or_else(|_| "an unreadable entry".into())
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", data.display()))),
+    }
+}
+
 /// Enrolls the folder `data` with the site at `site` using a token from
 /// `ferry dp add`. Writes `dp.toml`, the key, the certificate, the pinned
 /// CA and the manifest key, and creates the library and content folder.
@@ -97,6 +127,7 @@ pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpCo
             data.display()
         );
     }
+    check_folder(data)?;
     let token: EnrollToken = token.parse()?;
     let addr = resolve(site).await?;
     let (key_pem, csr) = ferry_net::pki::make_csr("ferry-dp")?;
