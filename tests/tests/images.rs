@@ -177,6 +177,8 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
 
     let empty = d.join("empty.wim");
     fs::write(&empty, b"").unwrap();
+    let text = d.join("notes.txt");
+    fs::write(&text, b"setup notes\n").unwrap();
     let random = d.join("random.wim");
     fs::write(
         &random,
@@ -208,7 +210,8 @@ fn bad_inputs_get_one_clear_error_and_add_nothing() {
         ),
         (vec![d.join("t").display().to_string()], "is a folder"),
         (vec![empty.display().to_string()], "empty"),
-        (vec![random.display().to_string()], "not a usable WIM"),
+        (vec![text.display().to_string()], "not a WIM file"),
+        (vec![random.display().to_string()], "not a WIM file"),
         (vec![truncated.display().to_string()], "not a usable WIM"),
         (vec![header_only.display().to_string()], "not a usable WIM"),
         (vec![past_end.display().to_string()], "not a usable WIM"),

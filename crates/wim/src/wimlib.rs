@@ -197,6 +197,7 @@ impl Wim {
 
     fn open_with(path: &Path, flags: c_int) -> Result<Self, WimError> {
         init();
+        check_magic(path)?;
         let c = cstring_path(path)?;
         let mut raw = ptr::null_mut();
         // SAFETY: `c` is a valid C string; `raw` receives an owned WIMStruct.
@@ -526,6 +527,32 @@ impl Drop for Wim {
     }
 }
 
+/// The first bytes of a WIM (`MSWIM`) and of a pipable WIM (`WLPWM`).
+const MAGICS: [&[u8; 8]; 2] = [b"MSWIM\0\0\0", b"WLPWM\0\0\0"];
+
+/// Refuses a file that does not begin like a WIM, in those words: wimlib
+/// says "unexpectedly reached the end of the file" for a short text file.
+/// A file that cannot be read is left for wimlib to name.
+fn check_magic(path: &Path) -> Result<(), WimError> {
+    use std::io::Read;
+    let Ok(f) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let mut head = Vec::with_capacity(8);
+    if f.take(8).read_to_end(&mut head).is_err() {
+        return Ok(());
+    }
+    if MAGICS.iter().any(|m| head == m[..]) {
+        return Ok(());
+    }
+    Err(WimError {
+        op: "open".into(),
+        path: path.display().to_string(),
+        code: sys::wimlib_error_code_WIMLIB_ERR_NOT_A_WIM_FILE as i32,
+        message: "not a WIM file: it does not begin with the WIM signature \"MSWIM\"".into(),
+    })
+}
+
 /// A compression format of WIM resources, for [`Decompressor`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -614,6 +641,18 @@ mod tests {
         assert_ne!(e.code, 0);
         let e = Wim::open(&dir.path().join("missing.wim")).unwrap_err();
         assert!(e.to_string().contains("missing.wim"), "{e}");
+    }
+
+    #[test]
+    fn a_text_file_is_not_a_wim_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in [("notes.txt", &b"hello\n"[..]), ("empty.wim", &b""[..])] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            let e = Wim::open(&p).unwrap_err();
+            assert!(e.message.contains("not a WIM file"), "{e}");
+            assert!(e.to_string().contains(name), "{e}");
+        }
     }
 
     #[test]
