@@ -88,6 +88,18 @@ impl Content {
     }
 }
 
+/// [`make_tree`] with `files` files from `seed`, other settings default.
+pub fn make_tree_of(root: &Path, files: usize, seed: u64) -> anyhow::Result<Vec<PathBuf>> {
+    make_tree(
+        root,
+        &TreeSpec {
+            files,
+            seed,
+            ..TreeSpec::default()
+        },
+    )
+}
+
 /// Generates a tree under `root` and returns the relative paths of its files.
 pub fn make_tree(root: &Path, spec: &TreeSpec) -> anyhow::Result<Vec<PathBuf>> {
     let mut c = Content::new(spec.seed);

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_tests::harness::{DpProc, SiteProc};
-use ferry_tests::tree::{make_tree, Content, TreeSpec};
+use ferry_tests::tree::{make_tree_of, Content};
 use ferry_tests::updates::{tree_hashes, UpdateSpec};
 use ferry_tests::wimtools::{self, WINDOWS_PROPS};
 
@@ -18,15 +18,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// A generated tree of `files` files at `dir`.
 fn tree(dir: &Path, files: usize, seed: u64) {
-    make_tree(
-        dir,
-        &TreeSpec {
-            files,
-            seed,
-            ..TreeSpec::default()
-        },
-    )
-    .unwrap();
+    make_tree_of(dir, files, seed).unwrap();
 }
 
 /// Makes a setup folder in `dir/media`: install.wim with two images (the
