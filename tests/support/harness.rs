@@ -503,6 +503,14 @@ impl DpProc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// How the agent ended, if it has.
+    pub fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
     /// The DP's content folder.
     pub fn content(&self) -> PathBuf {
         self.data.join("content")

@@ -337,18 +337,30 @@ fn revoked_dps_used_tokens_and_foreign_cas_are_refused() {
     site.cli_ok(&["dp", "revoke", "dp1"]).unwrap();
     let row = site.dp_row("dp1").unwrap();
     assert_eq!(row["enrollment"], "revoked");
-    wait_for("dp1 to log its revocation", LIMIT, || {
-        Ok(dp.log_text().contains("revoked").then_some(()))
-    })
-    .unwrap();
-    wait_for("the site to refuse dp1 again", LIMIT, || {
-        Ok(fs::read_to_string(&site.log)?
-            .contains("was revoked")
-            .then_some(()))
-    })
-    .unwrap();
+    // The agent stops with the reason instead of redialling for ever.
+    let status = wait_for("dp1's agent to stop", LIMIT, || dp.exited()).unwrap();
+    assert!(!status.success(), "a revoked agent exits non-zero");
+    assert!(
+        dp.log_text().contains("revoked by the site"),
+        "{}",
+        dp.log_text()
+    );
     assert_eq!(site.dp_row("dp1").unwrap()["online"], false);
-    dp.kill();
+    // And the site is not asked again: at most the refusals of its last
+    // attempts, none once it has stopped.
+    let refusals = || {
+        fs::read_to_string(&site.log)
+            .unwrap()
+            .matches("DP connection refused")
+            .count()
+    };
+    let settled = refusals();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        refusals(),
+        settled,
+        "no refusal per second after it stopped"
+    );
 }
 
 #[test]

@@ -43,6 +43,18 @@ fn read(data: &Path, file: &str, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(&p).with_context(|| format!("cannot read the {what} {}", p.display()))
 }
 
+/// The site's reason, when it closed `conn` because this DP is revoked.
+fn revoked(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(ferry_wire::CLOSE_REVOKED) =>
+        {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
 /// Explains a lost connection in operator terms.
 pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
     match e {
@@ -96,6 +108,8 @@ impl DpAgent {
 
     /// Runs until `shutdown` completes: connects, converges, reconnects
     /// with backoff whenever the site is away.
+    /// Ends with an error when the site says this DP was revoked: it will
+    /// never be let in again, so redialling would only fill both logs.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let span = tracing::info_span!("dp", name = %self.cfg.name, site = %self.cfg.site);
         let main = async {
@@ -107,6 +121,12 @@ impl DpAgent {
                         info!("connected to the site");
                         failures = 0;
                         let err = self.session(&conn).await;
+                        if let Some(reason) = revoked(&conn) {
+                            error!(%reason, "revoked by the site; stopping");
+                            return Err(anyhow!(
+                                "revoked by the site ({reason}): this DP is refused from now on; enroll a new one with `ferry dp add` and `ferry dp init` in a fresh folder"
+                            ));
+                        }
                         conn.close(0u32.into(), b"");
                         warn!(reason = %format!("{err:#}"), "lost the site");
                     }
@@ -119,7 +139,7 @@ impl DpAgent {
             }
         };
         tokio::select! {
-            _ = main.instrument(span) => Ok(()),
+            r = main.instrument(span) => r,
             _ = shutdown => {
                 info!("DP agent stopping");
                 Ok(())

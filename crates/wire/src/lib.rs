@@ -28,6 +28,10 @@ pub const ALPN: &[u8] = b"ferry/1";
 /// Protocol version sent in [`pb::Watch`]. Version 2: long-lived fetch
 /// streams (`Fetch` + `Want`) and run-length compact manifests.
 pub const PROTOCOL_VERSION: u32 = 2;
+/// QUIC application close code: the DP was revoked (its agent stops).
+pub const CLOSE_REVOKED: u32 = 0x10;
+/// QUIC application close code: the certificate is not accepted.
+pub const CLOSE_NOT_ALLOWED: u32 = 0x11;
 /// Largest frame a DP may send (requests, reports): a `GetChunks` of
 /// [`MAX_BATCH_CHUNKS`] ids fits many times over.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;

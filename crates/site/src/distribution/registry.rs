@@ -984,10 +984,7 @@ impl Hub {
     }
 }
 
-/// QUIC application close code: the DP was revoked.
-pub const CLOSE_REVOKED: u32 = 0x10;
-/// QUIC application close code: the certificate is not accepted.
-pub const CLOSE_NOT_ALLOWED: u32 = 0x11;
+pub use ferry_wire::{CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
