@@ -137,6 +137,37 @@ fn an_upgrade_package_with_one_index_reaches_a_dp_byte_for_byte_and_can_be_servi
     assert!(pkg["revisions"][0]["warnings"]
         .as_array()
         .is_none_or(Vec::is_empty));
+
+    // Export of a package of many files names the one it wants; a wrong
+    // path is named, and nothing is written either way.
+    let out_file = dir.path().join("exported.bin");
+    let out = out_file.to_str().unwrap();
+    let e = site.cli(&["content", "export", &id, "--out", out]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success());
+    assert!(
+        err.contains("name one with --path") && err.contains("setup.exe"),
+        "{err}"
+    );
+    let e = site.cli(&["content", "export", &id, "--out", out, "--path", "nope.txt"]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success());
+    assert!(err.contains("has no file nope.txt"), "{err}");
+    assert!(!out_file.exists(), "nothing written");
+    site.cli_ok(&[
+        "content",
+        "export",
+        &id,
+        "--out",
+        out,
+        "--path",
+        "setup.exe",
+    ])
+    .unwrap();
+    assert_eq!(
+        fs::read(&out_file).unwrap(),
+        fs::read(root.join("setup.exe")).unwrap()
+    );
     let listed = site.cli_json(&["upgrade", "list"]).unwrap();
     assert_eq!(listed[0]["id"], id.as_str());
     assert!(site

@@ -239,7 +239,9 @@ impl ApiError {
 impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> Self {
         let status = match &e {
-            ImageError::NoPackage(_) | ImageError::NoRevision { .. } => StatusCode::NOT_FOUND,
+            ImageError::NoPackage(_) | ImageError::NoRevision { .. } | ImageError::NoFile(_) => {
+                StatusCode::NOT_FOUND
+            }
             e if e.is_input() => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -88,6 +88,9 @@ pub enum ImageError {
         /// Revision asked for.
         revision: u32,
     },
+    /// The revision has no such file, or several and none was named.
+    #[error("{0}")]
+    NoFile(String),
     /// Reading the source failed midway.
     #[error("{path}: {source}")]
     Ingest {
@@ -121,6 +124,7 @@ impl ImageError {
                 | ImageError::Changed { .. }
                 | ImageError::NoPackage(_)
                 | ImageError::NoRevision { .. }
+                | ImageError::NoFile(_)
         )
     }
 }
@@ -639,21 +643,45 @@ pub fn manifest(
         Some(r) => r,
         None => rec.latest().map_or(0, |r| r.revision),
     };
-    let manifests = lib.manifests(id, rev)?;
+    let mut manifests = lib.manifests(id, rev)?;
     if manifests.is_empty() {
         return Err(ImageError::NoRevision {
             id: id.to_string(),
             revision: rev,
         });
     }
-    let found = match path {
-        Some(p) => manifests.into_iter().find(|m| m.path == p),
-        None => manifests.into_iter().next(),
+    let listed = |ms: &[Manifest]| {
+        const SHOWN: usize = 10;
+        let mut names: Vec<&str> = ms.iter().take(SHOWN).map(|m| m.path.as_str()).collect();
+        let more = ms.len().saturating_sub(SHOWN);
+        if more > 0 {
+            names.push("…");
+        }
+        format!(
+            "{}{}",
+            names.join(", "),
+            if more > 0 {
+                format!(" ({more} more; `ferry upgrade show {id}` lists them)")
+            } else {
+                String::new()
+            }
+        )
     };
-    found.ok_or_else(|| ImageError::NoRevision {
-        id: id.to_string(),
-        revision: rev,
-    })
+    match path {
+        Some(p) => match manifests.iter().position(|m| m.path == p) {
+            Some(i) => Ok(manifests.swap_remove(i)),
+            None => Err(ImageError::NoFile(format!(
+                "package {id} revision {rev} has no file {p}; its files: {}",
+                listed(&manifests)
+            ))),
+        },
+        None if manifests.len() == 1 => Ok(manifests.swap_remove(0)),
+        None => Err(ImageError::NoFile(format!(
+            "package {id} revision {rev} holds {} files: name one with --path ({})",
+            manifests.len(),
+            listed(&manifests)
+        ))),
+    }
 }
 
 /// One damaged chunk and the packages that use it.
