@@ -454,3 +454,35 @@ fn a_package_too_big_for_the_dp_disk_is_refused_before_anything_is_written() {
     .unwrap();
     dp.kill();
 }
+
+#[test]
+fn what_status_and_dp_list_show_survives_a_restart_of_the_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "small", 150, 91, &[]).unwrap();
+    let mut site = SiteProc::start(dir.path()).unwrap();
+    let _dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let figures = |site: &SiteProc| {
+        let r = site.row(&id, "dp1").unwrap().unwrap();
+        let d = site.dp_row("dp1").unwrap();
+        serde_json::json!({
+            "state": r["state"], "bytes_needed": r["bytes_needed"], "bytes_done": r["bytes_done"],
+            "full_bytes": r["full_bytes"], "wire_bytes": r["wire_bytes"],
+            "served_bytes": d["served_bytes"], "installed": d["installed"],
+        })
+    };
+    let before = figures(&site);
+    assert!(before["served_bytes"].as_u64().unwrap() > 0, "{before}");
+    assert!(before["wire_bytes"].as_u64().unwrap() > 0, "{before}");
+    for restart in ["stopped", "killed"] {
+        if restart == "stopped" {
+            site.stop().unwrap();
+        } else {
+            site.kill();
+        }
+        site.serve().unwrap();
+        assert_eq!(figures(&site), before, "after the site was {restart}");
+    }
+}

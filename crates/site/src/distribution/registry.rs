@@ -7,9 +7,10 @@
 //! RocksDB (the library's `state` column family): one record per DP and per
 //! group, written in one synced batch per change. [`Hub`] keeps it in
 //! memory with a lock, a change signal for connected DPs, and what is only
-//! true while the site runs (who is online, bytes served). A DP's progress
-//! reports change memory only; its record is written when a transfer's
-//! state, revision or error changes, and for every DP when the site stops.
+//! true while the site runs (who is online), and a counter of bytes served
+//! per DP. A DP's progress reports and bytes served change memory only; its
+//! record (with both) is written when a transfer's state, revision or error
+//! changes, and for every DP when the site stops.
 //! A `registry.json` of an earlier release is moved in on first start.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -172,6 +173,10 @@ pub struct DpRecord {
     /// Content validation: schedule, the latest request, results.
     #[serde(default)]
     pub validation: ValidationState,
+    /// Chunk bytes the site has sent it, as of the record's last write (the
+    /// live figure is [`Hub::served_bytes`]).
+    #[serde(default)]
+    pub served_bytes: u64,
 }
 
 /// A DP's content validation.
@@ -384,6 +389,12 @@ impl Hub {
                     detail: format!("moved in, but cannot rename it to {}: {e}", to.display()),
                 })?;
         }
+        // Bytes served go on from what the records hold.
+        *hub.served.lock().unwrap_or_else(|p| p.into_inner()) = reg
+            .dps
+            .iter()
+            .map(|(name, d)| (name.clone(), Arc::new(AtomicU64::new(d.served_bytes))))
+            .collect();
         *hub.reg.lock().unwrap_or_else(|p| p.into_inner()) = reg;
         Ok(hub)
     }
@@ -505,6 +516,7 @@ impl Hub {
         let (lasting, out) = f(&mut next);
         let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
         if lasting {
+            next.served_bytes = self.served_bytes(dp);
             let change = self.dp_change(dp, &next)?;
             self.lib
                 .write_state(&[change])
@@ -523,14 +535,16 @@ impl Hub {
         Ok(([DP_PREFIX, name.as_bytes()].concat(), Some(v)))
     }
 
-    /// Writes every DP record whose progress changed only in memory (at
-    /// shutdown).
+    /// Writes every DP record whose progress or bytes served changed only
+    /// in memory (at shutdown).
     pub fn flush(&self) -> Result<(), HubError> {
-        let reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
         let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
         let mut changes = Vec::new();
-        for dp in unsaved.iter() {
-            if let Some(rec) = reg.dps.get(dp) {
+        for (dp, rec) in reg.dps.iter_mut() {
+            let served = self.served_bytes(dp);
+            if unsaved.contains(dp) || rec.served_bytes != served {
+                rec.served_bytes = served;
                 changes.push(self.dp_change(dp, rec)?);
             }
         }
@@ -974,7 +988,8 @@ impl Hub {
             .clone()
     }
 
-    /// Chunk bytes sent to `dp` since the site started.
+    /// Chunk bytes sent to `dp`, restarts of the site included (as of the
+    /// record's last write before one).
     pub fn served_bytes(&self, dp: &str) -> u64 {
         self.served
             .lock()
