@@ -2,11 +2,13 @@
 //!
 //! What it is: [`Library`] stores chunks once, keyed by BLAKE3, counts how
 //! many manifests reference each, keeps manifests and opaque catalog records
-//! per package, and frees chunks nothing references any more. Imports write
-//! chunks as they go through an [`Import`] and make the package visible in
-//! one synced write batch ([`Import::commit`]); an import that fails or is
-//! killed leaves only unreferenced chunks, which [`Library::collect`]
-//! reclaims. See `DESIGN.md` beside this crate for the keyspace.
+//! per package, and frees chunks nothing references any more. An
+//! [`Import`] writes its new chunks into table files of its own (a pack),
+//! which [`Import::commit`] hands to RocksDB whole before one synced write
+//! batch makes the package visible; an import that fails or is killed
+//! leaves only its pack, deleted at the next open. Freed chunks are
+//! reclaimed by [`Library::collect`]. See `DESIGN.md` beside this crate for
+//! the keyspace.
 //!
 //! A distribution point keeps no chunk copies: its content folder is its
 //! store and RocksDB only the index ([`content::ContentStore`]; chunks are
