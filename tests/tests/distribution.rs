@@ -486,3 +486,55 @@ fn what_status_and_dp_list_show_survives_a_restart_of_the_site() {
         assert_eq!(figures(&site), before, "after the site was {restart}");
     }
 }
+
+#[test]
+fn dps_leave_groups_and_a_group_is_deleted_only_without_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "small", 30, 93, &[]).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let _dp1 = DpProc::enroll(dir.path(), "dp1", &site).unwrap();
+    let _dp2 = DpProc::enroll(dir.path(), "dp2", &site).unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["group", "create", "branch"]).unwrap();
+    site.cli_ok(&["group", "add", "branch", "dp1", "dp2"])
+        .unwrap();
+    site.cli_ok(&["distribute", &id, "--group", "branch"])
+        .unwrap();
+    let assigned = |dp: &str| site.dp_row(dp).unwrap()["assigned"].clone();
+    assert_eq!(assigned("dp2"), serde_json::json!([id]));
+    let fails = |args: &[&str], says: &str| {
+        let out = site.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+
+    site.cli_ok(&["group", "remove", "branch", "dp2"]).unwrap();
+    let groups = site.cli_json(&["group", "list"]).unwrap();
+    assert_eq!(groups["branch"]["members"], serde_json::json!(["dp1"]));
+    assert_eq!(
+        assigned("dp2"),
+        serde_json::json!([]),
+        "the group's package left dp2"
+    );
+    assert_eq!(assigned("dp1"), serde_json::json!([id]));
+    fails(
+        &["group", "remove", "branch", "dp1", "dp9"],
+        "dp9 is not in group branch",
+    );
+    assert_eq!(
+        site.cli_json(&["group", "list"]).unwrap()["branch"]["members"],
+        serde_json::json!(["dp1"]),
+        "all or none"
+    );
+
+    fails(&["group", "delete", "branch"], "ferry undistribute");
+    site.cli_ok(&["undistribute", &id, "--group", "branch"])
+        .unwrap();
+    site.cli_ok(&["group", "delete", "branch"]).unwrap();
+    assert_eq!(
+        site.cli_json(&["group", "list"]).unwrap(),
+        serde_json::json!({})
+    );
+    fails(&["group", "delete", "branch"], "branch");
+}

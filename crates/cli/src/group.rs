@@ -25,6 +25,20 @@ pub(crate) enum GroupCmd {
         #[arg(required = true)]
         dps: Vec<String>,
     },
+    /// Remove DPs from a group; the group's packages leave them (unless
+    /// assigned to them otherwise).
+    Remove {
+        /// The group.
+        group: String,
+        /// DPs to remove.
+        #[arg(required = true)]
+        dps: Vec<String>,
+    },
+    /// Delete a group (refused while packages are assigned to it).
+    Delete {
+        /// The group.
+        group: String,
+    },
     /// Every group with its members and packages.
     List,
 }
@@ -43,14 +57,23 @@ pub(crate) async fn run(cmd: GroupCmd, g: &Global) -> anyhow::Result<()> {
             println!("group {name} created");
         }
         GroupCmd::Add { group, dps } => {
-            client
-                .send(
-                    client
-                        .request(Method::POST, &format!("/groups/{group}/members"))
-                        .json(&MembersRequest { dps: dps.clone() }),
-                )
-                .await?;
+            members(&client, &format!("/groups/{group}/members"), dps.clone()).await?;
             println!("added {} to {group}", dps.join(", "));
+        }
+        GroupCmd::Remove { group, dps } => {
+            members(
+                &client,
+                &format!("/groups/{group}/members/remove"),
+                dps.clone(),
+            )
+            .await?;
+            println!("removed {} from {group}", dps.join(", "));
+        }
+        GroupCmd::Delete { group } => {
+            client
+                .send(client.request(Method::DELETE, &format!("/groups/{group}")))
+                .await?;
+            println!("group {group} deleted");
         }
         GroupCmd::List => {
             let groups: BTreeMap<String, GroupRecord> =
@@ -70,4 +93,16 @@ pub(crate) async fn run(cmd: GroupCmd, g: &Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sends a group's member change (`route`: add or remove).
+async fn members(client: &Client, route: &str, dps: Vec<String>) -> anyhow::Result<()> {
+    client
+        .send(
+            client
+                .request(Method::POST, route)
+                .json(&MembersRequest { dps }),
+        )
+        .await
+        .map(drop)
 }

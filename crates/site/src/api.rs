@@ -19,6 +19,8 @@
 //! | GET | `/api/v1/groups` | `{name: GroupRecord}` |
 //! | POST | `/api/v1/groups` | `GroupRequest` |
 //! | POST | `/api/v1/groups/{name}/members` | `MembersRequest` |
+//! | POST | `/api/v1/groups/{name}/members/remove` | `MembersRequest` |
+//! | DELETE | `/api/v1/groups/{name}` | |
 //! | POST | `/api/v1/distribute` | `DistributeRequest` → `DistributeReply` |
 //! | POST | `/api/v1/undistribute` | `DistributeRequest` |
 //! | GET | `/api/v1/status?package=&dp=` | `[StatusRow]` |
@@ -44,7 +46,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use ferry_store::Library;
 use serde::{Deserialize, Serialize};
@@ -324,7 +326,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/dps/{name}/validation", get(dp_validation))
         .route("/dps/{name}/settings", post(dp_settings))
         .route("/groups", get(list_groups).post(create_group))
+        .route("/groups/{name}", delete(delete_group))
         .route("/groups/{name}/members", post(add_members))
+        .route("/groups/{name}/members/remove", post(remove_members))
         .route("/distribute", post(distribute))
         .route("/undistribute", post(undistribute))
         .route("/status", get(status_rows))
@@ -702,6 +706,25 @@ async fn add_members(
     Json(req): Json<MembersRequest>,
 ) -> Result<Response, ApiError> {
     s.hub.add_members(&name, &req.dps)?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn remove_members(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Json(req): Json<MembersRequest>,
+) -> Result<Response, ApiError> {
+    s.hub.remove_members(&name, &req.dps)?;
+    tracing::info!(group = %name, dps = ?req.dps, "DPs removed from a group");
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn delete_group(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.hub.delete_group(&name)?;
+    tracing::info!(group = %name, "group deleted");
     Ok(Json(serde_json::json!({})).into_response())
 }
 

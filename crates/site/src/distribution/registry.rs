@@ -723,16 +723,40 @@ impl Hub {
         })
     }
 
-    /// Removes DPs from a group.
+    /// Removes DPs from a group: the group's packages are no longer
+    /// theirs (unless assigned to them otherwise). All or none: a DP that is
+    /// not a member is named.
     pub fn remove_members(&self, group: &str, dps: &[String]) -> Result<(), HubError> {
         self.update(true, |r| {
             let g = r
                 .groups
                 .get_mut(group)
                 .ok_or_else(|| HubError::NoGroup(group.into()))?;
+            if let Some(d) = dps.iter().find(|d| !g.members.contains(*d)) {
+                return Err(HubError::Conflict(format!("{d} is not in group {group}")));
+            }
             for d in dps {
                 g.members.remove(d);
             }
+            Ok(())
+        })
+    }
+
+    /// Deletes a group, refused while packages are assigned to it (their
+    /// DPs would lose them unasked).
+    pub fn delete_group(&self, group: &str) -> Result<(), HubError> {
+        self.update(true, |r| {
+            let g = r
+                .groups
+                .get(group)
+                .ok_or_else(|| HubError::NoGroup(group.into()))?;
+            if let Some(p) = g.packages.iter().next() {
+                return Err(HubError::Conflict(format!(
+                    "group {group} has packages assigned ({}): `ferry undistribute {p} --group {group}` first",
+                    g.packages.iter().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            r.groups.remove(group);
             Ok(())
         })
     }
