@@ -261,7 +261,7 @@ impl Entry {
 /// The options of [`CF_PACKS`]: chunks are compressed already; the table
 /// index goes through the shared block cache, so it does not grow in memory
 /// with the library; reads of chunk blocks bypass that cache
-/// ([`Library::chunk_read`]).
+/// ([`Library::with_chunk`]).
 fn pack_options(cache: &Cache) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
@@ -454,10 +454,12 @@ impl Library {
             .and_then(|v| Entry::parse(&v)))
     }
 
-    /// Reads a stored chunk's bytes into `f`, wherever they are. Chunk
-    /// blocks are read once per request and would only push the index out
-    /// of the block cache, so they bypass it.
-    fn chunk_read<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
+    /// Hands the stored bytes of a chunk to `f`, wherever they are, without
+    /// hashing them (they were hashed when imported; RocksDB's checksums
+    /// still catch a bad read; `content verify` and scrubs catch rot). For
+    /// serving chunks. Chunk blocks are read once per request and would only
+    /// push the index out of the block cache, so they bypass it.
+    pub fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
         let Some(entry) = self.entry(id)? else {
             return Err(StoreError::MissingChunk(*id));
         };
@@ -766,7 +768,7 @@ impl Library {
 
     /// Reads a chunk and checks it against its id.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let v = self.chunk_read(id, <[u8]>::to_vec)?;
+        let v = self.with_chunk(id, <[u8]>::to_vec)?;
         if ChunkId::of(&v) != *id {
             return Err(StoreError::Damaged {
                 id: *id,
@@ -774,13 +776,6 @@ impl Library {
             });
         }
         Ok(v)
-    }
-
-    /// Hands the stored bytes of a chunk to `f` without hashing them (they
-    /// were hashed when imported; RocksDB's checksums still catch a bad
-    /// read; `content verify` and scrubs catch rot). For serving chunks.
-    pub fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
-        self.chunk_read(id, f)
     }
 
     /// Checks each chunk of `ids` (each once) and returns the damaged or

@@ -141,9 +141,7 @@ fn sparse_copy(lib: &Library, m: &Manifest, dest: &Path) -> Result<bool, Stop> {
         Ok::<(), StoreError>(())
     })
     .map_err(|e| Stop(e.to_string()))?;
-    let unreadable = |e: String| Stop(format!("the work copy of {} cannot be read: {e}", m.path));
-    let mut f = std::fs::File::open(dest).map_err(|e| unreadable(e.to_string()))?;
-    let layout = ferry_wim::Layout::read(&mut f, m.size).map_err(|e| unreadable(e.to_string()))?;
+    let layout = layout_of(dest, &format!("the work copy of {}", m.path))?;
     let solid = layout
         .blobs
         .iter()
@@ -512,10 +510,7 @@ fn service(
 /// False when they cannot be checked this way (a solid resource): the
 /// caller verifies the whole WIM.
 fn verify_appended(wim: &Path, old_len: u64) -> Result<bool, Stop> {
-    let unreadable = |e: String| Stop(format!("the serviced WIM cannot be read: {e}"));
-    let mut f = std::fs::File::open(wim).map_err(|e| unreadable(e.to_string()))?;
-    let len = f.metadata().map_err(|e| unreadable(e.to_string()))?.len();
-    let layout = ferry_wim::Layout::read(&mut f, len).map_err(|e| unreadable(e.to_string()))?;
+    let layout = layout_of(wim, "the serviced WIM")?;
     match ferry_wim::verify_blobs_from(wim, &layout, old_len) {
         Ok(Some(c)) => {
             tracing::debug!(
@@ -528,6 +523,15 @@ fn verify_appended(wim: &Path, old_len: u64) -> Result<bool, Stop> {
         Ok(None) => Ok(false),
         Err(e) => Err(Stop(format!("the serviced WIM does not verify: {e}"))),
     }
+}
+
+/// The header and blob table of the WIM at `path` (`what` names it in the
+/// error).
+fn layout_of(path: &Path, what: &str) -> Result<ferry_wim::Layout, Stop> {
+    let unreadable = |e: String| Stop(format!("{what} cannot be read: {e}"));
+    let mut f = std::fs::File::open(path).map_err(|e| unreadable(e.to_string()))?;
+    let len = f.metadata().map_err(|e| unreadable(e.to_string()))?.len();
+    ferry_wim::Layout::read(&mut f, len).map_err(|e| unreadable(e.to_string()))
 }
 
 /// Where a job's work files go.
