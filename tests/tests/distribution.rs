@@ -270,13 +270,20 @@ fn revoked_dps_used_tokens_and_foreign_cas_are_refused() {
     );
     // A DP that never finished enrolling gets a new token; the old one is
     // dead, and an enrolled DP gets none.
-    let add = |name: &str| {
-        site.cli_json(&["dp", "add", name]).unwrap()["token"]
-            .as_str()
-            .unwrap()
-            .to_string()
+    let add = |args: &[&str]| {
+        let r = site.cli_json(&[&["dp", "add"], args].concat()).unwrap();
+        assert_eq!(r["site"], site.dp_addr(), "the site's real DP endpoint");
+        r["token"].as_str().unwrap().to_string()
     };
-    let (first, second) = (add("dp9"), add("dp9"));
+    let first = add(&["dp9"]);
+    let out = site.cli(&["dp", "add", "dp9"]);
+    assert!(!out.status.success(), "a second add is not a silent reissue");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ferry dp add dp9 --reissue"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = add(&["dp9", "--reissue"]);
     assert_ne!(first, second);
     assert!(!init("dp9-old", &first, &site.dp_addr()).status.success());
     assert!(init("dp9", &second, &site.dp_addr()).status.success());
@@ -537,4 +544,63 @@ fn dps_leave_groups_and_a_group_is_deleted_only_without_packages() {
         serde_json::json!({})
     );
     fails(&["group", "delete", "branch"], "branch");
+}
+
+#[test]
+fn a_revoked_dp_stops_counting_and_dp_remove_frees_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "small", 30, 94, &[]).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let mut dp1 = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let mut dp2 = DpProc::start(dir.path(), "dp2", &site).unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["group", "create", "branch"]).unwrap();
+    site.cli_ok(&["group", "add", "branch", "dp1"]).unwrap();
+    site.cli_ok(&["distribute", &id, "--dp", "dp1", "dp2"])
+        .unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    site.wait_installed(&id, "dp2", 1, LIMIT).unwrap();
+
+    // Revoked: its row says so, and taking the package away ends at once
+    // (a revoked DP reports no removal).
+    site.cli_ok(&["dp", "revoke", "dp1"]).unwrap();
+    assert_eq!(site.row(&id, "dp1").unwrap().unwrap()["state"], "revoked");
+    site.cli_ok(&["undistribute", &id, "--dp", "dp1"]).unwrap();
+    assert!(site.row(&id, "dp1").unwrap().is_none(), "no row left removing");
+    wait_for("the revoked agent to stop", LIMIT, || Ok(dp1.exited()?))
+        .unwrap();
+
+    // An online DP is removed only with --force; errors are JSON under
+    // --json, with a code.
+    let out = site.cli(&["dp", "remove", "dp2", "--json"]);
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["code"], "conflict", "{err}");
+    assert!(err["error"].as_str().unwrap().contains("--force"), "{err}");
+    let out = site.cli(&["dp", "remove", "dp7", "--json"]);
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["code"], "not-found", "{err}");
+
+    site.cli_ok(&["undistribute", &id, "--dp", "dp2"]).unwrap();
+    wait_for("dp2 to remove the package", LIMIT, || {
+        Ok(site.row(&id, "dp2")?.is_none().then_some(()))
+    })
+    .unwrap();
+    // Nothing counts dp1's copy any more: the image may go.
+    site.cli_ok(&["image", "remove", &id]).unwrap();
+
+    site.cli_ok(&["dp", "remove", "dp1"]).unwrap();
+    site.cli_ok(&["dp", "remove", "dp2", "--force"]).unwrap();
+    wait_for("the removed agent to stop", LIMIT, || Ok(dp2.exited()?))
+        .unwrap();
+    let list = site.cli_json(&["dp", "list"]).unwrap();
+    assert_eq!(list, serde_json::json!([]), "both records are gone");
+    assert_eq!(
+        site.cli_json(&["group", "list"]).unwrap()["branch"]["members"],
+        serde_json::json!([]),
+        "dp1 left its group"
+    );
+    // The name is free again: a new DP enrolls under it.
+    let r = site.cli_json(&["dp", "add", "dp1"]).unwrap();
+    assert!(r["token"].as_str().unwrap().starts_with("ferry1."), "{r}");
 }

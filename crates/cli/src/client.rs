@@ -7,6 +7,39 @@ use serde::de::DeserializeOwned;
 
 use crate::Global;
 
+/// An error answer of the site: its message, its `code` word and the HTTP
+/// status.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) code: String,
+    pub(crate) message: String,
+    pub(crate) status: u16,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (HTTP {})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The operator API URL: `http://` or `https://` and HOST:PORT.
+fn check_url(site: &str) -> anyhow::Result<String> {
+    let url = site.trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() => Ok(url.to_string()),
+        _ => bail!(
+            "--site {site:?} is not the operator API's URL: use http(s)://HOST:PORT (e.g. http://{}); \
+             `ferry dp init` is the command whose --site is the DP endpoint HOST:PORT",
+            if rest.is_some() { ferry_site::config::DEFAULT_OPERATOR_LISTEN } else { site }
+        ),
+    }
+}
+
 /// An authenticated client for one site.
 pub(crate) struct Client {
     http: reqwest::Client,
@@ -19,12 +52,13 @@ impl Client {
     /// given, else the address and token in the `--data` folder.
     pub(crate) fn new(g: &Global) -> anyhow::Result<Self> {
         let (base, token) = match (&g.site, &g.token, &g.data) {
-            (Some(site), Some(token), _) => (site.trim_end_matches('/').to_string(), token.clone()),
+            (Some(site), Some(token), _) => (check_url(site)?, token.clone()),
             (site, token, Some(data)) => {
                 let cfg = SiteConfig::load(data)?;
-                let base = site
-                    .clone()
-                    .unwrap_or_else(|| format!("http://{}", cfg.operator.listen));
+                let base = match site {
+                    Some(s) => check_url(s)?,
+                    None => format!("http://{}", cfg.operator.listen),
+                };
                 let token = match token {
                     Some(t) => t.clone(),
                     None => ferry_site::read_token(data)?,
@@ -60,13 +94,19 @@ impl Client {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        let status = resp.status();
+        let status = resp.status().as_u16();
         let body = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(body);
-        bail!("{msg} (HTTP {})", status.as_u16())
+        let v = serde_json::from_str::<serde_json::Value>(&body).ok();
+        let field = |name: &str| {
+            v.as_ref()
+                .and_then(|v| v.get(name).and_then(|e| e.as_str()).map(str::to_string))
+        };
+        Err(Refusal {
+            code: field("code").unwrap_or_else(|| "error".into()),
+            message: field("error").unwrap_or(body),
+            status,
+        }
+        .into())
     }
 
     pub(crate) async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<T> {

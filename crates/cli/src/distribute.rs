@@ -6,7 +6,7 @@ use ferry_site::status::StatusRow;
 use reqwest::Method;
 
 use crate::client::Client;
-use crate::output::{bytes, percent, print_json, table};
+use crate::output::{bytes, emit, percent, print_json, table};
 use crate::Global;
 
 /// Which DPs a package goes to or leaves.
@@ -88,11 +88,16 @@ pub(crate) async fn undistribute(t: Targets, g: &Global) -> anyhow::Result<()> {
     client
         .send(client.request(Method::POST, "/undistribute").json(&req))
         .await?;
-    println!(
-        "{} unassigned; the DPs remove it and free chunks nothing else uses",
-        t.id
-    );
-    Ok(())
+    emit(
+        g,
+        &serde_json::json!({ "package": t.id, "dps": req.dps, "groups": req.groups, "unassigned": true }),
+        || {
+            println!(
+                "{} unassigned; the DPs remove it and free chunks nothing else uses",
+                t.id
+            )
+        },
+    )
 }
 
 fn eta(secs: u64) -> String {

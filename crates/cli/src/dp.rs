@@ -11,7 +11,7 @@ use ferry_site::validation::{DpSettings, ValidateReply, ValidateRequest, Validat
 use reqwest::Method;
 
 use crate::client::Client;
-use crate::output::{bytes, print_json, table};
+use crate::output::{bytes, emit, print_json, table};
 use crate::Global;
 
 #[derive(Subcommand, Debug)]
@@ -20,6 +20,19 @@ pub(crate) enum DpCmd {
     Add {
         /// The DP's name (letters, digits, '.', '-', '_').
         name: String,
+        /// A new token for a DP that never finished enrolling (the old
+        /// token stops working).
+        #[arg(long)]
+        reissue: bool,
+    },
+    /// On the site: delete a DP's record (assignments, status rows, group
+    /// membership); its certificate is refused and the name is free again.
+    Remove {
+        /// The DP's name.
+        name: String,
+        /// Even while it is connected (its connection is closed).
+        #[arg(long)]
+        force: bool,
     },
     /// On the DP: enroll the folder --data with the site (key, certificate,
     /// pinned site CA). Here --site is the site's DP endpoint HOST:PORT (its
@@ -136,34 +149,50 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 .with_max_rate(max_rate);
             agent.run(crate::site::shutdown_signal()).await
         }
-        DpCmd::Add { name } => {
+        DpCmd::Add { name, reissue } => {
             let client = Client::new(g)?;
             let r: AddDpReply = client
                 .json(
                     client
                         .request(Method::POST, "/dps")
-                        .json(&AddDpRequest { name }),
+                        .json(&AddDpRequest { name, reissue }),
                 )
                 .await?;
-            if g.json {
-                return print_json(&r);
-            }
-            println!("{}", r.token);
-            eprintln!(
-                "DP {} added. On the DP, within reach of the site's [dp] listen address, run once:\n  \
-                 ferry dp init --data DIR --site SITE_HOST:PORT --token {}\n\
-                 The token works once.",
-                r.name, r.token
-            );
-            Ok(())
+            emit(g, &r, || {
+                println!("{}", r.token);
+                eprintln!(
+                    "DP {} {}. On the DP (it must reach UDP {} of the site), run once:\n  \
+                     ferry dp init --data /srv/ferry-dp --site {} --token {}\n\
+                     The token works once.",
+                    r.name,
+                    if reissue { "has a new token" } else { "added" },
+                    r.site,
+                    r.site,
+                    r.token
+                );
+            })
+        }
+        DpCmd::Remove { name, force } => {
+            let client = Client::new(g)?;
+            let r: serde_json::Value = client
+                .json(
+                    client
+                        .request(Method::DELETE, &format!("/dps/{name}"))
+                        .query(&[("force", force)]),
+                )
+                .await?;
+            emit(g, &r, || {
+                println!("removed {name}: its assignments and status rows are gone, and the name is free")
+            })
         }
         DpCmd::Revoke { name } => {
             let client = Client::new(g)?;
             client
                 .send(client.request(Method::POST, &format!("/dps/{name}/revoke")))
                 .await?;
-            println!("revoked {name}: its certificate is refused from now on");
-            Ok(())
+            emit(g, &serde_json::json!({ "revoked": name }), || {
+                println!("revoked {name}: its certificate is refused from now on; `ferry dp remove {name}` deletes its record")
+            })
         }
         DpCmd::Validate {
             name,

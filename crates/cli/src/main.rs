@@ -89,7 +89,10 @@ fn main() -> ExitCode {
     // `ferry … | head` ends quietly, as other command-line tools do, instead
     // of panicking on the closed pipe.
     sigpipe::reset();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
                 && std::env::var_os("NO_COLOR").is_none(),
         )
         .init();
+    let json = cli.json;
     let global = Global {
         data: cli.data,
         site: cli.site,
@@ -136,10 +140,78 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let message = message(&e);
+            if json {
+                let v = serde_json::json!({ "error": message, "code": code(&e) });
+                println!("{v}");
+            } else {
+                eprintln!("error: {message}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the command line asks for JSON (when clap could not parse it).
+fn wants_json() -> bool {
+    std::env::args_os().skip(1).any(|a| a == "--json")
+}
+
+/// A command line clap refused: its message, as JSON under `--json`
+/// (code `usage`), exit code 2. Help and version print as usual.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let shown = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if shown || !wants_json() {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    println!("{}", serde_json::json!({ "error": first, "code": "usage", "usage": text }));
+    ExitCode::from(2)
+}
+
+/// The error and its causes, each once: a cause whose text the message
+/// already holds (a context that quoted it) is not repeated.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// The stable word for an error, for scripts: the site's code when the site
+/// refused, `unreachable` when it could not be reached, else `failed`.
+fn code(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(r) = cause.downcast_ref::<client::Refusal>() {
+            return r.code.clone();
+        }
+        if cause
+            .downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_connect() || r.is_timeout())
+        {
+            return "unreachable".into();
+        }
+    }
+    "failed".into()
 }
 
 #[cfg(test)]
@@ -149,5 +221,18 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(io)
+            .context(format!("/x/site.toml: {}", std::io::Error::from(std::io::ErrorKind::NotFound)))
+            .context("cannot open the site");
+        let m = super::message(&e);
+        assert_eq!(m.matches("not found").count(), 1, "{m}");
+        assert!(m.starts_with("cannot open the site: /x/site.toml"), "{m}");
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::message(&plain), "outer: inner");
     }
 }

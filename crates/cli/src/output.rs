@@ -14,6 +14,19 @@ pub(crate) fn table(header: &[&str]) -> Table {
     t
 }
 
+/// Under `--json` prints `v`, else runs `human` (which prints the text).
+pub(crate) fn emit<T: Serialize>(
+    g: &crate::Global,
+    v: &T,
+    human: impl FnOnce(),
+) -> anyhow::Result<()> {
+    if g.json {
+        return print_json(v);
+    }
+    human();
+    Ok(())
+}
+
 /// Prints `v` as pretty JSON.
 pub(crate) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

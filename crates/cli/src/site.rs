@@ -14,7 +14,7 @@ pub(crate) enum SiteCmd {
     /// Create a site: configuration, operator token, CA and content library.
     Init {
         /// Site code: three letters or digits starting every package id.
-        #[arg(long, default_value = "FRY")]
+        #[arg(long, default_value = "FRY", value_parser = parse_site_code)]
         site_code: String,
         /// Operator API address.
         #[arg(long, default_value = ferry_site::config::DEFAULT_OPERATOR_LISTEN)]
@@ -25,6 +25,18 @@ pub(crate) enum SiteCmd {
     },
     /// Run the site server in the foreground (Ctrl-C stops it).
     Serve,
+}
+
+/// A site code: three ASCII letters or digits, kept in capitals.
+fn parse_site_code(s: &str) -> Result<String, String> {
+    if s.len() == 3 && s.chars().all(|c| c.is_ascii_alphanumeric()) {
+        Ok(s.to_ascii_uppercase())
+    } else {
+        Err(format!(
+            "{s:?} is not a site code: give three letters or digits (e.g. --site-code P01); \
+             it starts every package id of the site"
+        ))
+    }
 }
 
 fn data_dir(g: &Global) -> anyhow::Result<PathBuf> {
@@ -41,6 +53,7 @@ pub(crate) async fn run(cmd: SiteCmd, g: &Global) -> anyhow::Result<()> {
             listen,
             dp_listen,
         } => {
+            let code = site_code.clone();
             ferry_site::init(
                 &data,
                 &InitOptions {
@@ -49,17 +62,20 @@ pub(crate) async fn run(cmd: SiteCmd, g: &Global) -> anyhow::Result<()> {
                     dp_listen,
                 },
             )?;
-            println!("site created in {}", data.display());
-            println!(
-                "  configuration  {}",
-                data.join(ferry_site::CONFIG_FILE).display()
+            let (config, token) = (
+                data.join(ferry_site::CONFIG_FILE),
+                data.join(ferry_site::TOKEN_FILE),
             );
-            println!(
-                "  operator token {}",
-                data.join(ferry_site::TOKEN_FILE).display()
-            );
-            println!("start it with: ferry site serve --data {}", data.display());
-            Ok(())
+            crate::output::emit(
+                g,
+                &serde_json::json!({ "data": data, "config": config, "token_file": token, "site_code": code }),
+                || {
+                    println!("site created in {}", data.display());
+                    println!("  configuration  {}", config.display());
+                    println!("  operator token {}", token.display());
+                    println!("start it with: ferry site serve --data {}", data.display());
+                },
+            )
         }
         SiteCmd::Serve => {
             let site = tokio::task::spawn_blocking(move || Site::open(&data)).await??;

@@ -114,6 +114,10 @@ pub struct RefreshRequest {
 pub struct AddDpRequest {
     /// The DP's name.
     pub name: String,
+    /// A new token for a DP that never finished enrolling (the old one
+    /// stops working).
+    #[serde(default)]
+    pub reissue: bool,
 }
 
 /// Answer of `POST /api/v1/dps`.
@@ -123,6 +127,8 @@ pub struct AddDpReply {
     pub name: String,
     /// The one-time enrollment token for `ferry dp init --token`.
     pub token: String,
+    /// The site's DP endpoint for `ferry dp init --site` (HOST:PORT).
+    pub site: String,
 }
 
 /// Body of `POST /api/v1/groups`.
@@ -192,6 +198,8 @@ pub struct ApiState {
     pub token_hash: blake3::Hash,
     /// Servicing jobs.
     pub jobs: Arc<Jobs>,
+    /// Where the QUIC endpoint for DPs listens.
+    pub dp_listen: std::net::SocketAddr,
 }
 
 /// Body of `POST /api/v1/updates`.
@@ -219,9 +227,23 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(serde_json::json!({ "error": self.message })),
+            Json(serde_json::json!({ "error": self.message, "code": error_code(self.status) })),
         )
             .into_response()
+    }
+}
+
+/// The stable word for an error answer's status, for scripts (`code` beside
+/// `error`).
+pub fn error_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => "invalid",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::PAYLOAD_TOO_LARGE => "too-large",
+        s if s.is_server_error() => "site-failure",
+        _ => "error",
     }
 }
 
@@ -321,6 +343,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/content/verify", post(verify))
         .route("/images/{id}/refresh", post(refresh_image))
         .route("/dps", get(list_dps).post(add_dp))
+        .route("/dps/{name}", delete(remove_dp))
         .route("/dps/{name}/revoke", post(revoke_dp))
         .route("/dps/{name}/validate", post(validate_dp))
         .route("/dps/{name}/validation", get(dp_validation))
@@ -392,6 +415,7 @@ async fn remove_image(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let rid = id.clone();
     let holders = s.hub.snapshot().holders(&id);
     if !holders.is_empty() {
         return Err(ApiError {
@@ -418,6 +442,7 @@ async fn remove_image(
         Ok(r)
     })
     .await?;
+    s.hub.forget_package(&rid)?;
     Ok(Json(out).into_response())
 }
 
@@ -640,7 +665,7 @@ async fn add_dp(
     State(s): State<ApiState>,
     Json(req): Json<AddDpRequest>,
 ) -> Result<Response, ApiError> {
-    let secret = s.hub.add_dp(&req.name)?;
+    let secret = s.hub.add_dp(&req.name, req.reissue)?;
     let ca_pem = std::fs::read_to_string(s.data.join(crate::CA_CERT_FILE)).map_err(internal)?;
     let ca = ferry_net::pki::cert_der(&ca_pem, "site CA certificate").map_err(internal)?;
     let token = ferry_net::pki::EnrollToken {
@@ -651,8 +676,41 @@ async fn add_dp(
     Ok(Json(AddDpReply {
         name: req.name,
         token: token.to_string(),
+        site: dp_endpoint(s.dp_listen),
     })
     .into_response())
+}
+
+/// The DP endpoint as a DP elsewhere dials it: an unspecified listen
+/// address (`0.0.0.0`, `[::]`) becomes this host's name.
+fn dp_endpoint(listen: std::net::SocketAddr) -> String {
+    if !listen.ip().is_unspecified() {
+        return listen.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "SITE_HOST".into());
+    format!("{host}:{}", listen.port())
+}
+
+/// Query of `DELETE /api/v1/dps/{name}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct RemoveDpQuery {
+    /// Remove it even while it is connected.
+    #[serde(default)]
+    pub force: bool,
+}
+
+async fn remove_dp(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveDpQuery>,
+) -> Result<Response, ApiError> {
+    s.hub.remove_dp(&name, q.force)?;
+    tracing::warn!(dp = %name, force = q.force, "DP removed");
+    Ok(Json(serde_json::json!({ "removed": name })).into_response())
 }
 
 async fn revoke_dp(

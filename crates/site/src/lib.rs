@@ -256,6 +256,7 @@ impl Site {
             site_code: self.config.site_code.clone(),
             token_hash: blake3::hash(self.token.as_bytes()),
             jobs: self.jobs.clone(),
+            dp_listen: endpoint.local_addr().unwrap_or(self.config.dp.listen),
         };
         tracing::info!(%listen, data = %self.data.display(), "site serving the operator API");
         axum::serve(listener, api::router(state))

@@ -294,14 +294,16 @@ impl Registry {
         })
     }
 
-    /// DPs that hold or must hold `package`.
+    /// DPs that hold or must hold `package`. A revoked DP is not one: the
+    /// site no longer reaches it, so what it holds stops counting.
     pub fn holders(&self, package: &str) -> Vec<String> {
         self.dps
-            .keys()
-            .filter(|n| {
-                self.assigned(n).contains(package) || self.dps[*n].transfers.contains_key(package)
+            .iter()
+            .filter(|(n, d)| {
+                d.revoked.is_none()
+                    && (self.assigned(n).contains(package) || d.transfers.contains_key(package))
             })
-            .cloned()
+            .map(|(n, _)| n.clone())
             .collect()
     }
 }
@@ -576,21 +578,32 @@ impl Hub {
     }
 
     /// Creates DP `name` with a fresh one-time enrollment secret, which is
-    /// returned (only its hash is kept). A DP that never enrolled may be
-    /// added again for a new secret; the old one stops working.
-    pub fn add_dp(&self, name: &str) -> Result<String, HubError> {
+    /// returned (only its hash is kept). With `reissue`, a DP that never
+    /// finished enrolling gets a new secret instead; the old one stops
+    /// working.
+    pub fn add_dp(&self, name: &str, reissue: bool) -> Result<String, HubError> {
         check_name(name)?;
         let secret = ferry_net::pki::random_token().map_err(|e| self.storage(e))?;
         let hash = token_hash(&secret);
         self.update(false, |r| {
             match r.dps.get_mut(name) {
-                Some(d) if d.enrolled.is_some() || d.revoked.is_some() => {
-                    return Err(HubError::Exists {
-                        what: "DP",
-                        name: name.to_string(),
-                    })
+                Some(d) if d.revoked.is_some() => {
+                    return Err(HubError::Conflict(format!(
+                        "DP {name} is revoked: `ferry dp remove {name}` frees the name"
+                    )))
                 }
-                Some(d) => d.token_hash = Some(hash),
+                Some(d) if d.enrolled.is_some() => {
+                    return Err(HubError::Conflict(format!(
+                        "DP {name} exists and is enrolled: a new token needs `ferry dp revoke {name}` and `ferry dp remove {name}` first"
+                    )))
+                }
+                Some(d) if reissue => d.token_hash = Some(hash),
+                Some(_) => {
+                    return Err(HubError::Conflict(format!(
+                        "DP {name} exists and waits for enrollment: `ferry dp add {name} --reissue` prints a new token (the old one stops working)"
+                    )))
+                }
+                None if reissue => return Err(HubError::NoDp(name.to_string())),
                 None => {
                     r.dps.insert(
                         name.to_string(),
@@ -674,6 +687,64 @@ impl Hub {
                 .close(CLOSE_REVOKED.into(), b"this DP was revoked by the site");
         }
         Ok(())
+    }
+
+    /// Deletes DP `name`'s record: its assignments, status rows and
+    /// membership of groups go, its certificate stops being accepted, and
+    /// the name may be added again. Refused while it is connected unless
+    /// `force` (then its connection is closed).
+    pub fn remove_dp(&self, name: &str, force: bool) -> Result<(), HubError> {
+        let online = self.online(name);
+        if let (Some(o), false) = (&online, force) {
+            return Err(HubError::Conflict(format!(
+                "DP {name} is online (connected from {} since {}): `ferry dp revoke {name}` first, or `ferry dp remove {name} --force`",
+                o.address, o.since
+            )));
+        }
+        self.update(true, |r| {
+            if r.dps.remove(name).is_none() {
+                return Err(HubError::NoDp(name.into()));
+            }
+            for g in r.groups.values_mut() {
+                g.members.remove(name);
+            }
+            Ok(())
+        })?;
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(o) = self
+            .online
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+        {
+            o.conn
+                .close(CLOSE_REVOKED.into(), b"this DP was removed by the site");
+        }
+        Ok(())
+    }
+
+    /// Drops every mention of a removed package: assignments and rows
+    /// (of revoked DPs: nobody else may hold one when it is removed) and
+    /// group assignments.
+    pub fn forget_package(&self, package: &str) -> Result<(), HubError> {
+        self.update(true, |r| {
+            for d in r.dps.values_mut() {
+                d.packages.remove(package);
+                d.transfers.remove(package);
+                d.validation.results.remove(package);
+            }
+            for g in r.groups.values_mut() {
+                g.packages.remove(package);
+            }
+            Ok(())
+        })
     }
 
     /// The DP a certificate belongs to: `Ok(name)`, or `Err(reason)` for a
@@ -823,14 +894,20 @@ impl Hub {
                 }
             }
             // A DP reports the removal of what it installed; a transfer that
-            // never finished leaves nothing to remove, so its row goes now.
+            // never finished leaves nothing to remove, and a revoked DP
+            // reports nothing, so their rows go now.
             let names: Vec<String> = r.dps.keys().cloned().collect();
             for n in names {
                 if r.assigned(&n).contains(package) {
                     continue;
                 }
                 if let Some(d) = r.dps.get_mut(&n) {
-                    if d.transfers.get(package).is_some_and(|t| !t.state.holds()) {
+                    let revoked = d.revoked.is_some();
+                    if d
+                        .transfers
+                        .get(package)
+                        .is_some_and(|t| revoked || !t.state.holds())
+                    {
                         d.transfers.remove(package);
                     }
                 }
@@ -1059,15 +1136,18 @@ mod tests {
     fn tokens_are_one_time_and_assignments_follow_groups() {
         let dir = tempfile::tempdir().unwrap();
         let hub = open(dir.path());
-        let secret = hub.add_dp("dp1").unwrap();
-        hub.add_dp("dp2").unwrap();
-        assert!(hub.add_dp("../x").is_err());
+        let secret = hub.add_dp("dp1", false).unwrap();
+        hub.add_dp("dp2", false).unwrap();
+        assert!(hub.add_dp("../x", false).is_err());
         assert_eq!(hub.token_owner(&secret).as_deref(), Some("dp1"));
         assert!(hub.enroll("dp1", &secret, "fp1").unwrap());
         assert_eq!(hub.token_owner(&secret), None, "used");
         assert!(!hub.enroll("dp1", &secret, "fp2").unwrap(), "used");
         assert_eq!(hub.identify("fp1").unwrap(), "dp1");
-        assert!(matches!(hub.add_dp("dp1"), Err(HubError::Exists { .. })));
+        assert!(matches!(
+            hub.add_dp("dp1", true),
+            Err(HubError::Conflict(_))
+        ));
 
         hub.create_group("east").unwrap();
         hub.distribute("FRY00001", &[], &["east".into()]).unwrap();
@@ -1080,9 +1160,25 @@ mod tests {
         assert!(e.to_string().contains("group east"), "{e}");
         hub.undistribute("FRY00001", &[], &["east".into()]).unwrap();
         assert!(hub.snapshot().assigned("dp2").is_empty());
+        assert!(matches!(
+            hub.add_dp("dp2", false),
+            Err(HubError::Conflict(_))
+        ));
+        assert!(hub.add_dp("dp2", true).is_ok(), "not enrolled: reissued");
+        assert!(matches!(hub.add_dp("dp7", true), Err(HubError::NoDp(_))));
+        hub.distribute("FRY00001", &["dp1".into()], &[]).unwrap();
+        hub.report("dp1", "FRY00001", Some(transfer(5, TransferState::Installed, 9)))
+            .unwrap();
+        assert_eq!(hub.snapshot().holders("FRY00001"), vec!["dp1".to_string()]);
         hub.revoke("dp1").unwrap();
         assert!(hub.identify("fp1").unwrap_err().contains("revoked"));
         assert!(hub.identify("other").is_err());
+        // A revoked DP's copy stops counting, and taking the package away
+        // from it ends at once (it reports nothing any more).
+        assert!(hub.snapshot().holders("FRY00001").is_empty());
+        assert!(hub.snapshot().settled("FRY00001", 5));
+        hub.undistribute("FRY00001", &["dp1".into()], &[]).unwrap();
+        assert!(hub.snapshot().dps["dp1"].transfers.is_empty());
 
         // Persisted, in the library.
         let before = hub.snapshot();
@@ -1165,7 +1261,7 @@ mod tests {
     fn progress_stays_in_memory_and_a_new_state_is_written_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let hub = open(dir.path());
-        hub.add_dp("dp1").unwrap();
+        hub.add_dp("dp1", false).unwrap();
         hub.report(
             "dp1",
             "P",
@@ -1220,12 +1316,34 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_dp_leaves_its_groups_and_its_name_may_be_added_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = open(dir.path());
+        let secret = hub.add_dp("dp1", false).unwrap();
+        assert!(hub.enroll("dp1", &secret, "fp1").unwrap());
+        hub.create_group("east").unwrap();
+        hub.add_members("east", &["dp1".into()]).unwrap();
+        hub.distribute("P", &["dp1".into()], &[]).unwrap();
+        hub.revoke("dp1").unwrap();
+        hub.remove_dp("dp1", false).unwrap();
+        let reg = hub.snapshot();
+        assert!(!reg.dps.contains_key("dp1"));
+        assert!(reg.groups["east"].members.is_empty());
+        assert!(matches!(hub.remove_dp("dp1", false), Err(HubError::NoDp(_))));
+        assert!(hub.identify("fp1").is_err(), "its certificate is refused");
+        drop(hub);
+        let again = open(dir.path());
+        assert!(!again.snapshot().dps.contains_key("dp1"), "removed for good");
+        assert!(again.add_dp("dp1", false).is_ok(), "the name is free");
+    }
+
+    #[test]
     fn a_package_is_settled_when_every_holder_has_the_target_installed() {
         let dir = tempfile::tempdir().unwrap();
         let hub = open(dir.path());
         assert!(hub.snapshot().settled("P", 2), "no DP holds it");
-        hub.add_dp("dp1").unwrap();
-        hub.add_dp("dp2").unwrap();
+        hub.add_dp("dp1", false).unwrap();
+        hub.add_dp("dp2", false).unwrap();
         hub.distribute("P", &["dp1".into(), "dp2".into()], &[])
             .unwrap();
         assert!(

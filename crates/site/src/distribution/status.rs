@@ -75,7 +75,8 @@ pub struct StatusRow {
     pub dp: String,
     /// The revision the DP must hold (none when it is being removed).
     pub revision: Option<u32>,
-    /// `pending`, `in-progress`, `installed`, `failed` or `removing`.
+    /// `pending`, `in-progress`, `installed`, `validating`, `failed`,
+    /// `removing`, or `revoked` (the DP's; not counted as distributed).
     pub state: String,
     /// Revision the DP holds now, when it is an older one.
     pub holds_revision: Option<u32>,
@@ -177,6 +178,12 @@ pub fn rows(
                 last_contact: d.last_contact.clone(),
                 online: hub.online(&d.name).is_some(),
             };
+            if d.revoked.is_some() {
+                // Not reached any more, and not counted as distributed.
+                row.state = "revoked".into();
+                out.push(row);
+                continue;
+            }
             match (want, t) {
                 (None, _) => row.state = "removing".into(),
                 (Some(w), Some(t)) if t.revision == w => {
