@@ -76,6 +76,7 @@ async fn speak(
         kind: Some(request::Kind::Watch(pb::Watch {
             protocol: ferry_wire::PROTOCOL_VERSION,
             holdings: Vec::new(),
+            disk: None,
         })),
     };
     ferry_wire::write_frame(&mut send, &hello).await?;

@@ -277,7 +277,10 @@ fn revoked_dps_used_tokens_and_foreign_cas_are_refused() {
     };
     let first = add(&["dp9"]);
     let out = site.cli(&["dp", "add", "dp9"]);
-    assert!(!out.status.success(), "a second add is not a silent reissue");
+    assert!(
+        !out.status.success(),
+        "a second add is not a silent reissue"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ferry dp add dp9 --reissue"),
         "{}",
@@ -481,6 +484,30 @@ fn what_status_and_dp_list_show_survives_a_restart_of_the_site() {
         })
     };
     let before = figures(&site);
+    // What a DP holds, as objects; its disk as it reported it after the
+    // install: at least the image, and the free space of a real filesystem.
+    assert_eq!(
+        before["installed"],
+        serde_json::json!([{ "package": id, "revision": 1 }])
+    );
+    let disk = wait_for("dp1 to report its disk", LIMIT, || {
+        let d = site.dp_row("dp1")?["disk"].clone();
+        Ok((!d.is_null()).then_some(d))
+    })
+    .unwrap();
+    let wim_size = fs::metadata(&wim).unwrap().len();
+    assert!(disk["used_bytes"].as_u64().unwrap() >= wim_size, "{disk}");
+    assert!(disk["free_bytes"].as_u64().unwrap() > 0, "{disk}");
+    assert!(
+        disk["total_bytes"].as_u64().unwrap() > disk["free_bytes"].as_u64().unwrap(),
+        "{disk}"
+    );
+    let table = site.cli_ok(&["dp", "list"]).unwrap();
+    assert!(table.contains(&format!("{id} r1 /")), "{table}");
+    assert!(
+        table.lines().all(|l| l.chars().count() <= 100),
+        "dp list fits 100 columns:\n{table}"
+    );
     assert!(before["served_bytes"].as_u64().unwrap() > 0, "{before}");
     assert!(before["wire_bytes"].as_u64().unwrap() > 0, "{before}");
     for restart in ["stopped", "killed"] {
@@ -566,9 +593,11 @@ fn a_revoked_dp_stops_counting_and_dp_remove_frees_its_name() {
     site.cli_ok(&["dp", "revoke", "dp1"]).unwrap();
     assert_eq!(site.row(&id, "dp1").unwrap().unwrap()["state"], "revoked");
     site.cli_ok(&["undistribute", &id, "--dp", "dp1"]).unwrap();
-    assert!(site.row(&id, "dp1").unwrap().is_none(), "no row left removing");
-    wait_for("the revoked agent to stop", LIMIT, || Ok(dp1.exited()?))
-        .unwrap();
+    assert!(
+        site.row(&id, "dp1").unwrap().is_none(),
+        "no row left removing"
+    );
+    wait_for("the revoked agent to stop", LIMIT, || Ok(dp1.exited()?)).unwrap();
 
     // An online DP is removed only with --force; errors are JSON under
     // --json, with a code.
@@ -591,8 +620,7 @@ fn a_revoked_dp_stops_counting_and_dp_remove_frees_its_name() {
 
     site.cli_ok(&["dp", "remove", "dp1"]).unwrap();
     site.cli_ok(&["dp", "remove", "dp2", "--force"]).unwrap();
-    wait_for("the removed agent to stop", LIMIT, || Ok(dp2.exited()?))
-        .unwrap();
+    wait_for("the removed agent to stop", LIMIT, || Ok(dp2.exited()?)).unwrap();
     let list = site.cli_json(&["dp", "list"]).unwrap();
     assert_eq!(list, serde_json::json!([]), "both records are gone");
     assert_eq!(

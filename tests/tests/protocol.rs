@@ -224,6 +224,7 @@ fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
             request::Kind::Watch(pb::Watch {
                 protocol: 99,
                 holdings: vec![],
+                disk: None,
             }),
         )
         .await;

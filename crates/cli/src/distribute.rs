@@ -139,7 +139,7 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
                 r.error.clone().unwrap_or_default(),
                 r.next_retry
                     .as_ref()
-                    .map(|n| format!(" (retry at {n})"))
+                    .map(|n| format!(" (retry {})", crate::output::ago(n)))
                     .unwrap_or_default()
             ),
             "pending" => match r.holds_revision {
@@ -181,7 +181,13 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
             bytes(r.bytes_done),
             bytes(r.full_bytes),
             bytes(r.wire_bytes),
-            r.last_contact.clone().unwrap_or_else(|| "never".into()),
+            if r.online {
+                "now".into()
+            } else {
+                r.last_contact
+                    .as_deref()
+                    .map_or("never".into(), crate::output::ago)
+            },
         ]);
     }
     println!("{t}");

@@ -84,21 +84,10 @@ pub(crate) enum DpCmd {
     },
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+/// A duration as people write them: 90s, 30m, 2h, 1h30m.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h or 1h30m ({e})"))
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -132,15 +121,24 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 );
             };
             let cfg = ferry_dp::enroll(&data, site, token).await?;
-            println!(
-                "enrolled {} with site {} at {}; content folder {}",
-                cfg.name,
-                cfg.site_code,
-                cfg.site,
-                cfg.content_dir(&data).display()
-            );
-            println!("start it with: ferry dp serve --data {}", data.display());
-            Ok(())
+            let content = cfg.content_dir(&data);
+            emit(
+                g,
+                &serde_json::json!({
+                    "name": cfg.name, "site_code": cfg.site_code, "site": cfg.site,
+                    "data": data, "content": content,
+                }),
+                || {
+                    println!(
+                        "enrolled {} with site {} at {}; content folder {}",
+                        cfg.name,
+                        cfg.site_code,
+                        cfg.site,
+                        content.display()
+                    );
+                    println!("start it with: ferry dp serve --data {}", data.display());
+                },
+            )
         }
         DpCmd::Serve { max_rate } => {
             let data = data_dir(g)?;
@@ -245,24 +243,47 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             let mut t = table(&[
                 "DP",
                 "STATE",
-                "ONLINE",
                 "ADDRESS",
                 "LAST CONTACT",
                 "GROUPS",
-                "ASSIGNED",
-                "HOLDS",
+                "HOLDS / ASSIGNED",
+                "DISK USED / FREE",
                 "SENT",
             ]);
             for d in &dps {
+                let holds: Vec<String> = d
+                    .installed
+                    .iter()
+                    .map(|h| format!("{} r{}", h.package, h.revision))
+                    .collect();
                 t.add_row(vec![
                     d.name.clone(),
-                    d.enrollment.clone(),
-                    if d.online { "yes" } else { "no" }.into(),
+                    format!("{}{}", d.enrollment, if d.online { ", online" } else { "" }),
                     d.address.clone().unwrap_or_else(|| "-".into()),
-                    d.last_contact.clone().unwrap_or_else(|| "never".into()),
-                    d.groups.join(","),
-                    d.assigned.join(","),
-                    d.installed.join(","),
+                    if d.online {
+                        "now".into()
+                    } else {
+                        d.last_contact
+                            .as_deref()
+                            .map_or("never".into(), crate::output::ago)
+                    },
+                    d.groups.join(" "),
+                    format!(
+                        "{} / {}",
+                        if holds.is_empty() {
+                            "-".into()
+                        } else {
+                            holds.join(" ")
+                        },
+                        if d.assigned.is_empty() {
+                            "-".into()
+                        } else {
+                            d.assigned.join(" ")
+                        }
+                    ),
+                    d.disk.as_ref().map_or("-".into(), |k| {
+                        format!("{} / {}", bytes(k.used_bytes), bytes(k.free_bytes))
+                    }),
                     bytes(d.served_bytes),
                 ]);
             }

@@ -54,15 +54,19 @@ pub(crate) async fn run(cmd: GroupCmd, g: &Global) -> anyhow::Result<()> {
                         .json(&GroupRequest { name: name.clone() }),
                 )
                 .await?;
-            emit(g, &serde_json::json!({ "group": name, "created": true }), || {
-                println!("group {name} created")
-            })?;
+            emit(
+                g,
+                &serde_json::json!({ "group": name, "created": true }),
+                || println!("group {name} created"),
+            )?;
         }
         GroupCmd::Add { group, dps } => {
             members(&client, &format!("/groups/{group}/members"), dps.clone()).await?;
-            emit(g, &serde_json::json!({ "group": group, "added": dps }), || {
-                println!("added {} to {group}", dps.join(", "))
-            })?;
+            emit(
+                g,
+                &serde_json::json!({ "group": group, "added": dps }),
+                || println!("added {} to {group}", dps.join(", ")),
+            )?;
         }
         GroupCmd::Remove { group, dps } => {
             members(
@@ -71,17 +75,21 @@ pub(crate) async fn run(cmd: GroupCmd, g: &Global) -> anyhow::Result<()> {
                 dps.clone(),
             )
             .await?;
-            emit(g, &serde_json::json!({ "group": group, "removed": dps }), || {
-                println!("removed {} from {group}", dps.join(", "))
-            })?;
+            emit(
+                g,
+                &serde_json::json!({ "group": group, "removed": dps }),
+                || println!("removed {} from {group}", dps.join(", ")),
+            )?;
         }
         GroupCmd::Delete { group } => {
             client
                 .send(client.request(Method::DELETE, &format!("/groups/{group}")))
                 .await?;
-            emit(g, &serde_json::json!({ "group": group, "deleted": true }), || {
-                println!("group {group} deleted")
-            })?;
+            emit(
+                g,
+                &serde_json::json!({ "group": group, "deleted": true }),
+                || println!("group {group} deleted"),
+            )?;
         }
         GroupCmd::List => {
             let groups: BTreeMap<String, GroupRecord> =

@@ -35,6 +35,8 @@ pub(crate) enum ImageCmd {
         #[arg(long)]
         index: Option<u32>,
     },
+    /// Change an image's name, version or comment.
+    Set(SetArgs),
     /// List the images in the library.
     List,
     /// Show one image: its WIM metadata and library figures.
@@ -63,6 +65,53 @@ pub(crate) enum ImageCmd {
     },
 }
 
+/// `ferry image set` / `ferry upgrade set`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct SetArgs {
+    /// Package id.
+    pub(crate) id: String,
+    /// New name.
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// New version string.
+    #[arg(long)]
+    pub(crate) version: Option<String>,
+    /// New comment.
+    #[arg(long)]
+    pub(crate) comment: Option<String>,
+}
+
+/// Sends the properties of `image set` / `upgrade set` and prints the
+/// package as it now is.
+pub(crate) async fn set(
+    client: &Client,
+    g: &Global,
+    id: &str,
+    props: ferry_site::images::Properties,
+) -> anyhow::Result<()> {
+    let rec: ferry_site::catalog::PackageRecord = client
+        .json(
+            client
+                .request(Method::PATCH, &format!("/images/{id}"))
+                .json(&props),
+        )
+        .await?;
+    crate::output::emit(g, &rec, || {
+        println!(
+            "{}: name {:?}, version {:?}, comment {:?}{}",
+            rec.id,
+            rec.name,
+            rec.version,
+            rec.comment,
+            if rec.architecture.is_empty() && rec.language.is_empty() {
+                String::new()
+            } else {
+                format!(", arch {:?}, lang {:?}", rec.architecture, rec.language)
+            }
+        )
+    })
+}
+
 pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
     match cmd {
@@ -73,6 +122,15 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
             comment,
             index,
         } => add(&client, g, path, name, version, comment, index).await,
+        ImageCmd::Set(a) => {
+            let props = ferry_site::images::Properties {
+                name: a.name,
+                version: a.version,
+                comment: a.comment,
+                ..Default::default()
+            };
+            set(&client, g, &a.id, props).await
+        }
         ImageCmd::List => list(&client, g, PackageKind::Image).await,
         ImageCmd::Show { id } => show(&client, g, &id).await,
         ImageCmd::Remove { id } => remove(&client, g, &id).await,
@@ -108,7 +166,7 @@ pub(crate) async fn list(client: &Client, g: &Global, kind: PackageKind) -> anyh
         "FILES",
         "SIZE",
         "NEWLY STORED",
-        "CREATED",
+        "CREATED (UTC)",
     ]);
     for p in &list {
         t.add_row(vec![
@@ -121,7 +179,7 @@ pub(crate) async fn list(client: &Client, g: &Global, kind: PackageKind) -> anyh
             p.file_count.to_string(),
             bytes(p.size),
             bytes(p.new_bytes),
-            p.created.clone(),
+            crate::output::when(&p.created),
         ]);
     }
     println!("{t}");
@@ -270,11 +328,14 @@ fn print_view(v: &PackageView) {
     println!("  created     {}", r.created);
     let Some(rev) = r.latest() else { return };
     let state = match v.source_state {
-        SourceState::Unchanged => "unchanged since import",
-        SourceState::Changed => "CHANGED since import (not picked up; import again to use it)",
-        SourceState::Missing => "missing",
-        SourceState::NotChecked => "not checked",
-        SourceState::Serviced => "made by Ferry's servicing",
+        SourceState::Unchanged => "unchanged since import".to_string(),
+        SourceState::Changed => format!(
+            "CHANGED since import (not picked up: `ferry content refresh {}` makes it a new revision)",
+            r.id
+        ),
+        SourceState::Missing => "missing".into(),
+        SourceState::NotChecked => "not checked".into(),
+        SourceState::Serviced => "made by Ferry's servicing".into(),
     };
     if !r.architecture.is_empty() || !r.language.is_empty() {
         println!("  arch/lang   {} {}", r.architecture, r.language);
@@ -357,11 +418,17 @@ fn print_view(v: &PackageView) {
         bytes(st.shared_bytes),
         percent(st.shared_bytes, st.logical_bytes)
     );
-    let mut revs = table(&["REVISION", "CREATED", "SOURCE", "SIZE", "NEWLY STORED"]);
+    let mut revs = table(&[
+        "REVISION",
+        "CREATED (UTC)",
+        "SOURCE",
+        "SIZE",
+        "NEWLY STORED",
+    ]);
     for r in &r.revisions {
         revs.add_row(vec![
             r.revision.to_string(),
-            r.created.clone(),
+            crate::output::when(&r.created),
             r.source.path.clone(),
             bytes(r.stats.logical_bytes),
             bytes(r.stats.new_bytes),

@@ -176,13 +176,16 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .next()
         .unwrap_or_default()
         .trim_start_matches("error: ");
-    println!("{}", serde_json::json!({ "error": first, "code": "usage", "usage": text }));
+    println!(
+        "{}",
+        serde_json::json!({ "error": first, "code": "usage", "usage": text })
+    );
     ExitCode::from(2)
 }
 
 /// The error and its causes, each once: a cause whose text the message
 /// already holds (a context that quoted it) is not repeated.
-fn message(e: &anyhow::Error) -> String {
+pub(crate) fn message(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
@@ -227,7 +230,10 @@ mod tests {
     fn a_cause_the_message_already_quotes_is_not_repeated() {
         let io = std::io::Error::from(std::io::ErrorKind::NotFound);
         let e = anyhow::Error::new(io)
-            .context(format!("/x/site.toml: {}", std::io::Error::from(std::io::ErrorKind::NotFound)))
+            .context(format!(
+                "/x/site.toml: {}",
+                std::io::Error::from(std::io::ErrorKind::NotFound)
+            ))
             .context("cannot open the site");
         let m = super::message(&e);
         assert_eq!(m.matches("not found").count(), 1, "{m}");

@@ -5,13 +5,74 @@ use serde::Serialize;
 
 pub(crate) use ferry_core::units::bytes;
 
-/// A table with Ferry's look.
+/// Width of tables when stdout is not a terminal (a pipe, a log, a mail).
+pub(crate) const PIPE_WIDTH: u16 = 100;
+
+/// A table with Ferry's look: as wide as the terminal, or [`PIPE_WIDTH`]
+/// columns when not on one; long cells wrap.
 pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY)
         .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(header.to_vec());
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        t.set_width(PIPE_WIDTH);
+    }
     t
+}
+
+fn parse_time(rfc3339: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// How long ago `rfc3339` was, as a person says it: "12 s ago", "5 min
+/// ago", "3 h ago", "2 d ago"; the text itself if it is not a time.
+pub(crate) fn ago(rfc3339: &str) -> String {
+    ago_at(rfc3339, time::OffsetDateTime::now_utc())
+}
+
+fn ago_at(rfc3339: &str, now: time::OffsetDateTime) -> String {
+    let Some(t) = parse_time(rfc3339) else {
+        return rfc3339.to_string();
+    };
+    let s = (now - t).whole_seconds();
+    match s {
+        s if s < -5 => format!("in {}", short_span(-s)),
+        s if s < 1 => "now".into(),
+        s => format!("{} ago", short_span(s)),
+    }
+}
+
+fn short_span(s: i64) -> String {
+    match s {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s if s < 86_400 => format!("{} h", s / 3600),
+        s => format!("{} d", s / 86_400),
+    }
+}
+
+/// A time in UTC, short: "Sat 02:00" within a week of now, else
+/// "2026-12-24 02:00"; the text itself if it is not a time. Tables say
+/// "UTC" in their header: every time Ferry shows is in UTC.
+pub(crate) fn when(rfc3339: &str) -> String {
+    when_at(rfc3339, time::OffsetDateTime::now_utc())
+}
+
+fn when_at(rfc3339: &str, now: time::OffsetDateTime) -> String {
+    let Some(t) = parse_time(rfc3339) else {
+        return rfc3339.to_string();
+    };
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let fmt = if (t - now).whole_days().abs() < 7 {
+        "[weekday repr:short] [hour]:[minute]"
+    } else {
+        "[year]-[month]-[day] [hour]:[minute]"
+    };
+    time::format_description::parse_borrowed::<2>(fmt)
+        .ok()
+        .and_then(|f| t.format(&f).ok())
+        .unwrap_or_else(|| rfc3339.to_string())
 }
 
 /// Under `--json` prints `v`, else runs `human` (which prints the text).
@@ -39,4 +100,27 @@ pub(crate) fn percent(part: u64, whole: u64) -> String {
         return "-".into();
     }
     format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> time::OffsetDateTime {
+        parse_time(s).unwrap()
+    }
+
+    #[test]
+    fn times_are_short_and_in_utc() {
+        let now = t("2026-11-22T01:00:00Z"); // a Sunday
+        assert_eq!(ago_at("2026-11-22T00:59:48Z", now), "12 s ago");
+        assert_eq!(ago_at("2026-11-22T00:55:00+00:00", now), "5 min ago");
+        assert_eq!(ago_at("2026-11-21T22:00:00Z", now), "3 h ago");
+        assert_eq!(ago_at("2026-11-22T01:10:00Z", now), "in 10 min");
+        assert_eq!(ago_at("not a time", now), "not a time");
+        assert_eq!(when_at("2026-11-28T02:00:00Z", now), "Sat 02:00");
+        // Another zone is shown in UTC.
+        assert_eq!(when_at("2026-11-28T03:00:00+01:00", now), "Sat 02:00");
+        assert_eq!(when_at("2026-12-24T02:00:00Z", now), "2026-12-24 02:00");
+    }
 }

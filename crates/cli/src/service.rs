@@ -60,15 +60,20 @@ enum JobsAction {
         /// Job number.
         id: u64,
     },
-    /// Cancel a job that has not started (or a cron job's future runs).
+    /// Cancel jobs that have not started (or a cron job's future runs).
     Cancel {
-        /// Job number.
-        id: u64,
+        /// Job numbers.
+        #[arg(required = true)]
+        ids: Vec<u64>,
     },
     /// Wait for a job to end and print its outcome.
     Wait {
         /// Job number.
         id: u64,
+        /// Give up waiting after this long (e.g. 90s, 30m, 1h30m); the job
+        /// goes on.
+        #[arg(long, value_name = "DURATION", value_parser = crate::dp::parse_duration)]
+        timeout: Option<Duration>,
     },
 }
 
@@ -214,10 +219,16 @@ pub(crate) async fn service(client: &Client, g: &Global, a: ServiceArgs) -> anyh
     if !g.json {
         eprintln!("job {} started on {}", job.id, job.package);
     }
-    wait(client, g, job.id).await
+    wait(client, g, job.id, None).await
 }
 
-async fn wait(client: &Client, g: &Global, id: u64) -> anyhow::Result<()> {
+async fn wait(
+    client: &Client,
+    g: &Global,
+    id: u64,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
     let job = loop {
         let job: JobRecord = client
             .json(client.request(Method::GET, &format!("/jobs/{id}")))
@@ -225,6 +236,13 @@ async fn wait(client: &Client, g: &Global, id: u64) -> anyhow::Result<()> {
         let ran = !job.runs.is_empty() && job.runs.last().is_some_and(|r| r.finished.is_some());
         if job.state.is_final() || (job.state == JobState::Scheduled && ran) {
             break job;
+        }
+        if let Some(t) = timeout.filter(|t| start.elapsed() >= *t) {
+            bail!(
+                "job {id} is still {} after {}; it goes on (`ferry jobs wait {id}` again, or `ferry jobs cancel {id}`)",
+                job.state.name(),
+                humantime::format_duration(Duration::from_secs(t.as_secs()))
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
@@ -324,17 +342,39 @@ pub(crate) async fn jobs(cmd: JobsCmd, g: &Global) -> anyhow::Result<()> {
             print_job(&job);
             Ok(())
         }
-        Some(JobsAction::Cancel { id }) => {
-            let job: JobRecord = client
-                .json(client.request(Method::POST, &format!("/jobs/{id}/cancel")))
-                .await?;
-            if g.json {
-                return print_json(&job);
+        Some(JobsAction::Cancel { ids }) => {
+            // Each is cancelled on its own; one that cannot be is named and
+            // the others still are.
+            let mut done = Vec::new();
+            let mut refused = Vec::new();
+            for id in &ids {
+                match client
+                    .json::<JobRecord>(client.request(Method::POST, &format!("/jobs/{id}/cancel")))
+                    .await
+                {
+                    Ok(job) => done.push(job),
+                    Err(e) => refused.push(format!("job {id}: {}", crate::message(&e))),
+                }
             }
-            println!("job {id} cancelled; it will not run");
-            Ok(())
+            if g.json && refused.is_empty() {
+                return print_json(&done);
+            }
+            if !g.json {
+                for j in &done {
+                    println!("job {} cancelled; it will not run", j.id);
+                }
+            }
+            match refused.len() {
+                0 => Ok(()),
+                _ => bail!(
+                    "{} of {} not cancelled: {}",
+                    refused.len(),
+                    ids.len(),
+                    refused.join("; ")
+                ),
+            }
         }
-        Some(JobsAction::Wait { id }) => wait(&client, g, id).await,
+        Some(JobsAction::Wait { id, timeout }) => wait(&client, g, id, timeout).await,
         None => {
             let mut req = client.request(Method::GET, "/jobs");
             if let Some(p) = &cmd.package {
@@ -354,7 +394,7 @@ pub(crate) async fn jobs(cmd: JobsCmd, g: &Global) -> anyhow::Result<()> {
                 "UPDATES",
                 "WHEN",
                 "STATE",
-                "NEXT RUN",
+                "NEXT RUN (UTC)",
                 "LAST OUTCOME",
                 "REVISION",
             ]);
@@ -366,11 +406,13 @@ pub(crate) async fn jobs(cmd: JobsCmd, g: &Global) -> anyhow::Result<()> {
                     j.request.updates.join(","),
                     match (&j.request.at, &j.request.schedule) {
                         (_, Some(c)) => format!("cron {c}"),
-                        (Some(a), _) => format!("at {a}"),
+                        (Some(a), _) => format!("at {}", crate::output::when(a)),
                         _ => "now".into(),
                     },
                     j.state.name().into(),
-                    j.next_run.clone().unwrap_or_else(|| "-".into()),
+                    j.next_run
+                        .as_deref()
+                        .map_or("-".into(), crate::output::when),
                     last.map(|r| match &r.error {
                         Some(e) => format!("{}: {e}", r.outcome.name()),
                         None => r.outcome.name().to_string(),

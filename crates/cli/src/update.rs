@@ -27,6 +27,13 @@ pub(crate) enum UpdateCmd {
         /// Update id (KB…).
         id: String,
     },
+    /// Remove updates from the catalog (refused for one a servicing job
+    /// that has not run yet names). History keeps their ids.
+    Remove {
+        /// Update ids (KB…).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 fn classification(u: &UpdateRecord) -> String {
@@ -39,6 +46,36 @@ fn classification(u: &UpdateRecord) -> String {
 pub(crate) async fn run(cmd: UpdateCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
     match cmd {
+        UpdateCmd::Remove { ids } => {
+            let mut removed = Vec::new();
+            let mut refused = Vec::new();
+            for id in &ids {
+                match client
+                    .json::<UpdateRecord>(client.request(Method::DELETE, &format!("/updates/{id}")))
+                    .await
+                {
+                    Ok(u) => removed.push(u.manifest.id),
+                    Err(e) => refused.push(format!("{id}: {}", crate::message(&e))),
+                }
+            }
+            if g.json && refused.is_empty() {
+                return print_json(&serde_json::json!({ "removed": removed }));
+            }
+            if !g.json {
+                for id in &removed {
+                    println!("removed {id} from the catalog");
+                }
+            }
+            if !refused.is_empty() {
+                anyhow::bail!(
+                    "{} of {} not removed: {}",
+                    refused.len(),
+                    ids.len(),
+                    refused.join("; ")
+                );
+            }
+            Ok(())
+        }
         UpdateCmd::Import { path } => {
             let path = std::path::absolute(&path)
                 .with_context(|| format!("{}: cannot make the path absolute", path.display()))?;

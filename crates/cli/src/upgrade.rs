@@ -38,6 +38,18 @@ pub(crate) enum UpgradeCmd {
         #[arg(long)]
         extract_index: Option<u32>,
     },
+    /// Change an upgrade package's name, version, comment, architecture or
+    /// language.
+    Set {
+        #[command(flatten)]
+        props: crate::image::SetArgs,
+        /// New architecture.
+        #[arg(long)]
+        arch: Option<String>,
+        /// New language.
+        #[arg(long)]
+        lang: Option<String>,
+    },
     /// List the upgrade packages.
     List,
     /// Show one upgrade package.
@@ -67,6 +79,16 @@ pub(crate) enum UpgradeCmd {
 pub(crate) async fn run(cmd: UpgradeCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
     match cmd {
+        UpgradeCmd::Set { props, arch, lang } => {
+            let p = ferry_site::images::Properties {
+                name: props.name,
+                version: props.version,
+                comment: props.comment,
+                architecture: arch,
+                language: lang,
+            };
+            crate::image::set(&client, g, &props.id, p).await
+        }
         UpgradeCmd::Add {
             dir,
             name,

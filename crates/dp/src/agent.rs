@@ -212,6 +212,14 @@ impl DpAgent {
         }
     }
 
+    /// The DP's disk use and free space, measured off the async threads.
+    async fn disk(&self) -> pb::Disk {
+        let (data, content) = (self.data.clone(), self.cfg.content_dir(&self.data));
+        tokio::task::spawn_blocking(move || transfer::disk(&data, &content))
+            .await
+            .unwrap_or_default()
+    }
+
     async fn installed(&self) -> anyhow::Result<Vec<(String, u32)>> {
         let store = self.store().await?;
         Ok(tokio::task::spawn_blocking(move || store.installed()).await??)
@@ -229,6 +237,7 @@ impl DpAgent {
             kind: Some(request::Kind::Watch(pb::Watch {
                 protocol: ferry_wire::PROTOCOL_VERSION,
                 holdings,
+                disk: Some(self.disk().await),
             })),
         };
         write_frame(&mut send, &hello).await?;
@@ -236,7 +245,15 @@ impl DpAgent {
         let (desired_tx, desired_rx) = watch::channel::<Option<pb::Assignments>>(None);
 
         let writer = async {
-            while let Some(r) = report_rx.recv().await {
+            while let Some(mut r) = report_rx.recv().await {
+                // What the disk holds changes when content is installed or
+                // removed (or a transfer gives up, maybe for want of space).
+                let changed = [pb::State::Installed, pb::State::Removed, pb::State::Failed]
+                    .iter()
+                    .any(|s| *s as i32 == r.state);
+                if changed && r.validation.is_none() {
+                    r.disk = Some(self.disk().await);
+                }
                 write_frame(&mut send, &r).await?;
             }
             Ok::<(), anyhow::Error>(())

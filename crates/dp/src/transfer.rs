@@ -165,6 +165,40 @@ fn available_space(path: &Path) -> std::io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// The DP's disk: allocated bytes below `data` and `content` (once when one
+/// holds the other), and the free and total bytes of `content`'s
+/// filesystem.
+pub(crate) fn disk(data: &Path, content: &Path) -> pb::Disk {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |root: &Path| -> u64 {
+        walkdir::WalkDir::new(root)
+            .follow_links(false)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| !m.is_dir())
+            .map(|m| m.blocks().saturating_mul(512))
+            .fold(0u64, u64::saturating_add)
+    };
+    let mut used = allocated(data);
+    if !content.starts_with(data) {
+        used = used.saturating_add(allocated(content));
+    }
+    let (free, total) = rustix::fs::statvfs(content)
+        .map(|st| {
+            (
+                st.f_bavail.saturating_mul(st.f_frsize),
+                st.f_blocks.saturating_mul(st.f_frsize),
+            )
+        })
+        .unwrap_or((0, 0));
+    pb::Disk {
+        used_bytes: used,
+        free_bytes: free,
+        total_bytes: total,
+    }
+}
+
 /// Fetches, writes and installs one revision. Returns its figures.
 pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     let a = r.assignment;

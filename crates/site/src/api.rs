@@ -338,7 +338,10 @@ async fn blocking<T: Send + 'static>(
 pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/images", get(list_images).post(add_image))
-        .route("/images/{id}", get(show_image).delete(remove_image))
+        .route(
+            "/images/{id}",
+            get(show_image).delete(remove_image).patch(set_properties),
+        )
         .route("/content/{id}/file", get(export_file))
         .route("/content/verify", post(verify))
         .route("/images/{id}/refresh", post(refresh_image))
@@ -356,7 +359,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/undistribute", post(undistribute))
         .route("/status", get(status_rows))
         .route("/updates", get(list_updates).post(import_update))
-        .route("/updates/{id}", get(show_update))
+        .route("/updates/{id}", get(show_update).delete(remove_update))
         .route("/images/{id}/updates", get(image_updates))
         .route("/images/{id}/history", get(image_history))
         .route("/images/{id}/service", post(service_image))
@@ -409,6 +412,17 @@ async fn show_image(
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
     Ok(Json(blocking(move || images::show(&lib, &id)).await?).into_response())
+}
+
+async fn set_properties(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Json(p): Json<images::Properties>,
+) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    let rec = blocking(move || images::set_properties(&lib, &id, &p)).await?;
+    tracing::info!(package = %rec.id, "package properties changed");
+    Ok(Json(rec).into_response())
 }
 
 async fn remove_image(
@@ -875,6 +889,32 @@ async fn show_update(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(crate::updates::read(&s.data, &id)?).into_response())
+}
+
+async fn remove_update(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    crate::updates::read(&s.data, &id)?;
+    let waiting: Vec<String> = s
+        .jobs
+        .list(None)
+        .into_iter()
+        .filter(|j| !j.state.is_final() && j.request.updates.contains(&id))
+        .map(|j| format!("{} ({})", j.id, j.package))
+        .collect();
+    if !waiting.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "{id} is named by servicing job(s) {} that have not run yet: `ferry jobs cancel N` first",
+                waiting.join(", ")
+            ),
+        });
+    }
+    let r = crate::updates::remove(&s.data, &id)?;
+    tracing::info!(update = %id, "update removed from the catalog");
+    Ok(Json(r).into_response())
 }
 
 async fn import_update(

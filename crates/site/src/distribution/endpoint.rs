@@ -374,6 +374,10 @@ impl DpServer {
             )
             .await;
         }
+        if let Some(d) = &w.disk {
+            self.hub
+                .set_disk(dp, d.used_bytes, d.free_bytes, d.total_bytes);
+        }
         let mut changes = self.hub.subscribe();
         let reports = async {
             loop {
@@ -413,6 +417,10 @@ impl DpServer {
     }
 
     fn on_report(&self, dp: &str, r: pb::Report) {
+        if let Some(d) = &r.disk {
+            self.hub
+                .set_disk(dp, d.used_bytes, d.free_bytes, d.total_bytes);
+        }
         if !self.hub.concerns(dp, &r.package) {
             debug!(package = %r.package, "report about a package this DP neither holds nor is assigned; ignored");
             return;

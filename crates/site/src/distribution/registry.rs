@@ -177,6 +177,23 @@ pub struct DpRecord {
     /// live figure is [`Hub::served_bytes`]).
     #[serde(default)]
     pub served_bytes: u64,
+    /// Its disk, as it last reported (at connection and after each install,
+    /// removal or failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskRecord>,
+}
+
+/// A DP's disk as it reported it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// Allocated bytes of its data and content folders.
+    pub used_bytes: u64,
+    /// Free bytes on the content folder's filesystem.
+    pub free_bytes: u64,
+    /// Size of that filesystem.
+    pub total_bytes: u64,
+    /// When it reported them (RFC 3339).
+    pub updated: String,
 }
 
 /// A DP's content validation.
@@ -903,8 +920,7 @@ impl Hub {
                 }
                 if let Some(d) = r.dps.get_mut(&n) {
                     let revoked = d.revoked.is_some();
-                    if d
-                        .transfers
+                    if d.transfers
                         .get(package)
                         .is_some_and(|t| revoked || !t.state.holds())
                     {
@@ -1053,6 +1069,20 @@ impl Hub {
         .map(|_| ())
     }
 
+    /// Records DP `dp`'s disk as it reported it (kept in memory until the
+    /// record's next write).
+    pub fn set_disk(&self, dp: &str, used: u64, free: u64, total: u64) {
+        let _ = self.update_dp(dp, |d| {
+            d.disk = Some(DiskRecord {
+                used_bytes: used,
+                free_bytes: free,
+                total_bytes: total,
+                updated: now(),
+            });
+            (false, ())
+        });
+    }
+
     /// Marks a DP gone (if `conn` is still its current connection).
     pub fn disconnected(&self, dp: &str, conn: &quinn::Connection) {
         let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
@@ -1167,8 +1197,12 @@ mod tests {
         assert!(hub.add_dp("dp2", true).is_ok(), "not enrolled: reissued");
         assert!(matches!(hub.add_dp("dp7", true), Err(HubError::NoDp(_))));
         hub.distribute("FRY00001", &["dp1".into()], &[]).unwrap();
-        hub.report("dp1", "FRY00001", Some(transfer(5, TransferState::Installed, 9)))
-            .unwrap();
+        hub.report(
+            "dp1",
+            "FRY00001",
+            Some(transfer(5, TransferState::Installed, 9)),
+        )
+        .unwrap();
         assert_eq!(hub.snapshot().holders("FRY00001"), vec!["dp1".to_string()]);
         hub.revoke("dp1").unwrap();
         assert!(hub.identify("fp1").unwrap_err().contains("revoked"));
@@ -1329,11 +1363,17 @@ mod tests {
         let reg = hub.snapshot();
         assert!(!reg.dps.contains_key("dp1"));
         assert!(reg.groups["east"].members.is_empty());
-        assert!(matches!(hub.remove_dp("dp1", false), Err(HubError::NoDp(_))));
+        assert!(matches!(
+            hub.remove_dp("dp1", false),
+            Err(HubError::NoDp(_))
+        ));
         assert!(hub.identify("fp1").is_err(), "its certificate is refused");
         drop(hub);
         let again = open(dir.path());
-        assert!(!again.snapshot().dps.contains_key("dp1"), "removed for good");
+        assert!(
+            !again.snapshot().dps.contains_key("dp1"),
+            "removed for good"
+        );
         assert!(again.add_dp("dp1", false).is_ok(), "the name is free");
     }
 

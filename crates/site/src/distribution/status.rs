@@ -27,10 +27,21 @@ pub struct DpView {
     pub groups: Vec<String>,
     /// Packages it must hold.
     pub assigned: Vec<String>,
-    /// Packages it holds, as `ID rN`.
-    pub installed: Vec<String>,
-    /// Chunk bytes sent to it since the site started.
+    /// Package revisions it holds whole.
+    pub installed: Vec<Holding>,
+    /// Chunk bytes sent to it (restarts of the site included).
     pub served_bytes: u64,
+    /// Its disk as it last reported.
+    pub disk: Option<crate::registry::DiskRecord>,
+}
+
+/// A package revision a DP holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    /// Package id.
+    pub package: String,
+    /// Revision.
+    pub revision: u32,
 }
 
 /// The DP list.
@@ -57,9 +68,13 @@ pub fn dps(hub: &Hub) -> Vec<DpView> {
                 .transfers
                 .iter()
                 .filter(|(_, t)| t.state.holds())
-                .map(|(p, t)| format!("{p} r{}", t.revision))
+                .map(|(p, t)| Holding {
+                    package: p.clone(),
+                    revision: t.revision,
+                })
                 .collect(),
             served_bytes: hub.served_bytes(&d.name),
+            disk: d.disk.clone(),
         })
         .collect()
 }

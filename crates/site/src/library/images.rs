@@ -91,6 +91,9 @@ pub enum ImageError {
     /// The revision has no such file, or several and none was named.
     #[error("{0}")]
     NoFile(String),
+    /// A property given to `ferry image set` is not acceptable.
+    #[error("{0}")]
+    Property(String),
     /// Reading the source failed midway.
     #[error("{path}: {source}")]
     Ingest {
@@ -125,6 +128,7 @@ impl ImageError {
                 | ImageError::NoPackage(_)
                 | ImageError::NoRevision { .. }
                 | ImageError::NoFile(_)
+                | ImageError::Property(_)
         )
     }
 }
@@ -827,25 +831,117 @@ pub fn prune(
     Ok(removed)
 }
 
+/// Changes package `id`'s record with `f`, in one synced write against the
+/// record as stored.
+fn edit_record(
+    lib: &Library,
+    id: &str,
+    f: impl FnOnce(&mut PackageRecord) -> Result<(), String>,
+) -> Result<PackageRecord, ImageError> {
+    let mut out = None;
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt {
+        what: format!("catalog record of {id}"),
+        detail: e.to_string(),
+    };
+    lib.update_package(id, |bytes| {
+        let mut rec = decode_record(id, bytes).map_err(|e| corrupt(&e))?;
+        f(&mut rec).map_err(StoreError::Refused)?;
+        let v = serde_json::to_vec(&rec).map_err(|e| corrupt(&e))?;
+        out = Some(rec);
+        Ok(v)
+    })
+    .map_err(|e| match e {
+        StoreError::Refused(why) => ImageError::Property(why),
+        StoreError::NoPackage(p) => ImageError::NoPackage(p),
+        e => e.into(),
+    })?;
+    out.ok_or_else(|| ImageError::NoPackage(id.to_string()))
+}
+
 /// Makes the newest revision of `id` the one DPs receive (what
 /// `ferry distribute` does); returns it.
 pub fn release_latest(lib: &Library, id: &str) -> Result<u32, ImageError> {
     let rec = record(lib, id)?;
     let latest = rec.latest().map_or(0, |r| r.revision);
     if rec.released.is_some() {
-        lib.update_package(id, |bytes| {
-            let mut rec = decode_record(id, bytes).map_err(|e| StoreError::Corrupt {
-                what: format!("catalog record of {id}"),
-                detail: e.to_string(),
-            })?;
+        edit_record(lib, id, |rec| {
             rec.released = None;
-            serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
-                what: format!("catalog record of {id}"),
-                detail: e.to_string(),
-            })
+            Ok(())
         })?;
     }
     Ok(latest)
+}
+
+/// What `ferry image set` may change; `None` leaves a property as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Properties {
+    /// Operator-facing name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The organisation's version string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Upgrade packages: architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    /// Upgrade packages: language.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+}
+
+/// Longest property text, in bytes.
+pub const MAX_PROPERTY_LEN: usize = 1024;
+
+/// Sets the properties given in `p` on package `id`; returns the record.
+pub fn set_properties(
+    lib: &Library,
+    id: &str,
+    p: &Properties,
+) -> Result<PackageRecord, ImageError> {
+    let given = [
+        ("--name", &p.name),
+        ("--version", &p.version),
+        ("--comment", &p.comment),
+        ("--arch", &p.architecture),
+        ("--lang", &p.language),
+    ];
+    if given.iter().all(|(_, v)| v.is_none()) {
+        return Err(ImageError::Property(
+            "nothing to set: give --name, --version or --comment (upgrade packages also --arch, --lang)".into(),
+        ));
+    }
+    for (flag, v) in given {
+        let Some(v) = v else { continue };
+        if v.len() > MAX_PROPERTY_LEN || v.chars().any(char::is_control) {
+            return Err(ImageError::Property(format!(
+                "{flag}: at most {MAX_PROPERTY_LEN} bytes of text without control characters"
+            )));
+        }
+    }
+    if p.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(ImageError::Property("--name cannot be empty".into()));
+    }
+    edit_record(lib, id, |rec| {
+        if rec.kind == PackageKind::Image && (p.architecture.is_some() || p.language.is_some()) {
+            return Err(format!(
+                "{id} is an OS image: its architecture and languages are those of its WIM; --arch and --lang are for upgrade packages"
+            ));
+        }
+        let set = |field: &mut String, v: &Option<String>| {
+            if let Some(v) = v {
+                *field = v.trim().to_string();
+            }
+        };
+        set(&mut rec.name, &p.name);
+        set(&mut rec.version, &p.version);
+        set(&mut rec.comment, &p.comment);
+        set(&mut rec.architecture, &p.architecture);
+        set(&mut rec.language, &p.language);
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -312,21 +312,15 @@ fn format_time(t: OffsetDateTime) -> String {
 pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     let at = at.trim();
     if let Some(rel) = at.strip_prefix('+') {
-        let (num, unit) =
-            rel.split_at(rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len()));
-        let n: i64 = num
-            .parse()
-            .map_err(|_| format!("--at {at:?}: expected +N followed by s, m, h or d"))?;
-        let unit_secs = match unit {
-            "" | "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86400,
-            _ => return Err(format!("--at {at:?}: the unit must be s, m, h or d")),
-        };
-        return n
-            .checked_mul(unit_secs)
-            .and_then(|secs| now.checked_add(time::Duration::seconds(secs)))
+        let d = humantime::parse_duration(rel.trim()).map_err(|e| match e {
+            humantime::DurationError::NumberOverflow => format!("--at {at:?} is too far ahead"),
+            e => {
+                format!("--at {at:?}: expected + and a duration such as +90s, +30m or +1h30m ({e})")
+            }
+        })?;
+        return time::Duration::try_from(d)
+            .ok()
+            .and_then(|d| now.checked_add(d))
             .ok_or_else(|| format!("--at {at:?} is too far ahead"));
     }
     if let Some(t) = parse_time(at) {
@@ -659,7 +653,10 @@ mod tests {
         assert!(parse_at("tomorrow", now)
             .unwrap_err()
             .contains("not a time"));
-        assert!(parse_at("+3y", now).unwrap_err().contains("unit"));
+        assert_eq!(parse_at("+1h30m", now).unwrap(), t("2026-11-22T02:30:00Z"));
+        assert!(parse_at("+3 fortnights", now)
+            .unwrap_err()
+            .contains("+1h30m"));
         assert!(parse_at("+9223372036854775807d", now)
             .unwrap_err()
             .contains("too far"));

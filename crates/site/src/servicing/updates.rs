@@ -601,6 +601,26 @@ pub fn read(data: &Path, id: &str) -> Result<UpdateRecord, UpdateError> {
     })
 }
 
+/// Removes update `id` from the catalog and returns its record. The folder
+/// is first renamed out of sight (one synced rename: it is in the catalog
+/// or not), then deleted.
+pub fn remove(data: &Path, id: &str) -> Result<UpdateRecord, UpdateError> {
+    let record = read(data, id)?;
+    let dir = folder(data, id)?;
+    let catalog = catalog_dir(data);
+    let gone = tempfile::Builder::new()
+        .prefix(".removing-")
+        .tempdir_in(&catalog)
+        .map_err(io(&catalog))?;
+    let to = gone.path().join(id);
+    std::fs::rename(&dir, &to).map_err(io(&dir))?;
+    std::fs::File::open(&catalog)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&catalog))?;
+    gone.close().map_err(io(&to))?;
+    Ok(record)
+}
+
 /// Every update in the catalog, by release date then id.
 pub fn list(data: &Path) -> Result<Vec<UpdateRecord>, UpdateError> {
     let dir = catalog_dir(data);
