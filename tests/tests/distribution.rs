@@ -632,3 +632,65 @@ fn a_revoked_dp_stops_counting_and_dp_remove_frees_its_name() {
     let r = site.cli_json(&["dp", "add", "dp1"]).unwrap();
     assert!(r["token"].as_str().unwrap().starts_with("ferry1."), "{r}");
 }
+
+#[test]
+fn redistribute_rebuilds_a_dps_copy_from_scratch_copying_nothing_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::tree_wim(dir.path(), "small", 60, 95, &[]).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    // Two packages of the same content: the second one's first copy is
+    // made from the first one's files.
+    let a = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &a, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&a, "dp1", 1, LIMIT).unwrap();
+    let b = id_of(&site.add_image(&wim, &[]).unwrap());
+    site.cli_ok(&["distribute", &b, "--dp", "dp1"]).unwrap();
+    let first = site.wait_installed(&b, "dp1", 1, LIMIT).unwrap();
+    assert!(first["bytes_local"].as_u64().unwrap() > 0, "{first}");
+
+    // The operator distrusts dp1's copy of b (a byte of it is damaged).
+    let file = dp.content().join(&b).join("small.wim");
+    let mut bytes = fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&file, &bytes).unwrap();
+    let out = site.cli_json(&["redistribute", &b, "--dp", "dp1"]).unwrap();
+    assert_eq!(out["dps"], serde_json::json!(["dp1"]));
+    let row = wait_for("dp1 to rebuild b from scratch", LIMIT, || {
+        let r = site.row(&b, "dp1")?;
+        Ok(r.filter(|r| {
+            r["state"] == "installed" && r["bytes_local"] == 0 && r["bytes_done"].as_u64() > Some(0)
+        }))
+    })
+    .unwrap();
+    // Every chunk came from the site: as many bytes as the package holds.
+    assert_eq!(row["bytes_done"], row["bytes_needed"]);
+    let whole = first["bytes_needed"].as_u64().unwrap() + first["bytes_local"].as_u64().unwrap();
+    assert!(
+        row["bytes_needed"].as_u64().unwrap() >= whole,
+        "{row} after {first}"
+    );
+    assert!(same_file(&file, &wim), "the damaged byte is gone");
+    assert!(
+        same_file(&dp.content().join(&a).join("small.wim"), &wim),
+        "a is untouched"
+    );
+    // The console's pie: counts per package.
+    let sums = site.cli_json(&["status", "--summary"]).unwrap();
+    assert_eq!(sums.as_array().unwrap().len(), 2, "{sums}");
+    for s in sums.as_array().unwrap() {
+        assert_eq!(
+            (s["dps"].as_u64(), s["installed"].as_u64()),
+            (Some(1), Some(1)),
+            "{s}"
+        );
+        assert_eq!(s["failed"], 0, "{s}");
+    }
+    // Refused where it means nothing.
+    let out = site.cli(&["redistribute", &b, "--dp", "dp9"]);
+    assert!(!out.status.success());
+    site.cli_ok(&["undistribute", &a, "--dp", "dp1"]).unwrap();
+    let out = site.cli(&["redistribute", &a, "--dp", "dp1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not distributed to dp1"));
+}

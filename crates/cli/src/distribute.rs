@@ -40,6 +40,53 @@ pub(crate) struct StatusCmd {
     /// Only this DP.
     #[arg(long = "dp", value_name = "NAME")]
     pub(crate) dp: Option<String>,
+    /// Counts per package instead of rows: how many DPs have it installed,
+    /// in progress, pending, failed, …
+    #[arg(long)]
+    pub(crate) summary: bool,
+}
+
+/// One package's line of `ferry status --summary`.
+#[derive(serde::Serialize, Debug, Default)]
+struct Summary {
+    package: String,
+    name: String,
+    dps: usize,
+    installed: usize,
+    in_progress: usize,
+    pending: usize,
+    failed: usize,
+    removing: usize,
+    revoked: usize,
+}
+
+fn summarize(rows: &[StatusRow]) -> Vec<Summary> {
+    let mut out: Vec<Summary> = Vec::new();
+    for r in rows {
+        let i = match out.iter().position(|s| s.package == r.package) {
+            Some(i) => i,
+            None => {
+                out.push(Summary {
+                    package: r.package.clone(),
+                    name: r.name.clone(),
+                    ..Summary::default()
+                });
+                out.len() - 1
+            }
+        };
+        let s = &mut out[i];
+        s.dps += 1;
+        match r.state.as_str() {
+            "installed" | "validating" => s.installed += 1,
+            "in-progress" => s.in_progress += 1,
+            "failed" => s.failed += 1,
+            "removing" => s.removing += 1,
+            "revoked" => s.revoked += 1,
+            _ => s.pending += 1,
+        }
+    }
+    out.sort_by(|a, b| a.package.cmp(&b.package));
+    out
 }
 
 pub(crate) async fn distribute(cmd: DistributeCmd, g: &Global) -> anyhow::Result<()> {
@@ -100,6 +147,31 @@ pub(crate) async fn undistribute(t: Targets, g: &Global) -> anyhow::Result<()> {
     )
 }
 
+pub(crate) async fn redistribute(t: Targets, g: &Global) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    let req = DistributeRequest {
+        package: t.id.clone(),
+        dps: t.dps,
+        groups: t.groups,
+        dry_run: false,
+    };
+    let r: serde_json::Value = client
+        .json(client.request(Method::POST, "/redistribute").json(&req))
+        .await?;
+    emit(g, &r, || {
+        let dps: Vec<&str> = r["dps"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{} will be rebuilt from scratch on {}: each deletes its copy and fetches every chunk again (`ferry status {}` follows it)",
+            t.id,
+            dps.join(", "),
+            t.id
+        )
+    })
+}
+
 fn eta(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
@@ -118,6 +190,38 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
         req = req.query(&[("dp", dp)]);
     }
     let rows: Vec<StatusRow> = client.json(req).await?;
+    if cmd.summary {
+        let sums = summarize(&rows);
+        return emit(g, &sums, || {
+            let mut t = table(&[
+                "PACKAGE",
+                "DPS",
+                "INSTALLED",
+                "IN PROGRESS",
+                "PENDING",
+                "FAILED",
+                "REMOVING",
+                "REVOKED",
+            ]);
+            for s in &sums {
+                t.add_row(vec![
+                    format!("{} {}", s.package, s.name),
+                    s.dps.to_string(),
+                    format!(
+                        "{} ({})",
+                        s.installed,
+                        percent(s.installed as u64, s.dps as u64)
+                    ),
+                    s.in_progress.to_string(),
+                    s.pending.to_string(),
+                    s.failed.to_string(),
+                    s.removing.to_string(),
+                    s.revoked.to_string(),
+                ]);
+            }
+            println!("{t}");
+        });
+    }
     if g.json {
         return print_json(&rows);
     }

@@ -65,6 +65,9 @@ enum Command {
     Distribute(distribute::DistributeCmd),
     /// Take a package away from DPs or groups.
     Undistribute(distribute::Targets),
+    /// Rebuild DPs' copies of a package from scratch: each deletes its copy
+    /// and fetches every chunk from the site again (for a copy you distrust).
+    Redistribute(distribute::Targets),
     /// Where every package stands on every DP.
     Status(distribute::StatusCmd),
     /// The catalog of software updates for offline servicing.
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             Command::Group(cmd) => group::run(cmd, &global).await,
             Command::Distribute(cmd) => distribute::distribute(cmd, &global).await,
             Command::Undistribute(t) => distribute::undistribute(t, &global).await,
+            Command::Redistribute(t) => distribute::redistribute(t, &global).await,
             Command::Status(cmd) => distribute::status(cmd, &global).await,
             Command::Update(cmd) => update::run(cmd, &global).await,
             Command::Upgrade(cmd) => upgrade::run(cmd, &global).await,

@@ -353,6 +353,23 @@ impl DpAgent {
                     continue;
                 }
                 let key = (a.package.clone(), a.revision);
+                let from_scratch = self.rebuild_due(a).await?;
+                if from_scratch {
+                    info!(package = %a.package, rebuild = a.rebuild, "rebuilding from scratch, as the site asked: the copy held is deleted and every chunk fetched again");
+                    told_installed.remove(&key);
+                    let store = self.store().await?;
+                    let p = a.package.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || store.uninstall(&p)).await?
+                    {
+                        warn!(package = %a.package, error = %e, "cannot delete the copy to rebuild");
+                        let mut r = report(a, pb::State::Failed);
+                        r.error = format!("cannot delete the copy to rebuild it: {e}");
+                        r.retry_in_secs = backoff(2).as_secs().max(1);
+                        let _ = reports.send(r);
+                        retry_at = Some(Instant::now() + backoff(2));
+                        continue;
+                    }
+                }
                 let mut installed = self
                     .installed()
                     .await?
@@ -381,13 +398,18 @@ impl DpAgent {
                 let span =
                     tracing::info_span!("transfer", package = %a.package, revision = a.revision);
                 match self
-                    .transfer(conn, a, installed, &reports)
+                    .transfer(conn, a, installed, &reports, from_scratch)
                     .instrument(span)
                     .await
                 {
                     Ok(()) => {
                         failures.remove(&key);
                         told_installed.insert(key);
+                        if a.rebuild > 0 {
+                            let store = self.store().await?;
+                            let (p, n) = (a.package.clone(), a.rebuild);
+                            tokio::task::spawn_blocking(move || store.set_rebuilt(&p, n)).await??;
+                        }
                     }
                     Err(Failure::Disconnected(e)) => return Err(e),
                     Err(Failure::Transfer(e)) => {
@@ -506,7 +528,7 @@ impl DpAgent {
         let a = pb::Assignment {
             package: package.to_string(),
             revision,
-            name: String::new(),
+            ..pb::Assignment::default()
         };
         info!(%package, "removing a package no longer assigned");
         let _ = reports.send(report(&a, pb::State::Removing));
@@ -538,12 +560,25 @@ impl DpAgent {
         }
     }
 
+    /// Whether the site asks for a rebuild of `a`'s package this DP has not
+    /// done yet.
+    async fn rebuild_due(&self, a: &pb::Assignment) -> anyhow::Result<bool> {
+        if a.rebuild == 0 {
+            return Ok(false);
+        }
+        let store = self.store().await?;
+        let p = a.package.clone();
+        let done = tokio::task::spawn_blocking(move || store.rebuilt(&p)).await??;
+        Ok(done != a.rebuild)
+    }
+
     async fn transfer(
         &self,
         conn: &quinn::Connection,
         a: &pb::Assignment,
         installed: Option<u32>,
         reports: &mpsc::UnboundedSender<pb::Report>,
+        from_scratch: bool,
     ) -> Result<(), Failure> {
         let signed = self
             .manifest(conn, a, installed)
@@ -559,6 +594,7 @@ impl DpAgent {
             max_rate: self.max_rate,
             dp: &self.cfg.name,
             reports,
+            from_scratch,
         })
         .await?;
         info!(

@@ -174,6 +174,7 @@ mod tests {
             package: "FRY00001".into(),
             revision: 2,
             name: "x".into(),
+            rebuild: 0,
         }
     }
 

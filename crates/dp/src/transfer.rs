@@ -135,6 +135,9 @@ pub(crate) struct Request<'a> {
     pub max_rate: Option<u64>,
     pub dp: &'a str,
     pub reports: &'a mpsc::UnboundedSender<pb::Report>,
+    /// Fetch every chunk from the site: nothing is copied from installed
+    /// files (a rebuild the operator asked for).
+    pub from_scratch: bool,
 }
 
 /// A report of `a` in `state` with the transfer's figures.
@@ -215,7 +218,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     // of MiB each, and the stage keeps the only copy from here on.
     let (store, sig) = (r.store.clone(), r.signed);
     let (package, revision, dp) = (a.package.clone(), a.revision, r.dp.to_string());
-    let max_rate = r.max_rate;
+    let (max_rate, from_scratch) = (r.max_rate, r.from_scratch);
     let staged = tokio::task::spawn_blocking(move || -> anyhow::Result<(Arc<Stage>, Transfer, Arc<Origins>)> {
         let stage_dir = content
             .join(ferry_store::content::INTERNAL_DIR)
@@ -269,6 +272,9 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
             opts,
             |s| written[s.file as usize][s.index as usize],
             |id| {
+                if from_scratch {
+                    return None;
+                }
                 let (p, l) = match store.locate(id) {
                     Ok(found) => found?,
                     Err(e) => {

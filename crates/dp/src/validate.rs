@@ -51,7 +51,7 @@ pub(crate) async fn run(
         let a = pb::Assignment {
             package: package.clone(),
             revision,
-            name: String::new(),
+            ..pb::Assignment::default()
         };
         let result = one(conn, store, request, &a, reports).await;
         match result {

@@ -145,7 +145,7 @@ pub struct MembersRequest {
     pub dps: Vec<String>,
 }
 
-/// Body of `POST /api/v1/distribute` and `/undistribute`.
+/// Body of `POST /api/v1/distribute`, `/undistribute` and `/redistribute`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DistributeRequest {
     /// The package.
@@ -357,6 +357,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/groups/{name}/members/remove", post(remove_members))
         .route("/distribute", post(distribute))
         .route("/undistribute", post(undistribute))
+        .route("/redistribute", post(redistribute))
         .route("/status", get(status_rows))
         .route("/updates", get(list_updates).post(import_update))
         .route("/updates/{id}", get(show_update).delete(remove_update))
@@ -859,6 +860,17 @@ async fn undistribute(
     s.hub.undistribute(&req.package, &req.dps, &req.groups)?;
     tracing::info!(package = %req.package, dps = ?req.dps, groups = ?req.groups, "package undistributed");
     Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn redistribute(
+    State(s): State<ApiState>,
+    Json(req): Json<DistributeRequest>,
+) -> Result<Response, ApiError> {
+    // A group stands for its members.
+    let dps = reached(&s, &req)?;
+    s.hub.redistribute(&req.package, &dps)?;
+    tracing::info!(package = %req.package, dps = ?dps, "rebuild from scratch asked");
+    Ok(Json(serde_json::json!({ "package": req.package, "dps": dps })).into_response())
 }
 
 async fn status_rows(

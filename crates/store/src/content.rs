@@ -30,6 +30,7 @@
 //! | `written` | package ++ 0 ++ revision ++ file number ++ chunk index | chunk count (u32), epoch (u32): a range of slots written in a stage |
 //! | `meta` | `epoch\0` ++ package ++ 0 ++ revision | the stage's last checkpointed epoch (u32) |
 //! | | `validated` | the last validation request answered (u64) |
+//! | | `rebuilt\0<package>` | the last from-scratch rebuild of the package done (u64) |
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -73,6 +74,11 @@ const CFS: [&str; 5] = [
 /// Ferry's own folder inside the content folder.
 pub const INTERNAL_DIR: &str = ".ferry";
 const META_VALIDATED: &[u8] = b"validated";
+
+/// Key of the last rebuild number done for `package`.
+fn rebuilt_key(package: &str) -> Vec<u8> {
+    [b"rebuilt\0".as_slice(), package.as_bytes()].concat()
+}
 /// Chunk locations written per batch when a revision is installed.
 const LOCATION_BATCH: usize = 32 << 10;
 
@@ -595,6 +601,24 @@ impl ContentStore {
     pub fn probe(&self) -> Result<(), ContentError> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(CF_DP_META), b"probe", []);
+        self.write(b, true)
+    }
+
+    /// The number of the last from-scratch rebuild of `package` done (0:
+    /// none).
+    pub fn rebuilt(&self, package: &str) -> Result<u64, ContentError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_DP_META), rebuilt_key(package))
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Records that rebuild `n` of `package` is done.
+    pub fn set_rebuilt(&self, package: &str, n: u64) -> Result<(), ContentError> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_DP_META), rebuilt_key(package), n.to_le_bytes());
         self.write(b, true)
     }
 

@@ -335,10 +335,16 @@ impl DpServer {
             .filter_map(|p| {
                 let rec = images::record(&self.lib, &p).ok()?;
                 let rev = rec.target()?;
+                let rebuild = reg
+                    .dps
+                    .get(dp)
+                    .and_then(|d| d.rebuilds.get(&p).copied())
+                    .unwrap_or(0);
                 Some(pb::Assignment {
                     package: p,
                     revision: rev,
                     name: rec.name,
+                    rebuild,
                 })
             })
             .collect();

@@ -177,6 +177,11 @@ pub struct DpRecord {
     /// live figure is [`Hub::served_bytes`]).
     #[serde(default)]
     pub served_bytes: u64,
+    /// Per package, how many times the operator asked for a rebuild from
+    /// scratch (`ferry redistribute ID --dp NAME`); kept after the package
+    /// leaves, so a number is never reused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rebuilds: BTreeMap<String, u64>,
     /// Its disk, as it last reported (at connection and after each install,
     /// removal or failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -872,6 +877,28 @@ impl Hub {
                     .ok_or_else(|| HubError::NoGroup(g.clone()))?
                     .packages
                     .insert(package.to_string());
+            }
+            Ok(())
+        })
+    }
+
+    /// Asks each of `dps` to rebuild its copy of `package` from scratch
+    /// (every chunk fetched again from the site). Each must be assigned the
+    /// package and not revoked; all or none.
+    pub fn redistribute(&self, package: &str, dps: &[String]) -> Result<(), HubError> {
+        self.update(true, |r| {
+            for d in dps {
+                let assigned = r.assigned(d).contains(package);
+                let rec = r.dps.get_mut(d).ok_or_else(|| HubError::NoDp(d.clone()))?;
+                if rec.revoked.is_some() {
+                    return Err(HubError::Conflict(format!("DP {d} is revoked")));
+                }
+                if !assigned {
+                    return Err(HubError::Conflict(format!(
+                        "{package} is not distributed to {d}: `ferry distribute {package} --dp {d}` sends it"
+                    )));
+                }
+                *rec.rebuilds.entry(package.to_string()).or_default() += 1;
             }
             Ok(())
         })
