@@ -294,9 +294,12 @@ fn image_set_update_remove_and_jobs_cancel_and_wait_do_what_they_say() {
     );
 
     // A source that changed since import says which command picks it up.
-    let mut bytes = fs::read(&wim).unwrap();
-    bytes.extend_from_slice(b"appended");
-    fs::write(&wim, bytes).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&wim)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .unwrap();
     let shown = site.cli_ok(&["image", "show", &id]).unwrap();
     assert!(
         shown.contains(&format!(
@@ -304,6 +307,27 @@ fn image_set_update_remove_and_jobs_cancel_and_wait_do_what_they_say() {
         )),
         "{shown}"
     );
+    // Its content is what revision 1 holds: the refresh makes no revision,
+    // and the source no longer shows as changed.
+    let out = site.cli(&["content", "refresh", &id]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unchanged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = site.cli_json(&["image", "show", &id]).unwrap();
+    assert_eq!(v["revisions"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["source_state"], "unchanged", "{v}");
+    let again = site.cli_json(&["content", "refresh", &id]).unwrap();
+    assert_eq!(again["unchanged"], true);
+    // A real change is a new revision.
+    let mut bytes = fs::read(&wim).unwrap();
+    bytes.extend_from_slice(b"appended");
+    fs::write(&wim, bytes).unwrap();
+    let r2 = site.cli_json(&["content", "refresh", &id]).unwrap();
+    assert!(r2.get("unchanged").is_none(), "{r2}");
+    assert_eq!(r2["revisions"].as_array().unwrap().len(), 2, "{r2}");
 
     // Two updates; jobs for later name them.
     for (kb, file) in [("KB8200001", "one"), ("KB8200002", "two")] {

@@ -285,6 +285,17 @@ pub(crate) async fn follow_import(
             if g.json {
                 return print_json(&package);
             }
+            if package.unchanged {
+                let r = package.record.latest();
+                println!("{}", package.record.id);
+                eprintln!(
+                    "unchanged: {} holds what {} revision {} holds; no revision made",
+                    r.map_or("-", |r| r.source.path.as_str()),
+                    package.record.id,
+                    r.map_or(0, |r| r.revision)
+                );
+                return Ok(());
+            }
             let r = package.record.latest();
             let st = r.map(|r| r.stats).unwrap_or_default();
             println!("{}", package.record.id);
@@ -435,31 +446,29 @@ fn print_view(v: &PackageView) {
         ]);
     }
     println!("{revs}");
-    let mut t = table(&[
-        "INDEX",
-        "NAME",
-        "DESCRIPTION",
-        "ARCH",
-        "LANGUAGES",
-        "BUILD",
-        "EDITION",
-        "FILES",
-        "DIRS",
-        "TOTAL BYTES",
-    ]);
+    // One line per image index: a table of ten columns does not fit 100.
     for i in &rev.images {
-        t.add_row(vec![
-            i.index.to_string(),
-            i.name.clone(),
-            i.description.clone(),
-            i.architecture.clone(),
-            i.languages.join(","),
-            i.build.clone(),
-            i.edition.clone(),
-            i.file_count.to_string(),
-            i.dir_count.to_string(),
-            bytes(i.total_bytes),
-        ]);
+        let mut facts = vec![];
+        for f in [&i.edition, &i.architecture] {
+            if !f.is_empty() {
+                facts.push(f.clone());
+            }
+        }
+        if !i.languages.is_empty() {
+            facts.push(i.languages.join(","));
+        }
+        if !i.build.is_empty() {
+            facts.push(format!("build {}", i.build));
+        }
+        facts.push(format!(
+            "{} files, {} dirs, {}",
+            i.file_count,
+            i.dir_count,
+            bytes(i.total_bytes)
+        ));
+        println!("  image {:<5} {}: {}", i.index, i.name, facts.join(", "));
+        if !i.description.is_empty() {
+            println!("              {}", i.description);
+        }
     }
-    println!("{t}");
 }

@@ -208,6 +208,10 @@ pub struct PackageView {
     pub record: PackageRecord,
     /// Whether the latest revision's source still matches.
     pub source_state: SourceState,
+    /// A refresh found the source holding what the latest revision holds:
+    /// no revision was made.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 impl PackageRecord {

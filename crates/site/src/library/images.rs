@@ -338,6 +338,9 @@ pub fn import(
         service: None,
         warnings: Vec::new(),
     };
+    if let Some(rec) = existing.as_ref().filter(|r| same_as_latest(r, &revision)) {
+        return unchanged(lib, import, rec, &revision);
+    }
     let mut record = match existing {
         Some(mut rec) => {
             // A refresh is an update of the DPs: they get the new revision.
@@ -377,6 +380,42 @@ pub fn import(
     Ok(PackageView {
         source_state: source_state(&record),
         record,
+        unchanged: false,
+    })
+}
+
+/// Whether `next` holds the files the latest revision of `rec` holds (a
+/// refresh of an unchanged source).
+pub(crate) fn same_as_latest(rec: &PackageRecord, next: &RevisionRecord) -> bool {
+    rec.latest()
+        .is_some_and(|last| last.files == next.files && last.exported_index == next.exported_index)
+}
+
+/// A refresh that [`same_as_latest`] found unchanged makes no revision: the
+/// import is dropped (it stored nothing new), the source's new stamp is
+/// recorded so it no longer shows as changed, and the view says
+/// `unchanged`.
+pub(crate) fn unchanged(
+    lib: &Library,
+    import: ferry_store::Import<'_>,
+    rec: &PackageRecord,
+    next: &RevisionRecord,
+) -> Result<PackageView, ImageError> {
+    drop(import);
+    lib.try_collect()?;
+    let number = rec.latest().map_or(0, |r| r.revision);
+    let source = next.source.clone();
+    let record = edit_record(lib, &rec.id, |r| {
+        if let Some(x) = r.revisions.iter_mut().find(|x| x.revision == number) {
+            x.source = source;
+        }
+        Ok(())
+    })?;
+    tracing::info!(package = %rec.id, revision = number, "refresh: the source holds what the latest revision holds; no revision made");
+    Ok(PackageView {
+        source_state: source_state(&record),
+        record,
+        unchanged: true,
     })
 }
 
@@ -610,6 +649,7 @@ pub fn show(lib: &Library, id: &str) -> Result<PackageView, ImageError> {
     Ok(PackageView {
         source_state: source_state(&record),
         record,
+        unchanged: false,
     })
 }
 

@@ -398,6 +398,12 @@ pub fn import(
         service: None,
         warnings: warnings.clone(),
     };
+    if let Some(rec) = existing
+        .as_ref()
+        .filter(|r| images::same_as_latest(r, &revision))
+    {
+        return images::unchanged(lib, import, rec, &revision);
+    }
     let mut record = match existing {
         Some(mut rec) => {
             // A refresh is an update of the DPs: they get the new revision.
@@ -434,6 +440,7 @@ pub fn import(
     Ok(PackageView {
         source_state: images::source_state(&record),
         record,
+        unchanged: false,
     })
 }
 
