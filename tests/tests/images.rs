@@ -306,3 +306,69 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.status.success(), "killed by SIGPIPE, not a success");
 }
+
+#[test]
+fn a_wim_with_damaged_compressed_data_is_refused_unless_no_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tree = d.join("tree");
+    make_tree(
+        &tree,
+        &TreeSpec {
+            files: 40,
+            seed: 17,
+            ..TreeSpec::default()
+        },
+    )
+    .unwrap();
+    let wim = d.join("install.wim");
+    wimtools::capture(&tree, &wim, "Windows 11 Pro", "LZX", WINDOWS_PROPS).unwrap();
+    let damaged = d.join("damaged.wim");
+    fs::copy(&wim, &damaged).unwrap();
+    // 4 KiB overwritten in the middle of the largest compressed resource.
+    let mut f = fs::File::open(&damaged).unwrap();
+    let len = f.metadata().unwrap().len();
+    let layout = ferry_wim::Layout::read(&mut f, len).unwrap();
+    let big = layout
+        .blobs
+        .iter()
+        .filter(|b| b.reshdr.size_in_wim < b.reshdr.uncompressed)
+        .max_by_key(|b| b.reshdr.size_in_wim)
+        .expect("a compressed resource");
+    assert!(big.reshdr.size_in_wim > 16 << 10, "{:?}", big.reshdr);
+    let mut bytes = fs::read(&damaged).unwrap();
+    let at = (big.reshdr.offset + big.reshdr.size_in_wim / 2) as usize;
+    bytes[at..at + 4096].fill(0x5a);
+    fs::write(&damaged, &bytes).unwrap();
+    let wimverify = std::process::Command::new("wimverify")
+        .arg(&damaged)
+        .output()
+        .unwrap();
+    assert!(!wimverify.status.success(), "wimlib sees the damage too");
+
+    let site = SiteProc::start(d).unwrap();
+    let out = site.cli(&["image", "add", damaged.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(damaged.to_str().unwrap()) && err.contains("nothing was added"),
+        "{err}"
+    );
+    assert_eq!(site.package_count().unwrap(), 0);
+    assert_eq!(
+        site.stored_chunks().unwrap(),
+        0,
+        "its chunks were reclaimed"
+    );
+
+    // Verified by default, and the record says so; --no-verify takes the
+    // damaged file as it is, and says that too.
+    let good = site.add_image(&wim, &[]).unwrap();
+    assert_eq!(good["revisions"][0]["verified"], true);
+    let taken = site.add_image(&damaged, &["--no-verify"]).unwrap();
+    assert_eq!(taken["revisions"][0]["verified"], false);
+    let shown = site
+        .cli_ok(&["image", "show", taken["id"].as_str().unwrap()])
+        .unwrap();
+    assert!(shown.contains("imported with --no-verify"), "{shown}");
+}

@@ -45,6 +45,9 @@ pub(crate) enum ContentCmd {
         /// A new source file instead of the recorded one.
         #[arg(long)]
         source: Option<PathBuf>,
+        /// Do not check every WIM resource against its SHA-1.
+        #[arg(long)]
+        no_verify: bool,
     },
 }
 
@@ -57,7 +60,11 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
             revision,
             path,
         } => export(&client, g, &id, &out, revision, path.as_deref()).await,
-        ContentCmd::Refresh { id, source } => {
+        ContentCmd::Refresh {
+            id,
+            source,
+            no_verify,
+        } => {
             let source =
                 match source {
                     Some(p) => Some(std::path::absolute(&p).with_context(|| {
@@ -69,7 +76,7 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
                 .send(
                     client
                         .request(Method::POST, &format!("/images/{id}/refresh"))
-                        .json(&RefreshRequest { source }),
+                        .json(&RefreshRequest { source, no_verify }),
                 )
                 .await?;
             crate::image::follow_import(resp, g, "refreshing").await

@@ -34,6 +34,10 @@ pub(crate) enum ImageCmd {
         /// own; the source file is not modified).
         #[arg(long)]
         index: Option<u32>,
+        /// Do not check every resource against its SHA-1 while importing
+        /// (faster; the record says it was not checked).
+        #[arg(long)]
+        no_verify: bool,
     },
     /// Change an image's name, version or comment.
     Set(SetArgs),
@@ -121,7 +125,19 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
             version,
             comment,
             index,
-        } => add(&client, g, path, name, version, comment, index).await,
+            no_verify,
+        } => {
+            let req = ImportRequest {
+                path,
+                name,
+                version,
+                comment,
+                index,
+                package: None,
+                no_verify,
+            };
+            add(&client, g, req).await
+        }
         ImageCmd::Set(a) => {
             let props = ferry_site::images::Properties {
                 name: a.name,
@@ -214,27 +230,11 @@ pub(crate) async fn remove(client: &Client, g: &Global, id: &str) -> anyhow::Res
     Ok(())
 }
 
-async fn add(
-    client: &Client,
-    g: &Global,
-    path: PathBuf,
-    name: Option<String>,
-    version: Option<String>,
-    comment: Option<String>,
-    index: Option<u32>,
-) -> anyhow::Result<()> {
+async fn add(client: &Client, g: &Global, mut req: ImportRequest) -> anyhow::Result<()> {
     // The site reads the file itself: send an absolute path. A path that does
     // not exist is still sent so the site explains it in one place.
-    let path = std::path::absolute(&path)
-        .with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
-    let req = ImportRequest {
-        path,
-        name,
-        version,
-        comment,
-        index,
-        package: None,
-    };
+    req.path = std::path::absolute(&req.path)
+        .with_context(|| format!("{}: cannot make the path absolute", req.path.display()))?;
     let resp = client
         .send(client.request(Method::POST, "/images").json(&req))
         .await?;
@@ -392,6 +392,14 @@ fn print_view(v: &PackageView) {
         println!("  warning     {w}");
     }
     println!("  source      {} ({state})", rev.source.path);
+    println!(
+        "  verified    {}",
+        if rev.verified {
+            "every WIM resource matched its SHA-1 when imported"
+        } else {
+            "no: imported with --no-verify (or by a release that did not check)"
+        }
+    );
     println!("  source hash {}", rev.source.hash);
     if let Some(i) = rev.exported_index {
         println!("  index       {i} of the source, exported into a WIM of Ferry's own");

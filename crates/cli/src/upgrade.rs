@@ -37,6 +37,10 @@ pub(crate) enum UpgradeCmd {
         /// folder is not modified).
         #[arg(long)]
         extract_index: Option<u32>,
+        /// Do not check every WIM resource against its SHA-1 while
+        /// importing (faster; the record says it was not checked).
+        #[arg(long)]
+        no_verify: bool,
     },
     /// Change an upgrade package's name, version, comment, architecture or
     /// language.
@@ -97,6 +101,7 @@ pub(crate) async fn run(cmd: UpgradeCmd, g: &Global) -> anyhow::Result<()> {
             arch,
             lang,
             extract_index,
+            no_verify,
         } => {
             let path = std::path::absolute(&dir)
                 .with_context(|| format!("{}: cannot make the path absolute", dir.display()))?;
@@ -109,6 +114,7 @@ pub(crate) async fn run(cmd: UpgradeCmd, g: &Global) -> anyhow::Result<()> {
                 lang,
                 extract_index,
                 package: None,
+                no_verify,
             };
             let resp = client
                 .send(client.request(Method::POST, "/upgrades").json(&req))

@@ -107,6 +107,9 @@ pub struct FileQuery {
 pub struct RefreshRequest {
     /// A new source file (absolute path); the recorded source when absent.
     pub source: Option<PathBuf>,
+    /// Skip checking every WIM resource against its SHA-1.
+    #[serde(default)]
+    pub no_verify: bool,
 }
 
 /// Body of `POST /api/v1/dps`.
@@ -500,6 +503,7 @@ async fn refresh_image(
         let req = UpgradeRequest {
             path: source,
             package: Some(id),
+            no_verify: r.no_verify,
             ..UpgradeRequest::default()
         };
         return import_stream(s, req.path.clone(), move |lib, data, site, progress| {
@@ -516,6 +520,7 @@ async fn refresh_image(
         path: r.source.unwrap_or_else(|| PathBuf::from(&last.source.path)),
         index: last.exported_index,
         package: Some(id),
+        no_verify: r.no_verify,
         ..ImportRequest::default()
     };
     import_stream(s, req.path.clone(), move |lib, data, site, progress| {

@@ -83,6 +83,11 @@ pub struct RevisionRecord {
     /// What the import warned about (missing `setup.exe`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Every WIM resource was checked against its SHA-1 when it was read
+    /// (false: imported with `--no-verify`, or by a release that did not
+    /// check).
+    #[serde(default)]
+    pub verified: bool,
 }
 
 /// How a serviced revision was made.

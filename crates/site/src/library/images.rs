@@ -38,6 +38,9 @@ pub struct ImportRequest {
     /// creating one (`ferry content refresh`).
     #[serde(default)]
     pub package: Option<String>,
+    /// Skip checking every resource against its SHA-1 while importing.
+    #[serde(default)]
+    pub no_verify: bool,
 }
 
 /// Why an operation on images failed. The text is shown to operators as is.
@@ -91,6 +94,15 @@ pub enum ImageError {
     /// The revision has no such file, or several and none was named.
     #[error("{0}")]
     NoFile(String),
+    /// A resource of the WIM does not match its SHA-1 (checked while
+    /// importing).
+    #[error("{path}: {detail}; nothing was added (`wimverify` checks the file the same way; `--no-verify` imports it as it is)")]
+    Damaged {
+        /// The path given.
+        path: String,
+        /// Which resource, and how.
+        detail: String,
+    },
     /// A property given to `ferry image set` is not acceptable.
     #[error("{0}")]
     Property(String),
@@ -129,6 +141,7 @@ impl ImageError {
                 | ImageError::NoRevision { .. }
                 | ImageError::NoFile(_)
                 | ImageError::Property(_)
+                | ImageError::Damaged { .. }
         )
     }
 }
@@ -285,11 +298,16 @@ pub fn import(
     });
 
     let mut import = lib.begin_import();
+    let read = if req.no_verify {
+        Read::Wim
+    } else {
+        Read::VerifiedWim
+    };
     let manifest = match ingest_path(
         &mut import,
         file_path,
         &file_name,
-        true,
+        read,
         &shown,
         None,
         progress,
@@ -337,6 +355,7 @@ pub fn import(
         stats: ImportStats::default(),
         service: None,
         warnings: Vec::new(),
+        verified: !req.no_verify,
     };
     if let Some(rec) = existing.as_ref().filter(|r| same_as_latest(r, &revision)) {
         return unchanged(lib, import, rec, &revision);
@@ -419,14 +438,55 @@ pub(crate) fn unchanged(
     })
 }
 
-/// Reads the file at `path` into `import` as `name`: a WIM cut at its
-/// resources (`as_wim`), anything else by content-defined chunking.
+/// How [`ingest_path`] reads a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// By content-defined chunking.
+    Data,
+    /// A WIM, cut at its resources.
+    Wim,
+    /// A WIM, cut at its resources, and every resource checked against its
+    /// SHA-1 on another thread meanwhile.
+    VerifiedWim,
+}
+
+/// Checks every resource of the WIM at `path` against its SHA-1: Ferry's
+/// own reader for ordinary resources, wimlib's verify for a WIM with solid
+/// ones.
+fn verify_wim(path: &Path, layout: &Layout, shown: &str) -> Result<(), ImageError> {
+    let damaged = |detail: String| ImageError::Damaged {
+        path: shown.to_string(),
+        detail,
+    };
+    match ferry_wim::verify_blobs_from(path, layout, 0) {
+        Ok(Some(c)) => {
+            tracing::debug!(path = %shown, blobs = c.blobs, bytes = c.bytes, "every resource verified");
+            Ok(())
+        }
+        Ok(None) => Wim::open(path)
+            .and_then(|mut w| w.verify())
+            .map_err(|e| damaged(format!("{} (wimlib error {})", e.message, e.code))),
+        Err(ferry_wim::VerifyError::Bad {
+            offset,
+            sha1,
+            reason,
+            ..
+        }) => Err(damaged(format!(
+            "the resource at offset {offset} (SHA-1 {sha1}) {reason}"
+        ))),
+        Err(ferry_wim::VerifyError::Read { offset, source, .. }) => Err(damaged(format!(
+            "reading its resources at offset {offset}: {source}"
+        ))),
+    }
+}
+
+/// Reads the file at `path` into `import` as `name` (see [`Read`]).
 /// `shown` names the file in errors.
 pub(crate) fn ingest_path(
     import: &mut ferry_store::Import<'_>,
     path: &Path,
     name: &str,
-    as_wim: bool,
+    read: Read,
     shown: &str,
     kept: Option<&crate::ingest::Kept<'_>>,
     mut progress: impl FnMut(Progress),
@@ -438,13 +498,16 @@ pub(crate) fn ingest_path(
     let file = File::open(path).map_err(source)?;
     let file_len = file.metadata().map_err(source)?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let segments = if as_wim {
-        let layout = Layout::read(&mut reader, file_len).map_err(|e| ImageError::NotWim {
+    let mut layout = None;
+    let segments = if read != Read::Data {
+        let l = Layout::read(&mut reader, file_len).map_err(|e| ImageError::NotWim {
             path: shown.to_string(),
             reason: e.to_string(),
         })?;
         std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(source)?;
-        layout.segments
+        let segments = l.segments.clone();
+        layout = Some(l);
+        segments
     } else if file_len == 0 {
         Vec::new()
     } else {
@@ -455,15 +518,39 @@ pub(crate) fn ingest_path(
             split: ferry_core::Split::Cdc,
         }]
     };
-    ingest(import, &mut reader, &segments, name, kept, |done| {
-        progress(Progress {
-            done,
-            total: file_len,
+    let verify = layout.filter(|_| read == Read::VerifiedWim);
+    std::thread::scope(|s| {
+        // The check reads the file beside the chunking (the page cache
+        // serves both) and decompresses on the other core.
+        let check = verify.map(|l| {
+            std::thread::Builder::new()
+                .name("ferry-verify".into())
+                .spawn_scoped(s, move || verify_wim(path, &l, shown))
+        });
+        let m = ingest(import, &mut reader, &segments, name, kept, |done| {
+            progress(Progress {
+                done,
+                total: file_len,
+            })
         })
-    })
-    .map_err(|source| ImageError::Ingest {
-        path: shown.to_string(),
-        source,
+        .map_err(|source| ImageError::Ingest {
+            path: shown.to_string(),
+            source,
+        });
+        match check {
+            Some(Ok(h)) => {
+                let checked = h.join().unwrap_or_else(|_| {
+                    Err(ImageError::Damaged {
+                        path: shown.to_string(),
+                        detail: "the verifying thread failed".into(),
+                    })
+                });
+                // Damage is the more useful message.
+                checked.and(m)
+            }
+            Some(Err(e)) => Err(source(e)),
+            None => m,
+        }
     })
 }
 
@@ -1013,6 +1100,7 @@ mod tests {
         };
         let next = record.latest().map_or(1, |r| r.revision + 1);
         record.revisions.push(RevisionRecord {
+            verified: false,
             revision: next,
             created: String::new(),
             source: SourceRecord {

@@ -46,6 +46,9 @@ pub struct UpgradeRequest {
     /// A new revision of this package (`ferry content refresh`).
     #[serde(default)]
     pub package: Option<String>,
+    /// Skip checking every WIM resource against its SHA-1 while importing.
+    #[serde(default)]
+    pub no_verify: bool,
 }
 
 /// Characters Windows does not allow in a file name.
@@ -347,7 +350,12 @@ pub fn import(
             }
         };
         let shown = root.join(&f.rel).display().to_string();
-        let m = images::ingest_path(&mut import, read_from, &f.rel, as_wim, &shown, None, |p| {
+        let read = match (as_wim, req.no_verify) {
+            (false, _) => images::Read::Data,
+            (true, true) => images::Read::Wim,
+            (true, false) => images::Read::VerifiedWim,
+        };
+        let m = images::ingest_path(&mut import, read_from, &f.rel, read, &shown, None, |p| {
             progress(Progress {
                 done: done_before + p.done,
                 total,
@@ -397,6 +405,7 @@ pub fn import(
         stats: ImportStats::default(),
         service: None,
         warnings: warnings.clone(),
+        verified: !req.no_verify,
     };
     if let Some(rec) = existing
         .as_ref()

@@ -419,7 +419,7 @@ fn service(
         &mut import,
         &copy,
         &wim_path,
-        true,
+        images::Read::Wim,
         &shown,
         kept.as_ref(),
         |_| {},
@@ -446,6 +446,8 @@ fn service(
     let number = base.revision + 1;
     let mut record: PackageRecord = rec.clone();
     record.revisions.push(RevisionRecord {
+        // The appended resources were checked; the others are the base's.
+        verified: base.verified,
         revision: number,
         created: crate::now(),
         source: SourceRecord {
