@@ -694,3 +694,59 @@ fn redistribute_rebuilds_a_dps_copy_from_scratch_copying_nothing_it_holds() {
     let out = site.cli(&["redistribute", &a, "--dp", "dp1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not distributed to dp1"));
 }
+
+#[test]
+fn a_rollback_releases_a_kept_revision_and_dps_fetch_only_the_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TreeSpec {
+        files: 300,
+        seed: 12,
+        ..TreeSpec::default()
+    };
+    let pair = wimtools::serviced_pair(dir.path(), &spec, "LZX", &ServiceSpec::default()).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let id = id_of(&site.add_image(&pair.base, &[]).unwrap());
+    site.cli_ok(&["image", "set", &id, "--keep", "2"]).unwrap();
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    site.refresh(&id, &pair.serviced).unwrap();
+    site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();
+    let revs = site.cli_json(&["image", "revisions", &id]).unwrap();
+    assert_eq!(revs["keep"], 2);
+    let numbers: Vec<_> = revs["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["revision"].clone(), r["released"].clone()))
+        .collect();
+    assert_eq!(
+        numbers,
+        [(1.into(), false.into()), (2.into(), true.into())],
+        "both kept: {revs}"
+    );
+
+    let out = site.cli_json(&["image", "rollback", &id, "--to", "1"]).unwrap();
+    assert_eq!(out["revisions"][0]["released"], true, "{out}");
+    let row = site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let file = dp.content().join(&id).join("base.wim");
+    assert!(same_file(&file, &pair.base), "dp1 holds revision 1 again");
+    // A delta: what revision 2 already held was copied, not fetched.
+    assert!(row["bytes_local"].as_u64().unwrap() > 0, "{row}");
+    assert!(
+        row["bytes_needed"].as_u64().unwrap() < row["full_bytes"].as_u64().unwrap() / 4,
+        "{row}"
+    );
+    let revs = site.cli_json(&["image", "revisions", &id]).unwrap();
+    assert_eq!(revs["revisions"][0]["installed_on"], serde_json::json!(["dp1"]));
+    // Revision 2 is still kept (the newest), and distribute goes back to it.
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();
+    assert!(same_file(&file, &pair.serviced));
+    let out = site.cli(&["image", "rollback", &id, "--to", "7"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has no revision 7"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use ferry_site::api::ImportEvent;
+use ferry_site::api::{ImportEvent, RevisionsView};
 use ferry_site::catalog::{PackageKind, PackageSummary, PackageView, SourceState};
 use ferry_site::images::{ImportRequest, RemoveView};
 use futures_util::StreamExt;
@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 
 use crate::client::Client;
-use crate::output::{bytes, percent, print_json, table};
+use crate::output::{bytes, emit, percent, print_json, table};
 use crate::Global;
 
 #[derive(Subcommand, Debug)]
@@ -41,6 +41,22 @@ pub(crate) enum ImageCmd {
     },
     /// Change an image's name, version or comment.
     Set(SetArgs),
+    /// The kept revisions of an image: which one DPs receive, where each is
+    /// installed.
+    Revisions {
+        /// Package id.
+        id: String,
+    },
+    /// Release an older kept revision to every DP holding the image (each
+    /// fetches only what it lacks); `ferry distribute ID` goes back to the
+    /// newest.
+    Rollback {
+        /// Package id.
+        id: String,
+        /// The revision.
+        #[arg(long, value_name = "N")]
+        to: u32,
+    },
     /// List the images in the library.
     List,
     /// Show one image: its WIM metadata and library figures.
@@ -83,6 +99,60 @@ pub(crate) struct SetArgs {
     /// New comment.
     #[arg(long)]
     pub(crate) comment: Option<String>,
+    /// Keep this many revisions of the package (0: the site's
+    /// keep_revisions again).
+    #[arg(long, value_name = "N")]
+    pub(crate) keep: Option<u32>,
+}
+
+/// `image revisions` / `upgrade revisions`.
+pub(crate) async fn revisions(client: &Client, g: &Global, id: &str) -> anyhow::Result<()> {
+    let v: RevisionsView = client
+        .json(client.request(Method::GET, &format!("/images/{id}/revisions")))
+        .await?;
+    emit(g, &v, || print_revisions(&v))
+}
+
+/// `image rollback` / `upgrade rollback`.
+pub(crate) async fn rollback(client: &Client, g: &Global, id: &str, to: u32) -> anyhow::Result<()> {
+    let v: RevisionsView = client
+        .json(
+            client
+                .request(Method::POST, &format!("/images/{id}/rollback"))
+                .json(&ferry_site::api::RollbackRequest { to }),
+        )
+        .await?;
+    emit(g, &v, || {
+        println!("{id} revision {to} released: every DP holding {id} moves to it, fetching only what it lacks");
+        print_revisions(&v);
+    })
+}
+
+fn print_revisions(v: &RevisionsView) {
+    let mut t = table(&[
+        "REV",
+        "CREATED (UTC)",
+        "SOURCE",
+        "SIZE",
+        "NEW",
+        "VERIFIED",
+        "RELEASED",
+        "INSTALLED ON",
+    ]);
+    for r in &v.revisions {
+        t.add_row(vec![
+            format!("{}{}", r.revision, if r.latest { " (newest)" } else { "" }),
+            crate::output::when(&r.created),
+            r.source.clone(),
+            bytes(r.size),
+            bytes(r.new_bytes),
+            if r.verified { "yes" } else { "no" }.into(),
+            if r.released { "yes" } else { "" }.into(),
+            r.installed_on.join(" "),
+        ]);
+    }
+    println!("{}: {} revision(s) kept at most", v.package, v.keep);
+    println!("{t}");
 }
 
 /// Sends the properties of `image set` / `upgrade set` and prints the
@@ -100,7 +170,7 @@ pub(crate) async fn set(
                 .json(&props),
         )
         .await?;
-    crate::output::emit(g, &rec, || {
+    emit(g, &rec, || {
         println!(
             "{}: name {:?}, version {:?}, comment {:?}{}",
             rec.id,
@@ -143,10 +213,13 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
                 name: a.name,
                 version: a.version,
                 comment: a.comment,
+                keep: a.keep,
                 ..Default::default()
             };
             set(&client, g, &a.id, props).await
         }
+        ImageCmd::Revisions { id } => revisions(&client, g, &id).await,
+        ImageCmd::Rollback { id, to } => rollback(&client, g, &id, to).await,
         ImageCmd::List => list(&client, g, PackageKind::Image).await,
         ImageCmd::Show { id } => show(&client, g, &id).await,
         ImageCmd::Remove { id } => remove(&client, g, &id).await,

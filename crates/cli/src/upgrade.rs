@@ -54,6 +54,19 @@ pub(crate) enum UpgradeCmd {
         #[arg(long)]
         lang: Option<String>,
     },
+    /// The kept revisions of an upgrade package.
+    Revisions {
+        /// Package id.
+        id: String,
+    },
+    /// Release an older kept revision to every DP holding the package.
+    Rollback {
+        /// Package id.
+        id: String,
+        /// The revision.
+        #[arg(long, value_name = "N")]
+        to: u32,
+    },
     /// List the upgrade packages.
     List,
     /// Show one upgrade package.
@@ -90,9 +103,12 @@ pub(crate) async fn run(cmd: UpgradeCmd, g: &Global) -> anyhow::Result<()> {
                 comment: props.comment,
                 architecture: arch,
                 language: lang,
+                keep: props.keep,
             };
             crate::image::set(&client, g, &props.id, p).await
         }
+        UpgradeCmd::Revisions { id } => crate::image::revisions(&client, g, &id).await,
+        UpgradeCmd::Rollback { id, to } => crate::image::rollback(&client, g, &id, to).await,
         UpgradeCmd::Add {
             dir,
             name,

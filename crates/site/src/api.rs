@@ -203,6 +203,8 @@ pub struct ApiState {
     pub jobs: Arc<Jobs>,
     /// Where the QUIC endpoint for DPs listens.
     pub dp_listen: std::net::SocketAddr,
+    /// The site's `keep_revisions`.
+    pub keep_revisions: u32,
 }
 
 /// Body of `POST /api/v1/updates`.
@@ -348,6 +350,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/content/{id}/file", get(export_file))
         .route("/content/verify", post(verify))
         .route("/images/{id}/refresh", post(refresh_image))
+        .route("/images/{id}/rollback", post(rollback_image))
+        .route("/images/{id}/revisions", get(image_revisions))
         .route("/dps", get(list_dps).post(add_dp))
         .route("/dps/{name}", delete(remove_dp))
         .route("/dps/{name}/revoke", post(revoke_dp))
@@ -427,6 +431,104 @@ async fn set_properties(
     let rec = blocking(move || images::set_properties(&lib, &id, &p)).await?;
     tracing::info!(package = %rec.id, "package properties changed");
     Ok(Json(rec).into_response())
+}
+
+/// Body of `POST /api/v1/images/{id}/rollback`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// The kept revision to release.
+    pub to: u32,
+}
+
+async fn rollback_image(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Json(r): Json<RollbackRequest>,
+) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    let rec = blocking(move || images::rollback(&lib, &id, r.to)).await?;
+    tracing::warn!(package = %rec.id, revision = r.to, "revision released by rollback");
+    s.hub.notify();
+    let view = revisions_view(&s, rec);
+    Ok(Json(view).into_response())
+}
+
+/// One revision as `ferry image revisions` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionRow {
+    /// Its number.
+    pub revision: u32,
+    /// When it was made (RFC 3339).
+    pub created: String,
+    /// Where it came from (a path, or the job that serviced it).
+    pub source: String,
+    /// Bytes of its files.
+    pub size: u64,
+    /// Bytes it stored that the library did not hold.
+    pub new_bytes: u64,
+    /// Its WIM resources were checked against their SHA-1 at import.
+    pub verified: bool,
+    /// The revision DPs receive.
+    pub released: bool,
+    /// The newest.
+    pub latest: bool,
+    /// DPs that hold it installed.
+    pub installed_on: Vec<String>,
+}
+
+/// Answer of `GET /api/v1/images/{id}/revisions` and of a rollback.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionsView {
+    /// Package id.
+    pub package: String,
+    /// Revisions kept (the package's `--keep`, or the site's).
+    pub keep: u32,
+    /// Every kept revision, oldest first.
+    pub revisions: Vec<RevisionRow>,
+}
+
+fn revisions_view(s: &ApiState, rec: crate::catalog::PackageRecord) -> RevisionsView {
+    let reg = s.hub.snapshot();
+    let (target, latest) = (rec.target(), rec.latest().map(|r| r.revision));
+    let revisions = rec
+        .revisions
+        .iter()
+        .map(|r| RevisionRow {
+            revision: r.revision,
+            created: r.created.clone(),
+            source: r.source.path.clone(),
+            size: r.files.iter().map(|f| f.size).sum(),
+            new_bytes: r.stats.new_bytes,
+            verified: r.verified,
+            released: target == Some(r.revision),
+            latest: latest == Some(r.revision),
+            installed_on: reg
+                .dps
+                .values()
+                .filter(|d| {
+                    d.revoked.is_none()
+                        && d.transfers
+                            .get(&rec.id)
+                            .is_some_and(|t| t.state.holds() && t.revision == r.revision)
+                })
+                .map(|d| d.name.clone())
+                .collect(),
+        })
+        .collect();
+    RevisionsView {
+        keep: rec.keep.unwrap_or(s.keep_revisions),
+        package: rec.id,
+        revisions,
+    }
+}
+
+async fn image_revisions(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    let rec = blocking(move || images::record(&lib, &id)).await?;
+    Ok(Json(revisions_view(&s, rec)).into_response())
 }
 
 async fn remove_image(
@@ -608,7 +710,7 @@ fn import_stream(
                 if view.record.revisions.len() > 1 {
                     // DPs holding the package move to the new revision.
                     s.hub.notify();
-                    if let Err(e) = images::prune(&lib, &view.record.id, |t| {
+                    if let Err(e) = images::prune(&lib, &view.record.id, s.keep_revisions, |t| {
                         s.hub.snapshot().settled(&view.record.id, t)
                     }) {
                         tracing::warn!(package = %view.record.id, error = %e, "cannot remove unused revisions");

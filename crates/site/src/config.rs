@@ -20,11 +20,20 @@ pub const DEFAULT_DP_LISTEN: &str = "0.0.0.0:4433";
 pub struct SiteConfig {
     /// Three letters or digits that start every package id (`FRY00001`).
     pub site_code: String,
+    /// Revisions kept per package once every DP holds the released one: the
+    /// newest ones (and always the released one). A package's own `--keep`
+    /// overrides it.
+    #[serde(default = "default_keep")]
+    pub keep_revisions: u32,
     /// The operator API (CLI, status page).
     pub operator: OperatorConfig,
     /// The endpoint distribution points connect to.
     #[serde(default)]
     pub dp: DpEndpointConfig,
+}
+
+fn default_keep() -> u32 {
+    1
 }
 
 /// Where distribution points reach the site.
@@ -107,6 +116,12 @@ impl SiteConfig {
              # Three letters or digits that start every package id (FRY00001).\n\
              site_code = \"{site_code}\"\n\
              \n\
+             # Revisions kept per package once every DP holds the released one:\n\
+             # the newest ones, and always the released one (`ferry image rollback`\n\
+             # can go back to any kept revision). `ferry image set ID --keep N`\n\
+             # sets it for one package.\n\
+             keep_revisions = 1\n\
+             \n\
              [operator]\n\
              # Address of the operator API (CLI, status page). Every request needs\n\
              # the token in operator.token. Keep it on loopback unless a\n\
@@ -133,6 +148,13 @@ impl SiteConfig {
         })?;
         let code_ok =
             cfg.site_code.len() == 3 && cfg.site_code.chars().all(|c| c.is_ascii_alphanumeric());
+        if cfg.keep_revisions == 0 {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                detail: "keep_revisions must be 1 or more (the released revision is always kept)"
+                    .into(),
+            });
+        }
         if !code_ok {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),

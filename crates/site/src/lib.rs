@@ -212,6 +212,7 @@ impl Site {
             ca_der.to_vec(),
             key,
             self.config.site_code.clone(),
+            self.config.keep_revisions,
         ));
         tokio::spawn(srv.serve(endpoint.clone()));
         tracing::info!(%listen, "site serving distribution points (QUIC)");
@@ -235,13 +236,14 @@ impl Site {
             })?;
         let endpoint = self.start_dp_endpoint()?;
         let (lib, data, hub) = (self.lib.clone(), self.data.clone(), self.hub.clone());
+        let keep = self.config.keep_revisions;
         tokio::spawn(self.jobs.clone().scheduler(move |job| {
             let mut run = service::run(&lib, &data, job);
             if run.revision.is_some() {
                 if run.distributed {
                     hub.notify();
                 }
-                match images::prune(&lib, &job.package, |t| hub.snapshot().settled(&job.package, t)) {
+                match images::prune(&lib, &job.package, keep, |t| hub.snapshot().settled(&job.package, t)) {
                     Ok(pruned) => run.pruned = pruned,
                     Err(e) => tracing::warn!(package = %job.package, error = %e, "cannot remove unused revisions"),
                 }
@@ -257,6 +259,7 @@ impl Site {
             token_hash: blake3::hash(self.token.as_bytes()),
             jobs: self.jobs.clone(),
             dp_listen: endpoint.local_addr().unwrap_or(self.config.dp.listen),
+            keep_revisions: self.config.keep_revisions,
         };
         tracing::info!(%listen, data = %self.data.display(), "site serving the operator API");
         axum::serve(listener, api::router(state))

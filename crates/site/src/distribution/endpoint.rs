@@ -99,6 +99,8 @@ pub struct DpServer {
     ca_der: Vec<u8>,
     key: SigningKey,
     site_code: String,
+    /// The site's `keep_revisions`.
+    keep_revisions: u32,
     faults: Arc<Faults>,
     chunk_sets: Mutex<Vec<(Revision, ChunkSet)>>,
     /// Held while a chunk set is built: a DP opens its fetch streams at
@@ -116,8 +118,10 @@ impl DpServer {
         ca_der: Vec<u8>,
         key: SigningKey,
         site_code: String,
+        keep_revisions: u32,
     ) -> Self {
         Self {
+            keep_revisions,
             hub,
             lib,
             ca,
@@ -527,11 +531,11 @@ impl DpServer {
         }
         if state == TransferState::Installed {
             // An old revision may be unused by every DP now.
-            let (lib, hub) = (self.lib.clone(), self.hub.clone());
+            let (lib, hub, keep) = (self.lib.clone(), self.hub.clone(), self.keep_revisions);
             tokio::task::spawn_blocking(move || {
-                if let Err(e) =
-                    images::prune(&lib, &package, |t| hub.snapshot().settled(&package, t))
-                {
+                if let Err(e) = images::prune(&lib, &package, keep, |t| {
+                    hub.snapshot().settled(&package, t)
+                }) {
                     warn!(package = %package, error = %e, "cannot remove unused revisions");
                 }
             });

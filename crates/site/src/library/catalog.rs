@@ -56,6 +56,10 @@ pub struct PackageRecord {
     /// Upgrade packages: the language, for clients that pre-cache.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub language: String,
+    /// Revisions kept for this package (`ferry image set --keep N`); the
+    /// site's `keep_revisions` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
 }
 
 /// One revision: one import of the content.

@@ -576,6 +576,7 @@ pub(crate) fn new_record(
         released: None,
         architecture: String::new(),
         language: String::new(),
+        keep: None,
     })
 }
 
@@ -904,6 +905,7 @@ pub fn verify(lib: &Library, id: Option<&str>) -> Result<VerifyReport, ImageErro
 pub fn prune(
     lib: &Library,
     id: &str,
+    keep_default: u32,
     settled: impl FnOnce(u32) -> bool,
 ) -> Result<Vec<u32>, ImageError> {
     let rec = record(lib, id)?;
@@ -913,11 +915,20 @@ pub fn prune(
     if !settled(target) {
         return Ok(Vec::new());
     }
+    // The newest `keep` revisions stay, and the released one.
+    let keep = rec.keep.unwrap_or(keep_default).max(1) as usize;
+    let newest: Vec<u32> = rec
+        .revisions
+        .iter()
+        .rev()
+        .take(keep)
+        .map(|r| r.revision)
+        .collect();
     let old: Vec<u32> = rec
         .revisions
         .iter()
         .map(|r| r.revision)
-        .filter(|&r| r != latest && r != target)
+        .filter(|&r| r != latest && r != target && !newest.contains(&r))
         .collect();
     let mut removed = Vec::new();
     for &r in &old {
@@ -999,6 +1010,28 @@ pub fn release_latest(lib: &Library, id: &str) -> Result<u32, ImageError> {
     Ok(latest)
 }
 
+/// Releases kept revision `to` of `id` to the DPs (a rollback: each DP
+/// fetches what it lacks of it, as for any revision); `to` being the latest
+/// releases the latest. Returns the record.
+pub fn rollback(lib: &Library, id: &str, to: u32) -> Result<PackageRecord, ImageError> {
+    edit_record(lib, id, |rec| {
+        let kept: Vec<String> = rec
+            .revisions
+            .iter()
+            .map(|r| r.revision.to_string())
+            .collect();
+        if rec.revision(to).is_none() {
+            return Err(format!(
+                "{id} has no revision {to} any more; kept: {} (`--keep N` keeps more)",
+                kept.join(", ")
+            ));
+        }
+        let latest = rec.latest().map_or(0, |r| r.revision);
+        rec.released = (to != latest).then_some(to);
+        Ok(())
+    })
+}
+
 /// What `ferry image set` may change; `None` leaves a property as it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Properties {
@@ -1017,6 +1050,9 @@ pub struct Properties {
     /// Upgrade packages: language.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// Revisions to keep (0: back to the site's `keep_revisions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
 }
 
 /// Longest property text, in bytes.
@@ -1035,9 +1071,9 @@ pub fn set_properties(
         ("--arch", &p.architecture),
         ("--lang", &p.language),
     ];
-    if given.iter().all(|(_, v)| v.is_none()) {
+    if given.iter().all(|(_, v)| v.is_none()) && p.keep.is_none() {
         return Err(ImageError::Property(
-            "nothing to set: give --name, --version or --comment (upgrade packages also --arch, --lang)".into(),
+            "nothing to set: give --name, --version, --comment or --keep (upgrade packages also --arch, --lang)".into(),
         ));
     }
     for (flag, v) in given {
@@ -1067,6 +1103,9 @@ pub fn set_properties(
         set(&mut rec.comment, &p.comment);
         set(&mut rec.architecture, &p.architecture);
         set(&mut rec.language, &p.language);
+        if let Some(k) = p.keep {
+            rec.keep = (k > 0).then_some(k);
+        }
         Ok(())
     })
 }
@@ -1140,6 +1179,7 @@ mod tests {
             released: None,
             architecture: String::new(),
             language: String::new(),
+            keep: None,
         };
         add_revision(&lib, &mut rec, 1, Release::Newest);
         // A job without --distribute: DPs stay on revision 1.
@@ -1163,7 +1203,7 @@ mod tests {
         add_revision(&lib, &mut stale, 4, Release::Newest);
         assert_eq!(revisions(&lib), [1, 2, 3, 4]);
         let mut asked = None;
-        let removed = prune(&lib, "FRY00001", |t| {
+        let removed = prune(&lib, "FRY00001", 1, |t| {
             asked = Some(t);
             false
         })
@@ -1171,8 +1211,41 @@ mod tests {
         assert!(removed.is_empty());
         assert_eq!(asked, Some(4), "asked about the released revision");
         assert_eq!(revisions(&lib), [1, 2, 3, 4]);
-        let removed = prune(&lib, "FRY00001", |_| true).unwrap();
-        assert_eq!(removed, [1, 2, 3]);
+        // Keeping three: the oldest goes.
+        let removed = prune(&lib, "FRY00001", 3, |_| true).unwrap();
+        assert_eq!(removed, [1]);
+        assert_eq!(revisions(&lib), [2, 3, 4]);
+        // A rollback releases a kept revision, which then stays with the
+        // newest; one no longer kept is refused, naming those kept.
+        assert_eq!(rollback(&lib, "FRY00001", 2).unwrap().target(), Some(2));
+        let e = rollback(&lib, "FRY00001", 1).unwrap_err().to_string();
+        assert!(e.contains("kept: 2, 3, 4"), "{e}");
+        let removed = prune(&lib, "FRY00001", 1, |_| true).unwrap();
+        assert_eq!(removed, [3]);
+        let rec = rollback(&lib, "FRY00001", 4).unwrap();
+        assert_eq!((rec.target(), rec.released), (Some(4), None));
+        // A package's own --keep wins over the site's.
+        set_properties(
+            &lib,
+            "FRY00001",
+            &Properties {
+                keep: Some(2),
+                ..Properties::default()
+            },
+        )
+        .unwrap();
+        assert!(prune(&lib, "FRY00001", 1, |_| true).unwrap().is_empty());
+        set_properties(
+            &lib,
+            "FRY00001",
+            &Properties {
+                keep: Some(0),
+                ..Properties::default()
+            },
+        )
+        .unwrap();
+        let removed = prune(&lib, "FRY00001", 1, |_| true).unwrap();
+        assert_eq!(removed, [2]);
         assert_eq!(revisions(&lib), [4]);
         assert!(lib.manifests("FRY00001", 1).unwrap().is_empty());
         assert_eq!(lib.manifests("FRY00001", 4).unwrap().len(), 1);
