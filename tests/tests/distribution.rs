@@ -726,7 +726,9 @@ fn a_rollback_releases_a_kept_revision_and_dps_fetch_only_the_delta() {
         "both kept: {revs}"
     );
 
-    let out = site.cli_json(&["image", "rollback", &id, "--to", "1"]).unwrap();
+    let out = site
+        .cli_json(&["image", "rollback", &id, "--to", "1"])
+        .unwrap();
     assert_eq!(out["revisions"][0]["released"], true, "{out}");
     let row = site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
     let file = dp.content().join(&id).join("base.wim");
@@ -738,7 +740,10 @@ fn a_rollback_releases_a_kept_revision_and_dps_fetch_only_the_delta() {
         "{row}"
     );
     let revs = site.cli_json(&["image", "revisions", &id]).unwrap();
-    assert_eq!(revs["revisions"][0]["installed_on"], serde_json::json!(["dp1"]));
+    assert_eq!(
+        revs["revisions"][0]["installed_on"],
+        serde_json::json!(["dp1"])
+    );
     // Revision 2 is still kept (the newest), and distribute goes back to it.
     site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
     site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();

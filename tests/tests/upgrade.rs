@@ -168,6 +168,15 @@ fn an_upgrade_package_with_one_index_reaches_a_dp_byte_for_byte_and_can_be_servi
         fs::read(&out_file).unwrap(),
         fs::read(root.join("setup.exe")).unwrap()
     );
+    // --out an existing folder: every file under its path, byte for byte.
+    let all = dir.path().join("all");
+    fs::create_dir(&all).unwrap();
+    let r = site
+        .cli_json(&["content", "export", &id, "--out", all.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(r["files"].as_array().unwrap().len(), before.len(), "{r}");
+    // (Ferry's install.wim holds the one index kept, so it differs.)
+    same_tree_but_install_wim(&before, &all, "exported into a folder");
     let listed = site.cli_json(&["upgrade", "list"]).unwrap();
     assert_eq!(listed[0]["id"], id.as_str());
     assert!(site

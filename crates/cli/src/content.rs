@@ -1,17 +1,18 @@
 //! `ferry content …`: export files from the library and verify chunks.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_site::api::{RefreshRequest, VerifyRequest, HASH_HEADER};
+use ferry_site::catalog::PackageView;
 use ferry_site::images::VerifyReport;
 use futures_util::StreamExt;
 use reqwest::Method;
 
 use crate::client::Client;
-use crate::output::{bytes, print_json, table};
+use crate::output::{bytes, emit, print_json, table};
 use crate::Global;
 
 #[derive(Subcommand, Debug)]
@@ -20,7 +21,9 @@ pub(crate) enum ContentCmd {
     Export {
         /// Package id.
         id: String,
-        /// Where to write the file (replaced only once complete and verified).
+        /// Where to write the file (replaced only once complete and
+        /// verified), or an existing folder: every file of the package is
+        /// written into it under its path in the package (without --path).
         #[arg(long)]
         out: PathBuf,
         /// Revision (default: the latest).
@@ -125,10 +128,71 @@ async fn export(
     client: &Client,
     g: &Global,
     id: &str,
-    out: &PathBuf,
+    out: &Path,
     revision: Option<u32>,
     path: Option<&str>,
 ) -> anyhow::Result<()> {
+    if path.is_some() || !out.is_dir() {
+        let (size, hash) = export_file(client, id, out, revision, path).await?;
+        return emit(
+            g,
+            &serde_json::json!({ "id": id, "path": out, "size": size, "blake3": hash }),
+            || println!("wrote {} ({}, blake3 {hash})", out.display(), bytes(size)),
+        );
+    }
+    // Into a folder: every file of the revision under its own path.
+    let view: PackageView = client
+        .json(client.request(Method::GET, &format!("/images/{id}")))
+        .await?;
+    let rev = match revision {
+        Some(n) => view.record.revision(n),
+        None => view.record.latest(),
+    }
+    .with_context(|| {
+        format!(
+            "package {id} has no revision {}",
+            revision.map_or("at all".to_string(), |n| n.to_string())
+        )
+    })?;
+    let mut written = Vec::new();
+    for f in &rev.files {
+        let rel = ferry_core::manifest::check_rel_path(&f.path)
+            .map(|()| f.path.clone())
+            .map_err(|e| {
+                anyhow::anyhow!("{id} names a file {:?} that cannot be written: {e}", f.path)
+            })?;
+        let dest = out.join(&rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let (size, hash) =
+            export_file(client, id, &dest, Some(rev.revision), Some(&f.path)).await?;
+        written.push(serde_json::json!({ "path": dest, "size": size, "blake3": hash }));
+    }
+    emit(
+        g,
+        &serde_json::json!({ "id": id, "revision": rev.revision, "files": written }),
+        || {
+            println!(
+                "wrote {} file(s) of {id} revision {} into {} ({})",
+                rev.files.len(),
+                rev.revision,
+                out.display(),
+                bytes(rev.files.iter().map(|f| f.size).sum())
+            )
+        },
+    )
+}
+
+/// Writes one file of a package to `out`; returns its size and BLAKE3.
+async fn export_file(
+    client: &Client,
+    id: &str,
+    out: &Path,
+    revision: Option<u32>,
+    path: Option<&str>,
+) -> anyhow::Result<(u64, String)> {
     let mut req = client.request(Method::GET, &format!("/content/{id}/file"));
     if let Some(r) = revision {
         req = req.query(&[("revision", r)]);
@@ -177,10 +241,5 @@ async fn export(
     tmp.as_file().sync_all()?;
     tmp.persist(out)
         .with_context(|| format!("cannot move the export into place at {}", out.display()))?;
-    if g.json {
-        print_json(&serde_json::json!({ "id": id, "path": out, "size": written, "blake3": got }))
-    } else {
-        println!("wrote {} ({}, blake3 {got})", out.display(), bytes(written));
-        Ok(())
-    }
+    Ok((written, got))
 }

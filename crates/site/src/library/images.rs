@@ -809,7 +809,7 @@ pub fn manifest(
         },
         None if manifests.len() == 1 => Ok(manifests.swap_remove(0)),
         None => Err(ImageError::NoFile(format!(
-            "package {id} revision {rev} holds {} files: name one with --path ({})",
+            "package {id} revision {rev} holds {} files: name one with --path, or give --out an existing folder for them all ({})",
             manifests.len(),
             listed(&manifests)
         ))),
