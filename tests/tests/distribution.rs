@@ -301,6 +301,21 @@ fn revoked_dps_used_tokens_and_foreign_cas_are_refused() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+    // A port where no site answers is named as such, within seconds.
+    let dead = ferry_tests::harness::free_udp_port().unwrap();
+    let start = std::time::Instant::now();
+    let out = init("dp2-dead", &token, &format!("127.0.0.1:{dead}"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no site answered at 127.0.0.1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
     let forged = token.replacen(&token[7..15], "00000000", 1);
     assert!(!init("dp2-forged", &forged, &site.dp_addr())
         .status

@@ -115,9 +115,13 @@ fn check_folder(data: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// How long `dp init` waits for the site to answer at all.
+const ENROLL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Enrolls the folder `data` with the site at `site` using a token from
 /// `ferry dp add`. Writes `dp.toml`, the key, the certificate, the pinned
 /// CA and the manifest key, and creates the library and content folder.
+/// Nothing is written until the site has answered.
 pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpConfig> {
     let cfg_path = data.join(config::CONFIG_FILE);
     if cfg_path.exists() {
@@ -133,10 +137,14 @@ pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpCo
     let (key_pem, csr) = ferry_net::pki::make_csr("ferry-dp")?;
     let endpoint = client_endpoint(addr)?;
     let client = ferry_net::tls::enroll_client(&token.ca_fingerprint)?;
-    let conn = endpoint
-        .connect_with(client, addr, ferry_net::pki::SITE_SERVER_NAME)?
-        .await
-        .with_context(|| format!("cannot enroll with the site at {site}"))?;
+    let connecting = endpoint.connect_with(client, addr, ferry_net::pki::SITE_SERVER_NAME)?;
+    let conn = match tokio::time::timeout(ENROLL_CONNECT_TIMEOUT, connecting).await {
+        Ok(c) => c.with_context(|| format!("cannot enroll with the site at {site}"))?,
+        Err(_) => bail!(
+            "no site answered at {site} (UDP {addr}) within {} s: is `ferry site serve` running there, and is this its [dp] listen address? (`ferry dp add` prints it)",
+            ENROLL_CONNECT_TIMEOUT.as_secs()
+        ),
+    };
     let (mut send, mut recv) = conn.open_bi().await?;
     let req = pb::Request {
         kind: Some(request::Kind::Enroll(pb::Enroll {
