@@ -380,8 +380,48 @@ fn image_set_update_remove_and_jobs_cancel_and_wait_do_what_they_say() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let cancelled = site.cli_json(&["jobs", "cancel", &a_id, &b_id]).unwrap();
-    assert_eq!(cancelled.as_array().unwrap().len(), 2);
+    // A schedule in a stated zone: Saturdays at 02:00 in Berlin are 01:00
+    // UTC in winter, 00:00 in summer; tables show UTC, with the weekday.
+    let c = site
+        .cli_json(&[
+            "image",
+            "service",
+            &id,
+            "--updates",
+            "KB8200001",
+            "--schedule",
+            "CRON_TZ=Europe/Berlin 0 2 * * 6",
+        ])
+        .unwrap();
+    let next = time::OffsetDateTime::parse(
+        c["next_run"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(next.weekday(), time::Weekday::Saturday, "{c}");
+    assert!(next.hour() <= 1 && next.minute() == 0, "{c}");
+    let table = site.cli_ok(&["jobs"]).unwrap();
+    assert!(
+        table.contains("(UTC)") && table.contains(&format!("Sat 0{}:00", next.hour())),
+        "{table}"
+    );
+    fails(
+        &[
+            "image",
+            "service",
+            &id,
+            "--updates",
+            "KB8200001",
+            "--schedule",
+            "CRON_TZ=Mars/Olympus 0 2 * * 6",
+        ],
+        "not a time zone",
+    );
+    let c_id = c["id"].as_u64().unwrap().to_string();
+    let cancelled = site
+        .cli_json(&["jobs", "cancel", &a_id, &b_id, &c_id])
+        .unwrap();
+    assert_eq!(cancelled.as_array().unwrap().len(), 3);
     for j in [&a_id, &b_id] {
         assert_eq!(
             site.cli_json(&["jobs", "show", j]).unwrap()["state"],

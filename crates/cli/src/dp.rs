@@ -78,7 +78,8 @@ pub(crate) enum DpCmd {
         /// The DP's name.
         name: String,
         /// Validate the DP's content on this schedule: a five-field cron
-        /// expression in UTC ("0 3 * * 0": Sundays at 03:00), or "off".
+        /// expression in UTC ("0 3 * * 0": Sundays at 03:00), or in a zone
+        /// ("CRON_TZ=Europe/Berlin 0 3 * * 0"), or "off".
         #[arg(long, value_name = "CRON")]
         validate_schedule: Option<String>,
     },
@@ -228,8 +229,11 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 return print_json(&v);
             }
             match (&v.schedule, &v.next_run) {
-                (Some(s), Some(n)) => println!("{name}: validates on \"{s}\" (UTC); next run {n}"),
-                (Some(s), None) => println!("{name}: validates on \"{s}\" (UTC)"),
+                (Some(s), Some(n)) => println!(
+                    "{name}: validates on \"{s}\"; next run {} UTC ({n})",
+                    crate::output::when(n)
+                ),
+                (Some(s), None) => println!("{name}: validates on \"{s}\""),
                 _ => println!("{name}: no validation schedule"),
             }
             Ok(())

@@ -22,12 +22,14 @@ pub(crate) struct ServiceArgs {
     #[arg(long, value_delimiter = ',')]
     pub(crate) updates: Vec<String>,
     /// Run once at this time instead of now: RFC 3339, "YYYY-MM-DD HH:MM"
-    /// (UTC), or +N[s|m|h|d].
+    /// (UTC), or + and a duration (+30m, +1h30m, +2days).
     #[arg(long, conflicts_with = "schedule")]
     pub(crate) at: Option<String>,
     /// Run at every occurrence of this cron expression: standard 5 fields
     /// (minute hour day month weekday; weekdays 0-6 from Sunday, 7 also
-    /// Sunday, or SUN-SAT), UTC; 6 with seconds first.
+    /// Sunday, or SUN-SAT), in UTC, or in a zone when it starts with
+    /// CRON_TZ=ZONE ("CRON_TZ=Europe/Berlin 0 2 * * 6"); 6 with seconds
+    /// first.
     #[arg(long)]
     pub(crate) schedule: Option<String>,
     /// Record a failing update and apply the rest (without it, the job stops
@@ -205,9 +207,9 @@ pub(crate) async fn service(client: &Client, g: &Global, a: ServiceArgs) -> anyh
             return print_json(&job);
         }
         println!(
-            "job {} scheduled for {} ({}); `ferry jobs` follows it, `ferry jobs cancel {}` cancels it",
+            "job {} scheduled for {} UTC ({}); `ferry jobs` follows it, `ferry jobs cancel {}` cancels it",
             job.id,
-            job.next_run.as_deref().unwrap_or("-"),
+            job.next_run.as_deref().map_or("-".into(), crate::output::when),
             job.request
                 .schedule
                 .as_deref()

@@ -1,7 +1,10 @@
 //! Standard five-field cron expressions (minute hour day-of-month month
-//! weekday), in UTC: servicing jobs' `--schedule` and DPs' validation
-//! schedules. Six fields, with seconds first, are taken too (for schedules
-//! finer than a minute, as tests use).
+//! weekday), in UTC unless they start with `CRON_TZ=ZONE` (as cronie's
+//! crontab(5) has it; `TZ=` too), ZONE a name of the system's tz database
+//! (`Europe/Berlin`): servicing jobs' `--schedule` and DPs' validation
+//! schedules. In a zone, times follow its daylight saving changes. Six
+//! fields, with seconds first, are taken too (for schedules finer than a
+//! minute, as tests use).
 //!
 //! Weekdays are 0–6 from Sunday (7 is Sunday too) or `SUN`…`SAT`, as in
 //! crontab(5). The `cron` crate counts weekdays from 1 = Sunday and wants a
@@ -21,6 +24,8 @@ const DAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
 pub struct Schedule {
     expr: String,
     inner: cron::Schedule,
+    /// The stated zone; UTC when `None`.
+    zone: Option<tzfile::ArcTz>,
 }
 
 fn weekday(token: &str) -> Option<usize> {
@@ -74,6 +79,23 @@ impl Schedule {
     /// the expression and say what is wrong, for the flag's user.
     pub fn parse(expr: &str) -> Result<Self, String> {
         let mut fields: Vec<&str> = expr.split_whitespace().collect();
+        let zone_name = fields.first().and_then(|f| {
+            f.strip_prefix("CRON_TZ=")
+                .or_else(|| f.strip_prefix("TZ="))
+                .map(str::to_string)
+        });
+        let zone = match &zone_name {
+            Some(name) => {
+                fields.remove(0);
+                let tz = tzfile::Tz::named(name).map_err(|e| {
+                    format!(
+                        "{expr:?}: {name:?} is not a time zone of this system's tz database ({e}); give a name such as Europe/Berlin or America/New_York, or leave CRON_TZ= out for UTC"
+                    )
+                })?;
+                Some(tzfile::ArcTz::new(tz))
+            }
+            None => None,
+        };
         let second = if fields.len() == 6 {
             fields.remove(0)
         } else {
@@ -105,7 +127,17 @@ impl Schedule {
         Ok(Self {
             expr: expr.split_whitespace().collect::<Vec<_>>().join(" "),
             inner,
+            zone,
         })
+    }
+
+    /// The zone the expression is read in: a tz database name, or "UTC".
+    pub fn zone(&self) -> &str {
+        self.expr
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.strip_prefix("CRON_TZ=").or_else(|| f.strip_prefix("TZ=")))
+            .unwrap_or("UTC")
     }
 
     /// The expression as given (spaces normalised).
@@ -116,8 +148,15 @@ impl Schedule {
     /// The first time strictly after `after`.
     pub fn next_after(&self, after: OffsetDateTime) -> Option<OffsetDateTime> {
         let after = chrono::DateTime::<chrono::Utc>::from_timestamp(after.unix_timestamp(), 0)?;
-        let next = self.inner.after(&after).next()?;
-        OffsetDateTime::from_unix_timestamp(next.timestamp()).ok()
+        let next = match &self.zone {
+            Some(tz) => self
+                .inner
+                .after(&after.with_timezone(tz))
+                .next()?
+                .timestamp(),
+            None => self.inner.after(&after).next()?.timestamp(),
+        };
+        OffsetDateTime::from_unix_timestamp(next).ok()
     }
 }
 
@@ -149,6 +188,25 @@ mod tests {
         assert_eq!(next("0 3 * * *", t), datetime("2026-12-02T03:00:00Z"));
         assert_eq!(next("*/15 * * * *", t), datetime("2026-12-01T12:15:00Z"));
         assert_eq!(next("0 0 1 * *", t), datetime("2027-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_stated_zone_is_followed_through_daylight_saving() {
+        // Saturdays at 02:00 in Berlin: 01:00 UTC in winter, 00:00 in summer.
+        let s = Schedule::parse("CRON_TZ=Europe/Berlin 0 2 * * 6").unwrap();
+        assert_eq!(s.zone(), "Europe/Berlin");
+        let winter = s.next_after(datetime("2026-12-01T12:00:00Z")).unwrap();
+        assert_eq!(winter, datetime("2026-12-05T01:00:00Z"));
+        let summer = s.next_after(datetime("2026-07-01T12:00:00Z")).unwrap();
+        assert_eq!(summer, datetime("2026-07-04T00:00:00Z"));
+        let ny = next(
+            "TZ=America/New_York 30 8 * * 1-5",
+            datetime("2026-12-01T12:00:00Z"),
+        );
+        assert_eq!(ny, datetime("2026-12-01T13:30:00Z"));
+        assert_eq!(Schedule::parse("0 2 * * 6").unwrap().zone(), "UTC");
+        let e = Schedule::parse("CRON_TZ=Mars/Olympus 0 2 * * 6").unwrap_err();
+        assert!(e.contains("not a time zone"), "{e}");
     }
 
     #[test]
