@@ -429,6 +429,29 @@ fn image_set_update_remove_and_jobs_cancel_and_wait_do_what_they_say() {
         );
     }
     fails(&["jobs", "cancel", &a_id, "999"], "999");
+    // Tables fit 100 columns off a terminal, and the log written to a file
+    // has no colour codes.
+    for args in [
+        &["jobs"][..],
+        &["image", "list"],
+        &["image", "show", &id],
+        &["image", "revisions", &id],
+        &["update", "list"],
+        &["status"],
+    ] {
+        let text = site.cli_ok(args).unwrap();
+        let wide: Vec<&str> = text.lines().filter(|l| l.chars().count() > 100).collect();
+        assert!(
+            wide.is_empty(),
+            "{args:?} is wider than 100 columns:\n{}",
+            wide.join("\n")
+        );
+    }
+    let log = fs::read_to_string(&site.log).unwrap();
+    assert!(
+        log.contains("INFO") && !log.contains('\x1b'),
+        "colour codes in the log"
+    );
 
     site.cli_ok(&["update", "remove", "KB8200001", "KB8200002"])
         .unwrap();

@@ -519,10 +519,14 @@ fn what_status_and_dp_list_show_survives_a_restart_of_the_site() {
     );
     let table = site.cli_ok(&["dp", "list"]).unwrap();
     assert!(table.contains(&format!("{id} r1 /")), "{table}");
-    assert!(
-        table.lines().all(|l| l.chars().count() <= 100),
-        "dp list fits 100 columns:\n{table}"
-    );
+    let status = site.cli_ok(&["status"]).unwrap();
+    for t in [&table, &status] {
+        assert!(
+            t.lines().all(|l| l.chars().count() <= 100),
+            "fits 100 columns:\n{t}"
+        );
+    }
+    assert!(status.contains("installed") && status.contains("now"), "{status}");
     assert!(before["served_bytes"].as_u64().unwrap() > 0, "{before}");
     assert!(before["wire_bytes"].as_u64().unwrap() > 0, "{before}");
     for restart in ["stopped", "killed"] {

@@ -486,12 +486,8 @@ fn print_view(v: &PackageView) {
     );
     const SHOWN_FILES: usize = 20;
     for f in rev.files.iter().take(SHOWN_FILES) {
-        println!(
-            "  file        {} {} blake3 {}",
-            f.path,
-            bytes(f.size),
-            f.hash
-        );
+        println!("  file        {} ({})", f.path, bytes(f.size));
+        println!("              blake3 {}", f.hash);
     }
     if rev.files.len() > SHOWN_FILES {
         println!(
@@ -501,7 +497,7 @@ fn print_view(v: &PackageView) {
     }
     let st = rev.stats;
     println!(
-        "  library     {} logical in {} chunks from {} segments; {} newly stored ({} chunks), {} shared ({})",
+        "  library     {} logical in {} chunks from {} segments\n              {} newly stored ({} chunks), {} shared ({})",
         bytes(st.logical_bytes),
         st.chunks,
         st.segments,
