@@ -526,7 +526,10 @@ fn what_status_and_dp_list_show_survives_a_restart_of_the_site() {
             "fits 100 columns:\n{t}"
         );
     }
-    assert!(status.contains("installed") && status.contains("now"), "{status}");
+    assert!(
+        status.contains("installed") && status.contains("now"),
+        "{status}"
+    );
     assert!(before["served_bytes"].as_u64().unwrap() > 0, "{before}");
     assert!(before["wire_bytes"].as_u64().unwrap() > 0, "{before}");
     for restart in ["stopped", "killed"] {

@@ -146,6 +146,12 @@ fn damaged_chunk_is_named_and_export_refuses_it() {
     );
     let report = site.cli_json(&["content", "verify"]);
     assert!(report.is_err(), "whole-library verify fails too");
+    // Under --json: one document, the report with the error and its code.
+    let out = site.cli(&["content", "verify", "--json"]);
+    assert!(!out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["code"], "damaged", "{doc}");
+    assert!(!doc["damaged"].as_array().unwrap().is_empty(), "{doc}");
 
     let dest = dir.path().join("out.wim");
     let out = site.cli(&["content", "export", &id, "--out", dest.to_str().unwrap()]);

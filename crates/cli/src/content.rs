@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use reqwest::Method;
 
 use crate::client::Client;
-use crate::output::{bytes, emit, print_json, table};
+use crate::output::{bytes, emit, failed_with, table};
 use crate::Global;
 
 #[derive(Subcommand, Debug)]
@@ -92,9 +92,7 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
                         .json(&VerifyRequest { id }),
                 )
                 .await?;
-            if g.json {
-                print_json(&report)?;
-            } else {
+            let human = || {
                 println!(
                     "checked {} chunks ({}) of {} package(s): {} damaged",
                     report.chunks,
@@ -114,12 +112,17 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
                     }
                     println!("{t}");
                 }
-            }
+            };
             if report.damaged.is_empty() {
-                Ok(())
-            } else {
-                bail!("{} damaged chunk(s) in the library", report.damaged.len())
+                return emit(g, &report, human);
             }
+            Err(failed_with(
+                g,
+                &report,
+                "damaged",
+                format!("{} damaged chunk(s) in the library", report.damaged.len()),
+                human,
+            ))
         }
     }
 }

@@ -428,19 +428,21 @@ async fn validate(
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            if g.json {
-                return print_json(&v);
-            }
-            print_validation(&v, r.request);
             let unrepaired = mine
                 .iter()
                 .flat_map(|x| x.result.damaged.iter())
                 .filter(|d| !d.repaired)
                 .count();
             if unrepaired > 0 {
-                anyhow::bail!("{unrepaired} damaged chunk(s) on {name} could not be repaired");
+                return Err(crate::output::failed_with(
+                    g,
+                    &v,
+                    "damaged",
+                    format!("{unrepaired} damaged chunk(s) on {name} could not be repaired"),
+                    || print_validation(&v, r.request),
+                ));
             }
-            return Ok(());
+            return emit(g, &v, || print_validation(&v, r.request));
         }
         if !v.online {
             anyhow::bail!("{name} went offline during validation; it answers when it reconnects (`ferry dp validation {name}`)");

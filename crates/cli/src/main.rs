@@ -143,6 +143,7 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(|c| c.is::<output::Reported>()) => ExitCode::FAILURE,
         Err(e) => {
             let message = message(&e);
             if json {

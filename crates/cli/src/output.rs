@@ -88,6 +88,46 @@ pub(crate) fn emit<T: Serialize>(
     Ok(())
 }
 
+/// A failure whose outcome is printed already (main prints nothing more).
+#[derive(Debug)]
+pub(crate) struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(reported above)")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+/// Prints `v`, the outcome of a command that failed: under `--json` as one
+/// document, `v` with `error` and `code` added (the error is [`Reported`]);
+/// else `human` prints the text and the error is `message`.
+pub(crate) fn failed_with<T: Serialize>(
+    g: &crate::Global,
+    v: &T,
+    code: &str,
+    message: String,
+    human: impl FnOnce(),
+) -> anyhow::Error {
+    if !g.json {
+        human();
+        return anyhow::anyhow!(message);
+    }
+    let mut doc = serde_json::to_value(v).unwrap_or_default();
+    match doc.as_object_mut() {
+        Some(o) => {
+            o.insert("error".into(), message.into());
+            o.insert("code".into(), code.into());
+        }
+        None => doc = serde_json::json!({ "error": message, "code": code, "result": doc }),
+    }
+    match print_json(&doc) {
+        Ok(()) => Reported.into(),
+        Err(e) => e,
+    }
+}
+
 /// Prints `v` as pretty JSON.
 pub(crate) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

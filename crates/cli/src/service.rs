@@ -248,22 +248,30 @@ async fn wait(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    if g.json {
-        print_json(&job)?;
-    } else {
-        print_job(&job);
-    }
-    match job.runs.last().map(|r| r.outcome) {
-        Some(JobState::Failed) => bail!(
+    let failure = match job.runs.last().map(|r| r.outcome) {
+        Some(JobState::Failed) => Some(format!(
             "job {id} failed: {}",
             job.runs
                 .last()
                 .and_then(|r| r.error.clone())
                 .unwrap_or_default()
-        ),
-        Some(JobState::PartlySucceeded) => bail!("job {id}: some updates failed (see above)"),
-        _ if job.state == JobState::Cancelled => bail!("job {id} was cancelled"),
-        _ => Ok(()),
+        )),
+        Some(JobState::PartlySucceeded) => Some(format!(
+            "job {id}: some updates failed ({})",
+            if g.json { "see runs" } else { "see above" }
+        )),
+        _ if job.state == JobState::Cancelled => Some(format!("job {id} was cancelled")),
+        _ => None,
+    };
+    match failure {
+        Some(message) => Err(crate::output::failed_with(
+            g,
+            &job,
+            "job-failed",
+            message,
+            || print_job(&job),
+        )),
+        None => crate::output::emit(g, &job, || print_job(&job)),
     }
 }
 
