@@ -418,6 +418,18 @@ impl DpProc {
         site_addr: &str,
         prefix: &[String],
     ) -> anyhow::Result<Self> {
+        Self::enroll_with(dir, name, site, site_addr, prefix, &[])
+    }
+
+    /// [`DpProc::enroll_via`] with more arguments for `ferry dp init`.
+    pub fn enroll_with(
+        dir: &Path,
+        name: &str,
+        site: &SiteProc,
+        site_addr: &str,
+        prefix: &[String],
+        init_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let token = site.cli_json(&["dp", "add", name])?["token"]
             .as_str()
             .context("dp add printed no token")?
@@ -436,6 +448,7 @@ impl DpProc {
                 "dp", "init", "--site", site_addr, "--token", &token, "--data",
             ])
             .arg(&data)
+            .args(init_args)
             .output()?;
         if !out.status.success() {
             bail!(

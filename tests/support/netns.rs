@@ -130,6 +130,21 @@ impl Netns {
         )
     }
 
+    /// Limits what the namespace sends to the host (`tc … tbf` on its
+    /// side of the veth), `rate` like "40mbit"; `None` lifts the limit.
+    pub fn limit_out(&self, rate: Option<&str>) -> anyhow::Result<()> {
+        let ns_if = format!("fn{}", self.ns_ip.split('.').nth(2).unwrap_or("0"));
+        let mut args = vec!["netns", "exec", self.name.as_str(), "tc", "qdisc"];
+        match rate {
+            Some(r) => args.extend([
+                "replace", "dev", &ns_if, "root", "tbf", "rate", r, "burst", "1mbit", "latency",
+                "50ms",
+            ]),
+            None => args.extend(["del", "dev", &ns_if, "root"]),
+        }
+        ip(&args)
+    }
+
     /// Packets the host side's root qdisc (the [`limit`](Self::limit)) has
     /// dropped so far, from `tc -s qdisc show`.
     pub fn qdisc_drops(&self) -> anyhow::Result<u64> {

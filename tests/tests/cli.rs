@@ -100,6 +100,11 @@ const CHANGING: &[&str] = &[
     "upgrade remove",
     "jobs cancel",
     "jobs wait",
+    "client",
+    "client token",
+    "client token create",
+    "client token revoke",
+    "client fetch",
 ];
 
 #[test]
@@ -162,6 +167,7 @@ fn every_read_only_command_answers_json_and_errors_are_json_with_a_code() {
         ("upgrade revisions", vec![&upgrade]),
         ("jobs", vec![]),
         ("jobs show", vec![&n]),
+        ("client token list", vec![]),
     ];
     let tree = command_tree();
     let known: BTreeSet<String> = read_only

@@ -37,7 +37,18 @@ pub(crate) enum DpCmd {
     /// On the DP: enroll the folder --data with the site (key, certificate,
     /// pinned site CA). Here --site is the site's DP endpoint HOST:PORT (its
     /// [dp] listen address) and --token the token `ferry dp add` printed.
-    Init,
+    Init {
+        /// Also serve the computers being deployed over HTTPS on this
+        /// address (IP:PORT, e.g. 0.0.0.0:8443).
+        #[arg(long, value_name = "ADDR")]
+        client_listen: Option<std::net::SocketAddr>,
+        /// A host name or address clients use to reach this DP (repeat for
+        /// several): the names of its HTTPS certificate. Default: this
+        /// host's name, and the --client-listen address unless it is
+        /// 0.0.0.0.
+        #[arg(long, value_name = "NAME", requires = "client_listen")]
+        client_name: Vec<String>,
+    },
     /// On the DP: run the agent in the foreground (Ctrl-C stops it).
     Serve {
         /// Limit chunk downloads to this many bytes per second (suffixes
@@ -82,6 +93,10 @@ pub(crate) enum DpCmd {
         /// ("CRON_TZ=Europe/Berlin 0 3 * * 0"), or "off".
         #[arg(long, value_name = "CRON")]
         validate_schedule: Option<String>,
+        /// Let computers without a client token download from the DP's
+        /// HTTPS listener (off by default).
+        #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+        anonymous_clients: Option<bool>,
     },
 }
 
@@ -89,6 +104,14 @@ pub(crate) enum DpCmd {
 pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h or 1h30m ({e})"))
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("{s:?}: use on or off")),
+    }
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -106,6 +129,20 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a rate: use bytes per second, e.g. 500K or 20M"))
 }
 
+/// This host's name, and `listen`'s address unless it is unspecified.
+fn default_client_names(listen: std::net::SocketAddr) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .into_iter()
+        .collect();
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    names
+}
+
 fn data_dir(g: &Global) -> anyhow::Result<PathBuf> {
     g.data
         .clone()
@@ -114,14 +151,25 @@ fn data_dir(g: &Global) -> anyhow::Result<PathBuf> {
 
 pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
     match cmd {
-        DpCmd::Init => {
+        DpCmd::Init {
+            client_listen,
+            client_name,
+        } => {
             let data = data_dir(g)?;
             let (Some(site), Some(token)) = (&g.site, &g.token) else {
                 anyhow::bail!(
                     "enrolling needs --site HOST:PORT (the site's DP endpoint) and --token TOKEN (from `ferry dp add`)"
                 );
             };
-            let cfg = ferry_dp::enroll(&data, site, token).await?;
+            let clients = client_listen.map(|listen| ferry_dp::config::ClientsConfig {
+                listen,
+                names: if client_name.is_empty() {
+                    default_client_names(listen)
+                } else {
+                    client_name
+                },
+            });
+            let cfg = ferry_dp::enroll(&data, site, token, clients).await?;
             let content = cfg.content_dir(&data);
             emit(
                 g,
@@ -213,20 +261,39 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
         DpCmd::Set {
             name,
             validate_schedule,
+            anonymous_clients,
         } => {
-            if validate_schedule.is_none() {
-                anyhow::bail!("nothing to set: give --validate-schedule CRON (or off)");
+            if validate_schedule.is_none() && anonymous_clients.is_none() {
+                anyhow::bail!(
+                    "nothing to set: give --validate-schedule CRON (or off) or --anonymous-clients on|off"
+                );
             }
             let client = Client::new(g)?;
             let v: ValidationView = client
                 .json(
                     client
                         .request(Method::POST, &format!("/dps/{name}/settings"))
-                        .json(&DpSettings { validate_schedule }),
+                        .json(&DpSettings {
+                            validate_schedule: validate_schedule.clone(),
+                            anonymous_clients,
+                        }),
                 )
                 .await?;
             if g.json {
                 return print_json(&v);
+            }
+            if let Some(on) = anonymous_clients {
+                println!(
+                    "{name}: {}",
+                    if on {
+                        "serves clients without a token too"
+                    } else {
+                        "serves only clients with a token"
+                    }
+                );
+                if validate_schedule.is_none() {
+                    return Ok(());
+                }
             }
             match (&v.schedule, &v.next_run) {
                 (Some(s), Some(n)) => println!(

@@ -8,7 +8,6 @@ use ferry_site::api::{ImportEvent, RevisionsView};
 use ferry_site::catalog::{PackageKind, PackageSummary, PackageView, SourceState};
 use ferry_site::images::{ImportRequest, RemoveView};
 use futures_util::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 
 use crate::client::Client;
@@ -321,18 +320,7 @@ pub(crate) async fn follow_import(
     g: &Global,
     verb: &'static str,
 ) -> anyhow::Result<()> {
-    let bar = ProgressBar::hidden();
-    if !g.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_message(verb);
-    }
+    let bar = crate::output::byte_bar(!g.json, 0, verb);
     let mut stream = resp.bytes_stream();
     let mut pending = Vec::new();
     let mut outcome: Option<ImportEvent> = None;

@@ -5,9 +5,11 @@
 //! site's library themselves.
 
 mod client;
+mod clients;
 mod content;
 mod distribute;
 mod dp;
+mod fetch;
 mod group;
 mod image;
 mod output;
@@ -34,7 +36,8 @@ struct Cli {
     #[arg(long, global = true, env = "FERRY_SITE")]
     site: Option<String>,
     /// Operator token, instead of reading it from --data. For `dp init`: the
-    /// enrollment token.
+    /// enrollment token; for `client fetch`: the client token
+    /// (FERRY_CLIENT_TOKEN too).
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Print JSON instead of tables.
@@ -78,6 +81,10 @@ enum Command {
     Upgrade(upgrade::UpgradeCmd),
     /// Servicing jobs: list them, show, wait for or cancel one.
     Jobs(service::JobsCmd),
+    /// The computers being deployed: client tokens (on the site) and
+    /// downloads from DPs over HTTPS.
+    #[command(subcommand)]
+    Client(clients::ClientCmd),
 }
 
 /// Options every operator command shares.
@@ -92,6 +99,7 @@ fn main() -> ExitCode {
     // `ferry … | head` ends quietly, as other command-line tools do, instead
     // of panicking on the closed pipe.
     sigpipe::reset();
+    ferry_net::tls::install_default_provider();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -139,6 +147,7 @@ fn main() -> ExitCode {
             Command::Update(cmd) => update::run(cmd, &global).await,
             Command::Upgrade(cmd) => upgrade::run(cmd, &global).await,
             Command::Jobs(cmd) => service::jobs(cmd, &global).await,
+            Command::Client(cmd) => clients::run(cmd, &global).await,
         }
     });
     match result {

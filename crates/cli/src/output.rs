@@ -142,6 +142,25 @@ pub(crate) fn percent(part: u64, whole: u64) -> String {
     format!("{:.1}%", part as f64 * 100.0 / whole as f64)
 }
 
+/// A progress bar of bytes on stderr, drawn only when `show` and stderr is
+/// a terminal (hidden otherwise: logs and pipes get no control codes).
+pub(crate) fn byte_bar(show: bool, total: u64, msg: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_length(total);
+    if show && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(msg.to_string());
+    }
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

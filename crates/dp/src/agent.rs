@@ -32,10 +32,14 @@ pub struct DpAgent {
     /// The content store; `None` while it must be opened again (its index
     /// hit an I/O error, such as a full disk, and RocksDB stays in that
     /// state until reopened).
-    store: std::sync::Mutex<Option<Arc<ContentStore>>>,
+    store: crate::http::StoreSlot,
     manifest_key: Vec<u8>,
     client: quinn::ClientConfig,
     max_rate: Option<u64>,
+    /// Who may download from the HTTPS listener.
+    gate: Arc<crate::http::ClientGate>,
+    /// Bumped when a new HTTPS certificate was written.
+    cert: watch::Sender<u64>,
 }
 
 fn read(data: &Path, file: &str, what: &str) -> anyhow::Result<String> {
@@ -84,13 +88,22 @@ impl DpAgent {
         std::fs::create_dir_all(&content)
             .with_context(|| format!("cannot create {}", content.display()))?;
         let store = crate::open_store(data, &cfg)?;
+        let policy = <pb::ClientPolicy as prost::Message>::decode(&store.client_policy()?[..])
+            .unwrap_or_default();
+        let gate = Arc::new(crate::http::ClientGate::new(
+            manifest_key.clone(),
+            cfg.site_code.clone(),
+            policy,
+        ));
         Ok(Self {
             data: data.to_path_buf(),
             cfg,
-            store: std::sync::Mutex::new(Some(Arc::new(store))),
+            store: Arc::new(std::sync::Mutex::new(Some(Arc::new(store)))),
             manifest_key,
             client,
             max_rate: None,
+            gate,
+            cert: watch::channel(0).0,
         })
     }
 
@@ -112,6 +125,17 @@ impl DpAgent {
     /// never be let in again, so redialling would only fill both logs.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let span = tracing::info_span!("dp", name = %self.cfg.name, site = %self.cfg.site);
+        let https = self.cfg.clients.clone().map(|cfg| {
+            let listener = crate::http::Listener {
+                cfg,
+                data: self.data.clone(),
+                store: self.store.clone(),
+                gate: self.gate.clone(),
+                manifest_key: self.manifest_key.clone(),
+                cert: self.cert.subscribe(),
+            };
+            tokio::spawn(listener.run().instrument(span.clone()))
+        });
         let main = async {
             info!(data = %self.data.display(), content = %self.cfg.content_dir(&self.data).display(), "DP agent starting");
             let mut failures = 0u32;
@@ -138,8 +162,19 @@ impl DpAgent {
                 tokio::time::sleep(delay).await;
             }
         };
+        let https_failed = async {
+            match https {
+                Some(task) => match task.await {
+                    Ok(Ok(())) => std::future::pending().await,
+                    Ok(Err(e)) => Err(e.context("the HTTPS listener for clients stopped")),
+                    Err(e) => Err(anyhow!("the HTTPS listener for clients failed: {e}")),
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = main.instrument(span) => r,
+            r = https_failed => r,
             _ = shutdown => {
                 info!("DP agent stopping");
                 Ok(())
@@ -212,6 +247,20 @@ impl DpAgent {
         }
     }
 
+    /// Takes the site's client policy and keeps it for the next start.
+    async fn set_client_policy(&self, p: &pb::ClientPolicy) {
+        self.gate.set_policy(p.clone());
+        let bytes = prost::Message::encode_to_vec(p);
+        let Ok(store) = self.store().await else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || store.set_client_policy(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot keep the client policy"),
+            Err(e) => warn!(error = %e, "cannot keep the client policy"),
+        }
+    }
+
     /// The DP's disk use and free space, measured off the async threads.
     async fn disk(&self) -> pb::Disk {
         let (data, content) = (self.data.clone(), self.cfg.content_dir(&self.data));
@@ -226,6 +275,15 @@ impl DpAgent {
     }
 
     async fn session_inner(&self, conn: &quinn::Connection) -> anyhow::Result<()> {
+        if let Some(clients) = &self.cfg.clients {
+            match crate::http::ensure_cert(conn, &self.data, clients).await {
+                Ok(true) => self.cert.send_modify(|n| *n += 1),
+                Ok(false) => {}
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "no HTTPS certificate for the client listener")
+                }
+            }
+        }
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| anyhow!(explain(&e)))?;
         let holdings = self
             .installed()
@@ -269,6 +327,9 @@ impl DpAgent {
                             validate = a.validate,
                             "assignments received"
                         );
+                        if let Some(p) = &a.clients {
+                            self.set_client_policy(p).await;
+                        }
                         let _ = desired_tx.send(Some(a));
                     }
                     Some(pb::Reply {

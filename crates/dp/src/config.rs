@@ -15,6 +15,10 @@ pub const CERT_FILE: &str = "dp.pem";
 pub const KEY_FILE: &str = "dp.key";
 /// The site's manifest signing key (Ed25519 public key, hex).
 pub const MANIFEST_KEY_FILE: &str = "manifest.pub";
+/// The certificate of the DP's HTTPS listener, issued by the site CA.
+pub const HTTPS_CERT_FILE: &str = "https.pem";
+/// Its private key.
+pub const HTTPS_KEY_FILE: &str = "https.key";
 /// The DP's index of its content (RocksDB).
 pub const INDEX_DIR: &str = "index";
 /// Where DPs before protocol version 2 kept a second copy of every chunk;
@@ -43,6 +47,21 @@ pub struct DpConfig {
     /// Preferred cipher (`aes-128-gcm`, `aes-256-gcm`, `chacha20-poly1305`).
     #[serde(default)]
     pub cipher: ferry_net::tls::Cipher,
+    /// The HTTPS listener for clients, when the DP serves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<ClientsConfig>,
+}
+
+/// `[clients]` of `dp.toml`: where the DP serves computers over HTTPS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsConfig {
+    /// Address to listen on, `IP:PORT`.
+    pub listen: std::net::SocketAddr,
+    /// Host names and addresses clients use to reach it: the names of its
+    /// certificate (the site CA issues it when the DP first connects, and
+    /// again when these change).
+    pub names: Vec<String>,
 }
 
 fn default_content() -> PathBuf {
@@ -67,7 +86,25 @@ impl DpConfig {
             site = self.site,
             code = self.site_code,
             content = self.content.display(),
-        )
+        ) + &self
+            .clients
+            .as_ref()
+            .map(|c| {
+                format!(
+                    "\n# HTTPS for the computers that download from this DP.\n\
+                     [clients]\n\
+                     listen = \"{}\"\n\
+                     # The names of its certificate (from the site CA).\n\
+                     names = [{}]\n",
+                    c.listen,
+                    c.names
+                        .iter()
+                        .map(|n| format!("{n:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+            .unwrap_or_default()
     }
 
     /// Parses configuration text; `path` only names the file in errors.
@@ -116,8 +153,20 @@ mod tests {
             content: "content".into(),
             congestion: Default::default(),
             cipher: Default::default(),
+            clients: None,
         };
         assert_eq!(DpConfig::parse(&c.to_text(), Path::new("x")).unwrap(), c);
+        let with = DpConfig {
+            clients: Some(ClientsConfig {
+                listen: "0.0.0.0:8443".parse().unwrap(),
+                names: vec!["dp1.example".into(), "10.0.0.5".into()],
+            }),
+            ..c.clone()
+        };
+        assert_eq!(
+            DpConfig::parse(&with.to_text(), Path::new("x")).unwrap(),
+            with
+        );
         let e = DpConfig::parse(&format!("{}colour = 1\n", c.to_text()), Path::new("d.toml"));
         assert!(format!("{:#}", e.unwrap_err()).contains("colour"));
     }

@@ -10,12 +10,16 @@
 //! RocksDB only indexes it: `ferry_store::ContentStore`), and re-hashes and
 //! repairs what it holds when the site asks ([`validate`]).
 //!
-//! What it is not: a server. The DP dials the site; the site never dials the
-//! DP.
+//! [`http`] serves the installed content to the computers being deployed
+//! over HTTPS (client tokens, byte ranges: [`ranges`]).
+//!
+//! The DP dials the site; the site never dials the DP.
 
 pub mod agent;
 pub mod config;
+pub mod http;
 pub mod manifest;
+pub mod ranges;
 pub mod transfer;
 pub mod validate;
 
@@ -121,8 +125,15 @@ const ENROLL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// Enrolls the folder `data` with the site at `site` using a token from
 /// `ferry dp add`. Writes `dp.toml`, the key, the certificate, the pinned
 /// CA and the manifest key, and creates the library and content folder.
-/// Nothing is written until the site has answered.
-pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpConfig> {
+/// Nothing is written until the site has answered. With `clients`, the DP
+/// also serves computers over HTTPS there (its certificate comes from the
+/// site when the agent first connects).
+pub async fn enroll(
+    data: &Path,
+    site: &str,
+    token: &str,
+    clients: Option<config::ClientsConfig>,
+) -> anyhow::Result<DpConfig> {
     let cfg_path = data.join(config::CONFIG_FILE);
     if cfg_path.exists() {
         bail!(
@@ -132,6 +143,9 @@ pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpCo
         );
     }
     check_folder(data)?;
+    if let Some(c) = &clients {
+        ferry_net::pki::check_server_names(&c.names).context("--client-name")?;
+    }
     let token: EnrollToken = token.parse()?;
     let addr = resolve(site).await?;
     let (key_pem, csr) = ferry_net::pki::make_csr("ferry-dp")?;
@@ -183,6 +197,7 @@ pub async fn enroll(data: &Path, site: &str, token: &str) -> anyhow::Result<DpCo
         content: config::CONTENT_DIR.into(),
         congestion: Default::default(),
         cipher: Default::default(),
+        clients,
     };
     let content = cfg.content_dir(data);
     std::fs::create_dir_all(&content)

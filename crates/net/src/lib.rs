@@ -2,7 +2,9 @@
 //!
 //! What it is: [`pki`] makes the site's certificate authority, certificates
 //! for the site and its DPs, enrollment and operator tokens, the manifest
-//! signing key, and writes key files readable by their owner only. [`tls`]
+//! signing key, and writes key files readable by their owner only.
+//! [`client_token`] signs and checks the bearer tokens of the computers that
+//! download from DPs. [`tls`]
 //! builds the QUIC (quinn + rustls, TLS 1.3) configurations with mutual
 //! authentication by that CA.
 //!
@@ -10,5 +12,6 @@
 //! nothing else.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod client_token;
 pub mod pki;
 pub mod tls;

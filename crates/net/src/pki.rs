@@ -135,7 +135,8 @@ pub fn issue_site_cert(ca: &CaFiles, site_code: &str) -> Result<CertFiles, PkiEr
     })
 }
 
-/// A DP's new private key (PEM) and a signing request for it (DER).
+/// A DP's new private key (PEM) and a signing request for it (DER), for
+/// its QUIC certificate or its HTTPS listener's.
 pub fn make_csr(dp_name: &str) -> Result<(String, Vec<u8>), PkiError> {
     let gen = |source| PkiError::Generate {
         what: "DP key and certificate request",
@@ -151,20 +152,101 @@ pub fn make_csr(dp_name: &str) -> Result<(String, Vec<u8>), PkiError> {
 /// Signs a DP's certificate request. The subject is set to `dp_name`
 /// whatever the request asked for; the certificate is for client use only.
 pub fn sign_csr(ca: &CaFiles, csr_der: &[u8], dp_name: &str) -> Result<Vec<u8>, PkiError> {
+    sign_for_dp(ca, csr_der, dp_name, "certificate", |p| {
+        p.subject_alt_names = Vec::new();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok(())
+    })
+}
+
+/// Signs a request of DP `dp_name` with the subject set to its name, no CA
+/// rights, the site's validity, and what `shape` sets; what the request
+/// itself asked for is ignored.
+fn sign_for_dp(
+    ca: &CaFiles,
+    csr_der: &[u8],
+    dp_name: &str,
+    what: &str,
+    shape: impl FnOnce(&mut CertificateParams) -> Result<(), PkiError>,
+) -> Result<Vec<u8>, PkiError> {
     let mut csr =
         CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
-            .map_err(invalid(format!("certificate request of DP {dp_name}")))?;
+            .map_err(invalid(format!("{what} request of DP {dp_name}")))?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, dp_name);
     csr.params.distinguished_name = dn;
-    csr.params.subject_alt_names = Vec::new();
     csr.params.is_ca = IsCa::ExplicitNoCa;
-    csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    shape(&mut csr.params)?;
     validity(&mut csr.params);
     let cert = csr
         .signed_by(&issuer(ca)?)
-        .map_err(invalid(format!("certificate of DP {dp_name}")))?;
+        .map_err(invalid(format!("{what} of DP {dp_name}")))?;
     Ok(cert.der().to_vec())
+}
+
+/// Checks the names a DP asks its HTTPS certificate for: host names or
+/// IP addresses, at least one, no wildcards.
+pub fn check_server_names(names: &[String]) -> Result<(), PkiError> {
+    let bad = |detail: String| PkiError::Invalid {
+        what: "client listener names".into(),
+        detail,
+    };
+    if names.is_empty() || names.len() > 16 {
+        return Err(bad(format!(
+            "{} names given: give 1 to 16 host names or addresses",
+            names.len()
+        )));
+    }
+    for n in names {
+        if n.parse::<std::net::IpAddr>().is_ok() {
+            continue;
+        }
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if n.len() > 253 || !n.split('.').all(label_ok) {
+            return Err(bad(format!(
+                "{n:?} is neither a host name (letters, digits, '-', dots) nor an IP address"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn subject_alt_names(names: &[String]) -> Result<Vec<rcgen::SanType>, PkiError> {
+    names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(rcgen::SanType::IpAddress(ip)),
+            Err(_) => n
+                .clone()
+                .try_into()
+                .map(rcgen::SanType::DnsName)
+                .map_err(invalid(format!("host name {n:?}"))),
+        })
+        .collect()
+}
+
+/// Signs the certificate of DP `dp_name`'s HTTPS listener: subject the
+/// DP's name, the names checked by [`check_server_names`], server use
+/// only. What the request itself asked for is ignored.
+pub fn sign_server_csr(
+    ca: &CaFiles,
+    csr_der: &[u8],
+    dp_name: &str,
+    names: &[String],
+) -> Result<Vec<u8>, PkiError> {
+    check_server_names(names)?;
+    sign_for_dp(ca, csr_der, dp_name, "HTTPS certificate", |p| {
+        p.subject_alt_names = subject_alt_names(names)?;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        Ok(())
+    })
 }
 
 /// BLAKE3 of a certificate's DER, hex: how Ferry names and pins certificates.
@@ -334,6 +416,26 @@ mod tests {
         assert_eq!(cn.as_str().unwrap(), "dp1");
         assert!(sign_csr(&ca, b"not a request", "dp1").is_err());
         assert!(issue_site_cert(&ca, "FRY").is_ok());
+    }
+
+    #[test]
+    fn https_certificates_carry_the_asked_names_and_only_sane_ones() {
+        let ca = make_ca("FRY").unwrap();
+        let (_key, csr) = make_csr("dp1").unwrap();
+        let names = vec!["dp1.branch.example".to_string(), "10.0.0.5".to_string()];
+        let der = sign_server_csr(&ca, &csr, "dp1", &names).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let text = format!("{:?}", san.value.general_names);
+        assert!(text.contains("dp1.branch.example"), "{text}");
+        assert!(text.contains("[10, 0, 0, 5]"), "{text}");
+        for bad in [
+            vec![],
+            vec!["*.example".to_string()],
+            vec!["a b".to_string()],
+        ] {
+            assert!(sign_server_csr(&ca, &csr, "dp1", &bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

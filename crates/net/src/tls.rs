@@ -276,6 +276,38 @@ pub fn enroll_client(ca_fingerprint: &str) -> Result<quinn::ClientConfig, PkiErr
     client(tls, Congestion::default())
 }
 
+/// Makes ring the process's default TLS provider (HTTP clients built
+/// without an explicit configuration use it). Call once at start; later
+/// calls do nothing.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The TLS configuration of a DP's HTTPS listener for clients: its
+/// certificate from the site CA, no client certificates (clients show a
+/// bearer token), HTTP/1.1, TLS 1.2 and 1.3 (BITS-era clients speak 1.2).
+pub fn https_server(identity: Identity) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err("TLS versions"))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(tls_err("HTTPS certificate"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The TLS configuration of a client of DPs: trusts the site CA `ca` only.
+pub fn https_client(ca: &CertificateDer<'static>) -> Result<rustls::ClientConfig, PkiError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err("TLS versions"))?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// The certificate the peer presented, if any.
 pub fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     conn.peer_identity()?

@@ -34,6 +34,15 @@
 //! | GET | `/api/v1/jobs/{n}` | `JobRecord` |
 //! | POST | `/api/v1/jobs/{n}/cancel` | `JobRecord` |
 //! | POST | `/api/v1/upgrades` | `UpgradeRequest` → NDJSON `ImportEvent`s |
+//! | PATCH | `/api/v1/images/{id}` | `Properties` → `PackageRecord` |
+//! | GET | `/api/v1/images/{id}/revisions` | `RevisionsView` |
+//! | POST | `/api/v1/images/{id}/rollback` | `RollbackRequest` → `RevisionsView` |
+//! | DELETE | `/api/v1/dps/{name}?force=` | `{}` |
+//! | POST | `/api/v1/redistribute` | `DistributeRequest` |
+//! | DELETE | `/api/v1/updates/{id}` | `{}` |
+//! | GET | `/api/v1/client-tokens` | `[ClientTokenView]` |
+//! | POST | `/api/v1/client-tokens` | `ClientTokenRequest` → `IssuedToken` (shown once) |
+//! | POST | `/api/v1/client-tokens/{name}/revoke` | `{}` |
 //!
 //! Errors answer `{"error": "..."}` with 4xx for bad input, 5xx for site
 //! failures.
@@ -205,6 +214,18 @@ pub struct ApiState {
     pub dp_listen: std::net::SocketAddr,
     /// The site's `keep_revisions`.
     pub keep_revisions: u32,
+    /// The manifest signing key, which signs client tokens.
+    pub signing_key: Arc<ferry_net::pki::SigningKey>,
+}
+
+/// Body of `POST /api/v1/client-tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientTokenRequest {
+    /// The token's name.
+    pub name: String,
+    /// Seconds it is valid; forever when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_secs: Option<u64>,
 }
 
 /// Body of `POST /api/v1/updates`.
@@ -375,6 +396,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/{n}", get(show_job))
         .route("/jobs/{n}/cancel", post(cancel_job))
         .route("/upgrades", post(add_upgrade))
+        .route(
+            "/client-tokens",
+            get(list_client_tokens).post(create_client_token),
+        )
+        .route("/client-tokens/{name}/revoke", post(revoke_client_token))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES));
     Router::new()
@@ -866,6 +892,30 @@ async fn dp_settings(
 ) -> Result<Json<validation::ValidationView>, ApiError> {
     validation::set(&s.hub, &name, &req)?;
     Ok(Json(validation::view(&s.hub, &name)?))
+}
+
+async fn list_client_tokens(State(s): State<ApiState>) -> Response {
+    Json(s.hub.client_tokens()).into_response()
+}
+
+async fn create_client_token(
+    State(s): State<ApiState>,
+    Json(req): Json<ClientTokenRequest>,
+) -> Result<Json<crate::clients::IssuedToken>, ApiError> {
+    let t = s
+        .hub
+        .create_client_token(&s.signing_key, &s.site_code, &req.name, req.valid_secs)?;
+    tracing::info!(name = %t.name, expires = ?t.expires, "client token issued");
+    Ok(Json(t))
+}
+
+async fn revoke_client_token(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.hub.revoke_client_token(&name)?;
+    tracing::info!(%name, "client token revoked");
+    Ok(Json(serde_json::json!({})).into_response())
 }
 
 async fn list_groups(State(s): State<ApiState>) -> Response {

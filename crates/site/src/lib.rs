@@ -20,7 +20,7 @@ pub mod schedule;
 pub mod servicing;
 
 // Each module also by its short name (`crate::images`, `ferry_site::jobs`).
-pub use distribution::{endpoint, registry, status, validation};
+pub use distribution::{clients, endpoint, registry, status, validation};
 pub use library::{catalog, images, ingest, upgrade};
 pub use servicing::{jobs, service, updates};
 
@@ -184,6 +184,14 @@ impl Site {
         &self.config
     }
 
+    /// The manifest signing key (it signs client tokens too).
+    fn signing_key(&self) -> anyhow::Result<ferry_net::pki::SigningKey> {
+        Ok(ferry_net::pki::SigningKey::from_text(
+            &read_file(&self.data.join(SIGNING_KEY_FILE), "manifest signing key")?,
+            "manifest signing key",
+        )?)
+    }
+
     /// Binds the QUIC endpoint for DPs and starts answering them.
     fn start_dp_endpoint(&self) -> anyhow::Result<quinn::Endpoint> {
         let ca = read_ca(&self.data)?;
@@ -193,10 +201,7 @@ impl Site {
             &read_file(&self.data.join(SITE_KEY_FILE), "site key")?,
             "site certificate",
         )?;
-        let key = ferry_net::pki::SigningKey::from_text(
-            &read_file(&self.data.join(SIGNING_KEY_FILE), "manifest signing key")?,
-            "manifest signing key",
-        )?;
+        let key = self.signing_key()?;
         let server = ferry_net::tls::site_server(&ca_der, identity, self.config.dp.transport())?;
         let listen = self.config.dp.listen;
         let endpoint = ferry_net::tls::endpoint(listen, Some(server)).with_context(|| {
@@ -260,6 +265,7 @@ impl Site {
             jobs: self.jobs.clone(),
             dp_listen: endpoint.local_addr().unwrap_or(self.config.dp.listen),
             keep_revisions: self.config.keep_revisions,
+            signing_key: Arc::new(self.signing_key()?),
         };
         tracing::info!(%listen, data = %self.data.display(), "site serving the operator API");
         axum::serve(listener, api::router(state))

@@ -31,6 +31,7 @@
 //! | `meta` | `epoch\0` ++ package ++ 0 ++ revision | the stage's last checkpointed epoch (u32) |
 //! | | `validated` | the last validation request answered (u64) |
 //! | | `rebuilt\0<package>` | the last from-scratch rebuild of the package done (u64) |
+//! | | `clients` | the site's last `ClientPolicy` (protobuf) |
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -74,6 +75,8 @@ const CFS: [&str; 5] = [
 /// Ferry's own folder inside the content folder.
 pub const INTERNAL_DIR: &str = ".ferry";
 const META_VALIDATED: &[u8] = b"validated";
+/// Meta key of the client policy the site last sent (its protobuf bytes).
+const META_CLIENTS: &[u8] = b"clients";
 
 /// Key of the last rebuild number done for `package`.
 fn rebuilt_key(package: &str) -> Vec<u8> {
@@ -619,6 +622,24 @@ impl ContentStore {
     pub fn set_rebuilt(&self, package: &str, n: u64) -> Result<(), ContentError> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(CF_DP_META), rebuilt_key(package), n.to_le_bytes());
+        self.write(b, true)
+    }
+
+    /// The client policy the site last sent, as stored by
+    /// [`Self::set_client_policy`] (empty when none yet).
+    pub fn client_policy(&self) -> Result<Vec<u8>, ContentError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_DP_META), META_CLIENTS)
+            .map_err(|e| self.db_err(e))?
+            .unwrap_or_default())
+    }
+
+    /// Keeps the site's client policy across restarts (a DP the site cannot
+    /// reach still refuses revoked tokens).
+    pub fn set_client_policy(&self, bytes: &[u8]) -> Result<(), ContentError> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_DP_META), META_CLIENTS, bytes);
         self.write(b, true)
     }
 

@@ -267,6 +267,9 @@ impl DpServer {
                 self.manifest(&dp, m, &mut send).await
             }
             (Some(request::Kind::Fetch(f)), Some(dp)) => self.fetch(&dp, f, &mut send, recv).await,
+            (Some(request::Kind::IssueServerCert(c)), Some(dp)) => {
+                self.issue_server_cert(&dp, c, &mut send).await
+            }
             (None, _) => {
                 warn!("empty request from DP");
                 reply_error(&mut send, Code::BadRequest, "empty request").await
@@ -329,6 +332,34 @@ impl DpServer {
         write_frame(send, &reply).await
     }
 
+    /// Signs the certificate of DP `dp`'s HTTPS listener for the names it
+    /// asks, and records them.
+    async fn issue_server_cert(
+        &self,
+        dp: &str,
+        c: pb::IssueServerCert,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), ferry_wire::WireError> {
+        let cert = match ferry_net::pki::sign_server_csr(&self.ca, &c.csr_der, dp, &c.names) {
+            Ok(cert) => cert,
+            Err(err) => {
+                warn!(%dp, error = %err, "HTTPS certificate refused");
+                return reply_error(send, Code::BadRequest, err.to_string()).await;
+            }
+        };
+        if let Err(err) = self.hub.set_client_names(dp, &c.names) {
+            warn!(%dp, error = %err, "cannot record the DP's client names");
+            return reply_error(send, Code::Internal, err.to_string()).await;
+        }
+        info!(%dp, names = ?c.names, "HTTPS certificate issued");
+        let reply = pb::Reply {
+            kind: Some(reply::Kind::ServerCert(pb::ServerCert {
+                cert_der: cert.into(),
+            })),
+        };
+        write_frame(send, &reply).await
+    }
+
     /// The assignment set of `dp`: each assigned package at its released
     /// revision.
     fn assignments(&self, dp: &str) -> pb::Assignments {
@@ -361,6 +392,7 @@ impl DpServer {
             items,
             validate: v.requested,
             validate_packages: v.packages,
+            clients: Some(crate::clients::policy_for(&reg, dp)),
         }
     }
 

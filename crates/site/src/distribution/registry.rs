@@ -32,6 +32,7 @@ pub const MIGRATED_REGISTRY_FILE: &str = "registry.json.migrated";
 /// Key prefixes of the records in the library's state.
 const DP_PREFIX: &[u8] = b"dp/";
 const GROUP_PREFIX: &[u8] = b"group/";
+const CLIENT_PREFIX: &[u8] = b"client/";
 /// Longest DP or group name.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -186,6 +187,12 @@ pub struct DpRecord {
     /// removal or failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskRecord>,
+    /// Clients without a token may download from it.
+    #[serde(default)]
+    pub anonymous_clients: bool,
+    /// The names in the certificate of its HTTPS listener, as last issued.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_names: Vec<String>,
 }
 
 /// A DP's disk as it reported it.
@@ -280,6 +287,9 @@ pub struct Registry {
     pub dps: BTreeMap<String, DpRecord>,
     /// Groups by name.
     pub groups: BTreeMap<String, GroupRecord>,
+    /// Client tokens by name.
+    #[serde(default)]
+    pub clients: BTreeMap<String, crate::clients::ClientTokenRecord>,
 }
 
 impl Registry {
@@ -352,7 +362,7 @@ pub struct Hub {
     served: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
-fn check_name(name: &str) -> Result<(), HubError> {
+pub(crate) fn check_name(name: &str) -> Result<(), HubError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
@@ -456,6 +466,7 @@ impl Hub {
         Ok(Registry {
             dps: read(self, DP_PREFIX, "DP")?,
             groups: read(self, GROUP_PREFIX, "group")?,
+            clients: read(self, CLIENT_PREFIX, "client token")?,
         })
     }
 
@@ -496,13 +507,22 @@ impl Hub {
                     &mut changes,
                 )
             })
+            .and_then(|()| {
+                diff(
+                    CLIENT_PREFIX,
+                    &old.clients,
+                    &new.clients,
+                    &BTreeSet::new(),
+                    &mut changes,
+                )
+            })
             .map_err(|e| self.storage(e))?;
         self.lib.write_state(&changes).map_err(|e| self.storage(e))
     }
 
     /// Runs `f` on a copy of the registry and keeps the result only if it
     /// succeeds and is saved; signals connected DPs when `notify`.
-    fn update<T>(
+    pub(crate) fn update<T>(
         &self,
         notify: bool,
         f: impl FnOnce(&mut Registry) -> Result<T, HubError>,

@@ -45,6 +45,9 @@ pub struct DpSettings {
     /// Five-field cron (UTC) for scheduled validation; `"off"` clears it.
     #[serde(default)]
     pub validate_schedule: Option<String>,
+    /// Let clients without a token download from the DP's HTTPS listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_clients: Option<bool>,
 }
 
 /// One package's last validation on a DP.
@@ -138,6 +141,10 @@ pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
             hub.set_validate_schedule(dp, Some(sched.expr().to_string()))?;
             info!(%dp, schedule = %sched.expr(), "validation schedule set");
         }
+    }
+    if let Some(on) = s.anonymous_clients {
+        hub.set_anonymous_clients(dp, on)?;
+        info!(%dp, anonymous = on, "anonymous client downloads set");
     }
     Ok(())
 }

@@ -666,7 +666,8 @@ pub(crate) fn import_stats(c: &ferry_store::CommitStats, segments: u64) -> Impor
     }
 }
 
-pub(crate) fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
+/// BLAKE3 of the file at `path`.
+pub fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
     let mut h = blake3::Hasher::new();
     h.update_reader(File::open(path)?)?;
     Ok(h.finalize())

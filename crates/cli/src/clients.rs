@@ -1,0 +1,171 @@
+//! `ferry client …`: client tokens (on the site) and downloads from DPs
+//! (on the computer being deployed).
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use ferry_site::clients::{ClientTokenView, IssuedToken};
+use reqwest::Method;
+
+use crate::client::Client;
+use crate::output::{bytes, emit, print_json, table};
+use crate::Global;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ClientCmd {
+    /// On the site: bearer tokens for the computers that download from DPs.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Download a package from a DP over HTTPS: parallel range requests,
+    /// every chunk checked against the site-signed manifest; run it again
+    /// to resume. --token is the client token.
+    Fetch {
+        /// The DP's HTTPS address, https://HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        dp: String,
+        /// The package id.
+        id: String,
+        /// Folder to write the package's files into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The site CA certificate (ca.pem of the site's or a DP's data
+        /// folder); the DP's certificate must be issued by it.
+        #[arg(long, value_name = "FILE")]
+        ca: PathBuf,
+        /// Range requests in flight at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// The site's manifest key (hex, manifest.pub of a DP) to prove the
+        /// manifest with, instead of the one the DP presents.
+        #[arg(long, value_name = "HEX")]
+        manifest_key: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum TokenCmd {
+    /// Sign a new token and print it (shown once; the site keeps only its id).
+    Create {
+        /// The token's name (what `revoke` takes and DPs log).
+        #[arg(long)]
+        name: String,
+        /// How long it is valid (e.g. 30d, 12h); forever when not given.
+        #[arg(long, value_name = "DURATION", value_parser = crate::dp::parse_duration)]
+        expires: Option<std::time::Duration>,
+    },
+    /// Every token the site issued, with its state.
+    List,
+    /// Refuse a token from now on, on every DP.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
+fn unix_time(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
+    match cmd {
+        ClientCmd::Token(TokenCmd::Create { name, expires }) => {
+            let client = Client::new(g)?;
+            let t: IssuedToken = client
+                .json(client.request(Method::POST, "/client-tokens").json(
+                    &ferry_site::api::ClientTokenRequest {
+                        name,
+                        valid_secs: expires.map(|d| d.as_secs().max(1)),
+                    },
+                ))
+                .await?;
+            emit(g, &t, || {
+                println!("{}", t.token);
+                eprintln!(
+                    "client token {:?} {}; give it to clients as --token (or Authorization: Bearer); it is not shown again",
+                    t.name,
+                    t.expires
+                        .map(|e| format!("expires {}", unix_time(e)))
+                        .unwrap_or_else(|| "never expires".into())
+                );
+            })
+        }
+        ClientCmd::Token(TokenCmd::List) => {
+            let client = Client::new(g)?;
+            let list: Vec<ClientTokenView> = client
+                .json(client.request(Method::GET, "/client-tokens"))
+                .await?;
+            if g.json {
+                return print_json(&list);
+            }
+            let mut t = table(&["NAME", "STATE", "ISSUED", "EXPIRES"]);
+            for v in &list {
+                t.add_row(vec![
+                    v.name.clone(),
+                    v.state.clone(),
+                    crate::output::ago(&unix_time(v.record.issued)),
+                    v.record
+                        .expires
+                        .map(|e| crate::output::when(&unix_time(e)))
+                        .unwrap_or_else(|| "never".into()),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        ClientCmd::Token(TokenCmd::Revoke { name }) => {
+            let client = Client::new(g)?;
+            client
+                .send(client.request(Method::POST, &format!("/client-tokens/{name}/revoke")))
+                .await?;
+            emit(g, &serde_json::json!({ "revoked": name }), || {
+                println!("client token {name:?} revoked; connected DPs refuse it now, the others when they next connect");
+            })
+        }
+        ClientCmd::Fetch {
+            dp,
+            id,
+            out,
+            ca,
+            parallel,
+            manifest_key,
+        } => {
+            if !dp.starts_with("https://") {
+                anyhow::bail!("--dp {dp:?}: use the DP's HTTPS address, https://HOST:PORT");
+            }
+            let token = g
+                .token
+                .clone()
+                .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok());
+            let f = crate::fetch::Fetch {
+                dp,
+                package: id,
+                out,
+                token,
+                ca,
+                parallel,
+                manifest_key,
+            };
+            let r = f.run(!g.json).await?;
+            emit(g, &r, || {
+                println!(
+                    "{} r{} ({}): {} files, {} in {}; downloaded {} in {} requests, {} already here; every chunk matches the signed manifest",
+                    r.package,
+                    r.revision,
+                    r.name,
+                    r.files,
+                    bytes(r.bytes_total),
+                    r.out.display(),
+                    bytes(r.bytes_downloaded),
+                    r.requests,
+                    bytes(r.bytes_reused),
+                );
+            })
+        }
+    }
+}
