@@ -2,8 +2,9 @@
 # The whole job on one machine: a site and two distribution points on
 # loopback, a WIM made on the spot, import, distribute, offline servicing in
 # Ferry (updates applied with wimlib, a new revision sent to the DPs as a
-# delta), status, history, content validation and repair on a DP, and an OS
-# upgrade package with one image index.
+# delta), status, history, content validation and repair on a DP, an OS
+# upgrade package with one image index, and a computer downloading that
+# package from a DP over HTTPS with a client token.
 # Installs what it needs first. Leaves its files in $FERRY_DEMO_DIR (default:
 # a fresh folder under /tmp) and stops the site when done.
 set -euo pipefail
@@ -27,6 +28,7 @@ step "Making a sample WIM (2000 files, LZX) and a software update that replaces 
 
 udp_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 dp_port=$(udp_port)
+https_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 step "ferry site init / serve (operator API on 127.0.0.1:$port, DP endpoint on UDP 127.0.0.1:$dp_port)"
 "$ferry" site init --data "$work/site" --listen "127.0.0.1:$port" --dp-listen "127.0.0.1:$dp_port"
@@ -39,7 +41,10 @@ for _ in $(seq 100); do "$ferry" image list >/dev/null 2>&1 && break; sleep 0.1;
 for dp in dp1 dp2; do
   step "ferry dp add $dp, then on the DP: ferry dp init / ferry dp serve"
   token=$("$ferry" dp add "$dp")
-  "$ferry" dp init --data "$work/$dp" --site "127.0.0.1:$dp_port" --token "$token"
+  clients=()
+  # dp1 also serves the computers being deployed, over HTTPS.
+  [ "$dp" = dp1 ] && clients=(--client-listen "127.0.0.1:$https_port" --client-name 127.0.0.1 --client-name localhost)
+  "$ferry" dp init --data "$work/$dp" --site "127.0.0.1:$dp_port" --token "$token" "${clients[@]}"
   "$ferry" dp serve --data "$work/$dp" 2>"$work/$dp.log" &
   pids+=($!)
 done
@@ -150,5 +155,19 @@ wait_installed "$upgrade" 1
 (cd "$media" && find . -type f ! -path ./sources/install.wim | sort | xargs sha256sum) > "$work/media.sha"
 (cd "$work/dp2/content/$upgrade" && sha256sum -c --quiet "$work/media.sha") && echo "dp2: every other file of the setup folder, byte for byte"
 wiminfo "$work/dp2/content/$upgrade/sources/install.wim" | grep -E "Image Count|^Name"
+
+step "A computer being deployed downloads the upgrade package from dp1 over HTTPS"
+"$ferry" distribute "$upgrade" --dp dp1
+wait_installed "$upgrade" 1
+client_token=$("$ferry" client token create --name lab-pcs --expires 30d)
+"$ferry" client token list
+"$ferry" client fetch --dp "https://127.0.0.1:$https_port" "$upgrade" --out "$work/client" \
+  --token "$client_token" --ca "$work/site/ca.pem"
+(cd "$work/client" && sha256sum -c --quiet "$work/media.sha") && echo "client: every file of the setup folder, byte for byte"
+echo "curl, a range of setup.exe with the same token:"
+curl -sS --cacert "$work/site/ca.pem" -H "Authorization: Bearer $client_token" -r 0-15 \
+  -D - -o /dev/null "https://127.0.0.1:$https_port/content/$upgrade/setup.exe" | grep -iE "^HTTP|content-range|etag"
+echo "without a token:"
+curl -sS --cacert "$work/site/ca.pem" -o /dev/null -w "HTTP %{http_code}\n" "https://127.0.0.1:$https_port/content/$upgrade/"
 
 step "Done. Files are in $work (logs: $work/site.log, $work/dp1.log, $work/dp2.log)"

@@ -74,12 +74,14 @@ fn the_readme_quick_start_runs_as_written() {
         }
     }
     let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp2 = TcpListener::bind("127.0.0.1:0").unwrap();
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let (api, dp_port) = (
+    let (api, https, dp_port) = (
         tcp.local_addr().unwrap().port(),
+        tcp2.local_addr().unwrap().port(),
         udp.local_addr().unwrap().port(),
     );
-    drop((tcp, udp));
+    drop((tcp, tcp2, udp));
 
     // The build lines: this test runs on the build they make.
     for line in [
@@ -144,6 +146,34 @@ fn the_readme_quick_start_runs_as_written() {
         &format!("127.0.0.1:{dp_port}"),
     );
     put(&mut script, "ferry1.…", "\"$TOKEN\"");
+    put(&mut script, "0.0.0.0:8443", &format!("127.0.0.1:{https}"));
+    put(
+        &mut script,
+        "--client-name dp1.example",
+        "--client-name 127.0.0.1",
+    );
+    put(
+        &mut script,
+        "ferry client token create --name lab-pcs --expires 30d",
+        "CTOKEN=$(ferry client token create --name lab-pcs --expires 30d)",
+    );
+    put(&mut script, "ferryc1.…", "\"$CTOKEN\"");
+    put(
+        &mut script,
+        "https://dp1.example:8443",
+        &format!("https://127.0.0.1:{https}"),
+    );
+    put(
+        &mut script,
+        "/tmp/win11",
+        &w.join("win11").display().to_string(),
+    );
+    // The package reaches the DP in the background: wait for it.
+    put(
+        &mut script,
+        "ferry client fetch",
+        "until ferry status FRY00002 --json | tr -d ' \\n' | grep -q '\"state\":\"installed\"'; do sleep 0.2; done\nferry client fetch",
+    );
     put(
         &mut script,
         "deploy/updates/KB5031356",
@@ -190,6 +220,12 @@ fn the_readme_quick_start_runs_as_written() {
         history["applied"],
         serde_json::json!(["KB5031356"]),
         "{history}"
+    );
+    // The client's download: the setup folder's files as imported.
+    assert_eq!(
+        fs::read(w.join("win11/setup.exe")).unwrap(),
+        fs::read(media.join("setup.exe")).unwrap(),
+        "the client fetched the package"
     );
     let status = read("status.json");
     let rows = status.as_array().unwrap();

@@ -151,6 +151,8 @@ struct Shared {
     gate: Arc<ClientGate>,
     manifest_key: String,
     pins: Mutex<HashMap<String, Pin>>,
+    /// Per package, its installed revision as last read.
+    installed: Mutex<HashMap<String, Arc<Installed>>>,
 }
 
 impl Shared {
@@ -235,61 +237,120 @@ fn etag_of(m: &Manifest) -> String {
     format!("\"{}\"", m.hash.to_hex())
 }
 
-/// The installed revision of `package` with its record and manifests.
-async fn installed(
-    sh: &Shared,
-    package: &str,
-) -> Result<
-    (
-        u32,
-        ferry_store::content::RevisionRecord,
-        Vec<Manifest>,
-        PathBuf,
-    ),
-    Refusal,
-> {
+/// One file of an installed revision, as requests need it.
+struct FileEntry {
+    path: String,
+    size: u64,
+    etag: String,
+}
+
+/// What a request needs of the installed revision of a package.
+struct Installed {
+    revision: u32,
+    dir: PathBuf,
+    files: Vec<FileEntry>,
+}
+
+impl Installed {
+    fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.path == path)
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// The installed revision of `package`: read from the index once per
+/// revision (a large image's manifests are megabytes), then from memory.
+async fn installed(sh: &Shared, package: &str) -> Result<Arc<Installed>, Refusal> {
     let store = sh.store()?;
     let p = package.to_string();
-    let found = tokio::task::spawn_blocking(move || -> Result<_, ferry_store::ContentError> {
-        let Some(rev) = store.installed_revision(&p)? else {
-            return Ok(None);
-        };
-        let Some(rec) = store.record(&p, rev)? else {
-            return Ok(None);
-        };
-        let ms = store.manifests(&p, rev)?;
-        Ok(Some((rev, rec, ms, store.revision_dir(&p, rev))))
-    })
-    .await
-    .map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    found.ok_or_else(|| {
-        Refusal(
+    let s2 = store.clone();
+    let rev = tokio::task::spawn_blocking(move || s2.installed_revision(&p))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let Some(rev) = rev else {
+        return Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("this DP holds no package {package:?}"),
-        )
+        ));
+    };
+    if let Some(i) = sh
+        .installed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(package)
+        .filter(|i| i.revision == rev)
+    {
+        return Ok(i.clone());
+    }
+    let p = package.to_string();
+    let ms = tokio::task::spawn_blocking(move || {
+        store
+            .manifests(&p, rev)
+            .map(|ms| (ms, store.revision_dir(&p, rev)))
     })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    let inst = Arc::new(Installed {
+        revision: rev,
+        dir: ms.1,
+        files: ms
+            .0
+            .iter()
+            .map(|m| FileEntry {
+                path: m.path.clone(),
+                size: m.size,
+                etag: etag_of(m),
+            })
+            .collect(),
+    });
+    sh.installed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(package.to_string(), inst.clone());
+    Ok(inst)
 }
 
 async fn index(State(sh): State<Arc<Shared>>, UrlPath(package): UrlPath<String>) -> Response {
-    let (revision, rec, ms, dir) = match installed(&sh, &package).await {
+    let inst = match installed(&sh, &package).await {
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
+    let store = match sh.store() {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let (p, rev) = (package.clone(), inst.revision);
+    let rec = match tokio::task::spawn_blocking(move || store.record(&p, rev)).await {
+        Ok(Ok(Some(rec))) => rec,
+        Ok(Ok(None)) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("this DP holds no package {package:?}"),
+            )
+        }
+        Ok(Err(e)) => return internal(e).into_response(),
+        Err(e) => return internal(e).into_response(),
+    };
     // Pin the revision: a download of it finishes on it.
-    for m in &ms {
-        let _ = sh.pin(&etag_of(m), &package, &dir.join(&m.path), m.size);
+    for f in &inst.files {
+        let _ = sh.pin(&f.etag, &package, &inst.dir.join(&f.path), f.size);
     }
     Json(PackageIndex {
         package: package.clone(),
-        revision,
+        revision: inst.revision,
         name: rec.name,
-        files: ms
+        files: inst
+            .files
             .iter()
-            .map(|m| IndexFile {
-                path: m.path.clone(),
-                size: m.size,
-                blake3: m.hash.to_hex(),
+            .map(|f| IndexFile {
+                path: f.path.clone(),
+                size: f.size,
+                blake3: f.etag.trim_matches('"').to_string(),
             })
             .collect(),
         manifest: base64::engine::general_purpose::STANDARD.encode(&rec.body),
@@ -339,8 +400,8 @@ async fn file(
     let current = inst
         .as_ref()
         .ok()
-        .and_then(|(_, _, ms, dir)| ms.iter().find(|m| m.path == path).map(|m| (m, dir)));
-    let current_tag = current.map(|(m, _)| etag_of(m));
+        .and_then(|i| i.file(&path).map(|f| (f, &i.dir)));
+    let current_tag = current.map(|(f, _)| f.etag.clone());
     let (etag, handle, size) = match choose(&sh, &headers, &package, current_tag.as_deref()) {
         Choice::Pinned(e, f, size) => (e, f, size),
         Choice::Failed => {
@@ -350,7 +411,7 @@ async fn file(
             )
         }
         Choice::Current => {
-            let Some((m, dir)) = current else {
+            let Some((f, dir)) = current else {
                 return match inst {
                     Err(r) => r.into_response(),
                     Ok(_) => error(
@@ -359,9 +420,8 @@ async fn file(
                     ),
                 };
             };
-            let tag = etag_of(m);
-            match sh.pin(&tag, &package, &dir.join(&m.path), m.size) {
-                Ok(f) => (tag, f, m.size),
+            match sh.pin(&f.etag, &package, &dir.join(&f.path), f.size) {
+                Ok(handle) => (f.etag.clone(), handle, f.size),
                 Err(e) => {
                     return error(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -569,6 +629,7 @@ impl Listener {
             gate: self.gate,
             manifest_key: hex::encode(&self.manifest_key),
             pins: Mutex::new(HashMap::new()),
+            installed: Mutex::new(HashMap::new()),
         });
         let app = router(sh.clone());
         let mut sweep = tokio::time::interval(Duration::from_secs(60));
