@@ -105,6 +105,8 @@ const CHANGING: &[&str] = &[
     "client token create",
     "client token revoke",
     "client fetch",
+    "image multicast",
+    "upgrade multicast",
 ];
 
 #[test]

@@ -509,6 +509,36 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
     );
     assert_eq!(a.status, 412);
 
+    // Multicast-only: HTTPS downloads of the package are refused with the
+    // reason (its index still answers); --off serves them again.
+    let refused = site.cli(&["upgrade", "multicast", &id, "--only"]);
+    assert!(!refused.status.success(), "--only needs --allow");
+    let m = site
+        .cli_json(&["upgrade", "multicast", &id, "--allow", "--only"])
+        .unwrap();
+    assert_eq!(
+        (m["allow"].clone(), m["only"].clone(), m["encrypt"].clone()),
+        (true.into(), true.into(), false.into())
+    );
+    let shown = site.cli_ok(&["upgrade", "show", &id]).unwrap();
+    assert!(
+        shown.contains("only way") && shown.contains("in clear"),
+        "{shown}"
+    );
+    wait_for("HTTPS refused for a multicast-only package", LIMIT, || {
+        Ok((curl(w, &ca, &["-H", &auth, &setup_url]).status == 403).then_some(()))
+    })
+    .unwrap();
+    let a = curl(w, &ca, &["-H", &auth, &setup_url]);
+    assert!(String::from_utf8_lossy(&a.body).contains("multicast only"));
+    assert_eq!(curl(w, &ca, &["-H", &auth, &index_url]).status, 200);
+    site.cli_ok(&["upgrade", "multicast", &id, "--off"])
+        .unwrap();
+    wait_for("HTTPS served again", LIMIT, || {
+        Ok((curl(w, &ca, &["-r", "0-0", "-H", &auth, &setup_url]).status == 206).then_some(()))
+    })
+    .unwrap();
+
     // A chunk damaged on the DP's disk: the fetch refuses it, names it.
     // (setup.exe: revision 2's own file; big.dat is still served from
     // revision 1's open file, which holds the same bytes.)

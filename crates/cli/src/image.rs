@@ -40,6 +40,9 @@ pub(crate) enum ImageCmd {
     },
     /// Change an image's name, version or comment.
     Set(SetArgs),
+    /// Whether DPs may send the image to clients by multicast: --allow
+    /// [--encrypt] [--only], or --off.
+    Multicast(MulticastArgs),
     /// The kept revisions of an image: which one DPs receive, where each is
     /// installed.
     Revisions {
@@ -102,6 +105,48 @@ pub(crate) struct SetArgs {
     /// keep_revisions again).
     #[arg(long, value_name = "N")]
     pub(crate) keep: Option<u32>,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct MulticastArgs {
+    /// Package id.
+    pub(crate) id: String,
+    /// Allow this package to be transferred via multicast.
+    #[arg(long, conflicts_with = "off")]
+    pub(crate) allow: bool,
+    /// Encrypt multicast packets (a per-session key only clients with a
+    /// valid token receive).
+    #[arg(long, requires = "allow")]
+    pub(crate) encrypt: bool,
+    /// Transfer this package only via multicast (DPs refuse HTTPS
+    /// downloads of it).
+    #[arg(long, requires = "allow")]
+    pub(crate) only: bool,
+    /// No multicast: HTTPS only.
+    #[arg(long)]
+    pub(crate) off: bool,
+}
+
+/// `image multicast` / `upgrade multicast`.
+pub(crate) async fn multicast(client: &Client, g: &Global, a: MulticastArgs) -> anyhow::Result<()> {
+    if !a.allow && !a.off {
+        anyhow::bail!("give --allow [--encrypt] [--only], or --off");
+    }
+    let m = ferry_site::catalog::MulticastSettings {
+        allow: a.allow,
+        encrypt: a.encrypt,
+        only: a.only,
+    };
+    let rec: ferry_site::catalog::PackageRecord = client
+        .json(
+            client
+                .request(Method::POST, &format!("/images/{}/multicast", a.id))
+                .json(&m),
+        )
+        .await?;
+    emit(g, &rec.multicast, || {
+        println!("{}: multicast {}", rec.id, rec.multicast.describe())
+    })
 }
 
 /// `image revisions` / `upgrade revisions`.
@@ -207,6 +252,7 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
             };
             add(&client, g, req).await
         }
+        ImageCmd::Multicast(a) => multicast(&client, g, a).await,
         ImageCmd::Set(a) => {
             let props = ferry_site::images::Properties {
                 name: a.name,
@@ -453,6 +499,7 @@ fn print_view(v: &PackageView) {
         println!("  warning     {w}");
     }
     println!("  source      {} ({state})", rev.source.path);
+    println!("  multicast   {}", r.multicast.describe());
     println!(
         "  verified    {}",
         if rev.verified {

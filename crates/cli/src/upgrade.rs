@@ -54,6 +54,9 @@ pub(crate) enum UpgradeCmd {
         #[arg(long)]
         lang: Option<String>,
     },
+    /// Whether DPs may send the package to clients by multicast: --allow
+    /// [--encrypt] [--only], or --off.
+    Multicast(crate::image::MulticastArgs),
     /// The kept revisions of an upgrade package.
     Revisions {
         /// Package id.
@@ -107,6 +110,7 @@ pub(crate) async fn run(cmd: UpgradeCmd, g: &Global) -> anyhow::Result<()> {
             };
             crate::image::set(&client, g, &props.id, p).await
         }
+        UpgradeCmd::Multicast(a) => crate::image::multicast(&client, g, a).await,
         UpgradeCmd::Revisions { id } => crate::image::revisions(&client, g, &id).await,
         UpgradeCmd::Rollback { id, to } => crate::image::rollback(&client, g, &id, to).await,
         UpgradeCmd::Add {

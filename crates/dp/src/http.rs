@@ -3,7 +3,7 @@
 //! | method | path | answer |
 //! |---|---|---|
 //! | GET | `/content/{package}/` | JSON [`PackageIndex`]: installed revision, files, the site-signed manifest |
-//! | GET, HEAD | `/content/{package}/{path}` | the file, with `ETag` (its BLAKE3), `Accept-Ranges`, single and multi-range (`multipart/byteranges`), `If-Range`, `If-Match`, `If-None-Match` |
+//! | GET, HEAD | `/content/{package}/{path}` | the file, with `ETag` (its BLAKE3), `Accept-Ranges`, single and multi-range (`multipart/byteranges`), `If-Range`, `If-Match`, `If-None-Match`; 403 for a package the site marked multicast-only |
 //!
 //! Every request shows `Authorization: Bearer <client token>` (checked
 //! with the site's manifest key, the site code and the revoked ids the site
@@ -79,6 +79,16 @@ impl ClientGate {
     /// Takes the site's latest policy.
     pub fn set_policy(&self, p: pb::ClientPolicy) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Whether the site marked `package` multicast-only.
+    pub fn multicast_only(&self, package: &str) -> bool {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .multicast_only
+            .iter()
+            .any(|p| p == package)
     }
 
     /// The client's name (`anonymous` without a token), or why it is
@@ -396,6 +406,12 @@ async fn file(
     method: Method,
     headers: HeaderMap,
 ) -> Response {
+    if sh.gate.multicast_only(&package) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("package {package} is sent by multicast only: join a multicast session of this DP instead of downloading it over HTTPS"),
+        );
+    }
     let inst = installed(&sh, &package).await;
     let current = inst
         .as_ref()

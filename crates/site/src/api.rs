@@ -36,6 +36,7 @@
 //! | POST | `/api/v1/upgrades` | `UpgradeRequest` → NDJSON `ImportEvent`s |
 //! | PATCH | `/api/v1/images/{id}` | `Properties` → `PackageRecord` |
 //! | GET | `/api/v1/images/{id}/revisions` | `RevisionsView` |
+//! | POST | `/api/v1/images/{id}/multicast` | `MulticastSettings` → `PackageRecord` |
 //! | POST | `/api/v1/images/{id}/rollback` | `RollbackRequest` → `RevisionsView` |
 //! | DELETE | `/api/v1/dps/{name}?force=` | `{}` |
 //! | POST | `/api/v1/redistribute` | `DistributeRequest` |
@@ -373,6 +374,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/images/{id}/refresh", post(refresh_image))
         .route("/images/{id}/rollback", post(rollback_image))
         .route("/images/{id}/revisions", get(image_revisions))
+        .route("/images/{id}/multicast", post(set_multicast))
         .route("/dps", get(list_dps).post(add_dp))
         .route("/dps/{name}", delete(remove_dp))
         .route("/dps/{name}/revoke", post(revoke_dp))
@@ -456,6 +458,19 @@ async fn set_properties(
     let lib = s.lib.clone();
     let rec = blocking(move || images::set_properties(&lib, &id, &p)).await?;
     tracing::info!(package = %rec.id, "package properties changed");
+    Ok(Json(rec).into_response())
+}
+
+async fn set_multicast(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Json(m): Json<crate::catalog::MulticastSettings>,
+) -> Result<Response, ApiError> {
+    let lib = s.lib.clone();
+    let rec = blocking(move || images::set_multicast(&lib, &id, m)).await?;
+    tracing::info!(package = %rec.id, allow = m.allow, encrypt = m.encrypt, only = m.only, "multicast settings changed");
+    // DPs learn which packages they must not serve over HTTPS.
+    s.hub.notify();
     Ok(Json(rec).into_response())
 }
 

@@ -66,8 +66,13 @@ fn state_of(rec: &ClientTokenRecord, now: i64) -> &'static str {
     }
 }
 
-/// What DP `dp` must know about client access.
-pub fn policy_for(reg: &Registry, dp: &str) -> ferry_wire::pb::ClientPolicy {
+/// What DP `dp` must know about client access; `multicast_only` says
+/// whether a package may travel by multicast only.
+pub fn policy_for(
+    reg: &Registry,
+    dp: &str,
+    multicast_only: impl Fn(&str) -> bool,
+) -> ferry_wire::pb::ClientPolicy {
     let now = unix_now();
     ferry_wire::pb::ClientPolicy {
         anonymous: reg.dps.get(dp).is_some_and(|d| d.anonymous_clients),
@@ -76,6 +81,11 @@ pub fn policy_for(reg: &Registry, dp: &str) -> ferry_wire::pb::ClientPolicy {
             .values()
             .filter(|r| r.revoked.is_some() && r.expires.is_none_or(|at| at > now))
             .map(|r| r.id.clone())
+            .collect(),
+        multicast_only: reg
+            .assigned(dp)
+            .into_iter()
+            .filter(|p| multicast_only(p))
             .collect(),
     }
 }
@@ -215,13 +225,15 @@ mod tests {
             "dp1".into(),
             crate::registry::DpRecord {
                 anonymous_clients: true,
+                packages: ["FRY00001".to_string(), "FRY00002".to_string()].into(),
                 ..Default::default()
             },
         );
-        let p = policy_for(&reg, "dp1");
+        let p = policy_for(&reg, "dp1", |p| p == "FRY00002" || p == "FRY00009");
         assert!(p.anonymous);
         assert_eq!(p.revoked, vec!["aa".to_string(), "dd".to_string()]);
-        assert!(!policy_for(&reg, "dp2").anonymous);
+        assert_eq!(p.multicast_only, vec!["FRY00002".to_string()]);
+        assert!(!policy_for(&reg, "dp2", |_| true).anonymous);
         assert_eq!(state_of(&reg.clients["b"], now), "revoked");
         assert_eq!(state_of(&reg.clients["c"], now), "active");
         assert_eq!(state_of(&rec("x", Some(now), false), now), "expired");

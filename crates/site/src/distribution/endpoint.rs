@@ -392,7 +392,9 @@ impl DpServer {
             items,
             validate: v.requested,
             validate_packages: v.packages,
-            clients: Some(crate::clients::policy_for(&reg, dp)),
+            clients: Some(crate::clients::policy_for(&reg, dp, |p| {
+                images::record(&self.lib, p).is_ok_and(|r| r.multicast.only)
+            })),
         }
     }
 

@@ -577,6 +577,7 @@ pub(crate) fn new_record(
         architecture: String::new(),
         language: String::new(),
         keep: None,
+        multicast: Default::default(),
     })
 }
 
@@ -1056,6 +1057,24 @@ pub struct Properties {
     pub keep: Option<u32>,
 }
 
+/// Sets package `id`'s multicast settings (`--only` and `--encrypt` need
+/// `--allow`); returns the record.
+pub fn set_multicast(
+    lib: &Library,
+    id: &str,
+    m: crate::catalog::MulticastSettings,
+) -> Result<PackageRecord, ImageError> {
+    if !m.allow && (m.only || m.encrypt) {
+        return Err(ImageError::Property(
+            "--only and --encrypt need --allow (or give --off)".into(),
+        ));
+    }
+    edit_record(lib, id, |rec| {
+        rec.multicast = m;
+        Ok(())
+    })
+}
+
 /// Longest property text, in bytes.
 pub const MAX_PROPERTY_LEN: usize = 1024;
 
@@ -1181,6 +1200,7 @@ mod tests {
             architecture: String::new(),
             language: String::new(),
             keep: None,
+            multicast: Default::default(),
         };
         add_revision(&lib, &mut rec, 1, Release::Newest);
         // A job without --distribute: DPs stay on revision 1.
