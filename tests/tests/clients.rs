@@ -440,7 +440,8 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
     let done = fetch(w, &base, &id, &out, &token, &ca).output().unwrap();
     assert!(
         done.status.success(),
-        "{}",
+        "{} {}",
+        String::from_utf8_lossy(&done.stdout),
         String::from_utf8_lossy(&done.stderr)
     );
     let r = json_of(&done);

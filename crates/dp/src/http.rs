@@ -16,7 +16,7 @@
 //!
 //! A download that started on revision N finishes on N: every file served
 //! (and every file of a package whose index was read) stays open, keyed by
-//! its ETag, for [`PIN_IDLE`] after its last use. A request whose
+//! its package, path and ETag, for [`PIN_IDLE`] after its last use. A request whose
 //! `If-Match` or `If-Range` names such an ETag is served from that file even
 //! after the DP installed N+1 and deleted N's folder (the open file keeps
 //! its bytes).
@@ -149,9 +149,13 @@ pub struct IndexFile {
     pub blake3: String,
 }
 
+/// The key of an open file: package, path and ETag.
+fn pin_key(package: &str, path: &str, etag: &str) -> String {
+    format!("{package}\0{path}\0{etag}")
+}
+
 struct Pin {
     file: Arc<File>,
-    package: String,
     size: u64,
     last: Instant,
 }
@@ -179,14 +183,23 @@ impl Shared {
             })
     }
 
-    /// Opens (or finds open) the file with `etag`.
-    fn pin(&self, etag: &str, package: &str, path: &Path, size: u64) -> std::io::Result<Arc<File>> {
+    /// Opens (or finds open) file `path` of `package` with `etag`, from
+    /// `disk` on the disk.
+    fn pin(
+        &self,
+        package: &str,
+        path: &str,
+        etag: &str,
+        disk: &Path,
+        size: u64,
+    ) -> std::io::Result<Arc<File>> {
+        let key = pin_key(package, path, etag);
         let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = pins.get_mut(etag) {
+        if let Some(p) = pins.get_mut(&key) {
             p.last = Instant::now();
             return Ok(p.file.clone());
         }
-        let file = Arc::new(File::open(path)?);
+        let file = Arc::new(File::open(disk)?);
         if pins.len() >= MAX_PINS {
             let cutoff = Instant::now() - PIN_IDLE;
             pins.retain(|_, p| p.last > cutoff);
@@ -201,10 +214,9 @@ impl Shared {
             }
         }
         pins.insert(
-            etag.to_string(),
+            key,
             Pin {
                 file: file.clone(),
-                package: package.to_string(),
                 size,
                 last: Instant::now(),
             },
@@ -212,10 +224,10 @@ impl Shared {
         Ok(file)
     }
 
-    /// A file kept open under `etag` for `package`, if any.
-    fn pinned(&self, etag: &str, package: &str) -> Option<(Arc<File>, u64)> {
+    /// File `path` of `package` as it was with `etag`, if kept open.
+    fn pinned(&self, package: &str, path: &str, etag: &str) -> Option<(Arc<File>, u64)> {
         let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-        let p = pins.get_mut(etag).filter(|p| p.package == package)?;
+        let p = pins.get_mut(&pin_key(package, path, etag))?;
         p.last = Instant::now();
         Some((p.file.clone(), p.size))
     }
@@ -348,7 +360,7 @@ async fn index(State(sh): State<Arc<Shared>>, UrlPath(package): UrlPath<String>)
     };
     // Pin the revision: a download of it finishes on it.
     for f in &inst.files {
-        let _ = sh.pin(&f.etag, &package, &inst.dir.join(&f.path), f.size);
+        let _ = sh.pin(&package, &f.path, &f.etag, &inst.dir.join(&f.path), f.size);
     }
     Json(PackageIndex {
         package: package.clone(),
@@ -378,7 +390,13 @@ enum Choice {
     Failed,
 }
 
-fn choose(sh: &Shared, headers: &HeaderMap, package: &str, current: Option<&str>) -> Choice {
+fn choose(
+    sh: &Shared,
+    headers: &HeaderMap,
+    package: &str,
+    path: &str,
+    current: Option<&str>,
+) -> Choice {
     let text = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
     let validators = text(header::IF_MATCH).or_else(|| text(header::IF_RANGE));
     let Some(v) = validators else {
@@ -388,7 +406,7 @@ fn choose(sh: &Shared, headers: &HeaderMap, package: &str, current: Option<&str>
         return Choice::Current;
     }
     for e in ranges::etags(v) {
-        if let Some((f, size)) = sh.pinned(e, package) {
+        if let Some((f, size)) = sh.pinned(package, path, e) {
             return Choice::Pinned(e.to_string(), f, size);
         }
     }
@@ -418,7 +436,7 @@ async fn file(
         .ok()
         .and_then(|i| i.file(&path).map(|f| (f, &i.dir)));
     let current_tag = current.map(|(f, _)| f.etag.clone());
-    let (etag, handle, size) = match choose(&sh, &headers, &package, current_tag.as_deref()) {
+    let (etag, handle, size) = match choose(&sh, &headers, &package, &path, current_tag.as_deref()) {
         Choice::Pinned(e, f, size) => (e, f, size),
         Choice::Failed => {
             return error(
@@ -436,7 +454,7 @@ async fn file(
                     ),
                 };
             };
-            match sh.pin(&f.etag, &package, &dir.join(&f.path), f.size) {
+            match sh.pin(&package, &f.path, &f.etag, &dir.join(&f.path), f.size) {
                 Ok(handle) => (f.etag.clone(), handle, f.size),
                 Err(e) => {
                     return error(
