@@ -415,6 +415,79 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
     })
     .unwrap();
 
+    // The site knows where clients reach the DP.
+    let row = site.dp_row("dp1").unwrap();
+    assert_eq!(
+        row["client_names"],
+        serde_json::json!([ns.ns_ip.clone(), "dp1.branch.test"])
+    );
+
+    // Bad input on the listener: garbage instead of TLS, an oversized
+    // header, a client that hangs up mid-file; the DP answers the next one.
+    let garbage = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "head -c 20000 /dev/urandom > /dev/tcp/{}/{PORT}",
+            ns.ns_ip
+        ))
+        .status()
+        .unwrap();
+    assert!(garbage.success() || garbage.code() == Some(1));
+    let long = format!("Authorization: Bearer ferryc1.{}", "A".repeat(5000));
+    let a = curl(w, &ca, &["-H", &long, &index_url]);
+    assert_eq!(a.status, 401);
+    assert!(String::from_utf8_lossy(&a.body).contains("longer than any token"));
+    let hung = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--limit-rate",
+            "2M",
+            "--max-time",
+            "1",
+            "--cacert",
+        ])
+        .arg(&ca)
+        .args(["-H", &auth, &big_url])
+        .status()
+        .unwrap();
+    assert_eq!(hung.code(), Some(28), "curl gave up mid-file (timeout)");
+    let a = curl(w, &ca, &["-r", "0-99", "-H", &auth, &big_url]);
+    assert_eq!((a.status, a.body.as_slice()), (206, &big[..100]));
+    assert!(dp.exited().unwrap().is_none(), "the DP runs on");
+    // What a client gets wrong is said, naming it.
+    let other_ca = other_site.data.join("ca.pem");
+    for (args, want) in [
+        (vec!["--dp", "http://127.0.0.1:1"], "https://HOST:PORT"),
+        (vec!["--dp", "https://127.0.0.1:1"], "cannot reach the DP"),
+        (
+            vec!["--dp", &base, "--ca", "/nonexistent/ca.pem"],
+            "/nonexistent/ca.pem",
+        ),
+        (
+            vec!["--dp", &base, "--ca", other_ca.to_str().unwrap()],
+            "invalid peer certificate",
+        ),
+    ] {
+        let mut c = Command::new(ferry_bin());
+        c.args(["client", "fetch", &id, "--out"])
+            .arg(w.join("nowhere"));
+        c.args(["--token", &token, "--json"]);
+        if !args.contains(&"--ca") {
+            c.arg("--ca").arg(&ca);
+        }
+        let out = c.args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let e = json_of(&out);
+        let msg = e["error"].as_str().unwrap();
+        assert!(msg.contains(want), "{args:?}: {msg}");
+    }
+    assert!(
+        !w.join("nowhere").exists(),
+        "nothing written on a failed start"
+    );
+
     // ferry client fetch, slowed down, killed part way, run again: it
     // resumes with what it has and ends byte-identical.
     let out = w.join("fetched");

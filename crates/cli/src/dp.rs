@@ -330,7 +330,21 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 t.add_row(vec![
                     d.name.clone(),
                     format!("{}{}", d.enrollment, if d.online { ", online" } else { "" }),
-                    d.address.clone().unwrap_or_else(|| "-".into()),
+                    {
+                        let mut a = d.address.clone().unwrap_or_else(|| "-".into());
+                        if !d.client_names.is_empty() {
+                            a += &format!(
+                                "\nhttps: {}{}",
+                                d.client_names.join(" "),
+                                if d.anonymous_clients {
+                                    " (anonymous ok)"
+                                } else {
+                                    ""
+                                }
+                            );
+                        }
+                        a
+                    },
                     if d.online {
                         "now".into()
                     } else {

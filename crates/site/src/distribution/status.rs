@@ -33,6 +33,12 @@ pub struct DpView {
     pub served_bytes: u64,
     /// Its disk as it last reported.
     pub disk: Option<crate::registry::DiskRecord>,
+    /// The names of its HTTPS listener for clients (empty: it serves none).
+    #[serde(default)]
+    pub client_names: Vec<String>,
+    /// Whether it serves clients without a token.
+    #[serde(default)]
+    pub anonymous_clients: bool,
 }
 
 /// A package revision a DP holds.
@@ -75,6 +81,8 @@ pub fn dps(hub: &Hub) -> Vec<DpView> {
                 .collect(),
             served_bytes: hub.served_bytes(&d.name),
             disk: d.disk.clone(),
+            client_names: d.client_names.clone(),
+            anonymous_clients: d.anonymous_clients,
         })
         .collect()
 }
