@@ -122,6 +122,7 @@ fn main() -> anyhow::Result<()> {
     };
 
     let (mut curl_t, mut curl_cpu, mut ferry_t, mut ferry_cpu) = (vec![], vec![], vec![], vec![]);
+    let mut synced_t = vec![];
     for run in 0..RUNS {
         let out = w.join(format!("curl{run}.esd"));
         let cpu0 = cpu_seconds(pid)?;
@@ -136,6 +137,19 @@ fn main() -> anyhow::Result<()> {
         curl_cpu.push(cpu_seconds(pid)? - cpu0);
         curl_t.push(t.as_secs_f64());
         check(&out)?;
+        fs::remove_file(&out)?;
+        // The same, and on the disk before it counts (as the fetch does:
+        // it syncs each file before renaming it into place).
+        let (t1, _) = timed(
+            Command::new("curl")
+                .args(["-sS", "--fail", "--cacert"])
+                .arg(&ca)
+                .args(["-H", &auth, "-o"])
+                .arg(&out)
+                .arg(&url),
+        )?;
+        let (t2, _) = timed(Command::new("sync").arg(&out))?;
+        synced_t.push((t1 + t2).as_secs_f64());
         fs::remove_file(&out)?;
 
         let dir = w.join(format!("fetch{run}"));
@@ -153,7 +167,17 @@ fn main() -> anyhow::Result<()> {
         fs::remove_dir_all(&dir)?;
     }
     let pkg_bytes = ferry_benches::dir_bytes(&media);
-    let (ct, ft) = (median(curl_t.clone()), median(ferry_t.clone()));
+    let (ct, ft, st) = (
+        median(curl_t.clone()),
+        median(ferry_t.clone()),
+        median(synced_t.clone()),
+    );
+    let runs = |v: &[f64]| {
+        v.iter()
+            .map(|t| format!("{t:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let report = format!(
         "### One client download from a DP over HTTPS (release build)\n\n\
          DP in a network namespace behind a veth, client on the host; a {:.2} GiB file \
@@ -161,33 +185,29 @@ fn main() -> anyhow::Result<()> {
          every chunk verified, 4 ranges in flight). Median of {RUNS} runs each, alternating.\n\n\
          | client | time (median) | MB/s | DP CPU s (median) | runs (s) |\n|---|---|---|---|---|\n\
          | `curl --cacert` | {ct:.2} s | {:.0} | {:.2} | {} |\n\
-         | `ferry client fetch` | {ft:.2} s | {:.0} | {:.2} | {} |\n\n\
-         ferry client fetch / curl time: **{:.2}×**\n",
+         | `curl --cacert`, then `sync FILE` | {st:.2} s | {:.0} | | {} |\n\
+         | `ferry client fetch` (syncs each file before its rename) | {ft:.2} s | {:.0} | {:.2} | {} |\n\n\
+         ferry client fetch time / curl: **{:.2}×**; / curl + sync: **{:.2}×**\n",
         BIG as f64 / (1u64 << 30) as f64,
         pkg_bytes as f64 / (1u64 << 30) as f64,
         ferry_tests::updates::tree_hashes(&media)?.len(),
         mbps(BIG as u64, Duration::from_secs_f64(ct)),
         median(curl_cpu.clone()),
-        curl_t
-            .iter()
-            .map(|t| format!("{t:.2}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        runs(&curl_t),
+        mbps(BIG as u64, Duration::from_secs_f64(st)),
+        runs(&synced_t),
         mbps(pkg_bytes, Duration::from_secs_f64(ft)),
         median(ferry_cpu.clone()),
-        ferry_t
-            .iter()
-            .map(|t| format!("{t:.2}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        runs(&ferry_t),
         ft / ct,
+        ft / st,
     );
     ferry_benches::save(
         "clients",
         &report,
         &json!({
             "file_bytes": BIG, "package_bytes": pkg_bytes,
-            "curl_seconds": curl_t, "curl_dp_cpu": curl_cpu,
+            "curl_seconds": curl_t, "curl_dp_cpu": curl_cpu, "curl_sync_seconds": synced_t,
             "fetch_seconds": ferry_t, "fetch_dp_cpu": ferry_cpu,
         }),
     )?;

@@ -345,6 +345,31 @@ fn a_wim_with_damaged_compressed_data_is_refused_unless_no_verify() {
         .output()
         .unwrap();
     assert!(!wimverify.status.success(), "wimlib sees the damage too");
+    // Split over threads or not, the check passes the good file whole and
+    // names the damaged resource of the other.
+    let one = ferry_wim::verify_blobs_on(&wim, &layout, 0, 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        one.blobs as usize,
+        layout
+            .blobs
+            .iter()
+            .filter(|b| b.reshdr.is_present())
+            .count()
+    );
+    for threads in [2, 3] {
+        let c = ferry_wim::verify_blobs_on(&wim, &layout, 0, threads)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c, one, "{threads} threads check every blob once");
+        match ferry_wim::verify_blobs_on(&damaged, &layout, 0, threads) {
+            Err(ferry_wim::VerifyError::Bad { offset, .. }) => {
+                assert_eq!(offset, big.reshdr.offset, "{threads} threads")
+            }
+            other => panic!("{threads} threads: {other:?}"),
+        }
+    }
 
     let site = SiteProc::start(d).unwrap();
     let out = site.cli(&["image", "add", damaged.to_str().unwrap()]);

@@ -6,7 +6,9 @@
 //! at once, each range a run of whole chunks. Every chunk is checked
 //! against its BLAKE3 before it is written; every range asks `If-Match`
 //! the file's hash, so all of it comes from one revision. A file is written
-//! as `PATH.ferry-part` and renamed once its whole hash checks. Run again
+//! as `PATH.ferry-part` and renamed once every chunk of it has checked (the
+//! signed manifest's chunks cover the file exactly, so that proves the
+//! whole file without reading it again). Run again
 //! after an interruption, it re-hashes what the part files hold and asks
 //! only for the chunks missing or wrong.
 
@@ -341,15 +343,10 @@ impl Fetch {
         }
         f.sync_all()
             .with_context(|| format!("cannot sync {}", part.display()))?;
-        let (p, hash) = (part.clone(), m.hash);
-        let whole =
-            tokio::task::spawn_blocking(move || ferry_site::images::hash_file(&p)).await??;
-        if ferry_core::FileHash::from(whole) != hash {
-            bail!(
-                "{}: the whole file does not match the signed manifest after download",
-                part.display()
-            );
-        }
+        // Every chunk of the file is now one checked against the signed
+        // manifest (downloaded or found in the part file), and the
+        // manifest's chunks cover the file exactly (checked when it was
+        // decoded): the file is the signed one without reading it again.
         std::fs::rename(&part, &dest)
             .with_context(|| format!("cannot rename {} to {}", part.display(), dest.display()))?;
         drop(File::open(&self.out).and_then(|d| d.sync_all()));

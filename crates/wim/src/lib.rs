@@ -17,5 +17,5 @@ pub mod verify;
 pub mod wimlib;
 
 pub use layout::{BlobEntry, Header, Layout, LayoutError, ResHdr};
-pub use verify::{verify_blobs_from, Checked, VerifyError};
+pub use verify::{verify_blobs_from, verify_blobs_on, Checked, VerifyError};
 pub use wimlib::{Compression, Decompressor, ImageInfo, UpdateCmd, Wim, WimError, WimInfo};

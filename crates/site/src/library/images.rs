@@ -446,7 +446,7 @@ pub(crate) enum Read {
     /// A WIM, cut at its resources.
     Wim,
     /// A WIM, cut at its resources, and every resource checked against its
-    /// SHA-1 on another thread meanwhile.
+    /// SHA-1 on other threads meanwhile.
     VerifiedWim,
 }
 
