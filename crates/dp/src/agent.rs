@@ -162,6 +162,7 @@ impl DpAgent {
                 tokio::time::sleep(delay).await;
             }
         };
+        let https_abort = https.as_ref().map(|t| t.abort_handle());
         let https_failed = async {
             match https {
                 Some(task) => match task.await {
@@ -172,14 +173,18 @@ impl DpAgent {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let out = tokio::select! {
             r = main.instrument(span) => r,
             r = https_failed => r,
             _ = shutdown => {
                 info!("DP agent stopping");
                 Ok(())
             }
+        };
+        if let Some(a) = https_abort {
+            a.abort();
         }
+        out
     }
 
     async fn connect(&self) -> anyhow::Result<quinn::Connection> {
