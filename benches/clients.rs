@@ -166,6 +166,25 @@ fn main() -> anyhow::Result<()> {
         check(&dir.join("sources/install.esd"))?;
         fs::remove_dir_all(&dir)?;
     }
+    // Fewer ranges in flight (the client shares these two cores with the DP).
+    let mut by_parallel = Vec::new();
+    for parallel in ["1", "2"] {
+        let mut ts = Vec::new();
+        for run in 0..RUNS {
+            let dir = w.join(format!("fetch-p{parallel}-{run}"));
+            let (t, _) = timed(
+                Command::new(ferry_bin())
+                    .args(["client", "fetch", "--dp", &base, &id, "--out"])
+                    .arg(&dir)
+                    .args(["--token", &token, "--parallel", parallel, "--ca"])
+                    .arg(&ca),
+            )?;
+            check(&dir.join("sources/install.esd"))?;
+            fs::remove_dir_all(&dir)?;
+            ts.push(t.as_secs_f64());
+        }
+        by_parallel.push((parallel, ts));
+    }
     let pkg_bytes = ferry_benches::dir_bytes(&media);
     let (ct, ft, st) = (
         median(curl_t.clone()),
@@ -186,7 +205,8 @@ fn main() -> anyhow::Result<()> {
          | client | time (median) | MB/s | DP CPU s (median) | runs (s) |\n|---|---|---|---|---|\n\
          | `curl --cacert` | {ct:.2} s | {:.0} | {:.2} | {} |\n\
          | `curl --cacert`, then `sync FILE` | {st:.2} s | {:.0} | | {} |\n\
-         | `ferry client fetch` (syncs each file before its rename) | {ft:.2} s | {:.0} | {:.2} | {} |\n\n\
+         | `ferry client fetch` (syncs each file before its rename) | {ft:.2} s | {:.0} | {:.2} | {} |\n\
+         {}\n\
          ferry client fetch time / curl: **{:.2}×**; / curl + sync: **{:.2}×**\n",
         BIG as f64 / (1u64 << 30) as f64,
         pkg_bytes as f64 / (1u64 << 30) as f64,
@@ -199,6 +219,15 @@ fn main() -> anyhow::Result<()> {
         mbps(pkg_bytes, Duration::from_secs_f64(ft)),
         median(ferry_cpu.clone()),
         runs(&ferry_t),
+        by_parallel
+            .iter()
+            .map(|(p, ts)| format!(
+                "| `ferry client fetch --parallel {p}` | {:.2} s | {:.0} | | {} |\n",
+                median(ts.clone()),
+                mbps(pkg_bytes, Duration::from_secs_f64(median(ts.clone()))),
+                runs(ts)
+            ))
+            .collect::<String>(),
         ft / ct,
         ft / st,
     );
@@ -209,6 +238,7 @@ fn main() -> anyhow::Result<()> {
             "file_bytes": BIG, "package_bytes": pkg_bytes,
             "curl_seconds": curl_t, "curl_dp_cpu": curl_cpu, "curl_sync_seconds": synced_t,
             "fetch_seconds": ferry_t, "fetch_dp_cpu": ferry_cpu,
+            "fetch_seconds_by_parallel": by_parallel.iter().map(|(p, ts)| json!({"parallel": p, "seconds": ts})).collect::<Vec<_>>(),
         }),
     )?;
     dp.stop()?;

@@ -678,6 +678,11 @@ impl Listener {
                             continue;
                         }
                     };
+                    // Each response's last segment goes out at once: with
+                    // Nagle it waits for the client's delayed ACK (40 ms)
+                    // before the next range request of a keep-alive
+                    // connection can start.
+                    let _ = sock.set_nodelay(true);
                     tokio::spawn(connection(sock, peer, tls.clone(), app.clone()));
                 }
                 changed = self.cert.changed() => {
