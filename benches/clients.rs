@@ -121,124 +121,110 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
 
-    let (mut curl_t, mut curl_cpu, mut ferry_t, mut ferry_cpu) = (vec![], vec![], vec![], vec![]);
-    let mut synced_t = vec![];
+    // Every variant once per round, rounds repeated; a `sync` before each
+    // so none pays for the writeback another left behind.
+    let variants: [(&str, Option<&str>); 5] = [
+        ("`curl --cacert`", None),
+        ("`curl --cacert`, then `sync FILE`", None),
+        ("`ferry client fetch --parallel 1`", Some("1")),
+        (
+            "`ferry client fetch` (the default: 2 ranges in flight)",
+            Some("2"),
+        ),
+        ("`ferry client fetch --parallel 4`", Some("4")),
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for run in 0..RUNS {
-        let out = w.join(format!("curl{run}.esd"));
-        let cpu0 = cpu_seconds(pid)?;
-        let (t, _) = timed(
-            Command::new("curl")
-                .args(["-sS", "--fail", "--cacert"])
-                .arg(&ca)
-                .args(["-H", &auth, "-o"])
-                .arg(&out)
-                .arg(&url),
-        )?;
-        curl_cpu.push(cpu_seconds(pid)? - cpu0);
-        curl_t.push(t.as_secs_f64());
-        check(&out)?;
-        fs::remove_file(&out)?;
-        // The same, and on the disk before it counts (as the fetch does:
-        // it syncs each file before renaming it into place).
-        let (t1, _) = timed(
-            Command::new("curl")
-                .args(["-sS", "--fail", "--cacert"])
-                .arg(&ca)
-                .args(["-H", &auth, "-o"])
-                .arg(&out)
-                .arg(&url),
-        )?;
-        let (t2, _) = timed(Command::new("sync").arg(&out))?;
-        synced_t.push((t1 + t2).as_secs_f64());
-        fs::remove_file(&out)?;
-
-        let dir = w.join(format!("fetch{run}"));
-        let cpu0 = cpu_seconds(pid)?;
-        let (t, _) = timed(
-            Command::new(ferry_bin())
-                .args(["client", "fetch", "--dp", &base, &id, "--out"])
-                .arg(&dir)
-                .args(["--token", &token, "--ca"])
-                .arg(&ca),
-        )?;
-        ferry_cpu.push(cpu_seconds(pid)? - cpu0);
-        ferry_t.push(t.as_secs_f64());
-        check(&dir.join("sources/install.esd"))?;
-        fs::remove_dir_all(&dir)?;
-    }
-    // Fewer ranges in flight (the client shares these two cores with the DP).
-    let mut by_parallel = Vec::new();
-    for parallel in ["1", "2"] {
-        let mut ts = Vec::new();
-        for run in 0..RUNS {
-            let dir = w.join(format!("fetch-p{parallel}-{run}"));
-            let (t, _) = timed(
-                Command::new(ferry_bin())
-                    .args(["client", "fetch", "--dp", &base, &id, "--out"])
-                    .arg(&dir)
-                    .args(["--token", &token, "--parallel", parallel, "--ca"])
-                    .arg(&ca),
-            )?;
-            check(&dir.join("sources/install.esd"))?;
-            fs::remove_dir_all(&dir)?;
-            ts.push(t.as_secs_f64());
+        for (v, (_, parallel)) in variants.iter().enumerate() {
+            timed(&mut Command::new("sync"))?;
+            let cpu0 = cpu_seconds(pid)?;
+            let t = match parallel {
+                None => {
+                    let out = w.join(format!("curl{run}.esd"));
+                    let (t, _) = timed(
+                        Command::new("curl")
+                            .args(["-sS", "--fail", "--cacert"])
+                            .arg(&ca)
+                            .args(["-H", &auth, "-o"])
+                            .arg(&out)
+                            .arg(&url),
+                    )?;
+                    // The second curl row: on the disk before it counts, as
+                    // the fetch syncs each file before renaming it.
+                    let t = if v == 1 {
+                        t + timed(Command::new("sync").arg(&out))?.0
+                    } else {
+                        t
+                    };
+                    check(&out)?;
+                    fs::remove_file(&out)?;
+                    t
+                }
+                Some(p) => {
+                    let dir = w.join(format!("fetch{run}-{p}"));
+                    let (t, _) = timed(
+                        Command::new(ferry_bin())
+                            .args(["client", "fetch", "--dp", &base, &id, "--out"])
+                            .arg(&dir)
+                            .args(["--token", &token, "--parallel", p, "--ca"])
+                            .arg(&ca),
+                    )?;
+                    check(&dir.join("sources/install.esd"))?;
+                    fs::remove_dir_all(&dir)?;
+                    t
+                }
+            };
+            cpus[v].push(cpu_seconds(pid)? - cpu0);
+            times[v].push(t.as_secs_f64());
         }
-        by_parallel.push((parallel, ts));
     }
     let pkg_bytes = ferry_benches::dir_bytes(&media);
-    let (ct, ft, st) = (
-        median(curl_t.clone()),
-        median(ferry_t.clone()),
-        median(synced_t.clone()),
-    );
     let runs = |v: &[f64]| {
         v.iter()
             .map(|t| format!("{t:.2}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let report = format!(
+    let med: Vec<f64> = times.iter().map(|t| median(t.clone())).collect();
+    let mut report = format!(
         "### One client download from a DP over HTTPS (release build)\n\n\
          DP in a network namespace behind a veth, client on the host; a {:.2} GiB file \
          (`curl`: that file alone; `ferry client fetch`: the whole package, {:.2} GiB in {} files, \
-         every chunk verified, 4 ranges in flight). Median of {RUNS} runs each, alternating.\n\n\
-         | client | time (median) | MB/s | DP CPU s (median) | runs (s) |\n|---|---|---|---|---|\n\
-         | `curl --cacert` | {ct:.2} s | {:.0} | {:.2} | {} |\n\
-         | `curl --cacert`, then `sync FILE` | {st:.2} s | {:.0} | | {} |\n\
-         | `ferry client fetch` (syncs each file before its rename) | {ft:.2} s | {:.0} | {:.2} | {} |\n\
-         {}\n\
-         ferry client fetch time / curl: **{:.2}×**; / curl + sync: **{:.2}×**\n",
+         every chunk verified, each file synced before its rename). Median of {RUNS} rounds, \
+         each variant once per round.\n\n\
+         | client | time (median) | MB/s | DP CPU s (median) | runs (s) |\n|---|---|---|---|---|\n",
         BIG as f64 / (1u64 << 30) as f64,
         pkg_bytes as f64 / (1u64 << 30) as f64,
         ferry_tests::updates::tree_hashes(&media)?.len(),
-        mbps(BIG as u64, Duration::from_secs_f64(ct)),
-        median(curl_cpu.clone()),
-        runs(&curl_t),
-        mbps(BIG as u64, Duration::from_secs_f64(st)),
-        runs(&synced_t),
-        mbps(pkg_bytes, Duration::from_secs_f64(ft)),
-        median(ferry_cpu.clone()),
-        runs(&ferry_t),
-        by_parallel
-            .iter()
-            .map(|(p, ts)| format!(
-                "| `ferry client fetch --parallel {p}` | {:.2} s | {:.0} | | {} |\n",
-                median(ts.clone()),
-                mbps(pkg_bytes, Duration::from_secs_f64(median(ts.clone()))),
-                runs(ts)
-            ))
-            .collect::<String>(),
-        ft / ct,
-        ft / st,
+    );
+    for (v, (name, parallel)) in variants.iter().enumerate() {
+        let bytes = if parallel.is_some() {
+            pkg_bytes
+        } else {
+            BIG as u64
+        };
+        report += &format!(
+            "| {name} | {:.2} s | {:.0} | {:.2} | {} |\n",
+            med[v],
+            mbps(bytes, Duration::from_secs_f64(med[v])),
+            median(cpus[v].clone()),
+            runs(&times[v])
+        );
+    }
+    report += &format!(
+        "\nferry client fetch (default) time / curl: **{:.2}×**; / curl + sync: **{:.2}×**\n",
+        med[3] / med[0],
+        med[3] / med[1]
     );
     ferry_benches::save(
         "clients",
         &report,
         &json!({
             "file_bytes": BIG, "package_bytes": pkg_bytes,
-            "curl_seconds": curl_t, "curl_dp_cpu": curl_cpu, "curl_sync_seconds": synced_t,
-            "fetch_seconds": ferry_t, "fetch_dp_cpu": ferry_cpu,
-            "fetch_seconds_by_parallel": by_parallel.iter().map(|(p, ts)| json!({"parallel": p, "seconds": ts})).collect::<Vec<_>>(),
+            "variants": variants.iter().enumerate().map(|(v, (name, _))| json!({
+                "name": name, "seconds": times[v], "dp_cpu_seconds": cpus[v],
+            })).collect::<Vec<_>>(),
         }),
     )?;
     dp.stop()?;

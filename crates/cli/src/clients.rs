@@ -32,8 +32,9 @@ pub(crate) enum ClientCmd {
         /// folder); the DP's certificate must be issued by it.
         #[arg(long, value_name = "FILE")]
         ca: PathBuf,
-        /// Range requests in flight at once.
-        #[arg(long, default_value_t = 4)]
+        /// Range requests in flight at once (more pay across a WAN; on a LAN
+        /// two keep a link full: BENCHMARKS.md).
+        #[arg(long, default_value_t = 2)]
         parallel: usize,
         /// The site's manifest key (hex, manifest.pub of a DP) to prove the
         /// manifest with, instead of the one the DP presents.

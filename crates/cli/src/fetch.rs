@@ -269,9 +269,15 @@ impl Fetch {
             let token = self.token.clone();
             let path = m.path.clone();
             workers.spawn(async move {
+                // The previous range's check and write run while the next
+                // range downloads (one at a time per worker).
+                let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
                 loop {
                     let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
                     let Some(job) = job else {
+                        if let Some(w) = writing.take() {
+                            w.await??;
+                        }
                         return Ok::<(), anyhow::Error>(());
                     };
                     let first = job[0].0;
@@ -303,7 +309,11 @@ impl Fetch {
                     }
                     let f = f.clone();
                     let path = path.clone();
-                    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    let (downloaded, bar) = (downloaded.clone(), bar.clone());
+                    if let Some(w) = writing.take() {
+                        w.await??;
+                    }
+                    writing = Some(tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                         for (off, c) in &job {
                             let at = (off - first) as usize;
                             let bytes = &data[at..at + c.len as usize];
@@ -315,11 +325,11 @@ impl Fetch {
                             }
                         }
                         f.write_all_at(&data, first)
-                            .with_context(|| format!("cannot write {path}"))
-                    })
-                    .await??;
-                    downloaded.fetch_add(last - first + 1, Ordering::Relaxed);
-                    bar.inc(last - first + 1);
+                            .with_context(|| format!("cannot write {path}"))?;
+                        downloaded.fetch_add(last - first + 1, Ordering::Relaxed);
+                        bar.inc(last - first + 1);
+                        Ok(())
+                    }));
                 }
             });
         }
