@@ -175,7 +175,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 g,
                 &serde_json::json!({
                     "name": cfg.name, "site_code": cfg.site_code, "site": cfg.site,
-                    "data": data, "content": content,
+                    "data": data, "content": content, "clients": cfg.clients,
                 }),
                 || {
                     println!(
@@ -185,6 +185,13 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                         cfg.site,
                         content.display()
                     );
+                    if let Some(c) = &cfg.clients {
+                        println!(
+                            "serves clients over HTTPS on {} as {} (its certificate comes from the site when the agent first connects)",
+                            c.listen,
+                            c.names.join(", ")
+                        );
+                    }
                     println!("start it with: ferry dp serve --data {}", data.display());
                 },
             )
