@@ -349,6 +349,16 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
         200
     );
     site.cli_ok(&["client", "token", "revoke", "gone"]).unwrap();
+    let unknown = site.cli(&["client", "token", "revoke", "nobody", "--json"]);
+    assert!(!unknown.status.success());
+    let e = json_of(&unknown);
+    assert_eq!(e["code"], "not-found", "{e}");
+    let again = site.cli(&["client", "token", "create", "--name", "lab", "--json"]);
+    assert_eq!(
+        json_of(&again)["code"],
+        "conflict",
+        "an active token keeps its name"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     for (what, t) in [
         ("forged", &forged),

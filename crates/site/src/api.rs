@@ -303,7 +303,9 @@ impl From<ImageError> for ApiError {
 impl From<HubError> for ApiError {
     fn from(e: HubError) -> Self {
         let status = match &e {
-            HubError::NoDp(_) | HubError::NoGroup(_) => StatusCode::NOT_FOUND,
+            HubError::NoDp(_) | HubError::NoGroup(_) | HubError::NoClientToken(_) => {
+                StatusCode::NOT_FOUND
+            }
             HubError::Exists { .. } | HubError::Conflict(_) => StatusCode::CONFLICT,
             HubError::BadName(_) | HubError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             HubError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,

@@ -107,11 +107,11 @@ impl Hub {
                 i64::try_from(s)
                     .ok()
                     .and_then(|s| issued.checked_add(s))
-                    .ok_or_else(|| HubError::Conflict(format!("{s} s is too long a validity")))?,
+                    .ok_or_else(|| HubError::Invalid(format!("--expires: {s} s is too long")))?,
             ),
             None => None,
         };
-        let id = client_token::new_id().map_err(|e| HubError::Conflict(e.to_string()))?;
+        let id = client_token::new_id().map_err(|e| self.storage(e))?;
         let claims = Claims {
             site: site_code.to_string(),
             name: name.to_string(),
@@ -119,8 +119,7 @@ impl Hub {
             issued,
             expires,
         };
-        let token =
-            client_token::issue(key, &claims).map_err(|e| HubError::Conflict(e.to_string()))?;
+        let token = client_token::issue(key, &claims).map_err(|e| self.storage(e))?;
         self.update(false, |reg| {
             if let Some(old) = reg.clients.get(name) {
                 if state_of(old, issued) == "active" {
@@ -151,11 +150,10 @@ impl Hub {
     /// Revokes token `name`; every connected DP hears of it at once.
     pub fn revoke_client_token(&self, name: &str) -> Result<(), HubError> {
         self.update(true, |reg| {
-            let rec = reg.clients.get_mut(name).ok_or_else(|| {
-                HubError::Conflict(format!(
-                    "there is no client token named {name:?} (see `ferry client token list`)"
-                ))
-            })?;
+            let rec = reg
+                .clients
+                .get_mut(name)
+                .ok_or_else(|| HubError::NoClientToken(name.to_string()))?;
             if rec.revoked.is_none() {
                 rec.revoked = Some(crate::now());
             }

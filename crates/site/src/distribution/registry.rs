@@ -45,6 +45,9 @@ pub enum HubError {
     /// No group of that name.
     #[error("there is no group named {0:?} (create it with `ferry group create {0}`)")]
     NoGroup(String),
+    /// No client token of that name.
+    #[error("there is no client token named {0:?} (see `ferry client token list`)")]
+    NoClientToken(String),
     /// The name is taken.
     #[error("{what} {name:?} exists already")]
     Exists {
@@ -433,7 +436,7 @@ impl Hub {
         Ok(hub)
     }
 
-    fn storage(&self, detail: impl std::fmt::Display) -> HubError {
+    pub(crate) fn storage(&self, detail: impl std::fmt::Display) -> HubError {
         HubError::Storage {
             path: self.lib.path().to_path_buf(),
             detail: detail.to_string(),
