@@ -29,12 +29,7 @@ const RUNS: usize = 3;
 
 /// User plus system CPU seconds of process `pid` so far.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
+    Ok(ferry_benches::cpu_time(pid)?.as_secs_f64())
 }
 
 /// The agent's process (the DP runs under `ip netns exec`, which execs it).

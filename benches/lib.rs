@@ -92,6 +92,20 @@ pub fn timed(cmd: &mut Command) -> anyhow::Result<(Duration, String)> {
     ))
 }
 
+/// A process's CPU time so far (user + system), from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok(Duration::from_secs_f64(ticks as f64 / USER_HZ))
+}
+
+/// Clock ticks per second in `/proc` (the kernel's USER_HZ, 100 on Linux
+/// whatever its internal tick).
+const USER_HZ: f64 = 100.0;
+
 /// Peak resident memory of a process (VmHWM), in bytes.
 pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;

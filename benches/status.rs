@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_benches::root;
+use ferry_benches::{cpu_time, root};
 use ferry_tests::harness::{ferry_bin, SiteProc};
 use ferry_tests::wimtools;
 use ferry_wire::pb::{self, request};
@@ -28,20 +28,6 @@ const PACKAGES: usize = 20;
 const REPORTS_PER_SEC: u64 = 4;
 /// How long the site's CPU is sampled, idle and under reports.
 const WINDOW: Duration = Duration::from_secs(10);
-
-/// The site's CPU time so far (user + system), from `/proc/PID/stat`.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses.
-    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(Duration::from_secs_f64(ticks as f64 / USER_HZ))
-}
-
-/// Clock ticks per second in `/proc` (the kernel's USER_HZ, 100 on Linux
-/// whatever its internal tick).
-const USER_HZ: f64 = 100.0;
 
 /// Share of one core the site used over `window`.
 fn core_share(pid: u32, window: Duration) -> anyhow::Result<f64> {

@@ -89,6 +89,16 @@ fn curl(work: &Path, ca: &Path, args: &[&str]) -> Answer {
     }
 }
 
+/// `ferry client token create ARGS` on `site`: the token.
+fn client_token(site: &SiteProc, args: &[&str]) -> String {
+    let mut all = vec!["client", "token", "create"];
+    all.extend_from_slice(args);
+    site.cli_json(&all).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn bearer(token: &str) -> String {
     format!("Authorization: Bearer {token}")
 }
@@ -140,6 +150,41 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
     )
     .unwrap();
     dp.serve().unwrap();
+    // A name no certificate can carry is refused before the token is used.
+    let t = site.cli_json(&["dp", "add", "dp9"]).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bad = Command::new(ferry_bin())
+        .args([
+            "dp",
+            "init",
+            "--site",
+            &site.dp_addr(),
+            "--token",
+            &t,
+            "--data",
+        ])
+        .arg(w.join("dp9"))
+        .args([
+            "--client-listen",
+            "127.0.0.1:9",
+            "--client-name",
+            "*.branch",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--client-name") && err.contains("*.branch"),
+        "{err}"
+    );
+    assert!(!w.join("dp9").exists(), "nothing written");
+    assert_eq!(
+        site.dp_row("dp9").unwrap()["enrollment"],
+        "waiting-enrollment"
+    );
     let root = media(w);
     let pkg = site
         .cli_json(&[
@@ -160,12 +205,7 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
     let big = fs::read(root.join("sources/big.dat")).unwrap();
 
     // The listener is up once the site issued its certificate.
-    let token = site
-        .cli_json(&["client", "token", "create", "--name", "lab"])
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = client_token(&site, &["--name", "lab"]);
     let auth = bearer(&token);
     wait_for("the DP's HTTPS listener", LIMIT, || {
         let out = Command::new("curl")
@@ -318,32 +358,9 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
         .collect();
     let forged = format!("{head}.{flipped}");
     let other_site = SiteProc::start(&w.join("other")).unwrap();
-    let foreign = other_site
-        .cli_json(&["client", "token", "create", "--name", "lab"])
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let short = site
-        .cli_json(&[
-            "client",
-            "token",
-            "create",
-            "--name",
-            "short",
-            "--expires",
-            "1s",
-        ])
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let gone = site
-        .cli_json(&["client", "token", "create", "--name", "gone"])
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let foreign = client_token(&other_site, &["--name", "lab"]);
+    let short = client_token(&site, &["--name", "short", "--expires", "1s"]);
+    let gone = client_token(&site, &["--name", "gone"]);
     assert_eq!(
         curl(w, &ca, &["-H", &bearer(&gone), &index_url]).status,
         200
