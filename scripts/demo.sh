@@ -3,8 +3,9 @@
 # loopback, a WIM made on the spot, import, distribute, offline servicing in
 # Ferry (updates applied with wimlib, a new revision sent to the DPs as a
 # delta), status, history, content validation and repair on a DP, an OS
-# upgrade package with one image index, and a computer downloading that
-# package from a DP over HTTPS with a client token.
+# upgrade package with one image index, a computer downloading that
+# package from a DP over HTTPS with a client token, and two computers
+# receiving the image from a DP in one encrypted multicast session.
 # Installs what it needs first. Leaves its files in $FERRY_DEMO_DIR (default:
 # a fresh folder under /tmp) and stops the site when done.
 set -euo pipefail
@@ -169,5 +170,37 @@ curl -sS --cacert "$work/site/ca.pem" -H "Authorization: Bearer $client_token" -
   -D - -o /dev/null "https://127.0.0.1:$https_port/content/$upgrade/setup.exe" | grep -iE "^HTTP|content-range|etag"
 echo "without a token:"
 curl -sS --cacert "$work/site/ca.pem" -o /dev/null -w "HTTP %{http_code}\n" "https://127.0.0.1:$https_port/content/$upgrade/"
+
+step "Two computers receive $base from dp1 in one encrypted multicast session"
+"$ferry" image multicast "$base" --allow --encrypt
+"$ferry" dp multicast dp1 --enable --interface 127.0.0.1 --min-clients 2 --start-delay 20s --rate 40M
+# The DP takes its settings with its next assignments: wait until it lists the package.
+for _ in $(seq 100); do
+  curl -sS --cacert "$work/site/ca.pem" -H "Authorization: Bearer $client_token" \
+    "https://127.0.0.1:$https_port/multicast/" | grep -q "\"$base\"" && break
+  sleep 0.2
+done
+mc_pids=()
+for c in pc1 pc2; do
+  "$ferry" client multicast --dp "https://127.0.0.1:$https_port" "$base" --out "$work/$c" \
+    --token "$client_token" --ca "$work/site/ca.pem" --interface 127.0.0.1 >"$work/$c.out" &
+  mc_pids+=($!)
+done
+wait "${mc_pids[@]}"
+cat "$work/pc1.out" "$work/pc2.out"
+rev=$("$ferry" status "$base" --dp dp1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["revision"])')
+"$ferry" content export "$base" --revision "$rev" --out "$work/mc-expected.wim"
+for c in pc1 pc2; do
+  cmp "$work/$c"/*.wim "$work/mc-expected.wim"
+  echo "$c: revision $rev of the image, byte for byte"
+done
+echo "the DP's session (GET /multicast/):"
+curl -sS --cacert "$work/site/ca.pem" -H "Authorization: Bearer $client_token" \
+  "https://127.0.0.1:$https_port/multicast/" | python3 -c '
+import json, sys
+for s in json.load(sys.stdin)["sessions"][:1]:
+    print("  session %s: %d clients, %d done, %d passes, %s bytes sent for a %s-byte image (%.3fx), encrypted: %s" % (
+        s["session"], s["clients_joined"], s["clients_done"], s["passes"], format(s["bytes_sent"], ","),
+        format(s["package_bytes"], ","), s["bytes_sent"] / s["package_bytes"], s["encrypted"]))'
 
 step "Done. Files are in $work (logs: $work/site.log, $work/dp1.log, $work/dp2.log)"

@@ -3,12 +3,12 @@
 # libclang-dev (bindgen for rocksdb and wimlib-sys), libwim-dev with the
 # packages its wimlib.pc names (ntfs-3g-dev, libfuse-dev), pkg-config, and the
 # tools the tests and benches check against (wimtools, rsync, casync, zsync,
-# b3sum) or build their test hosts with (xfsprogs for a reflink filesystem,
-# iproute2 for network namespaces). Safe to run again: it installs only what
-# is absent.
+# b3sum, curl) or build their test hosts with (xfsprogs for a reflink
+# filesystem, iproute2 for network namespaces, nftables for packet loss inside
+# one). Safe to run again: it installs only what is absent.
 set -euo pipefail
 
-packages=(libclang-dev libwim-dev ntfs-3g-dev libfuse-dev pkg-config wimtools rsync casync zsync b3sum xfsprogs iproute2)
+packages=(libclang-dev libwim-dev ntfs-3g-dev libfuse-dev pkg-config wimtools rsync casync zsync b3sum xfsprogs iproute2 nftables curl)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

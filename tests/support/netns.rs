@@ -145,6 +145,23 @@ impl Netns {
         ip(&args)
     }
 
+    /// Routes IPv4 multicast (224.0.0.0/4) out of the namespace's veth, so
+    /// a sender inside reaches receivers on the host side.
+    pub fn multicast_route(&self) -> anyhow::Result<()> {
+        let ns_if = format!("fn{}", self.ns_ip.split('.').nth(2).unwrap_or("0"));
+        ip(&[
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "route",
+            "add",
+            "224.0.0.0/4",
+            "dev",
+            &ns_if,
+        ])
+    }
+
     /// Packets the host side's root qdisc (the [`limit`](Self::limit)) has
     /// dropped so far, from `tc -s qdisc show`.
     pub fn qdisc_drops(&self) -> anyhow::Result<u64> {
@@ -166,5 +183,186 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
         let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// Test hosts on one Ethernet segment: a Linux bridge in the root
+/// namespace (address `10.78.N.1/24`, where the site listens) and a
+/// namespace per host joined to it by a veth (`10.78.N.(10+i)`), each with
+/// a route for IPv4 multicast out of its veth. The bridge floods multicast
+/// (snooping off), as an unmanaged switch does.
+pub struct Bridge {
+    /// The bridge's interface.
+    pub name: String,
+    /// The bridge's address (the root namespace's on the segment).
+    pub ip: String,
+    /// The hosts.
+    pub hosts: Vec<BridgeHost>,
+}
+
+/// One host of a [`Bridge`].
+pub struct BridgeHost {
+    /// Its namespace.
+    pub ns: String,
+    /// Its address.
+    pub ip: String,
+    /// The root side of its veth (what it sends is that side's rx).
+    pub root_if: String,
+}
+
+impl BridgeHost {
+    /// The command prefix that runs a program on this host.
+    pub fn exec_prefix(&self) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.ns.clone()]
+    }
+
+    /// Bytes this host sent onto the segment, as the kernel counted them
+    /// on the root side of its veth.
+    pub fn sent_bytes(&self) -> anyhow::Result<u64> {
+        let p = Path::new("/sys/class/net")
+            .join(&self.root_if)
+            .join("statistics/rx_bytes");
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .trim()
+            .parse()?)
+    }
+
+    /// Drops `percent` % of the UDP datagrams arriving for `ports`
+    /// ("63000-63010") at random, in the kernel (nftables in the host's
+    /// namespace).
+    pub fn drop_udp(&self, ports: &str, percent: u32) -> anyhow::Result<()> {
+        self.drop_matching(&format!("udp dport {ports}"), percent)
+    }
+
+    /// Drops `percent` % of the TCP segments arriving from port `port` (a
+    /// server's answers) at random, in the kernel.
+    pub fn drop_tcp_from(&self, port: u16, percent: u32) -> anyhow::Result<()> {
+        self.drop_matching(&format!("tcp sport {port}"), percent)
+    }
+
+    /// Removes the drops [`Self::drop_udp`] and [`Self::drop_tcp_from`] set.
+    pub fn clear_drops(&self) {
+        let _ = ip(&[
+            "netns",
+            "exec",
+            &self.ns,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "ferrytest",
+        ]);
+    }
+
+    /// Drops `percent` % of what arrives matching nftables expression
+    /// `matcher`: one rule in a table of its own (replacing the last).
+    fn drop_matching(&self, matcher: &str, percent: u32) -> anyhow::Result<()> {
+        let nft = |args: &str| -> anyhow::Result<()> {
+            let mut v: Vec<&str> = vec!["netns", "exec", &self.ns, "nft"];
+            v.extend(args.split(' '));
+            ip(&v)
+        };
+        self.clear_drops();
+        nft("add table inet ferrytest")?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "ferrytest",
+                "in",
+            ])
+            .arg("{ type filter hook input priority 0 ; }")
+            .output()
+            .context("cannot run nft (Debian's nftables)")?;
+        if !out.status.success() {
+            bail!(
+                "nft add chain failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if percent >= 100 {
+            nft(&format!("add rule inet ferrytest in {matcher} drop"))
+        } else {
+            nft(&format!(
+                "add rule inet ferrytest in {matcher} numgen random mod 100 < {percent} drop"
+            ))
+        }
+    }
+}
+
+impl Bridge {
+    /// Creates bridge `fb-<tag>` and hosts `ferry-<tag>-<host>` for each
+    /// name in `hosts`. `n` must be unique among the segments alive at
+    /// once; leftovers of a killed test of the same names are removed
+    /// first.
+    pub fn create(tag: &str, n: u8, hosts: &[&str]) -> anyhow::Result<Self> {
+        let name = format!("fb{n}-{}", &tag[..tag.len().min(8)]);
+        let _ = ip(&["link", "del", &name]);
+        let mut me = Bridge {
+            name: name.clone(),
+            ip: format!("10.78.{n}.1"),
+            hosts: Vec::new(),
+        };
+        ip(&[
+            "link",
+            "add",
+            &name,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ip(&["addr", "add", &format!("{}/24", me.ip), "dev", &name])?;
+        ip(&["link", "set", &name, "up"])?;
+        for (i, h) in hosts.iter().enumerate() {
+            let ns = format!("ferry-{tag}-{h}");
+            let root_if = format!("fb{n}h{i}");
+            let _ = ip(&["netns", "del", &ns]);
+            let _ = ip(&["link", "del", &root_if]);
+            ip(&["netns", "add", &ns])?;
+            let host = BridgeHost {
+                ns: ns.clone(),
+                ip: format!("10.78.{n}.{}", 10 + i),
+                root_if: root_if.clone(),
+            };
+            me.hosts.push(host);
+            ip(&[
+                "link", "add", &root_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
+            ip(&["link", "set", &root_if, "master", &name])?;
+            ip(&["link", "set", &root_if, "up"])?;
+            let exec = |args: &[&str]| {
+                let mut v = vec!["netns", "exec", ns.as_str(), "ip"];
+                v.extend_from_slice(args);
+                ip(&v)
+            };
+            exec(&[
+                "addr",
+                "add",
+                &format!("10.78.{n}.{}/24", 10 + i),
+                "dev",
+                "eth0",
+            ])?;
+            exec(&["link", "set", "eth0", "up"])?;
+            exec(&["link", "set", "lo", "up"])?;
+            exec(&["route", "add", "224.0.0.0/4", "dev", "eth0"])?;
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.ns]);
+            let _ = ip(&["link", "del", &h.root_if]);
+        }
+        let _ = ip(&["link", "del", &self.name]);
     }
 }

@@ -105,8 +105,10 @@ const CHANGING: &[&str] = &[
     "client token create",
     "client token revoke",
     "client fetch",
+    "client multicast",
     "image multicast",
     "upgrade multicast",
+    "dp multicast",
 ];
 
 #[test]
@@ -156,6 +158,7 @@ fn every_read_only_command_answers_json_and_errors_are_json_with_a_code() {
         ("image revisions", vec![&image]),
         ("content verify", vec![]),
         ("dp list", vec![]),
+        ("dp show", vec!["dp1"]),
         ("dp validation", vec!["dp1"]),
         ("group list", vec![]),
         ("status", vec![]),
@@ -224,6 +227,60 @@ fn every_read_only_command_answers_json_and_errors_are_json_with_a_code() {
         "status",
     ]));
     assert_eq!(e["code"], "unreachable", "{e}");
+    // Multicast settings: checked on the site, named by their flag.
+    let e = json_err(site.cli(&[
+        "dp",
+        "multicast",
+        "dp1",
+        "--enable",
+        "--group",
+        "10.0.0.0/8",
+        "--json",
+    ]));
+    assert_eq!(e["code"], "invalid", "{e}");
+    assert!(e["error"].as_str().unwrap().contains("--group"), "{e}");
+    let e = json_err(site.cli(&["dp", "show", "nope", "--json"]));
+    assert_eq!(e["code"], "not-found", "{e}");
+    let e = json_err(site.cli(&["dp", "multicast", "nope", "--enable", "--json"]));
+    assert_eq!(e["code"], "not-found", "{e}");
+    let e = json_err(site.cli(&["dp", "multicast", "dp1", "--json"]));
+    assert_eq!(e["code"], "usage", "neither --enable nor --disable: {e}");
+    let e = json_err(site.cli(&[
+        "dp",
+        "multicast",
+        "dp1",
+        "--disable",
+        "--ttl",
+        "3",
+        "--json",
+    ]));
+    assert_eq!(e["code"], "usage", "settings need --enable: {e}");
+    let e = json_err(site.cli(&[
+        "dp",
+        "multicast",
+        "dp1",
+        "--enable",
+        "--rate",
+        "fast",
+        "--json",
+    ]));
+    assert_eq!(e["code"], "usage", "{e}");
+    let m = site
+        .cli_json(&[
+            "dp",
+            "multicast",
+            "dp1",
+            "--enable",
+            "--rate",
+            "200Mbit",
+            "--ports",
+            "7000-7009",
+        ])
+        .unwrap();
+    assert_eq!(
+        (m["rate"].as_u64(), m["port_last"].as_u64()),
+        (Some(25_000_000), Some(7009))
+    );
     // A URL without its scheme is named as such.
     let out = ferry(&["--site", "127.0.0.1:4480", "--token", "x", "image", "list"]);
     assert!(

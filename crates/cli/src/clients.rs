@@ -41,6 +41,39 @@ pub(crate) enum ClientCmd {
         #[arg(long, value_name = "HEX")]
         manifest_key: Option<String>,
     },
+    /// Receive a package from a DP's multicast session with many other
+    /// computers at once: every block checked against the site-signed
+    /// manifest, lost packets made up by repair packets. When the session
+    /// stalls or ends short, the rest comes over HTTPS (unless the package
+    /// is multicast-only). Run it again to keep what arrived.
+    Multicast {
+        /// The DP's HTTPS address, https://HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        dp: String,
+        /// The package id.
+        id: String,
+        /// Folder to write the package's files into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The site CA certificate (ca.pem of the site's or a DP's data
+        /// folder).
+        #[arg(long, value_name = "FILE")]
+        ca: PathBuf,
+        /// Give up on the session after this long in all (e.g. 30m).
+        #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = crate::dp::parse_duration)]
+        timeout: std::time::Duration,
+        /// Leave the session when nothing new arrived for this long.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::dp::parse_duration)]
+        stall: std::time::Duration,
+        /// IPv4 address of the interface to join the group on (default: the
+        /// routing table's choice).
+        #[arg(long, value_name = "ADDR")]
+        interface: Option<std::net::Ipv4Addr>,
+        /// The site's manifest key (hex) to prove the manifest with, instead
+        /// of the one the DP presents.
+        #[arg(long, value_name = "HEX")]
+        manifest_key: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +159,69 @@ pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
                 .await?;
             emit(g, &serde_json::json!({ "revoked": name }), || {
                 println!("client token {name:?} revoked; connected DPs refuse it now, the others when they next connect");
+            })
+        }
+        ClientCmd::Multicast {
+            dp,
+            id,
+            out,
+            ca,
+            timeout,
+            stall,
+            interface,
+            manifest_key,
+        } => {
+            if !dp.starts_with("https://") {
+                anyhow::bail!("--dp {dp:?}: use the DP's HTTPS address, https://HOST:PORT");
+            }
+            let j = crate::multicast::Join {
+                dp,
+                package: id,
+                out,
+                token: g
+                    .token
+                    .clone()
+                    .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok()),
+                ca,
+                manifest_key,
+                stall,
+                timeout,
+                interface,
+            };
+            let r = j.run(!g.json).await?;
+            emit(g, &r, || {
+                let c = &r.datagrams;
+                println!(
+                    "{} r{} ({}): {} files, {} in {}; {} by multicast (session {}{}, {} passes), {} already here{}; every chunk matches the signed manifest",
+                    r.package,
+                    r.revision,
+                    r.name,
+                    r.files,
+                    bytes(r.bytes_total),
+                    r.out.display(),
+                    bytes(r.bytes_multicast),
+                    r.session,
+                    if r.encrypted { ", encrypted" } else { "" },
+                    r.passes,
+                    bytes(r.bytes_reused),
+                    r.fallback
+                        .as_ref()
+                        .map(|why| format!("; {} over HTTPS ({why})", bytes(r.bytes_https)))
+                        .unwrap_or_default(),
+                );
+                println!(
+                    "datagrams: {} taken, {} duplicate, {} dropped (garbage {}, other session {}, forged {}, replayed {}, out of range {}); {} blocks rebuilt from repair symbols, {} refused",
+                    c.accepted,
+                    c.duplicate,
+                    c.dropped(),
+                    c.garbage,
+                    c.other_session,
+                    c.forged,
+                    c.replayed,
+                    c.out_of_range,
+                    c.blocks_repaired,
+                    c.blocks_refused
+                );
             })
         }
         ClientCmd::Fetch {

@@ -295,5 +295,13 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
+    for r in &rows {
+        for v in &r.multicast {
+            println!("{}", crate::output::session_line(&r.dp, v));
+        }
+        if let Some(w) = &r.multicast_warning {
+            println!("warning: {w}");
+        }
+    }
     Ok(())
 }

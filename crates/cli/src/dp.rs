@@ -63,6 +63,12 @@ pub(crate) enum DpCmd {
     },
     /// On the site: every DP, online or not, and what it holds.
     List,
+    /// On the site: one DP in full: state, addresses, groups, what it holds
+    /// and is assigned, disk, multicast settings and sessions.
+    Show {
+        /// The DP's name.
+        name: String,
+    },
     /// On the site: have a DP re-hash what it holds (or the packages named)
     /// against the signed manifests; damaged chunks are refetched alone and
     /// written in place. Waits for the result unless --no-wait.
@@ -98,6 +104,51 @@ pub(crate) enum DpCmd {
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         anonymous_clients: Option<bool>,
     },
+    /// On the site: let a DP send packages that allow multicast to many
+    /// computers at once (--enable), or stop it (--disable). Settings not
+    /// given stay as they were; the DP gets them with its assignments.
+    Multicast(MulticastArgs),
+}
+
+/// `ferry dp multicast NAME`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("switch").required(true).args(["enable", "disable"])))]
+pub(crate) struct MulticastArgs {
+    /// The DP's name.
+    name: String,
+    /// Run multicast sessions.
+    #[arg(long)]
+    enable: bool,
+    /// Run none (the settings are kept for the next --enable).
+    #[arg(long)]
+    disable: bool,
+    /// IPv4 multicast group range of the sessions (default 239.255.0.0/24).
+    #[arg(long, value_name = "CIDR", conflicts_with = "disable")]
+    group: Option<String>,
+    /// UDP ports of the sessions, one per session (default 63000-64000).
+    #[arg(long, value_name = "FIRST-LAST", conflicts_with = "disable")]
+    ports: Option<String>,
+    /// Clients one session takes at most (default 50).
+    #[arg(long, value_name = "N", conflicts_with = "disable")]
+    max_clients: Option<u32>,
+    /// Rate of a session: bytes per second (K, M, G: powers of 1024) or
+    /// bits (100Mbit, 1Gbit). Default 100Mbit.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, conflicts_with = "disable")]
+    rate: Option<u64>,
+    /// A session starts this long after its first client asked (default 0s) ...
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "disable")]
+    start_delay: Option<std::time::Duration>,
+    /// ... or as soon as this many clients joined (default 1).
+    #[arg(long, value_name = "N", conflicts_with = "disable")]
+    min_clients: Option<u32>,
+    /// IP time to live of the datagrams: 1 keeps them on the DP's segment
+    /// (default 1).
+    #[arg(long, value_name = "HOPS", conflicts_with = "disable")]
+    ttl: Option<u32>,
+    /// IPv4 address of the DP's interface to send on (default: the routing
+    /// table's choice; "" goes back to it).
+    #[arg(long, value_name = "ADDR", conflicts_with = "disable")]
+    interface: Option<String>,
 }
 
 /// A duration as people write them: 90s, 30m, 2h, 1h30m.
@@ -116,6 +167,27 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 
 fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    // Bits per second, decimal, as links are sold: 100Mbit, 1Gbit.
+    let lower = t.to_ascii_lowercase();
+    if let Some(num) = lower
+        .strip_suffix("bit")
+        .or_else(|| lower.strip_suffix("bps"))
+    {
+        let (num, mult) = match num.char_indices().last() {
+            Some((i, 'k')) => (&num[..i], 1_000u64),
+            Some((i, 'm')) => (&num[..i], 1_000_000),
+            Some((i, 'g')) => (&num[..i], 1_000_000_000),
+            _ => (num, 1),
+        };
+        return num
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(|b| b / 8)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{s:?} is not a rate: use e.g. 100Mbit or 12M (bytes)"));
+    }
     let (num, mult) = match t.char_indices().last() {
         Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
         Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
@@ -126,7 +198,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a rate: use bytes per second, e.g. 500K or 20M"))
+        .ok_or_else(|| format!("{s:?} is not a rate: use bytes per second, e.g. 500K or 20M, or bits, e.g. 100Mbit"))
 }
 
 /// This host's name, and `listen`'s address unless it is unspecified.
@@ -265,6 +337,30 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             print_validation(&v, 0);
             Ok(())
         }
+        DpCmd::Multicast(a) => {
+            let change = ferry_site::multicast::MulticastChange {
+                enable: a.enable,
+                group: a.group,
+                ports: a.ports,
+                max_clients: a.max_clients,
+                rate: a.rate,
+                start_delay_secs: a.start_delay.map(|d| d.as_secs()),
+                min_clients: a.min_clients,
+                ttl: a.ttl,
+                interface: a.interface,
+            };
+            let client = Client::new(g)?;
+            let m: ferry_site::multicast::DpMulticast = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/dps/{}/multicast", a.name))
+                        .json(&change),
+                )
+                .await?;
+            emit(g, &m, || {
+                println!("{}: multicast {}", a.name, m.describe());
+            })
+        }
         DpCmd::Set {
             name,
             validate_schedule,
@@ -312,6 +408,19 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        DpCmd::Show { name } => {
+            let client = Client::new(g)?;
+            let dps: Vec<DpView> = client.json(client.request(Method::GET, "/dps")).await?;
+            let Some(d) = dps.into_iter().find(|d| d.name == name) else {
+                return Err(crate::client::Refusal {
+                    code: "not-found".into(),
+                    message: format!("there is no DP named {name:?} (see `ferry dp list`)"),
+                    status: 404,
+                }
+                .into());
+            };
+            emit(g, &d, || show(&d))
+        }
         DpCmd::List => {
             let client = Client::new(g)?;
             let dps: Vec<DpView> = client.json(client.request(Method::GET, "/dps")).await?;
@@ -352,13 +461,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                         }
                         a
                     },
-                    if d.online {
-                        "now".into()
-                    } else {
-                        d.last_contact
-                            .as_deref()
-                            .map_or("never".into(), crate::output::ago)
-                    },
+                    last_contact(d),
                     d.groups.join(" "),
                     format!(
                         "{} / {}",
@@ -380,8 +483,77 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 ]);
             }
             println!("{t}");
+            for d in &dps {
+                if let Some(m) = d.multicast.as_ref().filter(|m| m.enabled) {
+                    println!("multicast {}: {}", d.name, m.describe());
+                }
+                for v in d.multicast_sessions.iter().filter(|v| v.ended.is_none()) {
+                    println!("{}", crate::output::session_line(&d.name, v));
+                }
+            }
             Ok(())
         }
+    }
+}
+
+/// "now" for a DP online, else how long ago it was last (or "never").
+fn last_contact(d: &DpView) -> String {
+    if d.online {
+        "now".into()
+    } else {
+        d.last_contact
+            .as_deref()
+            .map_or("never".into(), crate::output::ago)
+    }
+}
+
+/// `ferry dp show`: one DP, a line per fact.
+fn show(d: &DpView) {
+    let line = |k: &str, v: String| println!("  {k:<12}{v}");
+    println!("DP {}", d.name);
+    line(
+        "state",
+        format!("{}{}", d.enrollment, if d.online { ", online" } else { "" }),
+    );
+    line("address", d.address.clone().unwrap_or_else(|| "-".into()));
+    line("last contact", last_contact(d));
+    if !d.client_names.is_empty() {
+        line(
+            "https",
+            format!(
+                "{}{}",
+                d.client_names.join(" "),
+                if d.anonymous_clients {
+                    " (anonymous clients too)"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    line("groups", d.groups.join(" "));
+    line("assigned", d.assigned.join(" "));
+    line(
+        "holds",
+        d.installed
+            .iter()
+            .map(|h| format!("{} r{}", h.package, h.revision))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    if let Some(k) = &d.disk {
+        line(
+            "disk",
+            format!("{} used, {} free", bytes(k.used_bytes), bytes(k.free_bytes)),
+        );
+    }
+    line("sent", bytes(d.served_bytes));
+    line(
+        "multicast",
+        d.multicast.as_ref().map_or("off".into(), |m| m.describe()),
+    );
+    for v in &d.multicast_sessions {
+        println!("{}", crate::output::session_line(&d.name, v));
     }
 }
 

@@ -59,7 +59,7 @@ pub(crate) struct Fetch {
     pub(crate) manifest_key: Option<String>,
 }
 
-fn http_client(ca: &Path) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn http_client(ca: &Path) -> anyhow::Result<reqwest::Client> {
     let pem = std::fs::read_to_string(ca)
         .with_context(|| format!("cannot read the site CA {}", ca.display()))?;
     let der = ferry_net::pki::cert_der(&pem, &format!("site CA {}", ca.display()))?;
@@ -72,7 +72,7 @@ fn http_client(ca: &Path) -> anyhow::Result<reqwest::Client> {
 }
 
 /// A refusal of the DP in its words.
-async fn refusal(url: &str, resp: reqwest::Response) -> anyhow::Error {
+pub(crate) async fn refusal(url: &str, resp: reqwest::Response) -> anyhow::Error {
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
     let msg = serde_json::from_str::<serde_json::Value>(&body)
@@ -80,6 +80,53 @@ async fn refusal(url: &str, resp: reqwest::Response) -> anyhow::Error {
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
         .unwrap_or(body);
     anyhow::anyhow!("{url}: HTTP {status}: {msg}")
+}
+
+/// Sends `req` (to `url` of the DP at `dp`) and reads its JSON answer,
+/// `what` it should be; a refusal in the DP's words.
+pub(crate) async fn answer<T: serde::de::DeserializeOwned>(
+    req: reqwest::RequestBuilder,
+    dp: &str,
+    url: &str,
+    what: &str,
+) -> anyhow::Result<T> {
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the DP at {dp}"))?;
+    if !resp.status().is_success() {
+        return Err(refusal(url, resp).await);
+    }
+    resp.json()
+        .await
+        .with_context(|| format!("{url} did not answer {what}"))
+}
+
+/// The manifests of `package` revision `revision` from a signed body
+/// (base64) and signature (hex), proven with the site's manifest key (hex).
+pub(crate) fn prove(
+    package: &str,
+    revision: u32,
+    body: &str,
+    signature: &str,
+    key: &str,
+) -> anyhow::Result<Vec<Manifest>> {
+    let key = hex::decode(key).context("the manifest key is not hex")?;
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .context("the manifest is not base64")?;
+    let signature = hex::decode(signature).context("the manifest's signature is not hex")?;
+    let assignment = pb::Assignment {
+        package: package.to_string(),
+        revision,
+        ..Default::default()
+    };
+    let signed = pb::SignedManifest {
+        body: body.into(),
+        signature: signature.into(),
+        base_revision: 0,
+    };
+    Ok(ferry_dp::manifest::verify(&key, &assignment, &signed, &[])?.manifests)
 }
 
 impl Fetch {
@@ -102,37 +149,16 @@ impl Fetch {
     /// Reads and proves the package index.
     async fn index(&self, http: &reqwest::Client) -> anyhow::Result<(PackageIndex, Vec<Manifest>)> {
         let url = self.url("");
-        let resp = self
-            .get(http, &url)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the DP at {}", self.dp))?;
-        if !resp.status().is_success() {
-            return Err(refusal(&url, resp).await);
-        }
-        let index: PackageIndex = resp
-            .json()
-            .await
-            .with_context(|| format!("{url} did not answer a package index"))?;
-        let key = hex::decode(self.manifest_key.as_deref().unwrap_or(&index.manifest_key))
-            .context("the manifest key is not hex")?;
-        let body = base64::engine::general_purpose::STANDARD
-            .decode(&index.manifest)
-            .context("the index's manifest is not base64")?;
-        let signature =
-            hex::decode(&index.signature).context("the index's signature is not hex")?;
-        let assignment = pb::Assignment {
-            package: self.package.clone(),
-            revision: index.revision,
-            ..Default::default()
-        };
-        let signed = pb::SignedManifest {
-            body: body.into(),
-            signature: signature.into(),
-            base_revision: 0,
-        };
-        let proven = ferry_dp::manifest::verify(&key, &assignment, &signed, &[])?;
-        Ok((index, proven.manifests))
+        let index: PackageIndex =
+            answer(self.get(http, &url), &self.dp, &url, "a package index").await?;
+        let manifests = prove(
+            &self.package,
+            index.revision,
+            &index.manifest,
+            &index.signature,
+            self.manifest_key.as_deref().unwrap_or(&index.manifest_key),
+        )?;
+        Ok((index, manifests))
     }
 
     /// Downloads the package into `out`.

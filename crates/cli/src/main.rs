@@ -12,6 +12,7 @@ mod dp;
 mod fetch;
 mod group;
 mod image;
+mod multicast;
 mod output;
 mod service;
 mod site;

@@ -161,6 +161,40 @@ pub(crate) fn byte_bar(show: bool, total: u64, msg: &str) -> indicatif::Progress
     bar
 }
 
+/// One multicast session of DP `dp` on one line or two (status, dp list).
+pub(crate) fn session_line(dp: &str, v: &ferry_mcast::SessionView) -> String {
+    let state = match v.state.as_str() {
+        "sending" => format!("sending pass {}", v.passes),
+        "ended" => format!("ended after {} pass(es)", v.passes),
+        s => s.to_string(),
+    };
+    let mut line = format!(
+        "multicast {dp} {} r{} session {}{}: {state}; clients {} joined, {} done, {} left",
+        v.package,
+        v.revision,
+        v.session,
+        if v.encrypted { " (encrypted)" } else { "" },
+        v.clients_joined,
+        v.clients_done,
+        v.clients_left,
+    );
+    line += &format!(
+        "\n  {} at {} Mbit/s, {} sent ({:.2}x the package)",
+        v.address,
+        v.rate * 8 / 1_000_000,
+        bytes(v.bytes_sent),
+        v.cost()
+    );
+    if !v.dropped.is_empty() {
+        let why: Vec<String> = v.dropped.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        line += &format!("; clients dropped {}", why.join(", "));
+    }
+    if v.send_errors > 0 {
+        line += &format!("; {} sends refused", v.send_errors);
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,8 @@ pub struct DpAgent {
     gate: Arc<crate::http::ClientGate>,
     /// Bumped when a new HTTPS certificate was written.
     cert: watch::Sender<u64>,
+    /// The multicast sessions the HTTPS listener runs.
+    multicast: Arc<crate::multicast::Sessions>,
 }
 
 fn read(data: &Path, file: &str, what: &str) -> anyhow::Result<String> {
@@ -104,6 +106,7 @@ impl DpAgent {
             max_rate: None,
             gate,
             cert: watch::channel(0).0,
+            multicast: Arc::new(crate::multicast::Sessions::default()),
         })
     }
 
@@ -132,6 +135,7 @@ impl DpAgent {
                 store: self.store.clone(),
                 gate: self.gate.clone(),
                 manifest_key: self.manifest_key.clone(),
+                multicast: self.multicast.clone(),
                 cert: self.cert.subscribe(),
             };
             tokio::spawn(listener.run().instrument(span.clone()))
@@ -345,11 +349,36 @@ impl DpAgent {
                 }
             }
         };
+        // The multicast sessions, when they change (at most twice a second)
+        // and at connection.
+        let sessions = {
+            let reports = report_tx.clone();
+            let mut changed = self.multicast.subscribe();
+            changed.mark_changed();
+            async move {
+                let mut running = false;
+                loop {
+                    // Every 2 s while a session sends: its bytes and passes.
+                    tokio::select! {
+                        r = changed.changed() => if r.is_err() { break },
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)), if running => {}
+                    }
+                    let views = self.multicast.views();
+                    running = views.iter().any(|v| v.ended.is_none());
+                    if !views.is_empty() {
+                        let _ = reports.send(crate::multicast::report(&views));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                std::future::pending::<anyhow::Result<()>>().await
+            }
+        };
         let worker = self.converge(conn, desired_rx, report_tx);
         tokio::select! {
             r = reader => r,
             r = writer => r,
             r = worker => r,
+            r = sessions => r,
         }
     }
 

@@ -91,6 +91,15 @@ impl ClientGate {
             .any(|p| p == package)
     }
 
+    /// The DP's multicast settings and packages, when it runs sessions.
+    pub fn multicast(&self) -> Option<pb::MulticastPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .multicast
+            .clone()
+    }
+
     /// The client's name (`anonymous` without a token), or why it is
     /// refused.
     pub fn check(&self, authorization: Option<&str>) -> Result<String, String> {
@@ -160,17 +169,18 @@ struct Pin {
     last: Instant,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     store: StoreSlot,
-    gate: Arc<ClientGate>,
-    manifest_key: String,
+    pub(crate) gate: Arc<ClientGate>,
+    pub(crate) manifest_key: String,
+    pub(crate) multicast: Arc<crate::multicast::Sessions>,
     pins: Mutex<HashMap<String, Pin>>,
     /// Per package, its installed revision as last read.
     installed: Mutex<HashMap<String, Arc<Installed>>>,
 }
 
 impl Shared {
-    fn store(&self) -> Result<Arc<ContentStore>, Refusal> {
+    pub(crate) fn store(&self) -> Result<Arc<ContentStore>, Refusal> {
         self.store
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -247,7 +257,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// An answer other than the content: its status and message (JSON
 /// `{"error": …}`).
-struct Refusal(StatusCode, String);
+pub(crate) struct Refusal(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
@@ -267,9 +277,9 @@ struct FileEntry {
 }
 
 /// What a request needs of the installed revision of a package.
-struct Installed {
-    revision: u32,
-    dir: PathBuf,
+pub(crate) struct Installed {
+    pub(crate) revision: u32,
+    pub(crate) dir: PathBuf,
     files: Vec<FileEntry>,
 }
 
@@ -279,13 +289,13 @@ impl Installed {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Refusal {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 /// The installed revision of `package`: read from the index once per
 /// revision (a large image's manifests are megabytes), then from memory.
-async fn installed(sh: &Shared, package: &str) -> Result<Arc<Installed>, Refusal> {
+pub(crate) async fn installed(sh: &Shared, package: &str) -> Result<Arc<Installed>, Refusal> {
     let store = sh.store()?;
     let p = package.to_string();
     let s2 = store.clone();
@@ -600,6 +610,7 @@ fn router(sh: Arc<Shared>) -> Router {
         .route("/content/{package}", get(index))
         .route("/content/{package}/", get(index))
         .route("/content/{package}/{*path}", get(file))
+        .merge(crate::multicast::routes())
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -617,6 +628,8 @@ pub(crate) struct Listener {
     pub(crate) store: StoreSlot,
     pub(crate) gate: Arc<ClientGate>,
     pub(crate) manifest_key: Vec<u8>,
+    /// The multicast sessions.
+    pub(crate) multicast: Arc<crate::multicast::Sessions>,
     /// Bumped whenever a new certificate was written.
     pub(crate) cert: watch::Receiver<u64>,
 }
@@ -662,6 +675,7 @@ impl Listener {
             store: self.store,
             gate: self.gate,
             manifest_key: hex::encode(&self.manifest_key),
+            multicast: self.multicast,
             pins: Mutex::new(HashMap::new()),
             installed: Mutex::new(HashMap::new()),
         });

@@ -11,7 +11,8 @@
 //! repairs what it holds when the site asks ([`validate`]).
 //!
 //! [`http`] serves the installed content to the computers being deployed
-//! over HTTPS (client tokens, byte ranges: [`ranges`]).
+//! over HTTPS (client tokens, byte ranges: [`ranges`]), and sends a
+//! package to many of them at once by multicast ([`multicast`]).
 //!
 //! The DP dials the site; the site never dials the DP.
 
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod config;
 pub mod http;
 pub mod manifest;
+pub mod multicast;
 pub mod ranges;
 pub mod transfer;
 pub mod validate;

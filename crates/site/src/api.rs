@@ -16,6 +16,7 @@
 //! | POST | `/api/v1/dps/{name}/validate` | `ValidateRequest` → `ValidateReply` |
 //! | GET | `/api/v1/dps/{name}/validation` | `ValidationView` |
 //! | POST | `/api/v1/dps/{name}/settings` | `DpSettings` → `ValidationView` |
+//! | POST | `/api/v1/dps/{name}/multicast` | `MulticastChange` → `DpMulticast` |
 //! | GET | `/api/v1/groups` | `{name: GroupRecord}` |
 //! | POST | `/api/v1/groups` | `GroupRequest` |
 //! | POST | `/api/v1/groups/{name}/members` | `MembersRequest` |
@@ -383,6 +384,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/dps/{name}/validate", post(validate_dp))
         .route("/dps/{name}/validation", get(dp_validation))
         .route("/dps/{name}/settings", post(dp_settings))
+        .route("/dps/{name}/multicast", post(dp_multicast))
         .route("/groups", get(list_groups).post(create_group))
         .route("/groups/{name}", delete(delete_group))
         .route("/groups/{name}/members", post(add_members))
@@ -909,6 +911,16 @@ async fn dp_settings(
 ) -> Result<Json<validation::ValidationView>, ApiError> {
     validation::set(&s.hub, &name, &req)?;
     Ok(Json(validation::view(&s.hub, &name)?))
+}
+
+async fn dp_multicast(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Json(req): Json<crate::multicast::MulticastChange>,
+) -> Result<Json<crate::multicast::DpMulticast>, ApiError> {
+    let m = s.hub.set_multicast(&name, &req)?;
+    tracing::info!(dp = %name, settings = %m.describe(), "multicast settings changed");
+    Ok(Json(m))
 }
 
 async fn list_client_tokens(State(s): State<ApiState>) -> Response {

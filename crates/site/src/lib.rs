@@ -20,7 +20,7 @@ pub mod schedule;
 pub mod servicing;
 
 // Each module also by its short name (`crate::images`, `ferry_site::jobs`).
-pub use distribution::{clients, endpoint, registry, status, validation};
+pub use distribution::{clients, endpoint, multicast, registry, status, validation};
 pub use library::{catalog, images, ingest, upgrade};
 pub use servicing::{jobs, service, updates};
 

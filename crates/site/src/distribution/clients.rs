@@ -87,6 +87,7 @@ pub fn policy_for(
             .into_iter()
             .filter(|p| multicast_only(p))
             .collect(),
+        multicast: None,
     }
 }
 

@@ -392,9 +392,15 @@ impl DpServer {
             items,
             validate: v.requested,
             validate_packages: v.packages,
-            clients: Some(crate::clients::policy_for(&reg, dp, |p| {
-                images::record(&self.lib, p).is_ok_and(|r| r.multicast.only)
-            })),
+            clients: Some(ferry_wire::pb::ClientPolicy {
+                multicast: crate::multicast::policy_for(&reg, dp, |p| {
+                    let m = images::record(&self.lib, p).ok()?.multicast;
+                    m.allow.then_some((m.encrypt, m.only))
+                }),
+                ..crate::clients::policy_for(&reg, dp, |p| {
+                    images::record(&self.lib, p).is_ok_and(|r| r.multicast.only)
+                })
+            }),
         }
     }
 
@@ -461,6 +467,10 @@ impl DpServer {
     }
 
     fn on_report(&self, dp: &str, r: pb::Report) {
+        if let Some(m) = r.multicast {
+            self.hub.set_multicast_sessions(dp, &m);
+            return;
+        }
         if let Some(d) = &r.disk {
             self.hub
                 .set_disk(dp, d.used_bytes, d.free_bytes, d.total_bytes);

@@ -7,6 +7,7 @@
 
 pub mod clients;
 pub mod endpoint;
+pub mod multicast;
 pub mod registry;
 pub mod status;
 pub mod validation;

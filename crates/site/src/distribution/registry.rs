@@ -196,6 +196,13 @@ pub struct DpRecord {
     /// The names in the certificate of its HTTPS listener, as last issued.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_names: Vec<String>,
+    /// Its multicast settings (`ferry dp multicast`), kept while off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multicast: Option<crate::multicast::DpMulticast>,
+    /// Its multicast sessions as it last reported them: running, then
+    /// recently ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub multicast_sessions: Vec<ferry_mcast::SessionView>,
 }
 
 /// A DP's disk as it reported it.
@@ -550,7 +557,7 @@ impl Hub {
     /// Changes DP `dp`'s record with `f`; writes it (synced) when `f` says
     /// the change must last, else keeps it in memory until the next write
     /// or [`Self::flush`]. `Ok(None)` for an unknown DP.
-    fn update_dp<T>(
+    pub(crate) fn update_dp<T>(
         &self,
         dp: &str,
         f: impl FnOnce(&mut DpRecord) -> (bool, T),

@@ -39,6 +39,13 @@ pub struct DpView {
     /// Whether it serves clients without a token.
     #[serde(default)]
     pub anonymous_clients: bool,
+    /// Its multicast settings (absent: never set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multicast: Option<crate::multicast::DpMulticast>,
+    /// Its multicast sessions as it last reported them: running, then the
+    /// recent ones that ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub multicast_sessions: Vec<ferry_mcast::SessionView>,
 }
 
 /// A package revision a DP holds.
@@ -83,6 +90,8 @@ pub fn dps(hub: &Hub) -> Vec<DpView> {
             disk: d.disk.clone(),
             client_names: d.client_names.clone(),
             anonymous_clients: d.anonymous_clients,
+            multicast: d.multicast.clone(),
+            multicast_sessions: d.multicast_sessions.clone(),
         })
         .collect()
 }
@@ -133,6 +142,14 @@ pub struct StatusRow {
     pub last_contact: Option<String>,
     /// Whether the DP is connected.
     pub online: bool,
+    /// The DP's multicast sessions of this package: those running, and
+    /// the last that ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub multicast: Vec<ferry_mcast::SessionView>,
+    /// What stands in the way of the package's multicast settings on this
+    /// DP (a multicast-only package on a DP that runs no sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multicast_warning: Option<String>,
 }
 
 fn seconds_since(rfc3339: &str) -> Option<f64> {
@@ -154,7 +171,8 @@ pub fn rows(
     }
     let mut out = Vec::new();
     // Each package's record, read once for all its rows.
-    let mut records: std::collections::BTreeMap<String, Option<(String, Option<u32>)>> =
+    #[allow(clippy::type_complexity)]
+    let mut records: std::collections::BTreeMap<String, Option<(String, Option<u32>, bool)>> =
         Default::default();
     for d in reg.dps.values() {
         if dp.is_some_and(|n| n != d.name) {
@@ -172,7 +190,7 @@ pub fn rows(
                 .or_insert_with(|| {
                     images::record(lib, &p)
                         .ok()
-                        .map(|r| (r.name.clone(), r.target()))
+                        .map(|r| (r.name.clone(), r.target(), r.multicast.only))
                 })
                 .clone();
             let want = assigned
@@ -180,6 +198,16 @@ pub fn rows(
                 .then(|| rec.as_ref().and_then(|r| r.1))
                 .flatten();
             let t = d.transfers.get(&p);
+            let only = rec.as_ref().is_some_and(|r| r.2);
+            let mut sessions: Vec<ferry_mcast::SessionView> = Vec::new();
+            let mut ended = false;
+            for v in d.multicast_sessions.iter().filter(|v| v.package == p) {
+                // Running first, then the newest that ended.
+                if v.ended.is_none() || !std::mem::replace(&mut ended, true) {
+                    sessions.push(v.clone());
+                }
+            }
+            let runs_sessions = d.multicast.as_ref().is_some_and(|m| m.enabled);
             let mut row = StatusRow {
                 package: p.clone(),
                 name: rec.map(|r| r.0).unwrap_or_default(),
@@ -200,6 +228,13 @@ pub fn rows(
                 next_retry: None,
                 last_contact: d.last_contact.clone(),
                 online: hub.online(&d.name).is_some(),
+                multicast: sessions,
+                multicast_warning: (only && !runs_sessions && want.is_some()).then(|| {
+                    format!(
+                        "{p} is multicast-only, but {} runs no multicast sessions: its clients get nothing (ferry dp multicast {} --enable)",
+                        d.name, d.name
+                    )
+                }),
             };
             if d.revoked.is_some() {
                 // Not reached any more, and not counted as distributed.
