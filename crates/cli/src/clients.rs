@@ -192,7 +192,7 @@ pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
             emit(g, &r, || {
                 let c = &r.datagrams;
                 println!(
-                    "{} r{} ({}): {} files, {} in {}; {} by multicast (session {}{}, {} passes), {} already here{}; every chunk matches the signed manifest",
+                    "{} r{} ({}): {} files, {} in {}; {} by multicast (session {}{}, {} pass{}), {} already here{}; every chunk matches the signed manifest",
                     r.package,
                     r.revision,
                     r.name,
@@ -203,6 +203,7 @@ pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
                     r.session,
                     if r.encrypted { ", encrypted" } else { "" },
                     r.passes,
+                    if r.passes == 1 { "" } else { "es" },
                     bytes(r.bytes_reused),
                     r.fallback
                         .as_ref()

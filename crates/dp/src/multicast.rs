@@ -777,7 +777,9 @@ impl<'a> Sender<'a> {
         // block's source symbols, then its repair symbols.
         let mut cache: Option<(u32, Vec<u8>, Option<BlockEncoder>)> = None;
         for step in plan {
-            if stop.load(Ordering::Relaxed) {
+            // Once nobody is receiving (all done or left), the rest of the
+            // pass would go to no one.
+            if stop.load(Ordering::Relaxed) || self.s.lock().active().next().is_none() {
                 return Ok(());
             }
             let b = match *step {
