@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | GET | `/content/{package}/` | JSON [`PackageIndex`]: installed revision, files, the site-signed manifest |
 //! | GET, HEAD | `/content/{package}/{path}` | the file, with `ETag` (its BLAKE3), `Accept-Ranges`, single and multi-range (`multipart/byteranges`), `If-Range`, `If-Match`, `If-None-Match`; 403 for a package the site marked multicast-only |
+//! | POST | `/multicast/{package}`, `/multicast/session/{id}/report`, `…/done`; GET `/multicast/` | multicast sessions: [`crate::multicast`] |
 //!
 //! Every request shows `Authorization: Bearer <client token>` (checked
 //! with the site's manifest key, the site code and the revoked ids the site
