@@ -533,6 +533,13 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
     child.kill().unwrap();
     child.wait().unwrap();
     ns.limit_out(None).unwrap();
+    // The DP's next write to that client's connection meets its reset: it
+    // must cost the connection, not the DP (a server keeps SIGPIPE ignored).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        dp.exited().unwrap().is_none(),
+        "the DP died when a client was killed mid-download"
+    );
     assert!(
         !out.join("sources/big.dat").exists(),
         "killed before the end"

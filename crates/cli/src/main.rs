@@ -97,14 +97,26 @@ pub(crate) struct Global {
 }
 
 fn main() -> ExitCode {
-    // `ferry … | head` ends quietly, as other command-line tools do, instead
-    // of panicking on the closed pipe.
-    sigpipe::reset();
     ferry_net::tls::install_default_provider();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e),
+        Err(e) => {
+            sigpipe::reset();
+            return usage_error(e);
+        }
     };
+    // `ferry … | head` ends quietly, as other command-line tools do, instead
+    // of panicking on the closed pipe. Not the servers: a client that hangs
+    // up mid-response must cost that connection an EPIPE, not kill the
+    // process with SIGPIPE (TLS writes go out with writev, which cannot ask
+    // for MSG_NOSIGNAL).
+    let server = matches!(
+        cli.command,
+        Command::Site(site::SiteCmd::Serve) | Command::Dp(dp::DpCmd::Serve { .. })
+    );
+    if !server {
+        sigpipe::reset();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")

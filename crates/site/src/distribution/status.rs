@@ -170,10 +170,15 @@ pub fn rows(
         images::record(lib, p)?;
     }
     let mut out = Vec::new();
+    /// What the rows need of a package's record.
+    #[derive(Clone)]
+    struct Rec {
+        name: String,
+        target: Option<u32>,
+        multicast_only: bool,
+    }
     // Each package's record, read once for all its rows.
-    #[allow(clippy::type_complexity)]
-    let mut records: std::collections::BTreeMap<String, Option<(String, Option<u32>, bool)>> =
-        Default::default();
+    let mut records: std::collections::BTreeMap<String, Option<Rec>> = Default::default();
     for d in reg.dps.values() {
         if dp.is_some_and(|n| n != d.name) {
             continue;
@@ -188,17 +193,19 @@ pub fn rows(
             let rec = records
                 .entry(p.clone())
                 .or_insert_with(|| {
-                    images::record(lib, &p)
-                        .ok()
-                        .map(|r| (r.name.clone(), r.target(), r.multicast.only))
+                    images::record(lib, &p).ok().map(|r| Rec {
+                        name: r.name.clone(),
+                        target: r.target(),
+                        multicast_only: r.multicast.only,
+                    })
                 })
                 .clone();
             let want = assigned
                 .contains(&p)
-                .then(|| rec.as_ref().and_then(|r| r.1))
+                .then(|| rec.as_ref().and_then(|r| r.target))
                 .flatten();
             let t = d.transfers.get(&p);
-            let only = rec.as_ref().is_some_and(|r| r.2);
+            let only = rec.as_ref().is_some_and(|r| r.multicast_only);
             let mut sessions: Vec<ferry_mcast::SessionView> = Vec::new();
             let mut ended = false;
             for v in d.multicast_sessions.iter().filter(|v| v.package == p) {
@@ -210,7 +217,7 @@ pub fn rows(
             let runs_sessions = d.multicast.as_ref().is_some_and(|m| m.enabled);
             let mut row = StatusRow {
                 package: p.clone(),
-                name: rec.map(|r| r.0).unwrap_or_default(),
+                name: rec.map(|r| r.name).unwrap_or_default(),
                 dp: d.name.clone(),
                 revision: want,
                 state: "pending".into(),
