@@ -44,6 +44,15 @@ fn image(dir: &Path, mib: usize) -> PathBuf {
     wim
 }
 
+/// A new client token named `name`.
+fn client_token(site: &SiteProc, name: &str) -> String {
+    site.cli_json(&["client", "token", "create", "--name", name])
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A site on the host, a DP in namespace `tag` serving HTTPS there, an
 /// image distributed to it.
 struct Lab {
@@ -86,12 +95,7 @@ fn lab(site_ip: &str, dp_ip: &str, dp_prefix: &[String], mib: usize) -> Lab {
         .as_str()
         .unwrap()
         .to_string();
-    let token = site
-        .cli_json(&["client", "token", "create", "--name", "lab"])
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = client_token(&site, "lab");
     Lab {
         dir: w,
         base: format!("https://{listen}"),
@@ -595,12 +599,7 @@ fn encrypted_only_and_fallback_sessions() {
     );
     assert_eq!(code, 401, "{body}");
     assert!(!body.contains("\"key\""), "{body}");
-    let spare = site
-        .cli_json(&["client", "token", "create", "--name", "spare"])
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let spare = client_token(site, "spare");
     site.cli_ok(&["client", "token", "revoke", "spare"])
         .unwrap();
     wait_for("the DP to refuse the revoked token", LIMIT, || {

@@ -175,15 +175,18 @@ pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
                 anyhow::bail!("--dp {dp:?}: use the DP's HTTPS address, https://HOST:PORT");
             }
             let j = crate::multicast::Join {
-                dp,
-                package: id,
-                out,
-                token: g
-                    .token
-                    .clone()
-                    .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok()),
-                ca,
-                manifest_key,
+                from: crate::fetch::Fetch {
+                    dp,
+                    package: id,
+                    out,
+                    token: g
+                        .token
+                        .clone()
+                        .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok()),
+                    ca,
+                    parallel: 2,
+                    manifest_key,
+                },
                 stall,
                 timeout,
                 interface,

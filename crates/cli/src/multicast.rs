@@ -70,12 +70,9 @@ pub(crate) struct MulticastReport {
 
 /// Where and how to join.
 pub(crate) struct Join {
-    pub(crate) dp: String,
-    pub(crate) package: String,
-    pub(crate) out: PathBuf,
-    pub(crate) token: Option<String>,
-    pub(crate) ca: PathBuf,
-    pub(crate) manifest_key: Option<String>,
+    /// The DP, the package, where it goes and the credentials: the same as
+    /// the HTTPS fallback's, which this runs when the session falls short.
+    pub(crate) from: crate::fetch::Fetch,
     /// Leave when nothing new arrived for this long.
     pub(crate) stall: Duration,
     /// Leave after this long in all.
@@ -101,28 +98,36 @@ struct Target {
 impl Join {
     fn post(&self, http: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
         let r = http.post(url);
-        match &self.token {
+        match &self.from.token {
             Some(t) => r.bearer_auth(t),
             None => r,
         }
     }
 
     fn url(&self, rest: &str) -> String {
-        format!("{}/multicast/{rest}", self.dp.trim_end_matches('/'))
+        format!("{}/multicast/{rest}", self.from.dp.trim_end_matches('/'))
     }
 
     /// Receives the package into `out`.
     pub(crate) async fn run(&self, show: bool) -> anyhow::Result<MulticastReport> {
-        let http = http_client(&self.ca)?;
-        let url = self.url(&self.package);
-        let offer: SessionOffer =
-            answer(self.post(&http, &url), &self.dp, &url, "a session offer").await?;
+        let http = http_client(&self.from.ca)?;
+        let url = self.url(&self.from.package);
+        let offer: SessionOffer = answer(
+            self.post(&http, &url),
+            &self.from.dp,
+            &url,
+            "a session offer",
+        )
+        .await?;
         let manifests = prove(
-            &self.package,
+            &self.from.package,
             offer.revision,
             &offer.manifest,
             &offer.signature,
-            self.manifest_key.as_deref().unwrap_or(&offer.manifest_key),
+            self.from
+                .manifest_key
+                .as_deref()
+                .unwrap_or(&offer.manifest_key),
         )?;
         let layout = Layout::check(&offer.blocks, &manifests).with_context(|| {
             format!(
@@ -141,8 +146,8 @@ impl Join {
         };
         let session = u64::from_str_radix(&offer.session, 16)
             .with_context(|| format!("the session id {:?} is not hex", offer.session))?;
-        std::fs::create_dir_all(&self.out)
-            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        std::fs::create_dir_all(&self.from.out)
+            .with_context(|| format!("cannot create {}", self.from.out.display()))?;
         let total: u64 = manifests.iter().map(|m| m.size).sum();
         let mut report = MulticastReport {
             package: offer.package.clone(),
@@ -150,20 +155,20 @@ impl Join {
             name: offer.name.clone(),
             files: manifests.len(),
             bytes_total: total,
-            out: self.out.clone(),
+            out: self.from.out.clone(),
             session: offer.session.clone(),
             encrypted: key.is_some(),
             via: "multicast".into(),
             ..Default::default()
         };
         // The part files, and the blocks an earlier run left verified.
-        let (out, ms, l2) = (self.out.clone(), manifests.clone(), layout.clone());
+        let (out, ms, l2) = (self.from.out.clone(), manifests.clone(), layout.clone());
         let (targets, held) =
             tokio::task::spawn_blocking(move || open_targets(&out, &ms, &l2)).await??;
         let sock = self.socket(&offer)?;
         let rx = Receiver::new(session, key, layout, |b| held[b]);
         report.bytes_reused = rx.bytes_done();
-        let bar = crate::output::byte_bar(show, total, &format!("multicast {}", self.package));
+        let bar = crate::output::byte_bar(show, total, &format!("multicast {}", self.from.package));
         bar.set_position(rx.bytes_done());
         // Datagrams off the socket on a thread of their own.
         let stop = Arc::new(AtomicBool::new(false));
@@ -178,7 +183,7 @@ impl Join {
             rt: tokio::runtime::Handle::current(),
             http: http.clone(),
             report_url: self.url(&format!("session/{}/report", offer.session)),
-            token: self.token.clone(),
+            token: self.from.token.clone(),
             client: offer.client,
             stall: self.stall,
             deadline: Instant::now() + self.timeout,
@@ -225,26 +230,21 @@ impl Join {
                         "{why}, with {} of {} blocks missing; {} is sent by multicast only, so there is no HTTPS fallback: run the same command again to join the next session (the {} verified are kept)",
                         rx.remaining(),
                         rx.layout().blocks().len(),
-                        self.package,
+                        self.from.package,
                         crate::output::bytes(rx.bytes_done()),
                     );
                 }
                 eprintln!("{why}: fetching the rest over HTTPS");
-                let f = crate::fetch::Fetch {
-                    dp: self.dp.clone(),
-                    package: self.package.clone(),
-                    out: self.out.clone(),
-                    token: self.token.clone(),
-                    ca: self.ca.clone(),
-                    parallel: 2,
-                    manifest_key: self.manifest_key.clone(),
-                };
-                let r = f.run(show).await.context("the HTTPS fallback failed")?;
+                let r = self
+                    .from
+                    .run(show)
+                    .await
+                    .context("the HTTPS fallback failed")?;
                 if r.revision != offer.revision {
                     bail!(
                         "the DP installed revision {} of {} while the session sent {}: run again",
                         r.revision,
-                        self.package,
+                        self.from.package,
                         offer.revision
                     );
                 }
