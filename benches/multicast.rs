@@ -197,7 +197,7 @@ fn main() -> anyhow::Result<()> {
                 .map(|r| r["bytes_https"].as_u64().unwrap_or(0))
                 .sum();
             format!(
-                "session {}, {} passes heard; {} blocks rebuilt from repair symbols at the first computer; {} B over HTTPS in all",
+                "session {}, {} pass(es) heard; {} blocks rebuilt from repair symbols at the first computer; {} B over HTTPS in all",
                 r["session"].as_str().unwrap_or("?"),
                 reports.iter().map(|r| r["passes"].as_u64().unwrap_or(0)).max().unwrap_or(0),
                 r["datagrams"]["blocks_repaired"],

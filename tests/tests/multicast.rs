@@ -344,12 +344,9 @@ fn one_session_sends_the_image_once_to_two_clients() {
 
 /// Every datagram of group `group`:`port` seen on the bridge (the root
 /// namespace's side of the segment), until `stop` is set.
-fn capture(
-    bridge_ip: &str,
-    group: &str,
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+/// A socket in group `group`:`port` on the bridge, reads timing out after
+/// `timeout`.
+fn joined(bridge_ip: &str, group: &str, port: u16, timeout: Duration) -> std::net::UdpSocket {
     let (g, i): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
         (group.parse().unwrap(), bridge_ip.parse().unwrap());
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
@@ -358,9 +355,17 @@ fn capture(
     s.bind(&std::net::SocketAddrV4::new(g, port).into())
         .unwrap();
     s.join_multicast_v4(&g, &i).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let s: std::net::UdpSocket = s.into();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.into()
+}
+
+fn capture(
+    bridge_ip: &str,
+    group: &str,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let s = joined(bridge_ip, group, port, Duration::from_millis(100));
     std::thread::spawn(move || {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
@@ -472,14 +477,7 @@ fn three_computers_one_late_one_lossy_finish_in_one_session_despite_bad_datagram
     // group: dropped and counted by every client, who still finish.
     // Twenty real datagrams of the session, to replay and alter.
     let seen = {
-        let g: std::net::Ipv4Addr = "239.255.42.0".parse().unwrap();
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
-        s.set_reuse_address(true).unwrap();
-        s.bind(&std::net::SocketAddrV4::new(g, 63200).into())
-            .unwrap();
-        s.join_multicast_v4(&g, &seg.ip.parse().unwrap()).unwrap();
-        let s: std::net::UdpSocket = s.into();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let s = joined(&seg.ip, "239.255.42.0", 63200, Duration::from_secs(5));
         let mut buf = vec![0u8; 2048];
         let mut seen = Vec::new();
         while seen.len() < 20 {

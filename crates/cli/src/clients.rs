@@ -20,26 +20,12 @@ pub(crate) enum ClientCmd {
     /// every chunk checked against the site-signed manifest; run it again
     /// to resume. --token is the client token.
     Fetch {
-        /// The DP's HTTPS address, https://HOST:PORT.
-        #[arg(long, value_name = "URL")]
-        dp: String,
-        /// The package id.
-        id: String,
-        /// Folder to write the package's files into.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// The site CA certificate (ca.pem of the site's or a DP's data
-        /// folder); the DP's certificate must be issued by it.
-        #[arg(long, value_name = "FILE")]
-        ca: PathBuf,
+        #[command(flatten)]
+        from: FromDp,
         /// Range requests in flight at once (more pay across a WAN; on a LAN
         /// two keep a link full: BENCHMARKS.md).
         #[arg(long, default_value_t = 2)]
         parallel: usize,
-        /// The site's manifest key (hex, manifest.pub of a DP) to prove the
-        /// manifest with, instead of the one the DP presents.
-        #[arg(long, value_name = "HEX")]
-        manifest_key: Option<String>,
     },
     /// Receive a package from a DP's multicast session with many other
     /// computers at once: every block checked against the site-signed
@@ -47,18 +33,8 @@ pub(crate) enum ClientCmd {
     /// stalls or ends short, the rest comes over HTTPS (unless the package
     /// is multicast-only). Run it again to keep what arrived.
     Multicast {
-        /// The DP's HTTPS address, https://HOST:PORT.
-        #[arg(long, value_name = "URL")]
-        dp: String,
-        /// The package id.
-        id: String,
-        /// Folder to write the package's files into.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// The site CA certificate (ca.pem of the site's or a DP's data
-        /// folder).
-        #[arg(long, value_name = "FILE")]
-        ca: PathBuf,
+        #[command(flatten)]
+        from: FromDp,
         /// Give up on the session after this long in all (e.g. 30m).
         #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = crate::dp::parse_duration)]
         timeout: std::time::Duration,
@@ -69,11 +45,54 @@ pub(crate) enum ClientCmd {
         /// routing table's choice).
         #[arg(long, value_name = "ADDR")]
         interface: Option<std::net::Ipv4Addr>,
-        /// The site's manifest key (hex) to prove the manifest with, instead
-        /// of the one the DP presents.
-        #[arg(long, value_name = "HEX")]
-        manifest_key: Option<String>,
     },
+}
+
+/// Which package from which DP, where it goes, and what proves it: what
+/// `client fetch` and `client multicast` share.
+#[derive(clap::Args, Debug)]
+pub(crate) struct FromDp {
+    /// The DP's HTTPS address, https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    dp: String,
+    /// The package id.
+    id: String,
+    /// Folder to write the package's files into.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The site CA certificate (ca.pem of the site's or a DP's data
+    /// folder); the DP's certificate must be issued by it.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// The site's manifest key (hex, manifest.pub of a DP) to prove the
+    /// manifest with, instead of the one the DP presents.
+    #[arg(long, value_name = "HEX")]
+    manifest_key: Option<String>,
+}
+
+impl FromDp {
+    /// The download it describes, with the client token of `g` (or
+    /// FERRY_CLIENT_TOKEN).
+    fn fetch(self, g: &Global, parallel: usize) -> anyhow::Result<crate::fetch::Fetch> {
+        if !self.dp.starts_with("https://") {
+            anyhow::bail!(
+                "--dp {:?}: use the DP's HTTPS address, https://HOST:PORT",
+                self.dp
+            );
+        }
+        Ok(crate::fetch::Fetch {
+            dp: self.dp,
+            package: self.id,
+            out: self.out,
+            token: g
+                .token
+                .clone()
+                .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok()),
+            ca: self.ca,
+            parallel,
+            manifest_key: self.manifest_key,
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,31 +181,13 @@ pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
             })
         }
         ClientCmd::Multicast {
-            dp,
-            id,
-            out,
-            ca,
+            from,
             timeout,
             stall,
             interface,
-            manifest_key,
         } => {
-            if !dp.starts_with("https://") {
-                anyhow::bail!("--dp {dp:?}: use the DP's HTTPS address, https://HOST:PORT");
-            }
             let j = crate::multicast::Join {
-                from: crate::fetch::Fetch {
-                    dp,
-                    package: id,
-                    out,
-                    token: g
-                        .token
-                        .clone()
-                        .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok()),
-                    ca,
-                    parallel: 2,
-                    manifest_key,
-                },
+                from: from.fetch(g, 2)?,
                 stall,
                 timeout,
                 interface,
@@ -228,30 +229,8 @@ pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
                 );
             })
         }
-        ClientCmd::Fetch {
-            dp,
-            id,
-            out,
-            ca,
-            parallel,
-            manifest_key,
-        } => {
-            if !dp.starts_with("https://") {
-                anyhow::bail!("--dp {dp:?}: use the DP's HTTPS address, https://HOST:PORT");
-            }
-            let token = g
-                .token
-                .clone()
-                .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok());
-            let f = crate::fetch::Fetch {
-                dp,
-                package: id,
-                out,
-                token,
-                ca,
-                parallel,
-                manifest_key,
-            };
+        ClientCmd::Fetch { from, parallel } => {
+            let f = from.fetch(g, parallel)?;
             let r = f.run(!g.json).await?;
             emit(g, &r, || {
                 println!(
