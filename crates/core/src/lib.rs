@@ -17,6 +17,7 @@ pub mod chunker;
 pub mod id;
 pub mod manifest;
 pub mod segment;
+pub mod session;
 pub mod sync;
 pub mod transfer;
 pub mod units;

@@ -102,6 +102,14 @@ pub struct TransferOptions {
     pub max_attempts: u32,
     /// Least time between two progress events.
     pub report_every: Duration,
+    /// Most time between two checkpoints while bytes are written.
+    pub checkpoint_every: Duration,
+    /// Most bytes written to disk (copies included) between checkpoints.
+    pub checkpoint_bytes: u64,
+    /// A stream that waits this long for any chunk fails the transfer.
+    pub stall_timeout: Duration,
+    /// Times broken streams may be opened again before the transfer fails.
+    pub max_stream_restarts: u32,
 }
 
 impl Default for TransferOptions {
@@ -114,6 +122,10 @@ impl Default for TransferOptions {
             max_rate: None,
             max_attempts: 3,
             report_every: Duration::from_millis(250),
+            checkpoint_every: Duration::from_secs(5),
+            checkpoint_bytes: 512 << 20,
+            stall_timeout: Duration::from_secs(60),
+            max_stream_restarts: 8,
         }
     }
 }
@@ -214,6 +226,16 @@ pub struct Transfer {
     /// Delivery rate estimate, bytes per second.
     rate: f64,
     rate_mark: Option<(Instant, u64)>,
+    /// Bytes written to disk since the last checkpoint began.
+    unsynced: u64,
+    /// When the last checkpoint began (the first poll, before any).
+    last_checkpoint: Option<Instant>,
+    /// Whether the driver runs a checkpoint now.
+    checkpointing: bool,
+    /// When a chunk last arrived, or the first request went out.
+    last_arrival: Option<Instant>,
+    /// Broken streams opened again so far.
+    restarts: u32,
 }
 
 impl Transfer {
@@ -308,6 +330,11 @@ impl Transfer {
             rtt: Duration::from_millis(1),
             rate: 0.0,
             rate_mark: None,
+            unsynced: 0,
+            last_checkpoint: None,
+            checkpointing: false,
+            last_arrival: None,
+            restarts: 0,
         };
         let mut copy_slots: Vec<(Slot, Origin)> = Vec::new();
         for e in 0..t.entries.len() {
@@ -414,7 +441,9 @@ impl Transfer {
             let e = self.entry_of[s.file as usize][s.index as usize];
             if ok {
                 self.written[s.file as usize][s.index as usize] = true;
-                self.progress.bytes_local += self.chunk_len(s);
+                let len = self.chunk_len(s);
+                self.progress.bytes_local += len;
+                self.unsynced += len;
                 self.settle(e);
             } else if self.entries[e as usize].state == State::Copying {
                 self.entries[e as usize].state = State::Queued;
@@ -491,6 +520,10 @@ impl Transfer {
         if budget == 0 {
             return None;
         }
+        if !(0..self.asked.len()).any(|s| self.is_waiting(s)) {
+            // The stall clock starts when something is awaited.
+            self.last_arrival = Some(now);
+        }
         let mut out = Vec::new();
         let mut bytes = 0u64;
         while let Some(&e) = self.queue.front() {
@@ -533,12 +566,64 @@ impl Transfer {
                 at = Some(at.map_or(r, |a| a.min(r)));
             }
         }
+        let mut also = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
+        if let Some(last) = self.last_checkpoint {
+            if self.unsynced > 0 && !self.checkpointing && !self.finished {
+                also(last + self.opts.checkpoint_every);
+            }
+        }
+        if let Some(last) = self.last_arrival {
+            if !self.finished && (0..self.asked.len()).any(|s| self.is_waiting(s)) {
+                also(last + self.opts.stall_timeout);
+            }
+        }
         at
     }
 
-    /// Timers: a progress report that was held back.
+    /// Timers: a progress report that was held back; a transfer whose
+    /// streams waited [`TransferOptions::stall_timeout`] for any chunk
+    /// fails.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.maybe_report(now);
+        let waiting = (0..self.asked.len()).any(|s| self.is_waiting(s));
+        if let Some(last) = self.last_arrival.filter(|_| waiting) {
+            if now.saturating_duration_since(last) >= self.opts.stall_timeout {
+                self.fail(format!(
+                    "the site sent no chunk for {:?}",
+                    self.opts.stall_timeout
+                ));
+            }
+        }
+    }
+
+    /// Whether the driver should make what is written durable now: bytes
+    /// were written since the last checkpoint, and either
+    /// [`TransferOptions::checkpoint_bytes`] of them or
+    /// [`TransferOptions::checkpoint_every`] has passed. A `true` starts
+    /// the checkpoint: none is due again until
+    /// [`Transfer::handle_checkpointed`].
+    pub fn poll_checkpoint(&mut self, now: Instant) -> bool {
+        let last = *self.last_checkpoint.get_or_insert(now);
+        let due = self.unsynced > 0
+            && !self.checkpointing
+            && (self.unsynced >= self.opts.checkpoint_bytes
+                || now.saturating_duration_since(last) >= self.opts.checkpoint_every);
+        if due {
+            self.checkpointing = true;
+            self.unsynced = 0;
+            self.last_checkpoint = Some(now);
+        }
+        due
+    }
+
+    /// The checkpoint [`Transfer::poll_checkpoint`] asked for is done.
+    pub fn handle_checkpointed(&mut self) {
+        self.checkpointing = false;
+    }
+
+    /// Bytes written to disk and not yet in a checkpoint.
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.unsynced
     }
 
     /// A chunk arrived on `stream`. It must be the next one asked for there;
@@ -573,6 +658,7 @@ impl Transfer {
             });
         }
         q.pop_front();
+        self.last_arrival = Some(now);
         // Its bytes stay in the window until written: a slow disk slows
         // the requests instead of filling memory.
         let len = u64::from(entry.chunk.len);
@@ -621,9 +707,15 @@ impl Transfer {
             return;
         }
         let range = self.entries[e as usize].slots.clone();
+        let len = u64::from(self.entries[e as usize].chunk.len);
         for i in range {
             let s = self.slots[i as usize];
-            self.written[s.file as usize][s.index as usize] = true;
+            let w = &mut self.written[s.file as usize][s.index as usize];
+            if !*w {
+                // One write of the chunk per place it was missing from.
+                self.unsynced += len;
+            }
+            *w = true;
         }
         self.release(e);
         self.entries[e as usize].state = State::Done;
@@ -668,10 +760,21 @@ impl Transfer {
         }
     }
 
-    /// A stream broke: what it was asked for goes back in the queue.
-    pub fn handle_stream_lost(&mut self, stream: usize) {
+    /// A stream broke with `error`: what it was asked for goes back in
+    /// the queue, and the driver opens it again (`true`), unless streams
+    /// broke more than [`TransferOptions::max_stream_restarts`] times:
+    /// then the transfer fails (`false`).
+    pub fn handle_stream_lost(&mut self, stream: usize, error: &str) -> bool {
+        if stream >= self.asked.len() || self.finished {
+            return false;
+        }
+        self.restarts += 1;
+        if self.restarts > self.opts.max_stream_restarts {
+            self.fail(format!("chunk streams keep breaking: {error}"));
+            return false;
+        }
         let Some(q) = self.asked.get_mut(stream) else {
-            return;
+            return false;
         };
         let lost: Vec<u32> = q.drain(..).collect();
         for &e in &lost {
@@ -682,6 +785,7 @@ impl Transfer {
             self.entries[e as usize].state = State::Queued;
             self.queue.push_front(e);
         }
+        true
     }
 
     /// Ends the transfer with an error.
@@ -919,10 +1023,158 @@ mod tests {
         let a = t.poll_request(0, now).unwrap();
         let _b = t.poll_request(1, now).unwrap();
         assert!(t.is_waiting(0));
-        t.handle_stream_lost(0);
+        assert!(t.handle_stream_lost(0, "reset"));
         assert!(!t.is_waiting(0));
         let again = t.poll_request(0, now).unwrap();
         assert_eq!(again[0].id, a[0].id);
+    }
+
+    #[test]
+    fn streams_that_keep_breaking_fail_the_transfer_after_the_budget() {
+        let m = manifest("a", (0..6).map(|n| chunk(n, 10)).collect());
+        let o = TransferOptions {
+            max_stream_restarts: 2,
+            ..opts()
+        };
+        let mut t = Transfer::new(&[m], o, |_| false, |_| None);
+        let now = Instant::now();
+        assert!(t.handle_stream_lost(0, "reset 1"));
+        assert!(t.handle_stream_lost(1, "reset 2"));
+        assert!(t.poll_event().is_none());
+        assert!(!t.handle_stream_lost(0, "reset 3"));
+        assert_eq!(
+            t.poll_event(),
+            Some(Event::Failed("chunk streams keep breaking: reset 3".into()))
+        );
+        assert!(t.poll_request(0, now).is_none());
+    }
+
+    #[test]
+    fn a_stream_that_waits_past_the_stall_timeout_fails_the_transfer() {
+        let m = manifest("a", (0..6).map(|n| chunk(n, 10)).collect());
+        let o = TransferOptions {
+            stall_timeout: Duration::from_secs(60),
+            ..opts()
+        };
+        let mut t = Transfer::new(&[m], o, |_| false, |_| None);
+        let t0 = Instant::now();
+        let asked = t.poll_request(0, t0).unwrap();
+        assert_eq!(t.poll_timeout(t0), Some(t0 + Duration::from_secs(60)));
+        // An arrival at 50 s moves the deadline.
+        let at50 = t0 + Duration::from_secs(50);
+        t.handle_chunk(0, &asked[0].id, at50).unwrap();
+        t.handle_timeout(t0 + Duration::from_secs(61));
+        assert!(t
+            .poll_event()
+            .is_none_or(|e| !matches!(e, Event::Failed(_))));
+        t.handle_timeout(at50 + Duration::from_secs(60));
+        let events: Vec<Event> = std::iter::from_fn(|| t.poll_event()).collect();
+        assert!(
+            matches!(events.last(), Some(Event::Failed(m)) if m.contains("no chunk for 60s")),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn nothing_awaited_is_no_stall() {
+        let m = manifest("a", vec![chunk(0, 10)]);
+        let mut t = Transfer::new(&[m], opts(), |_| false, |_| None);
+        let t0 = Instant::now();
+        t.handle_timeout(t0 + Duration::from_secs(3600));
+        let events: Vec<Event> = std::iter::from_fn(|| t.poll_event()).collect();
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Failed(_))),
+            "{events:?}"
+        );
+        assert!(t.poll_request(0, t0).is_some(), "still running");
+    }
+
+    /// Delivers and writes every chunk asked for on stream 0 at `now`.
+    fn write_all(t: &mut Transfer, now: Instant) -> Vec<bool> {
+        let mut due = Vec::new();
+        while let Some(batch) = t.poll_request(0, now) {
+            for c in batch {
+                t.handle_chunk(0, &c.id, now).unwrap();
+                t.handle_written(&c.id, now);
+                due.push(t.poll_checkpoint(now));
+                if due.last() == Some(&true) {
+                    t.handle_checkpointed();
+                }
+            }
+        }
+        due
+    }
+
+    #[test]
+    fn a_checkpoint_is_due_after_checkpoint_bytes_written_without_the_clock_moving() {
+        // 40 chunks of 100 bytes, one place each: 4000 bytes.
+        let m = manifest("a", (0..40).map(|n| chunk(n, 100)).collect());
+        let o = TransferOptions {
+            checkpoint_bytes: 1000,
+            checkpoint_every: Duration::from_secs(3600),
+            max_batch_chunks: 1000,
+            min_window: 1 << 20,
+            max_stream_window: 1 << 20,
+            streams: 1,
+            ..TransferOptions::default()
+        };
+        let mut t = Transfer::new(&[m], o, |_| false, |_| None);
+        let due = write_all(&mut t, Instant::now());
+        let at: Vec<usize> = (0..due.len()).filter(|&i| due[i]).collect();
+        assert_eq!(at, vec![9, 19, 29, 39], "every 1000 bytes, by bytes");
+    }
+
+    #[test]
+    fn a_chunk_at_several_places_counts_each_write_and_copies_count_too() {
+        let c = chunk(1, 300);
+        let m = manifest("a", vec![c, c, c, chunk(2, 300)]);
+        let o = TransferOptions {
+            checkpoint_bytes: 1000,
+            checkpoint_every: Duration::from_secs(3600),
+            ..opts()
+        };
+        let held = |id: &ChunkId| {
+            (*id == chunk(2, 300).id).then_some(Origin {
+                file: OriginFile::Other(0),
+                offset: 0,
+            })
+        };
+        let mut t = Transfer::new(&[m], o, |_| false, held);
+        let now = Instant::now();
+        let op = t.poll_copy().unwrap();
+        t.handle_copied(op.id, true, now);
+        assert_eq!(t.unsynced_bytes(), 300);
+        assert!(!t.poll_checkpoint(now));
+        let asked = t.poll_request(0, now).unwrap();
+        t.handle_chunk(0, &asked[0].id, now).unwrap();
+        t.handle_written(&asked[0].id, now);
+        assert_eq!(t.unsynced_bytes(), 1200, "three places of 300, one copy");
+        assert!(t.poll_checkpoint(now));
+        assert_eq!(t.unsynced_bytes(), 0);
+    }
+
+    #[test]
+    fn a_checkpoint_is_due_after_its_interval_when_little_was_written() {
+        let m = manifest("a", (0..4).map(|n| chunk(n, 10)).collect());
+        let o = TransferOptions {
+            checkpoint_every: Duration::from_secs(5),
+            ..opts()
+        };
+        let mut t = Transfer::new(&[m], o, |_| false, |_| None);
+        let t0 = Instant::now();
+        assert!(!t.poll_checkpoint(t0), "nothing written");
+        let asked = t.poll_request(0, t0).unwrap();
+        t.handle_chunk(0, &asked[0].id, t0).unwrap();
+        t.handle_written(&asked[0].id, t0);
+        assert!(!t.poll_checkpoint(t0 + Duration::from_secs(4)));
+        assert!(t.poll_timeout(t0).unwrap() <= t0 + Duration::from_secs(5));
+        assert!(t.poll_checkpoint(t0 + Duration::from_secs(5)));
+        // One at a time: none is due while it runs.
+        t.handle_chunk(0, &asked[1].id, t0).unwrap();
+        t.handle_written(&asked[1].id, t0);
+        assert!(!t.poll_checkpoint(t0 + Duration::from_secs(20)));
+        t.handle_checkpointed();
+        assert!(t.poll_checkpoint(t0 + Duration::from_secs(20)));
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //! Transfers run one package revision at a time; validation requests from
 //! the site run after them ([`crate::validate`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
+use ferry_core::session::{Confirmed, Desired, Held, Job, Session, Want};
 use ferry_core::sync::backoff;
 use ferry_core::ChunkRef;
 use ferry_store::ContentStore;
@@ -22,8 +23,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{self, DpConfig};
-use crate::manifest::{self, COMPACT_MISMATCH};
-use crate::transfer::{self, Failure};
+use crate::error::{explain, Failure};
+use crate::manifest::{self, CompactMismatch};
+use crate::report::{self, of as report};
+use crate::transfer;
 
 /// A DP, opened and ready to run.
 pub struct DpAgent {
@@ -32,12 +35,12 @@ pub struct DpAgent {
     /// The content store; `None` while it must be opened again (its index
     /// hit an I/O error, such as a full disk, and RocksDB stays in that
     /// state until reopened).
-    store: crate::http::StoreSlot,
+    store: crate::served::StoreSlot,
     manifest_key: Vec<u8>,
     client: quinn::ClientConfig,
     max_rate: Option<u64>,
     /// Who may download from the HTTPS listener.
-    gate: Arc<crate::http::ClientGate>,
+    gate: Arc<crate::gate::ClientGate>,
     /// Bumped when a new HTTPS certificate was written.
     cert: watch::Sender<u64>,
     /// The multicast sessions the HTTPS listener runs.
@@ -61,17 +64,6 @@ fn revoked(conn: &quinn::Connection) -> Option<String> {
     }
 }
 
-/// Explains a lost connection in operator terms.
-pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(c) => format!(
-            "the site closed the connection: {}",
-            String::from_utf8_lossy(&c.reason)
-        ),
-        other => other.to_string(),
-    }
-}
-
 impl DpAgent {
     /// Opens the DP in `data` (its index is locked while the agent runs).
     pub fn open(data: &Path) -> anyhow::Result<Self> {
@@ -92,7 +84,7 @@ impl DpAgent {
         let store = crate::open_store(data, &cfg)?;
         let policy = <pb::ClientPolicy as prost::Message>::decode(&store.client_policy()?[..])
             .unwrap_or_default();
-        let gate = Arc::new(crate::http::ClientGate::new(
+        let gate = Arc::new(crate::gate::ClientGate::new(
             manifest_key.clone(),
             cfg.site_code.clone(),
             policy,
@@ -273,7 +265,7 @@ impl DpAgent {
     /// The DP's disk use and free space, measured off the async threads.
     async fn disk(&self) -> pb::Disk {
         let (data, content) = (self.data.clone(), self.cfg.content_dir(&self.data));
-        tokio::task::spawn_blocking(move || transfer::disk(&data, &content))
+        tokio::task::spawn_blocking(move || report::disk(ferry_store::disk::of(&data, &content)))
             .await
             .unwrap_or_default()
     }
@@ -382,179 +374,214 @@ impl DpAgent {
         }
     }
 
+    /// What the store holds, as the session machine starts from it.
+    async fn held(&self) -> anyhow::Result<Held> {
+        let store = self.store().await?;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Held> {
+            let installed: BTreeMap<String, u32> = store.installed()?.into_iter().collect();
+            let stages = store.stages()?;
+            let mut rebuilt = HashMap::new();
+            for p in installed.keys().chain(stages.iter().map(|(p, _)| p)) {
+                rebuilt.insert(p.clone(), store.rebuilt(p)?);
+            }
+            Ok(Held {
+                installed,
+                stages,
+                rebuilt,
+                validated: store.validated()?,
+            })
+        })
+        .await?
+    }
+
     /// Brings the DP in line with the latest assignments, again whenever
-    /// they change or a failed transfer is due for retry.
+    /// they change or a failed job is due for retry: the session machine
+    /// ([`ferry_core::session`]) says what to do, this runs it.
     async fn converge(
         &self,
         conn: &quinn::Connection,
         mut desired_rx: watch::Receiver<Option<pb::Assignments>>,
         reports: mpsc::UnboundedSender<pb::Report>,
     ) -> anyhow::Result<()> {
-        let mut failures: HashMap<(String, u32), u32> = HashMap::new();
-        let mut told_installed: HashSet<(String, u32)> = HashSet::new();
+        let mut session = Session::new(self.held().await?);
+        // Whether the latest assignments are still to be handed over
+        // (`changed()` marks them seen when it wakes).
+        let mut fresh = true;
         loop {
-            let desired = loop {
-                if let Some(d) = desired_rx.borrow_and_update().clone() {
-                    break d;
-                }
-                desired_rx.changed().await?;
-            };
-            let mut retry_at: Option<Instant> = None;
-            let wanted: BTreeMap<String, u32> = desired
-                .items
-                .iter()
-                .map(|a| (a.package.clone(), a.revision))
-                .collect();
-
-            // Packages no longer assigned go first: that frees space. A
-            // failed removal is tried again like a failed transfer.
-            let mut removal_failed = false;
-            for (package, revision) in self.installed().await? {
-                if !wanted.contains_key(&package) {
-                    removal_failed |= !self.remove(&package, revision, &reports).await;
+            if fresh || desired_rx.has_changed()? {
+                fresh = false;
+                if let Some(a) = desired_rx.borrow_and_update().clone() {
+                    session.assign(desired(&a));
                 }
             }
-            let store = self.store().await?;
-            let keep = wanted.clone();
-            let dropped = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                for (p, r) in store.stages()? {
-                    if keep.get(&p) != Some(&r) {
-                        info!(package = %p, revision = r, "dropping a transfer no longer wanted");
-                        if !keep.contains_key(&p) {
-                            // Never installed: its record goes with the stage.
-                            store.uninstall(&p)?;
-                        } else {
-                            store.drop_stage(&p, r)?;
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .await?;
-            if let Err(e) = dropped {
-                warn!(error = %format!("{e:#}"), "cannot drop an unwanted transfer");
-                removal_failed = true;
+            if let Some(job) = session.poll_job(Instant::now()) {
+                self.run_job(conn, &mut session, job, &reports).await?;
+                continue;
             }
-            if removal_failed {
-                retry_at = Some(Instant::now() + backoff(2));
-            }
-
-            for a in &desired.items {
-                if desired_rx.has_changed().unwrap_or(false) {
-                    break;
-                }
-                if !safe_package_id(&a.package) {
-                    warn!(package = %a.package, "assignment with an unusable package id ignored");
-                    continue;
-                }
-                let key = (a.package.clone(), a.revision);
-                let from_scratch = self.rebuild_due(a).await?;
-                if from_scratch {
-                    info!(package = %a.package, rebuild = a.rebuild, "rebuilding from scratch, as the site asked: the copy held is deleted and every chunk fetched again");
-                    told_installed.remove(&key);
-                    let store = self.store().await?;
-                    let p = a.package.clone();
-                    if let Err(e) = tokio::task::spawn_blocking(move || store.uninstall(&p)).await?
-                    {
-                        warn!(package = %a.package, error = %e, "cannot delete the copy to rebuild");
-                        let mut r = report(a, pb::State::Failed);
-                        r.error = format!("cannot delete the copy to rebuild it: {e}");
-                        r.retry_in_secs = backoff(2).as_secs().max(1);
-                        let _ = reports.send(r);
-                        retry_at = Some(Instant::now() + backoff(2));
-                        continue;
+            match session.poll_timeout(Instant::now()) {
+                Some(at) => tokio::select! {
+                    r = desired_rx.changed() => {
+                        r?;
+                        fresh = true;
                     }
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                },
+                None => {
+                    desired_rx.changed().await?;
+                    fresh = true;
                 }
-                let mut installed = self
-                    .installed()
-                    .await?
-                    .into_iter()
-                    .find(|(p, _)| *p == a.package)
-                    .map(|(_, r)| r);
-                if installed == Some(a.revision) && !told_installed.contains(&key) {
-                    match self.prove_adopted(conn, a).await {
-                        Ok(true) => {}
-                        Ok(false) => installed = None,
-                        Err(e) => {
-                            warn!(package = %a.package, error = %format!("{e:#}"), "cannot prove an adopted revision against the site's manifest")
-                        }
-                    }
-                }
-                if installed == Some(a.revision) {
-                    if told_installed.insert(key) {
-                        let full = self.full_bytes(&a.package, a.revision).await;
-                        let mut r = report(a, pb::State::Installed);
-                        r.full_bytes = full;
-                        let _ = reports.send(r);
-                    }
-                    continue;
-                }
-                let _ = reports.send(report(a, pb::State::Pending));
-                let span =
-                    tracing::info_span!("transfer", package = %a.package, revision = a.revision);
-                match self
-                    .transfer(conn, a, installed, &reports, from_scratch)
-                    .instrument(span)
-                    .await
-                {
-                    Ok(()) => {
-                        failures.remove(&key);
-                        told_installed.insert(key);
-                        if a.rebuild > 0 {
-                            let store = self.store().await?;
-                            let (p, n) = (a.package.clone(), a.rebuild);
-                            tokio::task::spawn_blocking(move || store.set_rebuilt(&p, n)).await??;
-                        }
-                    }
-                    Err(Failure::Disconnected(e)) => return Err(e),
-                    Err(Failure::Transfer(e)) => {
-                        self.heal_store().await;
-                        let n = failures.entry(key).or_default();
-                        let delay = backoff(*n);
-                        *n += 1;
-                        let msg = format!("{e:#}");
-                        warn!(package = %a.package, revision = a.revision, error = %msg, retry_in = ?delay, "transfer failed");
-                        let mut r = report(a, pb::State::Failed);
-                        r.error = msg;
-                        r.retry_in_secs = delay.as_secs().max(1);
-                        let _ = reports.send(r);
-                        let at = Instant::now() + delay;
-                        retry_at = Some(retry_at.map_or(at, |t: Instant| t.min(at)));
-                    }
-                }
-            }
-
-            if desired.validate > 0 && !desired_rx.has_changed().unwrap_or(false) {
-                let store = self.store().await?;
-                let s = store.clone();
-                let done = tokio::task::spawn_blocking(move || s.validated()).await??;
-                if desired.validate > done {
-                    crate::validate::run(
-                        conn,
-                        &store,
-                        desired.validate,
-                        &desired.validate_packages,
-                        &wanted,
-                        &reports,
-                    )
-                    .await
-                    .map_err(|e| match e {
-                        Failure::Disconnected(e) | Failure::Transfer(e) => e,
-                    })?;
-                }
-            }
-
-            match retry_at {
-                Some(at) if !desired_rx.has_changed().unwrap_or(false) => {
-                    tokio::select! {
-                        r = desired_rx.changed() => r?,
-                        _ = tokio::time::sleep_until(at.into()) => {}
-                    }
-                }
-                Some(_) => {}
-                None => desired_rx.changed().await?,
             }
         }
+    }
+
+    /// Runs one job of the session and tells the machine how it went.
+    /// Only a lost connection ends the session.
+    async fn run_job(
+        &self,
+        conn: &quinn::Connection,
+        session: &mut Session,
+        job: Job,
+        reports: &mpsc::UnboundedSender<pb::Report>,
+    ) -> anyhow::Result<()> {
+        let outcome: Result<(), Failure> = match &job {
+            Job::Remove { package, revision } => self.remove(package, *revision, reports).await,
+            Job::DropStage {
+                package,
+                revision,
+                uninstall,
+            } => self.drop_stage(package, *revision, *uninstall).await,
+            Job::Rebuild(w) => self.rebuild(w).await,
+            Job::Confirm(w) => {
+                let how = self.confirm(conn, w, reports).await;
+                session.handle_confirmed(&job, how);
+                return Ok(());
+            }
+            Job::Fetch {
+                want,
+                base,
+                from_scratch,
+            } => {
+                let a = assignment(want);
+                let _ = reports.send(report(&a, pb::State::Pending));
+                let span =
+                    tracing::info_span!("transfer", package = %a.package, revision = a.revision);
+                let r = self
+                    .transfer(conn, &a, *base, reports, *from_scratch)
+                    .instrument(span)
+                    .await;
+                match r {
+                    Ok(()) if a.rebuild > 0 => self.set_rebuilt(&a).await,
+                    other => other,
+                }
+            }
+            Job::Validate {
+                request,
+                packages,
+                wanted,
+            } => match self.store().await {
+                Ok(store) => {
+                    crate::validate::run(conn, &store, *request, packages, wanted, reports).await
+                }
+                Err(e) => Err(Failure::Job(e)),
+            },
+        };
+        match outcome {
+            Ok(()) => session.handle_done(&job),
+            Err(f) if !f.is_retryable() => return Err(f.into_inner()),
+            Err(f) => {
+                self.heal_store().await;
+                let delay = session.handle_failed(&job, Instant::now());
+                let e = f.into_inner();
+                let msg = format!("{e:#}");
+                match &job {
+                    Job::Validate { request, .. } => {
+                        warn!(request, error = %msg, retry_in = ?delay, "validation failed");
+                    }
+                    Job::Fetch { want, .. } => {
+                        warn!(package = %want.package, revision = want.revision, error = %msg, retry_in = ?delay, "transfer failed");
+                        let _ = reports.send(report::failed(&assignment(want), msg, delay));
+                    }
+                    Job::Rebuild(w) => {
+                        warn!(package = %w.package, error = %msg, retry_in = ?delay, "cannot delete the copy to rebuild");
+                        let _ = reports.send(report::failed(
+                            &assignment(w),
+                            format!("cannot delete the copy to rebuild it: {msg}"),
+                            delay,
+                        ));
+                    }
+                    // Reported where they failed.
+                    Job::Remove { .. } | Job::DropStage { .. } | Job::Confirm(_) => {
+                        warn!(error = %msg, retry_in = ?delay, "cannot tidy the content folder");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_stage(
+        &self,
+        package: &str,
+        revision: u32,
+        uninstall: bool,
+    ) -> Result<(), Failure> {
+        let store = self.store().await.map_err(Failure::Job)?;
+        let p = package.to_string();
+        info!(%package, revision, "dropping a transfer no longer wanted");
+        tokio::task::spawn_blocking(move || {
+            if uninstall {
+                // Never installed: its record goes with the stage.
+                store.uninstall(&p)
+            } else {
+                store.drop_stage(&p, revision)
+            }
+        })
+        .await
+        .map_err(Failure::job)?
+        .map_err(|e| Failure::job(anyhow!(e).context("cannot drop an unwanted transfer")))
+    }
+
+    /// Deletes the copy held so it is fetched again from scratch, as the
+    /// site asked.
+    async fn rebuild(&self, w: &Want) -> Result<(), Failure> {
+        info!(package = %w.package, rebuild = w.rebuild, "rebuilding from scratch, as the site asked: the copy held is deleted and every chunk fetched again");
+        let store = self.store().await.map_err(Failure::Job)?;
+        let p = w.package.clone();
+        tokio::task::spawn_blocking(move || store.uninstall(&p))
+            .await
+            .map_err(Failure::job)?
+            .map_err(Failure::job)
+    }
+
+    async fn set_rebuilt(&self, a: &pb::Assignment) -> Result<(), Failure> {
+        let store = self.store().await.map_err(Failure::Job)?;
+        let (p, n) = (a.package.clone(), a.rebuild);
+        tokio::task::spawn_blocking(move || store.set_rebuilt(&p, n))
+            .await
+            .map_err(Failure::job)?
+            .map_err(Failure::job)
+    }
+
+    /// Reports an installed revision, after proving a copy adopted from the
+    /// older layout against the site's manifest.
+    async fn confirm(
+        &self,
+        conn: &quinn::Connection,
+        w: &Want,
+        reports: &mpsc::UnboundedSender<pb::Report>,
+    ) -> Confirmed {
+        let a = assignment(w);
+        match self.prove_adopted(conn, &a).await {
+            Ok(true) => {}
+            Ok(false) => return Confirmed::Dropped,
+            Err(e) => {
+                warn!(package = %a.package, error = %format!("{e:#}"), "cannot prove an adopted revision against the site's manifest")
+            }
+        }
+        let mut r = report(&a, pb::State::Installed);
+        r.full_bytes = self.full_bytes(&a.package, a.revision).await;
+        let _ = reports.send(r);
+        Confirmed::Kept
     }
 
     /// A revision adopted from the older DP layout has no signed manifest
@@ -619,7 +646,7 @@ impl DpAgent {
         package: &str,
         revision: u32,
         reports: &mpsc::UnboundedSender<pb::Report>,
-    ) -> bool {
+    ) -> Result<(), Failure> {
         let a = pb::Assignment {
             package: package.to_string(),
             revision,
@@ -627,44 +654,27 @@ impl DpAgent {
         };
         info!(%package, "removing a package no longer assigned");
         let _ = reports.send(report(&a, pb::State::Removing));
-        let store = match self.store().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(%package, error = %format!("{e:#}"), "cannot remove: the index is not open");
-                return false;
-            }
-        };
+        let store = self
+            .store()
+            .await
+            .map_err(|e| Failure::Job(e.context("cannot remove: the index is not open")))?;
         let p = package.to_string();
-        match tokio::task::spawn_blocking(move || store.uninstall(&p)).await {
-            Ok(Ok(())) => {
+        match tokio::task::spawn_blocking(move || store.uninstall(&p))
+            .await
+            .map_err(Failure::job)?
+        {
+            Ok(()) => {
                 info!(%package, "package removed");
                 let _ = reports.send(report(&a, pb::State::Removed));
-                true
-            }
-            Ok(Err(e)) => {
-                let mut r = report(&a, pb::State::Failed);
-                r.error = format!("cannot remove {package}: {e}");
-                warn!(%package, error = %r.error, "removal failed");
-                let _ = reports.send(r);
-                false
+                Ok(())
             }
             Err(e) => {
-                warn!(%package, error = %e, "removal task failed");
-                false
+                let mut r = report(&a, pb::State::Failed);
+                r.error = format!("cannot remove {package}: {e}");
+                let _ = reports.send(r);
+                Err(Failure::job(e))
             }
         }
-    }
-
-    /// Whether the site asks for a rebuild of `a`'s package this DP has not
-    /// done yet.
-    async fn rebuild_due(&self, a: &pb::Assignment) -> anyhow::Result<bool> {
-        if a.rebuild == 0 {
-            return Ok(false);
-        }
-        let store = self.store().await?;
-        let p = a.package.clone();
-        let done = tokio::task::spawn_blocking(move || store.rebuilt(&p)).await??;
-        Ok(done != a.rebuild)
     }
 
     async fn transfer(
@@ -679,7 +689,7 @@ impl DpAgent {
             .manifest(conn, a, installed)
             .await
             .map_err(|e| Failure::of(conn, e))?;
-        let store = self.store().await.map_err(Failure::Transfer)?;
+        let store = self.store().await.map_err(Failure::Job)?;
         let manifest_bytes = signed.wire_bytes;
         let (progress, wire) = transfer::run(transfer::Request {
             conn,
@@ -700,7 +710,7 @@ impl DpAgent {
             full_bytes = progress.full_bytes,
             "installed"
         );
-        let _ = reports.send(transfer::report(
+        let _ = reports.send(report::progress(
             a,
             pb::State::Installed,
             &progress,
@@ -736,7 +746,7 @@ impl DpAgent {
         match manifest::fetch(conn, &self.manifest_key, a, offer).await {
             // A compact manifest that does not check out against this DP's
             // copy of the base revision: ask once more for the full form.
-            Err(e) if e.to_string().contains(COMPACT_MISMATCH) => {
+            Err(e) if e.downcast_ref::<CompactMismatch>().is_some() => {
                 warn!(package = %a.package, error = %e, "asking for the full manifest");
                 manifest::fetch(conn, &self.manifest_key, a, None).await
             }
@@ -745,19 +755,45 @@ impl DpAgent {
     }
 }
 
+/// The site's assignments as the session machine takes them; ids that
+/// cannot name a folder are left out (and logged).
+fn desired(a: &pb::Assignments) -> Desired {
+    Desired {
+        items: a
+            .items
+            .iter()
+            .filter(|a| {
+                let ok = safe_package_id(&a.package);
+                if !ok {
+                    warn!(package = %a.package, "assignment with an unusable package id ignored");
+                }
+                ok
+            })
+            .map(|a| Want {
+                package: a.package.clone(),
+                revision: a.revision,
+                rebuild: a.rebuild,
+            })
+            .collect(),
+        validate: a.validate,
+        validate_packages: a.validate_packages.clone(),
+    }
+}
+
+/// A job's revision as the wire names it.
+fn assignment(w: &Want) -> pb::Assignment {
+    pb::Assignment {
+        package: w.package.clone(),
+        revision: w.revision,
+        rebuild: w.rebuild,
+        ..pb::Assignment::default()
+    }
+}
+
 /// Whether a package id from the site can name a folder: letters and
 /// digits only (site code and number, `FRY00001`).
 fn safe_package_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
-pub(crate) fn report(a: &pb::Assignment, state: pb::State) -> pb::Report {
-    pb::Report {
-        package: a.package.clone(),
-        revision: a.revision,
-        state: state as i32,
-        ..pb::Report::default()
-    }
 }
 
 #[cfg(test)]

@@ -18,10 +18,14 @@
 
 pub mod agent;
 pub mod config;
+mod error;
+mod gate;
 pub mod http;
 pub mod manifest;
 pub mod multicast;
 pub mod ranges;
+mod report;
+mod served;
 pub mod transfer;
 pub mod validate;
 

@@ -23,9 +23,20 @@ pub struct Signed {
     pub wire_bytes: u64,
 }
 
-/// Error text marking a compact manifest that did not expand against this
-/// DP's copy of the base revision (the agent asks again for the full form).
-pub const COMPACT_MISMATCH: &str = "in compact form does not check out";
+/// A compact manifest that did not expand against this DP's copy of the
+/// base revision (the agent asks again for the full form).
+#[derive(Debug, thiserror::Error)]
+#[error("the manifest of {package} revision {revision} in compact form does not check out against revision {base} held here: {why}")]
+pub struct CompactMismatch {
+    /// The package.
+    pub package: String,
+    /// The revision asked for.
+    pub revision: u32,
+    /// The revision it was relative to.
+    pub base: u32,
+    /// What did not check out.
+    pub why: String,
+}
 
 /// Asks the site for the manifest of `a` and checks it. With `base` (the
 /// revision installed here and its chunk list) the site may answer in
@@ -96,12 +107,12 @@ pub fn verify(
         (body, signed.body.to_vec())
     } else {
         let compact_err = |why: String| {
-            anyhow!(
-                "the manifest of {} revision {} {COMPACT_MISMATCH} against revision {} held here: {why}",
-                a.package,
-                a.revision,
-                signed.base_revision
-            )
+            anyhow::Error::new(CompactMismatch {
+                package: a.package.clone(),
+                revision: a.revision,
+                base: signed.base_revision,
+                why,
+            })
         };
         let mut body = pb::ManifestBody::decode(signed.body.as_ref())
             .map_err(|e| compact_err(e.to_string()))?;
@@ -218,9 +229,9 @@ mod tests {
         let mut other = base.to_vec();
         other.swap(0, 1);
         let e = verify(&key.public(), &assignment(), &signed, &other).unwrap_err();
-        assert!(e.to_string().contains(COMPACT_MISMATCH), "{e}");
+        assert!(e.downcast_ref::<CompactMismatch>().is_some(), "{e}");
         let e = verify(&key.public(), &assignment(), &signed, &base[..1]).unwrap_err();
-        assert!(e.to_string().contains(COMPACT_MISMATCH), "{e}");
+        assert!(e.downcast_ref::<CompactMismatch>().is_some(), "{e}");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,9 @@ use ferry_wire::{write_frame, MAX_REPLY_BYTES};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::error::Failure;
 use crate::manifest::Signed;
+use crate::report;
 
 /// Streams a transfer spreads its requests over.
 pub const FETCH_STREAMS: usize = 4;
@@ -52,7 +54,8 @@ pub const MAX_STREAM_WINDOW: u64 = 8 << 20;
 pub const SPACE_MARGIN: u64 = 32 << 20;
 /// How often written data is made durable (files synced, then recorded).
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
-/// Bytes written between checkpoints at most.
+/// Bytes written to disk between checkpoints at most: a killed DP
+/// re-hashes no more than this when it resumes.
 pub const CHECKPOINT_BYTES: u64 = 512 << 20;
 /// A transfer that waits this long for any chunk fails (and is retried).
 pub const STALL_TIMEOUT: Duration = ferry_wire::REPLY_TIMEOUT;
@@ -62,25 +65,6 @@ const WRITER_FLUSH: usize = 64;
 const EVENT_BATCH: usize = 256;
 /// Times a broken chunk stream is opened again before the transfer fails.
 const MAX_STREAM_RESTARTS: u32 = 8;
-
-/// How a transfer ended badly.
-#[derive(Debug)]
-pub(crate) enum Failure {
-    /// The connection is gone: end the session and redial.
-    Disconnected(anyhow::Error),
-    /// This transfer failed; report it and retry later.
-    Transfer(anyhow::Error),
-}
-
-impl Failure {
-    pub(crate) fn of(conn: &quinn::Connection, e: anyhow::Error) -> Self {
-        if conn.close_reason().is_some() {
-            Self::Disconnected(e)
-        } else {
-            Self::Transfer(e)
-        }
-    }
-}
 
 /// What the loop hears from its helpers.
 enum Ev {
@@ -140,68 +124,6 @@ pub(crate) struct Request<'a> {
     pub from_scratch: bool,
 }
 
-/// A report of `a` in `state` with the transfer's figures.
-pub(crate) fn report(
-    a: &pb::Assignment,
-    state: pb::State,
-    p: &Progress,
-    wire: u64,
-    manifest_bytes: u64,
-) -> pb::Report {
-    pb::Report {
-        manifest_bytes,
-        package: a.package.clone(),
-        revision: a.revision,
-        state: state as i32,
-        bytes_needed: p.bytes_needed,
-        bytes_done: p.bytes_done,
-        full_bytes: p.full_bytes,
-        wire_bytes: wire,
-        bytes_local: p.bytes_local,
-        ..pb::Report::default()
-    }
-}
-
-/// Bytes an unprivileged writer can still use on the filesystem of `path`.
-fn available_space(path: &Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(path)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// The DP's disk: allocated bytes below `data` and `content` (once when one
-/// holds the other), and the free and total bytes of `content`'s
-/// filesystem.
-pub(crate) fn disk(data: &Path, content: &Path) -> pb::Disk {
-    use std::os::unix::fs::MetadataExt;
-    let allocated = |root: &Path| -> u64 {
-        walkdir::WalkDir::new(root)
-            .follow_links(false)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .filter(|m| !m.is_dir())
-            .map(|m| m.blocks().saturating_mul(512))
-            .fold(0u64, u64::saturating_add)
-    };
-    let mut used = allocated(data);
-    if !content.starts_with(data) {
-        used = used.saturating_add(allocated(content));
-    }
-    let (free, total) = rustix::fs::statvfs(content)
-        .map(|st| {
-            (
-                st.f_bavail.saturating_mul(st.f_frsize),
-                st.f_blocks.saturating_mul(st.f_frsize),
-            )
-        })
-        .unwrap_or((0, 0));
-    pb::Disk {
-        used_bytes: used,
-        free_bytes: free,
-        total_bytes: total,
-    }
-}
-
 /// Fetches, writes and installs one revision. Returns its figures.
 pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     let a = r.assignment;
@@ -209,6 +131,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     let rx_start = conn.stats().udp_rx.bytes;
     let wire = || conn.stats().udp_rx.bytes.saturating_sub(rx_start);
     let fail = |e: anyhow::Error| Failure::of(conn, e);
+    let available_space = ferry_store::disk::available;
 
     // Space: every file is preallocated up front, so a full disk shows now.
     let files: u64 = r.signed.manifests.iter().map(|m| m.size).sum();
@@ -223,7 +146,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         let stage_dir = content
             .join(ferry_store::content::INTERNAL_DIR)
             .join(format!("stage-{package}.r{revision}"));
-        let have = ferry_store::file::disk_usage(&stage_dir);
+        let have = ferry_store::disk::usage(&stage_dir);
         let free = available_space(&content)
             .with_context(|| format!("cannot read the free space of {}", content.display()))?;
         let need = (files + SPACE_MARGIN).saturating_sub(have);
@@ -256,6 +179,12 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
             Err(e) => return Err(e.into()),
         };
         let written = stage.written()?;
+        if stage.rehashed_bytes() > 0 {
+            info!(
+                rehashed_bytes = stage.rehashed_bytes(),
+                "resuming: checked what was written after the last checkpoint"
+            );
+        }
         let mut origins: Origins = Vec::new();
         let mut handles: HashMap<(String, u32, u32), u64> = HashMap::new();
         let opts = TransferOptions {
@@ -264,6 +193,10 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
             max_batch_chunks: ferry_wire::MAX_BATCH_CHUNKS,
             max_rate,
             min_window: MIN_WINDOW,
+            checkpoint_every: CHECKPOINT_EVERY,
+            checkpoint_bytes: CHECKPOINT_BYTES,
+            stall_timeout: STALL_TIMEOUT,
+            max_stream_restarts: MAX_STREAM_RESTARTS,
             ..TransferOptions::default()
         };
         let mut lookup_error = None;
@@ -306,8 +239,8 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         Ok((stage, machine, Arc::new(origins)))
     })
     .await
-    .map_err(|e| Failure::Transfer(anyhow!("the staging task failed: {e}")))?;
-    let (stage, machine, origins) = staged.map_err(Failure::Transfer)?;
+    .map_err(|e| Failure::job(anyhow!("the staging task failed: {e}")))?;
+    let (stage, machine, origins) = staged.map_err(Failure::Job)?;
     let planned = machine.progress();
     info!(
         needed_bytes = planned.bytes_needed,
@@ -315,7 +248,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         full_bytes = planned.full_bytes,
         "transfer planned"
     );
-    let _ = r.reports.send(report(
+    let _ = r.reports.send(report::progress(
         a,
         pb::State::InProgress,
         &planned,
@@ -333,7 +266,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         let t = std::thread::Builder::new()
             .name(format!("ferry-writer-{n}"))
             .spawn(move || writer(&stage, &origins, rx, ev))
-            .map_err(|e| Failure::Transfer(anyhow!("cannot start a writer thread: {e}")))?;
+            .map_err(|e| Failure::job(anyhow!("cannot start a writer thread: {e}")))?;
         jobs.push(tx);
         threads.push(t);
     }
@@ -348,7 +281,6 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         jobs,
         streams: Vec::new(),
         ev_tx,
-        restarts: 0,
         generations: 0,
         stage: stage.clone(),
         reports: r.reports,
@@ -383,7 +315,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         Err(_) => Err(anyhow!("the stage is still in use by a writer")),
     })
     .await
-    .map_err(|e| Failure::Transfer(anyhow!("the install task failed: {e}")))?;
+    .map_err(|e| Failure::job(anyhow!("the install task failed: {e}")))?;
     installed.map_err(|e| fail(e.context("cannot install the revision")))?;
     Ok((progress, wire()))
 }
@@ -446,7 +378,6 @@ struct Loop<'a> {
     pending: Vec<Vec<Job>>,
     streams: Vec<StreamTasks>,
     ev_tx: mpsc::UnboundedSender<Ev>,
-    restarts: u32,
     generations: u64,
     stage: Arc<Stage>,
     reports: &'a mpsc::UnboundedSender<pb::Report>,
@@ -557,7 +488,7 @@ impl Loop<'_> {
             return anyhow!(e).context(format!("cannot write {what}"));
         }
         let dir = self.stage.dir().to_path_buf();
-        let free = available_space(&dir).unwrap_or(0);
+        let free = ferry_store::disk::available(&dir).unwrap_or(0);
         anyhow!(
             "the disk of DP {} is full while writing {what} ({} free at {}; the revision's files are allocated already): free at least {} so the DP can record its progress; it goes on by itself: {e}",
             self.dp,
@@ -593,7 +524,7 @@ impl Loop<'_> {
         for (tx, jobs) in self.jobs.iter().zip(self.pending.iter_mut()) {
             if !jobs.is_empty() {
                 tx.send(std::mem::take(jobs))
-                    .map_err(|_| Failure::Transfer(anyhow!("a writer thread stopped")))?;
+                    .map_err(|_| Failure::job(anyhow!("a writer thread stopped")))?;
             }
         }
         Ok(())
@@ -604,12 +535,11 @@ impl Loop<'_> {
         &mut self,
         ev_rx: &mut mpsc::UnboundedReceiver<Ev>,
     ) -> Result<Progress, Failure> {
-        let mut last_arrival = Instant::now();
-        let mut last_checkpoint = Instant::now();
-        let mut since_checkpoint = 0u64;
         let mut checkpoint: Option<tokio::task::JoinHandle<Result<(), ContentError>>> = None;
         loop {
             let now = Instant::now();
+            // Timers (the stall above all) even while events keep coming.
+            self.machine.handle_timeout(now);
             while let Some(op) = self.machine.poll_copy() {
                 self.send_job(Job::Copy(op), None);
             }
@@ -622,14 +552,14 @@ impl Loop<'_> {
                         self.streams.push(t);
                     }
                     if self.streams[s].wants.send(batch).is_err() {
-                        return Err(Failure::Transfer(anyhow!("a chunk stream stopped")));
+                        return Err(Failure::job(anyhow!("a chunk stream stopped")));
                     }
                 }
             }
             while let Some(ev) = self.machine.poll_event() {
                 match ev {
                     Event::Progress(p) => {
-                        let _ = self.reports.send(report(
+                        let _ = self.reports.send(report::progress(
                             self.a,
                             pb::State::InProgress,
                             &p,
@@ -643,33 +573,21 @@ impl Loop<'_> {
                         }
                         return Ok(p);
                     }
-                    Event::Failed(msg) => return Err(Failure::Transfer(anyhow!(msg))),
+                    Event::Failed(msg) => return Err(Failure::job(anyhow!(msg))),
                 }
             }
             if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
                 if let Some(c) = checkpoint.take() {
                     match c.await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Err(Failure::Transfer(self.write_failed(e))),
-                        Err(e) => return Err(Failure::Transfer(anyhow!("checkpoint task: {e}"))),
+                        Ok(Ok(())) => self.machine.handle_checkpointed(),
+                        Ok(Err(e)) => return Err(Failure::Job(self.write_failed(e))),
+                        Err(e) => return Err(Failure::job(anyhow!("checkpoint task: {e}"))),
                     }
                 }
             }
-            if checkpoint.is_none()
-                && since_checkpoint > 0
-                && (since_checkpoint >= CHECKPOINT_BYTES
-                    || last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
-            {
+            if self.machine.poll_checkpoint(now) {
                 let stage = self.stage.clone();
                 checkpoint = Some(tokio::task::spawn_blocking(move || stage.checkpoint()));
-                since_checkpoint = 0;
-                last_checkpoint = Instant::now();
-            }
-            let waiting = (0..FETCH_STREAMS).any(|s| self.machine.is_waiting(s));
-            if waiting && last_arrival.elapsed() > STALL_TIMEOUT {
-                return Err(Failure::Transfer(anyhow!(
-                    "the site sent no chunk for {STALL_TIMEOUT:?}"
-                )));
             }
             let timeout = self
                 .machine
@@ -682,19 +600,17 @@ impl Loop<'_> {
                     self.machine.handle_timeout(Instant::now());
                     continue;
                 }
-                e = self.conn.closed() => {
-                    return Err(Failure::Disconnected(anyhow!(crate::agent::explain(&e))));
-                }
+                e = self.conn.closed() => return Err(Failure::lost(&e)),
             };
             let Some(ev) = ev else {
-                return Err(Failure::Transfer(anyhow!("the transfer's helpers stopped")));
+                return Err(Failure::job(anyhow!("the transfer's helpers stopped")));
             };
             // Everything that is waiting, then one hand-over per writer.
             let now = Instant::now();
-            self.handle(ev, now, &mut last_arrival, &mut since_checkpoint)?;
+            self.handle(ev, now)?;
             for _ in 0..EVENT_BATCH {
                 match ev_rx.try_recv() {
-                    Ok(ev) => self.handle(ev, now, &mut last_arrival, &mut since_checkpoint)?,
+                    Ok(ev) => self.handle(ev, now)?,
                     Err(_) => break,
                 }
             }
@@ -703,13 +619,7 @@ impl Loop<'_> {
     }
 
     /// Feeds one event to the machine.
-    fn handle(
-        &mut self,
-        ev: Ev,
-        now: Instant,
-        last_arrival: &mut Instant,
-        since_checkpoint: &mut u64,
-    ) -> Result<(), Failure> {
+    fn handle(&mut self, ev: Ev, now: Instant) -> Result<(), Failure> {
         match ev {
             Ev::Chunk {
                 stream,
@@ -720,11 +630,10 @@ impl Loop<'_> {
                 if !self.current(stream, generation) {
                     return Ok(());
                 }
-                *last_arrival = now;
                 let p = self
                     .machine
                     .handle_chunk(stream, &id, now)
-                    .map_err(|e| Failure::Transfer(anyhow!("the site broke the protocol: {e}")))?;
+                    .map_err(|e| Failure::job(anyhow!("the site broke the protocol: {e}")))?;
                 let job = Job::Write {
                     id,
                     len: p.chunk.len,
@@ -735,23 +644,17 @@ impl Loop<'_> {
             }
             Ev::Batch(events) => {
                 for e in events {
-                    self.handle(e, now, last_arrival, since_checkpoint)?;
+                    self.handle(e, now)?;
                 }
             }
-            Ev::Written(id) => {
-                *since_checkpoint += 1;
-                self.machine.handle_written(&id, now);
-            }
+            Ev::Written(id) => self.machine.handle_written(&id, now),
             Ev::Corrupt(id) => {
                 warn!(chunk = %id, "chunk failed verification; asking again");
                 self.machine.handle_corrupt(&id);
             }
-            Ev::Copied { id, ok } => {
-                *since_checkpoint += 1;
-                self.machine.handle_copied(id, ok, now);
-            }
-            Ev::WriteFailed(e) => return Err(Failure::Transfer(self.write_failed(e))),
-            Ev::SiteError(msg) => return Err(Failure::Transfer(anyhow!(msg))),
+            Ev::Copied { id, ok } => self.machine.handle_copied(id, ok, now),
+            Ev::WriteFailed(e) => return Err(Failure::Job(self.write_failed(e))),
+            Ev::SiteError(msg) => return Err(Failure::job(anyhow!(msg))),
             Ev::StreamLost {
                 stream,
                 generation,
@@ -761,18 +664,14 @@ impl Loop<'_> {
                     return Ok(());
                 }
                 if let Some(reason) = self.conn.close_reason() {
-                    return Err(Failure::Disconnected(anyhow!(crate::agent::explain(
-                        &reason
-                    ))));
+                    return Err(Failure::lost(&reason));
                 }
-                self.restarts += 1;
-                if self.restarts > MAX_STREAM_RESTARTS {
-                    return Err(Failure::Transfer(anyhow!(
-                        "chunk streams keep breaking: {error}"
-                    )));
+                // Over the restart budget the machine fails the transfer
+                // (its event ends the loop).
+                if !self.machine.handle_stream_lost(stream, &error) {
+                    return Ok(());
                 }
                 warn!(stream, %error, "a chunk stream broke; opening it again");
-                self.machine.handle_stream_lost(stream);
                 if stream < self.streams.len() {
                     let fresh = self.open_stream(stream);
                     std::mem::replace(&mut self.streams[stream], fresh).stop();

@@ -20,8 +20,8 @@ use ferry_wire::{read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::agent::report;
-use crate::transfer::Failure;
+use crate::error::Failure;
+use crate::report;
 
 /// Least time between two progress reports of a validation.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
@@ -36,16 +36,22 @@ pub(crate) async fn run(
     wanted: &BTreeMap<String, u32>,
     reports: &mpsc::UnboundedSender<pb::Report>,
 ) -> Result<(), Failure> {
+    let named = |p: &String| packages.is_empty() || packages.contains(p);
     let s = store.clone();
-    let installed = tokio::task::spawn_blocking(move || s.installed())
-        .await
-        .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
-        .map_err(|e| Failure::Transfer(e.into()))?;
-    for (package, revision) in installed {
-        if !packages.is_empty() && !packages.contains(&package) {
-            continue;
+    let installed = match tokio::task::spawn_blocking(move || s.installed()).await {
+        Ok(Ok(i)) => Ok(i),
+        Ok(Err(e)) => Err(anyhow!(e)),
+        Err(e) => Err(anyhow!("{e}")),
+    }
+    .map_err(|e| {
+        // Each package named hears why; the whole request is retried.
+        for (package, &revision) in wanted.iter().filter(|(p, _)| named(p)) {
+            let _ = reports.send(could_not_run(package, revision, request, &e));
         }
-        if wanted.get(&package) != Some(&revision) {
+        Failure::Job(e.context("cannot list the installed packages to validate"))
+    })?;
+    for (package, revision) in installed {
+        if !named(&package) || wanted.get(&package) != Some(&revision) {
             continue;
         }
         let a = pb::Assignment {
@@ -56,34 +62,46 @@ pub(crate) async fn run(
         let result = one(conn, store, request, &a, reports).await;
         match result {
             Ok(v) => {
-                let mut r = report(&a, pb::State::Installed);
+                let mut r = report::of(&a, pb::State::Installed);
                 r.full_bytes = v.bytes_total;
                 r.validation = Some(v);
                 let _ = reports.send(r);
             }
-            Err(Failure::Disconnected(e)) => return Err(Failure::Disconnected(e)),
-            Err(Failure::Transfer(e)) => {
+            Err(f) if !f.is_retryable() => return Err(f),
+            Err(f) => {
+                let e = f.into_inner();
                 warn!(%package, error = %format!("{e:#}"), "validation failed");
-                let mut r = report(&a, pb::State::Installed);
-                r.validation = Some(pb::Validation {
-                    request,
-                    done: true,
-                    damaged: vec![pb::Damage {
-                        error: format!("validation could not run: {e:#}"),
-                        ..pb::Damage::default()
-                    }],
-                    ..pb::Validation::default()
-                });
-                let _ = reports.send(r);
+                let _ = reports.send(could_not_run(&package, revision, request, &e));
             }
         }
     }
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.set_validated(request))
         .await
-        .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
-        .map_err(|e| Failure::Transfer(e.into()))?;
+        .map_err(|e| Failure::job(anyhow!("{e}")))?
+        .map_err(Failure::job)?;
     Ok(())
+}
+
+/// The result of a validation of `package` that could not run.
+fn could_not_run(package: &str, revision: u32, request: u64, e: &anyhow::Error) -> pb::Report {
+    let a = pb::Assignment {
+        package: package.to_string(),
+        revision,
+        ..pb::Assignment::default()
+    };
+    pb::Report {
+        validation: Some(pb::Validation {
+            request,
+            done: true,
+            damaged: vec![pb::Damage {
+                error: format!("validation could not run: {e:#}"),
+                ..pb::Damage::default()
+            }],
+            ..pb::Validation::default()
+        }),
+        ..report::of(&a, pb::State::Installed)
+    }
 }
 
 async fn one(
@@ -99,7 +117,7 @@ async fn one(
             .map(|ms| ms.iter().map(|m| m.size).sum::<u64>())
     })
     .await
-    .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
+    .map_err(|e| Failure::job(anyhow!("{e}")))?
     .unwrap_or(0);
     let progress = |checked: u64, chunks: u64| pb::Validation {
         request,
@@ -108,7 +126,7 @@ async fn one(
         bytes_total: total,
         ..pb::Validation::default()
     };
-    let mut r = report(a, pb::State::Validating);
+    let mut r = report::of(a, pb::State::Validating);
     r.validation = Some(progress(0, 0));
     let _ = reports.send(r);
     info!(package = %a.package, revision = a.revision, bytes = total, "validating");
@@ -120,7 +138,7 @@ async fn one(
             done += n;
             if last.elapsed() >= REPORT_EVERY {
                 last = Instant::now();
-                let mut r = report(&a2, pb::State::Validating);
+                let mut r = report::of(&a2, pb::State::Validating);
                 r.validation = Some(pb::Validation {
                     request,
                     bytes_checked: done,
@@ -132,8 +150,8 @@ async fn one(
         })
     })
     .await
-    .map_err(|e| Failure::Transfer(anyhow!("{e}")))?
-    .map_err(|e| Failure::Transfer(e.into()))?;
+    .map_err(|e| Failure::job(anyhow!("{e}")))?
+    .map_err(Failure::job)?;
     let (revision, checked) = checked;
     let mut v = progress(checked.bytes, checked.chunks);
     v.done = true;
@@ -160,9 +178,7 @@ async fn one(
         }
         Err(e) => {
             if let Some(reason) = conn.close_reason() {
-                return Err(Failure::Disconnected(anyhow!(crate::agent::explain(
-                    &reason
-                ))));
+                return Err(Failure::lost(&reason));
             }
             for id in &ids {
                 outcome.insert(*id, Err(format!("{e:#}")));

@@ -36,7 +36,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferry_core::transfer::{CopyOp, Slot};
@@ -727,6 +727,7 @@ impl ContentStore {
             manifests,
             offsets,
             epoch: AtomicU32::new(durable + 1),
+            rehashed: AtomicU64::new(0),
         })
     }
 
@@ -1050,7 +1051,7 @@ impl ContentStore {
 
     /// Bytes on disk of the index and the content folder (what `du` counts).
     pub fn disk_bytes(&self) -> u64 {
-        crate::file::disk_usage(&self.index) + crate::file::disk_usage(&self.content)
+        crate::disk::usage(&self.index) + crate::disk::usage(&self.content)
     }
 }
 
@@ -1088,6 +1089,9 @@ pub struct Stage {
     offsets: Vec<Vec<u64>>,
     /// Epoch of marks recorded now; the last checkpoint is this − 1.
     epoch: AtomicU32,
+    /// Bytes [`Stage::written`] re-hashed (recorded after the last
+    /// checkpoint of a killed DP).
+    rehashed: AtomicU64,
 }
 
 impl std::fmt::Debug for Stage {
@@ -1121,6 +1125,7 @@ impl Stage {
     /// have reached the disk); those that do not match are forgotten. Ends
     /// with a checkpoint, so everything returned is durable.
     pub fn written(&self) -> Result<WrittenSlots, ContentError> {
+        self.rehashed.store(0, Ordering::Relaxed);
         let durable = self.epoch.load(Ordering::SeqCst).saturating_sub(1);
         let mut out: WrittenSlots = self
             .manifests
@@ -1164,6 +1169,7 @@ impl Stage {
                     .unwrap_or(u64::MAX);
                 let mut all = true;
                 for c in &m.chunks[(first as usize).min(end)..end] {
+                    self.rehashed.fetch_add(u64::from(c.len), Ordering::Relaxed);
                     buf.resize(c.len as usize, 0);
                     if f.read_at(&mut buf, offset).is_err() || ChunkId::of(&buf) != c.id {
                         all = false;
@@ -1185,6 +1191,12 @@ impl Stage {
         store.write(forget, false)?;
         self.checkpoint()?;
         Ok(out)
+    }
+
+    /// Bytes the last [`Stage::written`] re-hashed: what was recorded but
+    /// not checkpointed when the DP stopped.
+    pub fn rehashed_bytes(&self) -> u64 {
+        self.rehashed.load(Ordering::Relaxed)
     }
 
     /// Writes a verified chunk at each place; the caller then records the
@@ -1514,6 +1526,65 @@ mod tests {
         assert_eq!(fetched, 21_000, "chunk 25 and 30..50");
         st.install().unwrap();
         assert_eq!(std::fs::read(dp.content.join("FRY00001/a.wim")).unwrap(), a);
+    }
+
+    #[test]
+    fn a_dp_killed_past_the_checkpoint_bytes_rehashes_at_most_that_much() {
+        let dp = Dp::new();
+        let a = data(100_000, 5);
+        let m = vec![manifest("a.wim", &a, 1000)];
+        let limit = 10_000u64;
+        let opts = TransferOptions {
+            checkpoint_bytes: limit,
+            // The clock never triggers one: only bytes do.
+            checkpoint_every: std::time::Duration::from_secs(3600),
+            streams: 1,
+            ..TransferOptions::default()
+        };
+        {
+            let store = dp.open();
+            let st = store.stage("FRY00001", 1, record(1), m.clone()).unwrap();
+            let w = st.written().unwrap();
+            let mut t = Transfer::new(
+                st.manifests(),
+                opts,
+                |s| w[s.file as usize][s.index as usize],
+                |_| None,
+            );
+            // The agent's order: write, record, report written, then a
+            // checkpoint when the machine says one is due.
+            let now = std::time::Instant::now();
+            let mut n = 0;
+            'kill: while let Some(batch) = t.poll_request(0, now) {
+                for c in batch {
+                    let p = t.handle_chunk(0, &c.id, now).unwrap();
+                    let (_, off) = p.places[0];
+                    st.write(&p.places, &a[off as usize..off as usize + 1000])
+                        .unwrap();
+                    let mut marks = Marks::default();
+                    st.mark(&mut marks, 0, p.places[0].0.index, 1);
+                    st.record(marks).unwrap();
+                    t.handle_written(&c.id, now);
+                    if t.poll_checkpoint(now) {
+                        st.checkpoint().unwrap();
+                        t.handle_checkpointed();
+                    }
+                    n += 1;
+                    if n == 75 {
+                        break 'kill;
+                    }
+                }
+            }
+        }
+        let store = dp.open();
+        let st = store.stage("FRY00001", 1, record(1), m).unwrap();
+        let w = st.written().unwrap();
+        assert_eq!(w[0].iter().filter(|&&x| x).count(), 75);
+        let rehashed = st.rehashed_bytes();
+        assert!(
+            rehashed > 0 && rehashed <= limit,
+            "re-hashed {rehashed} bytes after a kill at 75,000 written; one checkpoint is {limit}"
+        );
     }
 
     #[test]

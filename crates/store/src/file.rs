@@ -258,24 +258,6 @@ pub fn sync_dir(path: &Path) -> Result<(), FileError> {
         .map_err(|e| FileError::new(path, "sync the folder", e))
 }
 
-/// Bytes allocated on disk under `path` (files and folders, as `du`
-/// counts them; links are not followed).
-pub fn disk_usage(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let mut total = meta.blocks() * 512;
-    if meta.is_dir() {
-        if let Ok(rd) = std::fs::read_dir(path) {
-            for e in rd.flatten() {
-                total += disk_usage(&e.path());
-            }
-        }
-    }
-    total
-}
-
 /// Why [`write_file`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError<E> {

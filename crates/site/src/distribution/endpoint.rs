@@ -22,7 +22,9 @@ use prost::Message;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::images;
-use crate::registry::{now, Hub, Transfer, TransferState, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
+use crate::registry::{
+    now, Hub, TransferReport, TransferState, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED,
+};
 
 /// Longest report string kept (errors, paths): a DP cannot grow the
 /// registry without bound.
@@ -158,12 +160,11 @@ impl DpServer {
                 Ok(name) => Some(name),
                 Err(reason) => {
                     warn!(%remote, %reason, "DP connection refused");
-                    let code = if reason.contains("revoked") {
-                        CLOSE_REVOKED
-                    } else {
-                        CLOSE_NOT_ALLOWED
+                    let code = match reason {
+                        Unknown::Revoked { .. } => CLOSE_REVOKED,
+                        Unknown::NotIssued => CLOSE_NOT_ALLOWED,
                     };
-                    conn.close(code.into(), reason.as_bytes());
+                    conn.close(code.into(), reason.to_string().as_bytes());
                     return;
                 }
             },
@@ -184,7 +185,7 @@ impl DpServer {
                         if let Some(fp) = &cert_fp {
                             if let Err(reason) = self.hub.identify(fp) {
                                 warn!(%reason, "DP connection refused");
-                                conn.close(CLOSE_REVOKED.into(), reason.as_bytes());
+                                conn.close(CLOSE_REVOKED.into(), reason.to_string().as_bytes());
                                 break;
                             }
                         }
@@ -520,7 +521,7 @@ impl DpServer {
         });
         // "Still installed" without figures keeps those of the transfer
         // that installed it (`Hub::report`).
-        let t = Transfer {
+        let t = TransferReport {
             revision: r.revision,
             state,
             bytes_needed: r.bytes_needed,

@@ -108,9 +108,25 @@ impl TransferState {
     }
 }
 
+/// Why a DP's certificate does not let it in.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unknown {
+    /// No enrolled DP holds it.
+    #[error("certificate not issued to any enrolled DP")]
+    NotIssued,
+    /// Its DP was revoked.
+    #[error("DP {dp} was revoked at {at}")]
+    Revoked {
+        /// The DP.
+        dp: String,
+        /// When.
+        at: String,
+    },
+}
+
 /// The last report of one DP about one package.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Transfer {
+pub struct TransferReport {
     /// The revision the report is about.
     pub revision: u32,
     /// Its state.
@@ -167,7 +183,7 @@ pub struct DpRecord {
     pub packages: BTreeSet<String>,
     /// Last report per package.
     #[serde(default)]
-    pub transfers: BTreeMap<String, Transfer>,
+    pub transfers: BTreeMap<String, TransferReport>,
     /// Last time it was connected (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_contact: Option<String>,
@@ -801,15 +817,18 @@ impl Hub {
 
     /// The DP a certificate belongs to: `Ok(name)`, or `Err(reason)` for a
     /// certificate that is not (or no longer) accepted.
-    pub fn identify(&self, fingerprint: &str) -> Result<String, String> {
+    pub fn identify(&self, fingerprint: &str) -> Result<String, Unknown> {
         let reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
         let d = reg
             .dps
             .values()
             .find(|d| d.cert_fingerprint.as_deref() == Some(fingerprint))
-            .ok_or_else(|| "certificate not issued to any enrolled DP".to_string())?;
+            .ok_or(Unknown::NotIssued)?;
         match &d.revoked {
-            Some(when) => Err(format!("DP {} was revoked at {when}", d.name)),
+            Some(when) => Err(Unknown::Revoked {
+                dp: d.name.clone(),
+                at: when.clone(),
+            }),
             None => Ok(d.name.clone()),
         }
     }
@@ -996,7 +1015,7 @@ impl Hub {
         &self,
         dp: &str,
         package: &str,
-        transfer: Option<Transfer>,
+        transfer: Option<TransferReport>,
     ) -> Result<(), HubError> {
         self.update_dp(dp, |d| {
             d.last_contact = Some(now());
@@ -1202,8 +1221,8 @@ mod tests {
         Hub::open(dir, lib).unwrap()
     }
 
-    fn transfer(revision: u32, state: TransferState, done: u64) -> Transfer {
-        Transfer {
+    fn transfer(revision: u32, state: TransferState, done: u64) -> TransferReport {
+        TransferReport {
             revision,
             state,
             bytes_needed: 1000,
@@ -1262,7 +1281,10 @@ mod tests {
         .unwrap();
         assert_eq!(hub.snapshot().holders("FRY00001"), vec!["dp1".to_string()]);
         hub.revoke("dp1").unwrap();
-        assert!(hub.identify("fp1").unwrap_err().contains("revoked"));
+        assert!(matches!(
+            hub.identify("fp1").unwrap_err(),
+            Unknown::Revoked { .. }
+        ));
         assert!(hub.identify("other").is_err());
         // A revoked DP's copy stops counting, and taking the package away
         // from it ends at once (it reports nothing any more).
