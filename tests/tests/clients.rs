@@ -316,6 +316,24 @@ fn clients_download_over_https_with_tokens_ranges_resume_and_pinned_revisions() 
     );
     assert_eq!(a.status, 200);
     assert_eq!(a.body.len(), big.len());
+    // If-Match compares strongly (RFC 9110): the file's own tag passes, the
+    // same tag marked weak does not; If-None-Match compares weakly.
+    let weak = format!("W/{etag}");
+    let ranged = |header: &str| curl(w, &ca, &["-r", "0-9", "-H", header, "-H", &auth, &big_url]);
+    let a = ranged(&format!("If-Match: {etag}"));
+    assert_eq!((a.status, a.body.as_slice()), (206, &big[..10]));
+    let a = ranged(&format!("If-Match: {weak}"));
+    assert_eq!(a.status, 412, "a weak tag never passes If-Match");
+    let a = ranged(&format!("If-Match: \"00ff\", {etag}"));
+    assert_eq!(a.status, 206, "one of a list is enough");
+    let a = ranged(&format!("If-Range: {weak}"));
+    assert_eq!(
+        (a.status, a.body.len()),
+        (200, big.len()),
+        "a weak If-Range is no match: the whole file"
+    );
+    let a = ranged(&format!("If-None-Match: {weak}"));
+    assert_eq!(a.status, 304, "If-None-Match compares weakly");
     // Past the end: 416.
     let a = curl(w, &ca, &["-r", "999999999-", "-H", &auth, &big_url]);
     assert_eq!(a.status, 416);

@@ -1,5 +1,13 @@
 //! HTTP byte ranges (RFC 9110 §14): what a `Range` header asks of a file
 //! of a known size, and the `multipart/byteranges` framing of several.
+//!
+//! Written here rather than taken from `http-range-header` (0.4): that
+//! crate refuses what RFC 9110 lets a client send and a server honour —
+//! overlapping ranges, a suffix longer than the file (`bytes=-5000` of a
+//! 1,000-byte file is the whole file, §14.1.2), optional whitespace before
+//! a comma — and fails the whole set when one range lies past the end,
+//! where §14.1.1 drops that range and serves the rest. The validators
+//! (`If-Match`, `If-Range`, `If-None-Match`) come from the `headers` crate.
 
 /// More ranges than this in one request are not honoured: the whole file
 /// is sent instead (RFC 9110 lets a server ignore `Range`), so a request
@@ -99,23 +107,6 @@ pub fn multipart_len(boundary: &str, parts: &[(u64, u64)], size: u64) -> u64 {
         + closing(boundary).len() as u64
 }
 
-/// Whether an `If-Range`, `If-Match` or `If-None-Match` value names
-/// `etag` (a list, `*`, or weak forms count).
-pub fn etag_matches(header: &str, etag: &str) -> bool {
-    header.split(',').any(|t| {
-        let t = t.trim();
-        t == "*" || t.trim_start_matches("W/") == etag
-    })
-}
-
-/// The ETag values named in a validator header, quotes kept.
-pub fn etags(header: &str) -> impl Iterator<Item = &str> {
-    header
-        .split(',')
-        .map(|t| t.trim().trim_start_matches("W/"))
-        .filter(|t| t.len() > 2 && t.starts_with('"') && t.ends_with('"'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,19 +164,5 @@ mod tests {
         body += &closing("B");
         assert_eq!(multipart_len("B", &parts, 1000), body.len() as u64);
         assert!(body.contains("Content-Range: bytes 100-149/1000"));
-    }
-
-    #[test]
-    fn validators_match_strong_weak_lists_and_star() {
-        let e = "\"abc\"";
-        assert!(etag_matches("\"abc\"", e));
-        assert!(etag_matches("W/\"abc\"", e));
-        assert!(etag_matches("\"x\", \"abc\"", e));
-        assert!(etag_matches("*", e));
-        assert!(!etag_matches("\"abd\"", e));
-        assert_eq!(
-            etags("\"a1\", W/\"b2\", junk").collect::<Vec<_>>(),
-            ["\"a1\"", "\"b2\""]
-        );
     }
 }

@@ -117,12 +117,23 @@ impl Shared {
         Ok(file)
     }
 
-    /// File `path` of `package` as it was with `etag`, if kept open.
-    pub(crate) fn pinned(&self, package: &str, path: &str, etag: &str) -> Option<(Arc<File>, u64)> {
+    /// Every version of file `path` of `package` kept open: ETag, file,
+    /// size.
+    pub(crate) fn pinned_versions(
+        &self,
+        package: &str,
+        path: &str,
+    ) -> Vec<(String, Arc<File>, u64)> {
+        let prefix = pin_key(package, path, "");
         let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-        let p = pins.get_mut(&pin_key(package, path, etag))?;
-        p.last = Instant::now();
-        Some((p.file.clone(), p.size))
+        let now = Instant::now();
+        pins.iter_mut()
+            .filter_map(|(k, p)| {
+                let etag = k.strip_prefix(&prefix)?;
+                p.last = now;
+                Some((etag.to_string(), p.file.clone(), p.size))
+            })
+            .collect()
     }
 
     pub(crate) fn expire(&self) {

@@ -6,77 +6,37 @@
 //! fields, with seconds first, are taken too (for schedules finer than a
 //! minute, as tests use).
 //!
-//! Weekdays are 0–6 from Sunday (7 is Sunday too) or `SUN`…`SAT`, as in
-//! crontab(5). The `cron` crate counts weekdays from 1 = Sunday and wants a
-//! seconds field, so expressions are translated for it here: every weekday
-//! is spelled out by name. Standard cron ORs a restricted day of the month
-//! with a restricted weekday; the `cron` crate ANDs them, so such an
-//! expression is refused rather than scheduled differently.
+//! Parsed and evaluated by `croner`, which follows crontab(5): weekdays
+//! 0–6 from Sunday (7 is Sunday too) or `SUN`…`SAT`, and a restricted day
+//! of the month with a restricted weekday matches either (`0 0 1 * 1`: the
+//! 1st of every month and every Monday).
 
-use std::str::FromStr;
-
+use croner::parser::{CronParser, Seconds, Year};
+use croner::Cron;
 use time::OffsetDateTime;
-
-const DAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
 
 /// A parsed schedule.
 #[derive(Clone, Debug)]
 pub struct Schedule {
     expr: String,
-    inner: cron::Schedule,
+    inner: Cron,
     /// The stated zone; UTC when `None`.
     zone: Option<tzfile::ArcTz>,
 }
 
-fn weekday(token: &str) -> Option<usize> {
-    if let Ok(n) = token.parse::<usize>() {
-        return (n <= 7).then_some(n % 7);
-    }
-    DAYS.iter().position(|d| d.eq_ignore_ascii_case(token))
-}
+/// Names of the fields, for messages.
+const FIELDS: [&str; 5] = ["minute", "hour", "day-of-month", "month", "weekday"];
 
-/// The set of weekdays (0 = Sunday) a weekday field names.
-fn weekdays(field: &str) -> Result<[bool; 7], String> {
-    let mut set = [false; 7];
-    for part in field.split(',') {
-        let (range, step) = match part.split_once('/') {
-            Some((r, s)) => (
-                r,
-                s.parse::<usize>()
-                    .ok()
-                    .filter(|&s| s > 0)
-                    .ok_or_else(|| format!("{s:?} is not a step"))?,
-            ),
-            None => (part, 1),
-        };
-        let (from, to) = if range == "*" {
-            (0, 6)
-        } else if let Some((a, b)) = range.split_once('-') {
-            let a = weekday(a).ok_or_else(|| format!("{a:?} is not a weekday"))?;
-            // `5-7` (Friday to Sunday) ends on 7, not 0.
-            let b = if b == "7" {
-                7
-            } else {
-                weekday(b).ok_or_else(|| format!("{b:?} is not a weekday"))?
-            };
-            if b < a {
-                return Err(format!("{range:?} runs backwards"));
-            }
-            (a, b)
-        } else {
-            let d = weekday(range).ok_or_else(|| format!("{range:?} is not a weekday"))?;
-            (d, if step > 1 { 6 } else { d })
-        };
-        for d in (from..=to).step_by(step) {
-            set[d % 7] = true;
-        }
-    }
-    Ok(set)
+fn parser() -> CronParser {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .year(Year::Disallowed)
+        .build()
 }
 
 impl Schedule {
     /// Parses a five-field expression (or six, seconds first). Errors name
-    /// the expression and say what is wrong, for the flag's user.
+    /// the expression and the field that is wrong, for the flag's user.
     pub fn parse(expr: &str) -> Result<Self, String> {
         let mut fields: Vec<&str> = expr.split_whitespace().collect();
         let zone_name = fields.first().and_then(|f| {
@@ -96,34 +56,27 @@ impl Schedule {
             }
             None => None,
         };
-        let second = if fields.len() == 6 {
-            fields.remove(0)
-        } else {
-            "0"
+        let five = match fields.len() {
+            5 => &fields[..],
+            6 => &fields[1..],
+            _ => {
+                return Err(format!(
+                    "{expr:?} is not a cron expression: it needs 5 fields (minute hour day-of-month month weekday), e.g. \"0 2 * * 6\" for Saturdays at 02:00 UTC"
+                ))
+            }
         };
-        let [minute, hour, dom, month, dow] = fields[..] else {
-            return Err(format!(
-                "{expr:?} is not a cron expression: it needs 5 fields (minute hour day-of-month month weekday), e.g. \"0 2 * * 6\" for Saturdays at 02:00 UTC"
-            ));
-        };
-        if dom != "*" && dow != "*" {
-            return Err(format!(
-                "{expr:?}: give a day of the month or a weekday, not both"
-            ));
-        }
-        let days = weekdays(dow).map_err(|e| format!("{expr:?}: weekday field: {e}"))?;
-        let dow = if days.iter().all(|&d| d) {
-            "*".to_string()
-        } else {
-            DAYS.iter()
-                .zip(days)
-                .filter(|(_, on)| *on)
-                .map(|(d, _)| *d)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let full = format!("{second} {minute} {hour} {dom} {month} {dow}");
-        let inner = cron::Schedule::from_str(&full).map_err(|e| format!("{expr:?}: {e}"))?;
+        let inner = parser().parse(&fields.join(" ")).map_err(|e| {
+            // Name the field: the first that fails alone among stars.
+            let field = (0..5).find(|&i| {
+                let mut alone = ["*"; 5];
+                alone[i] = five[i];
+                parser().parse(&alone.join(" ")).is_err()
+            });
+            match field {
+                Some(i) => format!("{expr:?}: {} field {:?}: {e}", FIELDS[i], five[i]),
+                None => format!("{expr:?}: {e}"),
+            }
+        })?;
         Ok(Self {
             expr: expr.split_whitespace().collect::<Vec<_>>().join(" "),
             inner,
@@ -151,10 +104,14 @@ impl Schedule {
         let next = match &self.zone {
             Some(tz) => self
                 .inner
-                .after(&after.with_timezone(tz))
-                .next()?
+                .find_next_occurrence(&after.with_timezone(tz), false)
+                .ok()?
                 .timestamp(),
-            None => self.inner.after(&after).next()?.timestamp(),
+            None => self
+                .inner
+                .find_next_occurrence(&after, false)
+                .ok()?
+                .timestamp(),
         };
         OffsetDateTime::from_unix_timestamp(next).ok()
     }
@@ -191,6 +148,31 @@ mod tests {
     }
 
     #[test]
+    fn a_day_of_month_with_a_weekday_matches_either_as_crontab_has_it() {
+        // 2026-12-01 is a Tuesday: the next Monday is the 7th, then the
+        // 14th, 21st, 28th; then the 1st of January (a Friday).
+        let s = Schedule::parse("0 0 1 * 1").unwrap();
+        let mut t = datetime("2026-12-01T12:00:00Z");
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            t = s.next_after(t).unwrap();
+            runs.push(t);
+        }
+        assert_eq!(
+            runs,
+            [
+                "2026-12-07T00:00:00Z",
+                "2026-12-14T00:00:00Z",
+                "2026-12-21T00:00:00Z",
+                "2026-12-28T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+            ]
+            .map(datetime)
+        );
+        assert_eq!(runs[4].weekday(), Weekday::Friday, "the 1st, not a Monday");
+    }
+
+    #[test]
     fn a_stated_zone_is_followed_through_daylight_saving() {
         // Saturdays at 02:00 in Berlin: 01:00 UTC in winter, 00:00 in summer.
         let s = Schedule::parse("CRON_TZ=Europe/Berlin 0 2 * * 6").unwrap();
@@ -213,14 +195,13 @@ mod tests {
     fn malformed_expressions_say_what_is_wrong() {
         let e = Schedule::parse("* * *").unwrap_err();
         assert!(e.contains("5 fields"), "{e}");
-        let e = Schedule::parse("0 0 1 * 1").unwrap_err();
-        assert!(e.contains("not both"), "{e}");
         assert!(Schedule::parse("0 0 * * 8")
             .unwrap_err()
-            .contains("weekday"));
-        assert!(Schedule::parse("0 0 * * 5-2")
-            .unwrap_err()
-            .contains("backwards"));
+            .contains("weekday field \"8\""));
+        let e = Schedule::parse("0 0 * * 5-2").unwrap_err();
+        assert!(e.contains("weekday field \"5-2\""), "{e}");
+        let e = Schedule::parse("0 25 * * *").unwrap_err();
+        assert!(e.contains("hour field \"25\""), "{e}");
         assert!(Schedule::parse("99 * * * *").is_err());
         assert_eq!(Schedule::parse(" 0  3 * * * ").unwrap().expr(), "0 3 * * *");
     }

@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
+use headers::{ETag, HeaderMapExt, IfMatch, IfNoneMatch, IfRange};
 use serde::{Deserialize, Serialize};
 
 use crate::ranges::{self, Plan};
@@ -106,6 +107,29 @@ enum Choice {
     Failed,
 }
 
+/// An ETag of ours as the `headers` crate compares them.
+fn tag(etag: &str) -> Option<ETag> {
+    etag.parse().ok()
+}
+
+/// Whether `etag` satisfies the request's validators: `If-Match` by the
+/// strong comparison (RFC 9110 13.1.1: a weak `W/"…"` never matches), else
+/// an `If-Range` entity tag (strong too). No validator: any does.
+fn satisfies(headers: &HeaderMap, etag: &str) -> bool {
+    let Some(etag) = tag(etag) else {
+        return false;
+    };
+    if headers.contains_key(header::IF_MATCH) {
+        // Present but unreadable: nothing satisfies it.
+        return headers
+            .typed_get::<IfMatch>()
+            .is_some_and(|m| m.precondition_passes(&etag));
+    }
+    headers
+        .typed_get::<IfRange>()
+        .is_none_or(|r| !r.is_modified(Some(&etag), None))
+}
+
 fn choose(
     sh: &Shared,
     headers: &HeaderMap,
@@ -113,17 +137,15 @@ fn choose(
     path: &str,
     current: Option<&str>,
 ) -> Choice {
-    let text = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
-    let validators = text(header::IF_MATCH).or_else(|| text(header::IF_RANGE));
-    let Some(v) = validators else {
-        return Choice::Current;
-    };
-    if current.is_some_and(|c| ranges::etag_matches(v, c)) {
+    if !headers.contains_key(header::IF_MATCH) && !headers.contains_key(header::IF_RANGE) {
         return Choice::Current;
     }
-    for e in ranges::etags(v) {
-        if let Some((f, size)) = sh.pinned(package, path, e) {
-            return Choice::Pinned(e.to_string(), f, size);
+    if current.is_some_and(|c| satisfies(headers, c)) {
+        return Choice::Current;
+    }
+    for (e, f, size) in sh.pinned_versions(package, path) {
+        if satisfies(headers, &e) {
+            return Choice::Pinned(e, f, size);
         }
     }
     if headers.contains_key(header::IF_MATCH) {
@@ -186,14 +208,23 @@ pub(super) async fn file(
         .header(header::ETAG, &etag)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CACHE_CONTROL, "no-cache");
-    if text(header::IF_NONE_MATCH).is_some_and(|v| ranges::etag_matches(v, &etag)) {
+    // If-None-Match compares weakly (RFC 9110 13.1.2).
+    let unchanged = headers
+        .typed_get::<IfNoneMatch>()
+        .zip(tag(&etag))
+        .is_some_and(|(m, e)| !m.precondition_passes(&e));
+    if unchanged {
         return resp
             .status(StatusCode::NOT_MODIFIED)
             .body(Body::empty())
             .unwrap_or_default();
     }
     // If-Range that names another version: the whole file.
-    let if_range_ok = text(header::IF_RANGE).is_none_or(|v| ranges::etag_matches(v, &etag));
+    let if_range_ok = !headers.contains_key(header::IF_RANGE)
+        || headers
+            .typed_get::<IfRange>()
+            .zip(tag(&etag))
+            .is_some_and(|(r, e)| !r.is_modified(Some(&e), None));
     let plan = match text(header::RANGE) {
         Some(r) if if_range_ok => ranges::plan(r, size),
         _ => Plan::Whole,
