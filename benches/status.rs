@@ -1,6 +1,8 @@
 //! What DP reports cost the site, and how fast `ferry status` answers, with
 //! 100 DPs × 20 packages in the registry and every DP reporting progress on
-//! all of its packages four times a second.
+//! all of its packages four times a second; then, with one more DP
+//! connecting and disconnecting in a loop on top (each connection and each
+//! disconnection is a durable write of the registry).
 //!
 //! ```text
 //! scripts/bench.sh --bench status
@@ -101,6 +103,33 @@ async fn speak(
     }
 }
 
+/// One DP connecting, opening its control stream and leaving, again and
+/// again until `stop`; counts the connections.
+async fn churn(
+    data: std::path::PathBuf,
+    site: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    cycles: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    while !stop.load(Ordering::Relaxed) {
+        let conn = connect(&data, site).await?;
+        let (mut send, _recv) = conn.open_bi().await?;
+        let hello = pb::Request {
+            kind: Some(request::Kind::Watch(pb::Watch {
+                protocol: ferry_wire::PROTOCOL_VERSION,
+                holdings: Vec::new(),
+                disk: None,
+            })),
+        };
+        ferry_wire::write_frame(&mut send, &hello).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        conn.close(0u32.into(), b"churn");
+        conn.closed().await;
+        cycles.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 /// `ferry status --json`, timed `runs` times: (median, slowest, rows
 /// listed, rows showing reported progress).
 fn time_status(site: &SiteProc, runs: usize) -> anyhow::Result<(Duration, Duration, usize, usize)> {
@@ -153,10 +182,12 @@ fn main() -> anyhow::Result<()> {
         let id = pkg["id"].as_str().context("id")?.to_string();
         packages.push((id, 1u32));
     }
-    // 100 enrolled DPs, one group holding all 20 packages.
+    // 100 enrolled DPs, one group holding all 20 packages; one more that
+    // only connects and disconnects.
     let names: Vec<String> = (0..DPS).map(|i| format!("dp{i:03}")).collect();
+    let churner = "churn".to_string();
     let mut dirs = Vec::new();
-    for name in &names {
+    for name in names.iter().chain([&churner]) {
         let token = site.cli_json(&["dp", "add", name])?["token"]
             .as_str()
             .context("token")?
@@ -182,6 +213,7 @@ fn main() -> anyhow::Result<()> {
         site.cli_ok(&["distribute", id, "--group", "all"])?;
     }
 
+    let churn_dir = dirs.pop().context("the churning DP")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -214,7 +246,22 @@ fn main() -> anyhow::Result<()> {
     let busy = core_share(pid, WINDOW)?;
     let rate = (sent.load(Ordering::Relaxed) - before) as f64 / WINDOW.as_secs_f64();
     let (median, max, rows, moving) = time_status(&site, 15)?;
+    // And one DP connecting and leaving in a loop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cycles = Arc::new(AtomicU64::new(0));
+    let churning = rt.spawn(churn(churn_dir.clone(), addr, stop.clone(), cycles.clone()));
+    std::thread::sleep(Duration::from_secs(2));
+    let c0 = cycles.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    let (churn_median, churn_max, churn_rows, _) = time_status(&site, 15)?;
+    let churn_rate = (cycles.load(Ordering::Relaxed) - c0) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(churning)??;
     reporting.store(false, Ordering::Relaxed);
+    anyhow::ensure!(
+        churn_rows == DPS * PACKAGES,
+        "status listed {churn_rows} rows during the churn"
+    );
     anyhow::ensure!(
         rows == DPS * PACKAGES && moving == rows,
         "status listed {rows} rows ({moving} with reported progress), not {}",
@@ -226,7 +273,8 @@ fn main() -> anyhow::Result<()> {
 Every DP connected over QUIC with its own certificate, reporting progress on each of its {PACKAGES} packages {REPORTS_PER_SEC}× a second: {rate:.0} reports/s measured.\n\n\
 | | site CPU (share of one core) | `ferry status --json` median | slowest of 15 |\n|---|---:|---:|---:|\n\
 | DPs connected, silent | {:.1} % | {:.0} ms | {:.0} ms |\n\
-| every DP reporting | {:.1} % | {:.0} ms | {:.0} ms |\n\n\
+| every DP reporting | {:.1} % | {:.0} ms | {:.0} ms |\n\
+| every DP reporting, one more connecting and leaving ({churn_rate:.1}/s) | | {:.0} ms | {:.0} ms |\n\n\
 CPU for the reports: {:.1} % of a core. `ferry status` lists {rows} rows (process start included).\n",
         idle * 100.0,
         idle_median.as_secs_f64() * 1000.0,
@@ -234,6 +282,8 @@ CPU for the reports: {:.1} % of a core. `ferry status` lists {rows} rows (proces
         busy * 100.0,
         median.as_secs_f64() * 1000.0,
         max.as_secs_f64() * 1000.0,
+        churn_median.as_secs_f64() * 1000.0,
+        churn_max.as_secs_f64() * 1000.0,
         reports_share * 100.0,
     );
     let results = json!({
@@ -242,6 +292,9 @@ CPU for the reports: {:.1} % of a core. `ferry status` lists {rows} rows (proces
         "status_ms_idle_median": idle_median.as_secs_f64() * 1000.0,
         "status_ms_median": median.as_secs_f64() * 1000.0,
         "status_ms_max": max.as_secs_f64() * 1000.0,
+        "churn_connections_per_sec": churn_rate,
+        "status_ms_churn_median": churn_median.as_secs_f64() * 1000.0,
+        "status_ms_churn_max": churn_max.as_secs_f64() * 1000.0,
         "rows": rows,
     });
     rt.shutdown_timeout(Duration::from_secs(1));
