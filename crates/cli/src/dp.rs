@@ -203,12 +203,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 
 /// This host's name, and `listen`'s address unless it is unspecified.
 fn default_client_names(listen: std::net::SocketAddr) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .into_iter()
-        .collect();
+    let mut names: Vec<String> = ferry_site::host_name().into_iter().collect();
     if !listen.ip().is_unspecified() {
         names.push(listen.ip().to_string());
     }

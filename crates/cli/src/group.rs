@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use ferry_site::api::{GroupRequest, MembersRequest};
-use ferry_site::registry::GroupRecord;
+use ferry_site::distribution::records::GroupRecord;
 use reqwest::Method;
 use std::collections::BTreeMap;
 

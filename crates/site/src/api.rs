@@ -833,7 +833,10 @@ async fn add_dp(
     Json(req): Json<AddDpRequest>,
 ) -> Result<Response, ApiError> {
     let secret = s.hub.add_dp(&req.name, req.reissue)?;
-    let ca_pem = std::fs::read_to_string(s.data.join(crate::CA_CERT_FILE)).map_err(internal)?;
+    let ca_file = s.data.join(crate::CA_CERT_FILE);
+    let ca_pem = tokio::fs::read_to_string(&ca_file)
+        .await
+        .map_err(|e| internal(format!("cannot read {}: {e}", ca_file.display())))?;
     let ca = ferry_net::pki::cert_der(&ca_pem, "site CA certificate").map_err(internal)?;
     let token = ferry_net::pki::EnrollToken {
         secret,
@@ -854,11 +857,7 @@ fn dp_endpoint(listen: std::net::SocketAddr) -> String {
     if !listen.ip().is_unspecified() {
         return listen.to_string();
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "SITE_HOST".into());
+    let host = crate::host_name().unwrap_or_else(|| "SITE_HOST".into());
     format!("{host}:{}", listen.port())
 }
 
@@ -1086,14 +1085,21 @@ async fn show_update(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(crate::updates::read(&s.data, &id)?).into_response())
+    let data = s.data.clone();
+    let rec = tokio::task::spawn_blocking(move || crate::updates::read(&data, &id))
+        .await
+        .map_err(internal)??;
+    Ok(Json(rec).into_response())
 }
 
 async fn remove_update(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    crate::updates::read(&s.data, &id)?;
+    let (data, what) = (s.data.clone(), id.clone());
+    tokio::task::spawn_blocking(move || crate::updates::read(&data, &what))
+        .await
+        .map_err(internal)??;
     let waiting: Vec<String> = s
         .jobs
         .list(None)
@@ -1110,7 +1116,10 @@ async fn remove_update(
             ),
         });
     }
-    let r = crate::updates::remove(&s.data, &id)?;
+    let (data, what) = (s.data.clone(), id.clone());
+    let r = tokio::task::spawn_blocking(move || crate::updates::remove(&data, &what))
+        .await
+        .map_err(internal)??;
     tracing::info!(update = %id, "update removed from the catalog");
     Ok(Json(r).into_response())
 }

@@ -20,7 +20,9 @@ pub mod schedule;
 pub mod servicing;
 
 // Each module also by its short name (`crate::images`, `ferry_site::jobs`).
-pub use distribution::{clients, endpoint, multicast, registry, status, validation};
+pub use distribution::{
+    clients, endpoint, multicast, persist, records, registry, status, validation,
+};
 pub use library::{catalog, images, ingest, upgrade};
 pub use servicing::{jobs, service, updates};
 
@@ -110,6 +112,28 @@ pub fn now() -> String {
 /// Writes `value` as JSON to `path` whole or not at all: a synced temporary
 /// file in the same folder, renamed over it, and the folder synced so the
 /// rename itself survives a crash.
+/// This host's name (`uname -n`), if it has one.
+pub fn host_name() -> Option<String> {
+    let name = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .trim()
+        .to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Runs `f`, which waits for the disk, without stalling the async
+/// runtime: on a worker of the multi-threaded runtime the worker's other
+/// tasks move to another thread while it waits (`block_in_place`); outside
+/// one (tests, start-up) it just runs.
+pub(crate) fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 pub(crate) fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -11,22 +11,8 @@ use serde::{Deserialize, Serialize};
 use ferry_net::client_token::{self, Claims};
 use ferry_net::pki::SigningKey;
 
-use crate::registry::{Hub, HubError, Registry};
-
-/// A client token the site issued.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientTokenRecord {
-    /// Its id (what revocation names).
-    pub id: String,
-    /// Issued at (Unix seconds).
-    pub issued: i64,
-    /// Expires at (Unix seconds); never when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires: Option<i64>,
-    /// When it was revoked (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked: Option<String>,
-}
+use crate::records::{ClientTokenRecord, Registry};
+use crate::registry::{Hub, HubError};
 
 /// A token as `ferry client token list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,7 +208,7 @@ mod tests {
             .insert("d".into(), rec("dd", Some(now + 99), true));
         reg.dps.insert(
             "dp1".into(),
-            crate::registry::DpRecord {
+            crate::records::DpRecord {
                 anonymous_clients: true,
                 packages: ["FRY00001".to_string(), "FRY00002".to_string()].into(),
                 ..Default::default()

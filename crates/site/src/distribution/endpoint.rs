@@ -22,9 +22,8 @@ use prost::Message;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::images;
-use crate::registry::{
-    now, Hub, TransferReport, TransferState, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED,
-};
+use crate::records::{TransferReport, TransferState};
+use crate::registry::{now, Hub, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 
 /// Longest report string kept (errors, paths): a DP cannot grow the
 /// registry without bound.
@@ -536,7 +535,7 @@ impl DpServer {
             updated: updated.clone(),
         };
         if let Some(v) = &r.validation {
-            let result = crate::registry::ValidationResult {
+            let result = crate::records::ValidationResult {
                 request: v.request,
                 revision: r.revision,
                 done: v.done,
@@ -547,7 +546,7 @@ impl DpServer {
                     .damaged
                     .iter()
                     .take(MAX_DAMAGE_RECORDS)
-                    .map(|d| crate::registry::DamageRecord {
+                    .map(|d| crate::records::DamageRecord {
                         path: bounded(&d.path),
                         offset: d.offset,
                         len: d.len,

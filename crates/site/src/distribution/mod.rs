@@ -1,13 +1,17 @@
-//! Distribution to DPs: what the site knows of them ([`registry`]: enrollment,
-//! groups, assignments, reports, kept in the library's `state`), the QUIC
-//! endpoint they talk to ([`endpoint`]), the views operators read
-//! ([`status`]), and DP content validation on demand and on a schedule
-//! ([`validation`], on `crate::schedule`'s five-field cron), and the tokens
-//! of the computers that download from DPs ([`clients`]).
+//! Distribution to DPs: what the site knows of them ([`records`]:
+//! enrollment, groups, assignments, reports; kept in memory by
+//! [`registry`]'s `Hub` and written by [`persist`]'s one writer into the
+//! library's `state`), the QUIC endpoint they talk to ([`endpoint`]), the
+//! views operators read ([`status`]), DP content validation on demand and
+//! on a schedule ([`validation`], on `crate::schedule`'s cron), the tokens
+//! of the computers that download from DPs ([`clients`]) and multicast
+//! settings ([`multicast`]).
 
 pub mod clients;
 pub mod endpoint;
 pub mod multicast;
+pub mod persist;
+pub mod records;
 pub mod registry;
 pub mod status;
 pub mod validation;

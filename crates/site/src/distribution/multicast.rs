@@ -10,63 +10,11 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{Hub, HubError, Registry};
-
-/// The group range sessions use unless the operator gives one (inside
-/// 239.255.0.0/16, the IPv4 local scope of RFC 2365).
-pub const DEFAULT_GROUP: &str = "239.255.0.0/24";
-/// The UDP ports sessions use unless the operator gives others.
-pub const DEFAULT_PORTS: (u16, u16) = (63000, 64000);
-/// Clients one session takes unless the operator says otherwise.
-pub const DEFAULT_MAX_CLIENTS: u32 = 50;
-/// Bytes per second a session sends at most by default: 100 Mbit/s.
-pub const DEFAULT_RATE: u64 = 12_500_000;
-
-/// A DP's multicast settings, as its record keeps them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DpMulticast {
-    /// Whether the DP runs sessions (the settings are kept while it does
-    /// not).
-    pub enabled: bool,
-    /// IPv4 group range, CIDR.
-    pub group: String,
-    /// First UDP port.
-    pub port_first: u16,
-    /// Last UDP port (inclusive).
-    pub port_last: u16,
-    /// Clients one session takes at most.
-    pub max_clients: u32,
-    /// Bytes per second a session sends at most.
-    pub rate: u64,
-    /// Seconds a session waits after its first client joined ...
-    pub start_delay_secs: u64,
-    /// ... unless this many clients joined first.
-    pub min_clients: u32,
-    /// IP time to live of the datagrams.
-    pub ttl: u32,
-    /// IPv4 address of the interface to send on (the routing table's
-    /// choice when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
-}
-
-impl Default for DpMulticast {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            group: DEFAULT_GROUP.into(),
-            port_first: DEFAULT_PORTS.0,
-            port_last: DEFAULT_PORTS.1,
-            max_clients: DEFAULT_MAX_CLIENTS,
-            rate: DEFAULT_RATE,
-            start_delay_secs: 0,
-            min_clients: 1,
-            ttl: 1,
-            interface: None,
-        }
-    }
-}
+use crate::records::Registry;
+pub use crate::records::{
+    DpMulticast, DEFAULT_GROUP, DEFAULT_MAX_CLIENTS, DEFAULT_PORTS, DEFAULT_RATE,
+};
+use crate::registry::{Hub, HubError};
 
 /// Body of `POST /api/v1/dps/{name}/multicast`: what to change; the rest
 /// stays as it was (or at its default the first time).
@@ -306,7 +254,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::DpRecord;
+    use crate::records::DpRecord;
 
     #[test]
     fn changes_are_checked_and_keep_what_they_do_not_name() {

@@ -1,38 +1,32 @@
-//! What the site knows about its distribution points: enrollment, groups,
-//! assignments, and the last state each DP reported per package.
+//! The registry in memory: [`Hub`] keeps the records
+//! ([`crate::records`]) under a lock, signals connected DPs when their
+//! assignments change, and holds what is only true while the site runs
+//! (who is online, bytes served per DP).
 //!
 //! The site is the source of truth for what each DP should hold: a DP's
 //! assignment is its own packages plus those of every group it belongs to,
-//! each at the package's latest revision. The registry lives in the site's
-//! RocksDB (the library's `state` column family): one record per DP and per
-//! group, written in one synced batch per change. [`Hub`] keeps it in
-//! memory with a lock, a change signal for connected DPs, and what is only
-//! true while the site runs (who is online), and a counter of bytes served
-//! per DP. A DP's progress reports and bytes served change memory only; its
-//! record (with both) is written when a transfer's state, revision or error
-//! changes, and for every DP when the site stops.
-//! A `registry.json` of an earlier release is moved in on first start.
+//! each at the package's released revision. The lock is held while a
+//! change is made and queued for [`crate::persist`]'s writer, never while
+//! it is written: an operator's change then waits for the disk (off the
+//! async threads), a DP's report or contact does not. A DP's progress
+//! reports and bytes served change memory only; its record (with both) is
+//! written when a transfer's state, revision or error changes, and for
+//! every DP when the site stops.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use crate::now;
 use ferry_store::Library;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-/// File name of the registry of earlier releases inside the data folder;
-/// moved into the library on first start, then renamed to
-/// [`MIGRATED_REGISTRY_FILE`].
-pub const REGISTRY_FILE: &str = "registry.json";
-/// What an earlier release's registry file is renamed to once moved in.
-pub const MIGRATED_REGISTRY_FILE: &str = "registry.json.migrated";
-/// Key prefixes of the records in the library's state.
-const DP_PREFIX: &[u8] = b"dp/";
-const GROUP_PREFIX: &[u8] = b"group/";
-const CLIENT_PREFIX: &[u8] = b"client/";
+use crate::persist::{Persist, Unsaved};
+use crate::records::{
+    DiskRecord, DpRecord, GroupRecord, Registry, TransferReport, ValidationResult,
+};
+
 /// Longest DP or group name.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -82,32 +76,6 @@ impl HubError {
     }
 }
 
-/// Where one package stands on one DP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TransferState {
-    /// Assigned; the DP has not started it.
-    Pending,
-    /// Chunks are moving.
-    InProgress,
-    /// Every file stands rebuilt and verified in the DP's content folder.
-    Installed,
-    /// The last attempt failed; the DP retries.
-    Failed,
-    /// The DP is deleting it.
-    Removing,
-    /// Installed, and being re-hashed against its signed manifest.
-    Validating,
-}
-
-impl TransferState {
-    /// Whether the DP holds the revision whole (installed, or validating
-    /// what it installed).
-    pub fn holds(self) -> bool {
-        matches!(self, Self::Installed | Self::Validating)
-    }
-}
-
 /// Why a DP's certificate does not let it in.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Unknown {
@@ -124,248 +92,6 @@ pub enum Unknown {
     },
 }
 
-/// The last report of one DP about one package.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransferReport {
-    /// The revision the report is about.
-    pub revision: u32,
-    /// Its state.
-    pub state: TransferState,
-    /// Chunk bytes the DP lacked when it planned the transfer.
-    pub bytes_needed: u64,
-    /// Of those, bytes received and stored.
-    pub bytes_done: u64,
-    /// What a full copy of the revision's files costs.
-    pub full_bytes: u64,
-    /// UDP bytes received at the DP's socket during the transfer.
-    pub wire_bytes: u64,
-    /// Bytes the DP copied from files it held (no network).
-    #[serde(default)]
-    pub bytes_local: u64,
-    /// Bytes of the signed manifest as it travelled.
-    #[serde(default)]
-    pub manifest_bytes: u64,
-    /// Why the last attempt failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// When the DP tries again after a failure (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_retry: Option<String>,
-    /// When the transfer of this revision started (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started: Option<String>,
-    /// When the report arrived (RFC 3339).
-    pub updated: String,
-}
-
-/// One distribution point.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DpRecord {
-    /// Its name (the subject of its certificate).
-    pub name: String,
-    /// When `ferry dp add` created it.
-    pub created: String,
-    /// When it enrolled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enrolled: Option<String>,
-    /// Fingerprint of the certificate issued at enrollment; only that
-    /// certificate is accepted for this DP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_fingerprint: Option<String>,
-    /// When it was revoked; it is refused from then on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked: Option<String>,
-    /// BLAKE3 (hex) of its unused enrollment token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_hash: Option<String>,
-    /// Packages assigned to it directly.
-    #[serde(default)]
-    pub packages: BTreeSet<String>,
-    /// Last report per package.
-    #[serde(default)]
-    pub transfers: BTreeMap<String, TransferReport>,
-    /// Last time it was connected (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_contact: Option<String>,
-    /// Address it last connected from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
-    /// Content validation: schedule, the latest request, results.
-    #[serde(default)]
-    pub validation: ValidationState,
-    /// Chunk bytes the site has sent it, as of the record's last write (the
-    /// live figure is [`Hub::served_bytes`]).
-    #[serde(default)]
-    pub served_bytes: u64,
-    /// Per package, how many times the operator asked for a rebuild from
-    /// scratch (`ferry redistribute ID --dp NAME`); kept after the package
-    /// leaves, so a number is never reused.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub rebuilds: BTreeMap<String, u64>,
-    /// Its disk, as it last reported (at connection and after each install,
-    /// removal or failure).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk: Option<DiskRecord>,
-    /// Clients without a token may download from it.
-    #[serde(default)]
-    pub anonymous_clients: bool,
-    /// The names in the certificate of its HTTPS listener, as last issued.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub client_names: Vec<String>,
-    /// Its multicast settings (`ferry dp multicast`), kept while off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multicast: Option<crate::multicast::DpMulticast>,
-    /// Its multicast sessions as it last reported them: running, then
-    /// recently ended.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub multicast_sessions: Vec<ferry_mcast::SessionView>,
-}
-
-/// A DP's disk as it reported it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskRecord {
-    /// Allocated bytes of its data and content folders.
-    pub used_bytes: u64,
-    /// Free bytes on the content folder's filesystem.
-    pub free_bytes: u64,
-    /// Size of that filesystem.
-    pub total_bytes: u64,
-    /// When it reported them (RFC 3339).
-    pub updated: String,
-}
-
-/// A DP's content validation.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ValidationState {
-    /// Five-field cron expression (UTC) for scheduled runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schedule: Option<String>,
-    /// The latest request's number (0: none yet); the DP answers each once.
-    #[serde(default)]
-    pub requested: u64,
-    /// Packages of the latest request; empty for all.
-    #[serde(default)]
-    pub packages: Vec<String>,
-    /// When the latest request was made (RFC 3339), and why.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_at: Option<String>,
-    /// Last scheduled run (RFC 3339): the next one is after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_scheduled: Option<String>,
-    /// The last result per package.
-    #[serde(default)]
-    pub results: BTreeMap<String, ValidationResult>,
-}
-
-/// One validation run of one package on one DP.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ValidationResult {
-    /// The request it answers.
-    pub request: u64,
-    /// The revision checked.
-    pub revision: u32,
-    /// Whether the run is over (else: progress so far).
-    pub done: bool,
-    /// Bytes re-hashed, and in all.
-    pub bytes_checked: u64,
-    /// Bytes of the revision.
-    pub bytes_total: u64,
-    /// Chunk occurrences re-hashed.
-    pub chunks_checked: u64,
-    /// Damaged chunks found, each with what became of it.
-    #[serde(default)]
-    pub damaged: Vec<DamageRecord>,
-    /// When the DP reported it (RFC 3339).
-    pub updated: String,
-}
-
-/// One damaged chunk occurrence a DP found.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DamageRecord {
-    /// File inside the package.
-    pub path: String,
-    /// Offset of the chunk in the file.
-    pub offset: u64,
-    /// Its length.
-    pub len: u32,
-    /// The chunk id (hex).
-    pub chunk: String,
-    /// Refetched and written in place.
-    pub repaired: bool,
-    /// Why it could not be repaired.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error: String,
-}
-
-/// A named set of DPs and the packages they all receive.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupRecord {
-    /// Member DPs.
-    pub members: BTreeSet<String>,
-    /// Packages assigned to the group.
-    pub packages: BTreeSet<String>,
-}
-
-/// Everything persisted.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Registry {
-    /// DPs by name.
-    pub dps: BTreeMap<String, DpRecord>,
-    /// Groups by name.
-    pub groups: BTreeMap<String, GroupRecord>,
-    /// Client tokens by name.
-    #[serde(default)]
-    pub clients: BTreeMap<String, crate::clients::ClientTokenRecord>,
-}
-
-impl Registry {
-    /// Packages DP `name` must hold: its own and its groups'.
-    pub fn assigned(&self, name: &str) -> BTreeSet<String> {
-        let mut out = self
-            .dps
-            .get(name)
-            .map(|d| d.packages.clone())
-            .unwrap_or_default();
-        for g in self.groups.values().filter(|g| g.members.contains(name)) {
-            out.extend(g.packages.iter().cloned());
-        }
-        out
-    }
-
-    /// Groups DP `name` belongs to.
-    pub fn groups_of(&self, name: &str) -> Vec<String> {
-        self.groups
-            .iter()
-            .filter(|(_, g)| g.members.contains(name))
-            .map(|(n, _)| n.clone())
-            .collect()
-    }
-
-    /// Whether every DP that holds or must hold `package` has revision
-    /// `target` installed (older revisions may then go).
-    pub fn settled(&self, package: &str, target: u32) -> bool {
-        self.holders(package).iter().all(|dp| {
-            self.dps
-                .get(dp)
-                .and_then(|d| d.transfers.get(package))
-                .is_none_or(|t| t.state.holds() && t.revision == target)
-        })
-    }
-
-    /// DPs that hold or must hold `package`. A revoked DP is not one: the
-    /// site no longer reaches it, so what it holds stops counting.
-    pub fn holders(&self, package: &str) -> Vec<String> {
-        self.dps
-            .iter()
-            .filter(|(n, d)| {
-                d.revoked.is_none()
-                    && (self.assigned(n).contains(package) || d.transfers.contains_key(package))
-            })
-            .map(|(n, _)| n.clone())
-            .collect()
-    }
-}
-
 /// A DP connected right now.
 #[derive(Clone, Debug)]
 pub struct Online {
@@ -379,10 +105,11 @@ pub struct Online {
 
 /// The registry with its lock, change signal and live state.
 pub struct Hub {
-    lib: Arc<Library>,
     reg: Mutex<Registry>,
     /// DPs whose in-memory record has progress not written yet.
-    unsaved: Mutex<BTreeSet<String>>,
+    unsaved: Unsaved,
+    /// The one writer of the records.
+    persist: Persist,
     changed: watch::Sender<u64>,
     online: Mutex<HashMap<String, Online>>,
     served: Mutex<HashMap<String, Arc<AtomicU64>>>,
@@ -408,171 +135,88 @@ pub fn token_hash(secret: &str) -> String {
 }
 
 impl Hub {
-    /// Opens the registry kept in `lib`; a `DIR/registry.json` of an
-    /// earlier release is moved in first (when the library holds none).
-    /// A record that cannot be read is reported and skipped, never hiding
-    /// the others.
+    /// Opens the registry kept in `lib` (see [`Persist::open`]).
     pub fn open(data: &Path, lib: Arc<Library>) -> Result<Self, HubError> {
-        let hub = Self {
-            lib,
-            reg: Mutex::new(Registry::default()),
-            unsaved: Mutex::new(BTreeSet::new()),
-            changed: watch::channel(0).0,
-            online: Mutex::new(HashMap::new()),
-            served: Mutex::new(HashMap::new()),
-        };
-        let old = data.join(REGISTRY_FILE);
-        let mut reg = hub.read_records()?;
-        if reg.dps.is_empty() && reg.groups.is_empty() && old.exists() {
-            let bytes = std::fs::read(&old).map_err(|e| HubError::Storage {
-                path: old.clone(),
-                detail: e.to_string(),
-            })?;
-            reg = serde_json::from_slice(&bytes).map_err(|e| HubError::Storage {
-                path: old.clone(),
-                detail: format!("not a valid registry: {e}"),
-            })?;
-            hub.save(&Registry::default(), &reg, &BTreeSet::new())?;
-            tracing::info!(
-                dps = reg.dps.len(),
-                groups = reg.groups.len(),
-                from = %old.display(),
-                "registry moved into the site's library"
-            );
-        }
-        if old.exists() {
-            let to = data.join(MIGRATED_REGISTRY_FILE);
-            std::fs::rename(&old, &to)
-                .and_then(|()| std::fs::File::open(data)?.sync_all())
-                .map_err(|e| HubError::Storage {
-                    path: old.clone(),
-                    detail: format!("moved in, but cannot rename it to {}: {e}", to.display()),
-                })?;
-        }
+        let unsaved = Unsaved::default();
+        let (persist, reg) = Persist::open(data, lib, unsaved.clone())?;
         // Bytes served go on from what the records hold.
-        *hub.served.lock().unwrap_or_else(|p| p.into_inner()) = reg
+        let served = reg
             .dps
             .iter()
             .map(|(name, d)| (name.clone(), Arc::new(AtomicU64::new(d.served_bytes))))
             .collect();
-        *hub.reg.lock().unwrap_or_else(|p| p.into_inner()) = reg;
-        Ok(hub)
+        Ok(Self {
+            reg: Mutex::new(reg),
+            unsaved,
+            persist,
+            changed: watch::channel(0).0,
+            online: Mutex::new(HashMap::new()),
+            served: Mutex::new(served),
+        })
     }
 
     pub(crate) fn storage(&self, detail: impl std::fmt::Display) -> HubError {
         HubError::Storage {
-            path: self.lib.path().to_path_buf(),
+            path: self.persist.path(),
             detail: detail.to_string(),
         }
     }
 
-    fn read_records(&self) -> Result<Registry, HubError> {
-        fn read<T: serde::de::DeserializeOwned>(
-            hub: &Hub,
-            prefix: &[u8],
-            what: &str,
-        ) -> Result<BTreeMap<String, T>, HubError> {
-            let mut out = BTreeMap::new();
-            for (k, v) in hub.lib.state(prefix).map_err(|e| hub.storage(e))? {
-                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                match serde_json::from_slice(&v) {
-                    Ok(rec) => {
-                        out.insert(name, rec);
-                    }
-                    Err(e) => tracing::error!(
-                        %name,
-                        error = %e,
-                        library = %hub.lib.path().display(),
-                        "skipping an unreadable {what} record of the registry"
-                    ),
-                }
-            }
-            Ok(out)
-        }
-        Ok(Registry {
-            dps: read(self, DP_PREFIX, "DP")?,
-            groups: read(self, GROUP_PREFIX, "group")?,
-            clients: read(self, CLIENT_PREFIX, "client token")?,
-        })
-    }
-
-    /// Writes the records that differ between `old` and `new`, and those
-    /// of the DPs in `also`, in one synced batch.
-    fn save(
-        &self,
-        old: &Registry,
-        new: &Registry,
-        also: &BTreeSet<String>,
-    ) -> Result<(), HubError> {
-        fn diff<T: Serialize + PartialEq>(
-            prefix: &[u8],
-            old: &BTreeMap<String, T>,
-            new: &BTreeMap<String, T>,
-            also: &BTreeSet<String>,
-            out: &mut Vec<ferry_store::StateChange>,
-        ) -> Result<(), serde_json::Error> {
-            let key = |name: &str| [prefix, name.as_bytes()].concat();
-            for (name, rec) in new {
-                if old.get(name) != Some(rec) || also.contains(name) {
-                    out.push((key(name), Some(serde_json::to_vec(rec)?)));
-                }
-            }
-            for name in old.keys().filter(|n| !new.contains_key(*n)) {
-                out.push((key(name), None));
-            }
-            Ok(())
-        }
-        let mut changes = Vec::new();
-        diff(DP_PREFIX, &old.dps, &new.dps, also, &mut changes)
-            .and_then(|()| {
-                diff(
-                    GROUP_PREFIX,
-                    &old.groups,
-                    &new.groups,
-                    &BTreeSet::new(),
-                    &mut changes,
-                )
-            })
-            .and_then(|()| {
-                diff(
-                    CLIENT_PREFIX,
-                    &old.clients,
-                    &new.clients,
-                    &BTreeSet::new(),
-                    &mut changes,
-                )
-            })
-            .map_err(|e| self.storage(e))?;
-        self.lib.write_state(&changes).map_err(|e| self.storage(e))
-    }
-
     /// Runs `f` on a copy of the registry and keeps the result only if it
-    /// succeeds and is saved; signals connected DPs when `notify`.
+    /// succeeds and is written; signals connected DPs when `notify`. The
+    /// registry's lock is held while the change is made and queued, not
+    /// while it is written: this blocks until it is durable, so async code
+    /// calls it off its threads.
     pub(crate) fn update<T>(
         &self,
         notify: bool,
         f: impl FnOnce(&mut Registry) -> Result<T, HubError>,
     ) -> Result<T, HubError> {
-        let mut reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = reg.clone();
-        let out = f(&mut next)?;
-        if next != *reg {
+        let (durable, touched, out) = {
+            let mut reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = reg.clone();
+            let out = f(&mut next)?;
+            if next == *reg {
+                return Ok(out);
+            }
             // A changed DP's record is written whole, progress that was
             // only in memory included.
             let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
-            self.save(&reg, &next, &unsaved)?;
+            let changes = self.persist.changes(&reg, &next, &unsaved)?;
+            let touched = Touched::of(&reg, &next);
+            let durable = self.persist.queue_durable(changes)?;
             unsaved.clear();
             *reg = next;
-            if notify {
-                self.changed.send_modify(|n| *n += 1);
-            }
+            (durable, touched, out)
+        };
+        if let Err(e) = durable.wait() {
+            self.restore(&touched);
+            return Err(e);
+        }
+        if notify {
+            self.changed.send_modify(|n| *n += 1);
         }
         Ok(out)
     }
 
-    /// Changes DP `dp`'s record with `f`; writes it (synced) when `f` says
-    /// the change must last, else keeps it in memory until the next write
-    /// or [`Self::flush`]. `Ok(None)` for an unknown DP.
+    /// After a failed write: the records `touched` go back to what is
+    /// durable.
+    fn restore(&self, touched: &Touched) {
+        let stored = match self.persist.read() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the registry back after a failed write");
+                return;
+            }
+        };
+        let mut reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
+        touched.restore(&mut reg, stored);
+    }
+
+    /// Changes DP `dp`'s record with `f`; queues it for writing when `f`
+    /// says the change must last (without waiting for the disk), else
+    /// keeps it in memory until the next write or [`Self::flush`].
+    /// `Ok(None)` for an unknown DP.
     pub(crate) fn update_dp<T>(
         &self,
         dp: &str,
@@ -587,10 +231,8 @@ impl Hub {
         let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
         if lasting {
             next.served_bytes = self.served_bytes(dp);
-            let change = self.dp_change(dp, &next)?;
-            self.lib
-                .write_state(&[change])
-                .map_err(|e| self.storage(e))?;
+            let change = self.persist.dp_change(dp, &next)?;
+            self.persist.write(vec![change], vec![dp.to_string()])?;
             unsaved.remove(dp);
         } else if next != *d {
             unsaved.insert(dp.to_string());
@@ -599,30 +241,24 @@ impl Hub {
         Ok(Some(out))
     }
 
-    /// The write of DP `name`'s record.
-    fn dp_change(&self, name: &str, rec: &DpRecord) -> Result<ferry_store::StateChange, HubError> {
-        let v = serde_json::to_vec(rec).map_err(|e| self.storage(e))?;
-        Ok(([DP_PREFIX, name.as_bytes()].concat(), Some(v)))
-    }
-
     /// Writes every DP record whose progress or bytes served changed only
-    /// in memory (at shutdown).
+    /// in memory (at shutdown), and waits until all is durable.
     pub fn flush(&self) -> Result<(), HubError> {
-        let mut reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
-        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
-        let mut changes = Vec::new();
-        for (dp, rec) in reg.dps.iter_mut() {
-            let served = self.served_bytes(dp);
-            if unsaved.contains(dp) || rec.served_bytes != served {
-                rec.served_bytes = served;
-                changes.push(self.dp_change(dp, rec)?);
+        let durable = {
+            let mut reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
+            let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+            let mut changes = Vec::new();
+            for (dp, rec) in reg.dps.iter_mut() {
+                let served = self.served_bytes(dp);
+                if unsaved.contains(dp) || rec.served_bytes != served {
+                    rec.served_bytes = served;
+                    changes.push(self.persist.dp_change(dp, rec)?);
+                }
             }
-        }
-        self.lib
-            .write_state(&changes)
-            .map_err(|e| self.storage(e))?;
-        unsaved.clear();
-        Ok(())
+            unsaved.clear();
+            self.persist.queue_durable(changes)?
+        };
+        durable.wait()
     }
 
     /// Whether DP `dp` holds or is assigned `package` (what a report may
@@ -1206,6 +842,56 @@ impl Hub {
     }
 }
 
+/// The records one change touched, by kind and name.
+struct Touched {
+    dps: BTreeSet<String>,
+    groups: BTreeSet<String>,
+    clients: BTreeSet<String>,
+}
+
+impl Touched {
+    fn of(old: &Registry, new: &Registry) -> Self {
+        fn names<T: PartialEq>(
+            old: &std::collections::BTreeMap<String, T>,
+            new: &std::collections::BTreeMap<String, T>,
+        ) -> BTreeSet<String> {
+            old.keys()
+                .chain(new.keys())
+                .filter(|n| old.get(*n) != new.get(*n))
+                .cloned()
+                .collect()
+        }
+        Self {
+            dps: names(&old.dps, &new.dps),
+            groups: names(&old.groups, &new.groups),
+            clients: names(&old.clients, &new.clients),
+        }
+    }
+
+    /// Puts the touched records of `reg` back as `stored` has them.
+    fn restore(&self, reg: &mut Registry, mut stored: Registry) {
+        fn put<T>(
+            names: &BTreeSet<String>,
+            mem: &mut std::collections::BTreeMap<String, T>,
+            stored: &mut std::collections::BTreeMap<String, T>,
+        ) {
+            for n in names {
+                match stored.remove(n) {
+                    Some(r) => {
+                        mem.insert(n.clone(), r);
+                    }
+                    None => {
+                        mem.remove(n);
+                    }
+                }
+            }
+        }
+        put(&self.dps, &mut reg.dps, &mut stored.dps);
+        put(&self.groups, &mut reg.groups, &mut stored.groups);
+        put(&self.clients, &mut reg.clients, &mut stored.clients);
+    }
+}
+
 pub use ferry_wire::{CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
@@ -1215,6 +901,8 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::{MIGRATED_REGISTRY_FILE, REGISTRY_FILE};
+    use crate::records::TransferState;
 
     fn open(dir: &Path) -> Hub {
         let lib = Arc::new(Library::open(&dir.join("library")).unwrap());
@@ -1235,6 +923,44 @@ mod tests {
             next_retry: None,
             started: None,
             updated: now(),
+        }
+    }
+
+    #[test]
+    fn changes_from_many_threads_all_last_and_reports_do_not_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let hub = Arc::new(open(dir.path()));
+            hub.add_dp("dp1", false).unwrap();
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let hub = hub.clone();
+                    std::thread::spawn(move || {
+                        for n in 0..25 {
+                            hub.create_group(&format!("g{t}-{n}")).unwrap();
+                            // A DP's report between them: queued, not waited for.
+                            hub.report(
+                                "dp1",
+                                &format!("P{t}"),
+                                Some(transfer(n + 1, TransferState::InProgress, 1)),
+                            )
+                            .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            // Dropped without a flush: the writer still writes what was
+            // queued before it ends.
+        }
+        let hub = open(dir.path());
+        let reg = hub.snapshot();
+        assert_eq!(reg.groups.len(), 200);
+        let d = &reg.dps["dp1"];
+        for t in 0..8 {
+            assert_eq!(d.transfers[&format!("P{t}")].revision, 25, "P{t}");
         }
     }
 

@@ -8,7 +8,8 @@ use ferry_store::Library;
 use serde::{Deserialize, Serialize};
 
 use crate::images::{self, ImageError};
-use crate::registry::{Hub, Registry, TransferState};
+use crate::records::{Registry, TransferState};
+use crate::registry::Hub;
 
 /// One DP as `ferry dp list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,7 +33,7 @@ pub struct DpView {
     /// Chunk bytes sent to it (restarts of the site included).
     pub served_bytes: u64,
     /// Its disk as it last reported.
-    pub disk: Option<crate::registry::DiskRecord>,
+    pub disk: Option<crate::records::DiskRecord>,
     /// The names of its HTTPS listener for clients (empty: it serves none).
     #[serde(default)]
     pub client_names: Vec<String>,
@@ -129,7 +130,7 @@ pub struct StatusRow {
     /// The package's last validation on the DP (progress while
     /// `validating`).
     #[serde(default)]
-    pub validation: Option<crate::registry::ValidationResult>,
+    pub validation: Option<crate::records::ValidationResult>,
     /// Percent of `bytes_needed` received (in progress).
     pub percent: Option<u64>,
     /// Estimated seconds left (in progress).

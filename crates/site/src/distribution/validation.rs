@@ -15,7 +15,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use crate::registry::{Hub, HubError, ValidationResult};
+use crate::records::ValidationResult;
+use crate::registry::{Hub, HubError};
 use crate::schedule::Schedule;
 
 /// Body of `POST /api/v1/dps/{name}/validate`.

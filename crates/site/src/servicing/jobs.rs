@@ -359,7 +359,10 @@ pub fn next_occurrence(expr: &str, after: OffsetDateTime) -> Result<OffsetDateTi
 /// The job list with its lock and wake-up signal.
 pub struct Jobs {
     path: PathBuf,
+    /// The list as last written.
     file: Mutex<JobsFile>,
+    /// Held by the one change being made and written.
+    writing: Mutex<()>,
     wake: Notify,
 }
 
@@ -412,6 +415,7 @@ impl Jobs {
         let jobs = Self {
             path,
             file: Mutex::new(file),
+            writing: Mutex::new(()),
             wake: Notify::new(),
         };
         if changed {
@@ -428,18 +432,28 @@ impl Jobs {
         })
     }
 
+    /// Runs `f` on a copy of the list and keeps the result only if it
+    /// succeeds and is written. Changes are made and written one at a time
+    /// (`writing`), so they land in order; readers see the list as last
+    /// written and never wait for the disk; the write runs off the async
+    /// runtime's threads.
     fn update<T>(
         &self,
         f: impl FnOnce(&mut JobsFile) -> Result<T, JobError>,
     ) -> Result<T, JobError> {
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = file.clone();
-        let out = f(&mut next)?;
-        if next != *file {
-            self.save(&next)?;
-            *file = next;
-        }
-        Ok(out)
+        crate::off_runtime(|| {
+            let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let out = f(&mut next)?;
+            let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            if next != *file {
+                drop(file);
+                self.save(&next)?;
+                file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+                *file = next;
+            }
+            Ok(out)
+        })
     }
 
     /// Records a new job for `package` (checked by the caller) and wakes the
