@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use ferry_site::clients::{ClientTokenView, IssuedToken};
+use ferry_site::distribution::clients::{ClientTokenView, IssuedToken};
 use reqwest::Method;
 
 use crate::client::Client;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_site::api::{RefreshRequest, VerifyRequest, HASH_HEADER};
-use ferry_site::catalog::PackageView;
-use ferry_site::images::VerifyReport;
+use ferry_site::library::catalog::PackageView;
+use ferry_site::library::packages::VerifyReport;
 use futures_util::StreamExt;
 use reqwest::Method;
 

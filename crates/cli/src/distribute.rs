@@ -2,7 +2,7 @@
 
 use clap::Args;
 use ferry_site::api::{DistributeReply, DistributeRequest};
-use ferry_site::status::StatusRow;
+use ferry_site::distribution::status::StatusRow;
 use reqwest::Method;
 
 use crate::client::Client;

@@ -6,8 +6,10 @@ use anyhow::Context;
 use clap::Subcommand;
 use ferry_dp::DpAgent;
 use ferry_site::api::{AddDpReply, AddDpRequest};
-use ferry_site::status::DpView;
-use ferry_site::validation::{DpSettings, ValidateReply, ValidateRequest, ValidationView};
+use ferry_site::distribution::status::DpView;
+use ferry_site::distribution::validation::{
+    DpSettings, ValidateReply, ValidateRequest, ValidationView,
+};
 use reqwest::Method;
 
 use crate::client::Client;
@@ -333,7 +335,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             Ok(())
         }
         DpCmd::Multicast(a) => {
-            let change = ferry_site::multicast::MulticastChange {
+            let change = ferry_site::distribution::multicast::MulticastChange {
                 enable: a.enable,
                 group: a.group,
                 ports: a.ports,
@@ -345,7 +347,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 interface: a.interface,
             };
             let client = Client::new(g)?;
-            let m: ferry_site::multicast::DpMulticast = client
+            let m: ferry_site::distribution::multicast::DpMulticast = client
                 .json(
                     client
                         .request(Method::POST, &format!("/dps/{}/multicast", a.name))

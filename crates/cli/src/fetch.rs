@@ -205,7 +205,7 @@ impl Fetch {
         let hash = m.hash;
         let complete = tokio::task::spawn_blocking(move || {
             std::fs::metadata(&d).is_ok_and(|md| md.len() == size)
-                && ferry_site::images::hash_file(&d)
+                && ferry_site::library::packages::hash_file(&d)
                     .is_ok_and(|h| ferry_core::FileHash::from(h) == hash)
         })
         .await?;

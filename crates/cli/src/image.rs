@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_site::api::{ImportEvent, RevisionsView};
-use ferry_site::catalog::{PackageKind, PackageSummary, PackageView, SourceState};
-use ferry_site::images::{ImportRequest, RemoveView};
+use ferry_site::library::catalog::{PackageKind, PackageSummary, PackageView, SourceState};
+use ferry_site::library::packages::{ImportRequest, RemoveView};
 use futures_util::StreamExt;
 use reqwest::Method;
 
@@ -132,12 +132,12 @@ pub(crate) async fn multicast(client: &Client, g: &Global, a: MulticastArgs) -> 
     if !a.allow && !a.off {
         anyhow::bail!("give --allow [--encrypt] [--only], or --off");
     }
-    let m = ferry_site::catalog::MulticastSettings {
+    let m = ferry_site::library::catalog::MulticastSettings {
         allow: a.allow,
         encrypt: a.encrypt,
         only: a.only,
     };
-    let rec: ferry_site::catalog::PackageRecord = client
+    let rec: ferry_site::library::catalog::PackageRecord = client
         .json(
             client
                 .request(Method::POST, &format!("/images/{}/multicast", a.id))
@@ -205,9 +205,9 @@ pub(crate) async fn set(
     client: &Client,
     g: &Global,
     id: &str,
-    props: ferry_site::images::Properties,
+    props: ferry_site::library::packages::Properties,
 ) -> anyhow::Result<()> {
-    let rec: ferry_site::catalog::PackageRecord = client
+    let rec: ferry_site::library::catalog::PackageRecord = client
         .json(
             client
                 .request(Method::PATCH, &format!("/images/{id}"))
@@ -254,7 +254,7 @@ pub(crate) async fn run(cmd: ImageCmd, g: &Global) -> anyhow::Result<()> {
         }
         ImageCmd::Multicast(a) => multicast(&client, g, a).await,
         ImageCmd::Set(a) => {
-            let props = ferry_site::images::Properties {
+            let props = ferry_site::library::packages::Properties {
                 name: a.name,
                 version: a.version,
                 comment: a.comment,

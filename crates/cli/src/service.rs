@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use ferry_site::jobs::{JobRecord, JobState, ServiceRequest};
-use ferry_site::service::{HistoryView, UpdatesView};
+use ferry_site::servicing::jobs::{JobRecord, JobState, ServiceRequest};
+use ferry_site::servicing::service::{HistoryView, UpdatesView};
 use reqwest::Method;
 
 use crate::client::Client;
@@ -173,8 +173,8 @@ pub(crate) async fn history(client: &Client, g: &Global, id: &str) -> anyhow::Re
     Ok(())
 }
 
-fn result_name(r: ferry_site::jobs::UpdateResult) -> &'static str {
-    use ferry_site::jobs::UpdateResult::*;
+fn result_name(r: ferry_site::servicing::jobs::UpdateResult) -> &'static str {
+    use ferry_site::servicing::jobs::UpdateResult::*;
     match r {
         Applied => "applied",
         Skipped => "skipped",

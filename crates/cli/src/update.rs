@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 use ferry_site::api::UpdateImportRequest;
-use ferry_site::updates::UpdateRecord;
+use ferry_site::servicing::updates::UpdateRecord;
 use reqwest::Method;
 
 use crate::client::Client;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use ferry_site::catalog::PackageKind;
-use ferry_site::upgrade::UpgradeRequest;
+use ferry_site::library::catalog::PackageKind;
+use ferry_site::library::upgrade::UpgradeRequest;
 use reqwest::Method;
 
 use crate::client::Client;
@@ -100,7 +100,7 @@ pub(crate) async fn run(cmd: UpgradeCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
     match cmd {
         UpgradeCmd::Set { props, arch, lang } => {
-            let p = ferry_site::images::Properties {
+            let p = ferry_site::library::packages::Properties {
                 name: props.name,
                 version: props.version,
                 comment: props.comment,

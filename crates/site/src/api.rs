@@ -63,14 +63,14 @@ use ferry_store::Library;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::catalog::PackageView;
-use crate::images::{self, ImageError, ImportRequest, Progress};
-use crate::jobs::{JobError, Jobs, ServiceRequest};
-use crate::registry::{Hub, HubError};
-use crate::status;
-use crate::updates::UpdateError;
-use crate::upgrade::UpgradeRequest;
-use crate::validation;
+use crate::distribution::registry::{Hub, HubError};
+use crate::distribution::status;
+use crate::distribution::validation;
+use crate::library::catalog::PackageView;
+use crate::library::packages::{self, ImageError, ImportRequest, Progress};
+use crate::library::upgrade::UpgradeRequest;
+use crate::servicing::jobs::{JobError, Jobs, ServiceRequest};
+use crate::servicing::updates::UpdateError;
 
 /// Header carrying the exported file's whole-file BLAKE3.
 pub const HASH_HEADER: &str = "x-ferry-blake3";
@@ -443,7 +443,7 @@ async fn authenticate(
 
 async fn list_images(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    Ok(Json(blocking(move || images::list(&lib)).await?).into_response())
+    Ok(Json(blocking(move || packages::list(&lib)).await?).into_response())
 }
 
 async fn show_image(
@@ -451,16 +451,16 @@ async fn show_image(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    Ok(Json(blocking(move || images::show(&lib, &id)).await?).into_response())
+    Ok(Json(blocking(move || packages::show(&lib, &id)).await?).into_response())
 }
 
 async fn set_properties(
     State(s): State<ApiState>,
     Path(id): Path<String>,
-    Json(p): Json<images::Properties>,
+    Json(p): Json<packages::Properties>,
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    let rec = blocking(move || images::set_properties(&lib, &id, &p)).await?;
+    let rec = blocking(move || packages::set_properties(&lib, &id, &p)).await?;
     tracing::info!(package = %rec.id, "package properties changed");
     Ok(Json(rec).into_response())
 }
@@ -468,10 +468,10 @@ async fn set_properties(
 async fn set_multicast(
     State(s): State<ApiState>,
     Path(id): Path<String>,
-    Json(m): Json<crate::catalog::MulticastSettings>,
+    Json(m): Json<crate::library::catalog::MulticastSettings>,
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    let rec = blocking(move || images::set_multicast(&lib, &id, m)).await?;
+    let rec = blocking(move || packages::set_multicast(&lib, &id, m)).await?;
     tracing::info!(package = %rec.id, allow = m.allow, encrypt = m.encrypt, only = m.only, "multicast settings changed");
     // DPs learn which packages they must not serve over HTTPS.
     s.hub.notify();
@@ -491,7 +491,7 @@ async fn rollback_image(
     Json(r): Json<RollbackRequest>,
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    let rec = blocking(move || images::rollback(&lib, &id, r.to)).await?;
+    let rec = blocking(move || packages::rollback(&lib, &id, r.to)).await?;
     tracing::warn!(package = %rec.id, revision = r.to, "revision released by rollback");
     s.hub.notify();
     let view = revisions_view(&s, rec);
@@ -532,7 +532,7 @@ pub struct RevisionsView {
     pub revisions: Vec<RevisionRow>,
 }
 
-fn revisions_view(s: &ApiState, rec: crate::catalog::PackageRecord) -> RevisionsView {
+fn revisions_view(s: &ApiState, rec: crate::library::catalog::PackageRecord) -> RevisionsView {
     let reg = s.hub.snapshot();
     let (target, latest) = (rec.target(), rec.latest().map(|r| r.revision));
     let revisions = rec
@@ -572,7 +572,7 @@ async fn image_revisions(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    let rec = blocking(move || images::record(&lib, &id)).await?;
+    let rec = blocking(move || packages::record(&lib, &id)).await?;
     Ok(Json(revisions_view(&s, rec)).into_response())
 }
 
@@ -602,7 +602,7 @@ async fn remove_image(
     }
     let lib = s.lib.clone();
     let out = blocking(move || {
-        let r = images::remove(&lib, &id)?;
+        let r = packages::remove(&lib, &id)?;
         tracing::info!(package = %id, freed_bytes = r.freed_bytes, "package removed");
         Ok(r)
     })
@@ -616,7 +616,7 @@ async fn verify(
     Json(req): Json<VerifyRequest>,
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    Ok(Json(blocking(move || images::verify(&lib, req.id.as_deref())).await?).into_response())
+    Ok(Json(blocking(move || packages::verify(&lib, req.id.as_deref())).await?).into_response())
 }
 
 fn ndjson_line<T: Serialize>(v: &T) -> Bytes {
@@ -632,11 +632,11 @@ async fn refresh_image(
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
     let rid = id.clone();
-    let rec = blocking(move || images::record(&lib, &rid)).await?;
+    let rec = blocking(move || packages::record(&lib, &rid)).await?;
     let last = rec
         .latest()
         .ok_or_else(|| internal(format!("{id} has no revision")))?;
-    if rec.kind == crate::catalog::PackageKind::Upgrade {
+    if rec.kind == crate::library::catalog::PackageKind::Upgrade {
         let source = match (r.source, &last.service) {
             (Some(p), _) => p,
             (None, None) => PathBuf::from(&last.source.path),
@@ -654,7 +654,7 @@ async fn refresh_image(
             ..UpgradeRequest::default()
         };
         return import_stream(s, req.path.clone(), move |lib, data, site, progress| {
-            crate::upgrade::import(lib, data, site, &req, progress)
+            crate::library::upgrade::import(lib, data, site, &req, progress)
         });
     }
     if last.service.is_some() && r.source.is_none() {
@@ -671,7 +671,7 @@ async fn refresh_image(
         ..ImportRequest::default()
     };
     import_stream(s, req.path.clone(), move |lib, data, site, progress| {
-        images::import(lib, data, site, &req, progress)
+        packages::import(lib, data, site, &req, progress)
     })
 }
 
@@ -686,7 +686,7 @@ async fn add_image(
         });
     }
     import_stream(s, req.path.clone(), move |lib, data, site, progress| {
-        images::import(lib, data, site, &req, progress)
+        packages::import(lib, data, site, &req, progress)
     })
 }
 
@@ -700,7 +700,7 @@ async fn add_upgrade(
         ));
     }
     import_stream(s, req.path.clone(), move |lib, data, site, progress| {
-        crate::upgrade::import(lib, data, site, &req, progress)
+        crate::library::upgrade::import(lib, data, site, &req, progress)
     })
 }
 
@@ -755,7 +755,7 @@ fn import_stream(
                 if view.record.revisions.len() > 1 {
                     // DPs holding the package move to the new revision.
                     s.hub.notify();
-                    if let Err(e) = images::prune(&lib, &view.record.id, s.keep_revisions, |t| {
+                    if let Err(e) = packages::prune(&lib, &view.record.id, s.keep_revisions, |t| {
                         s.hub.snapshot().settled(&view.record.id, t)
                     }) {
                         tracing::warn!(package = %view.record.id, error = %e, "cannot remove unused revisions");
@@ -790,7 +790,7 @@ async fn export_file(
     Query(q): Query<FileQuery>,
 ) -> Result<Response, ApiError> {
     let lib = s.lib.clone();
-    let m = blocking(move || images::manifest(&lib, &id, q.revision, q.path.as_deref())).await?;
+    let m = blocking(move || packages::manifest(&lib, &id, q.revision, q.path.as_deref())).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let lib = s.lib.clone();
     let (size, hash, path) = (m.size, m.hash, m.path.clone());
@@ -915,8 +915,8 @@ async fn dp_settings(
 async fn dp_multicast(
     State(s): State<ApiState>,
     Path(name): Path<String>,
-    Json(req): Json<crate::multicast::MulticastChange>,
-) -> Result<Json<crate::multicast::DpMulticast>, ApiError> {
+    Json(req): Json<crate::distribution::multicast::MulticastChange>,
+) -> Result<Json<crate::distribution::multicast::DpMulticast>, ApiError> {
     let m = s.hub.set_multicast(&name, &req)?;
     tracing::info!(dp = %name, settings = %m.describe(), "multicast settings changed");
     Ok(Json(m))
@@ -929,7 +929,7 @@ async fn list_client_tokens(State(s): State<ApiState>) -> Response {
 async fn create_client_token(
     State(s): State<ApiState>,
     Json(req): Json<ClientTokenRequest>,
-) -> Result<Json<crate::clients::IssuedToken>, ApiError> {
+) -> Result<Json<crate::distribution::clients::IssuedToken>, ApiError> {
     let t = s
         .hub
         .create_client_token(&s.signing_key, &s.site_code, &req.name, req.valid_secs)?;
@@ -1024,7 +1024,7 @@ async fn distribute(
         // Distributing sends the newest revision, here and to every DP that
         // holds the package already.
         let (lib, package) = (s.lib.clone(), req.package.clone());
-        blocking(move || images::release_latest(&lib, &package)).await?;
+        blocking(move || packages::release_latest(&lib, &package)).await?;
         s.hub.notify();
         tracing::info!(package = %req.package, dps = ?req.dps, groups = ?req.groups, "package distributed");
     }
@@ -1075,7 +1075,7 @@ async fn status_rows(
 
 async fn list_updates(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let data = s.data.clone();
-    let list = tokio::task::spawn_blocking(move || crate::updates::list(&data))
+    let list = tokio::task::spawn_blocking(move || crate::servicing::updates::list(&data))
         .await
         .map_err(internal)??;
     Ok(Json(list).into_response())
@@ -1086,7 +1086,7 @@ async fn show_update(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let data = s.data.clone();
-    let rec = tokio::task::spawn_blocking(move || crate::updates::read(&data, &id))
+    let rec = tokio::task::spawn_blocking(move || crate::servicing::updates::read(&data, &id))
         .await
         .map_err(internal)??;
     Ok(Json(rec).into_response())
@@ -1097,7 +1097,7 @@ async fn remove_update(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (data, what) = (s.data.clone(), id.clone());
-    tokio::task::spawn_blocking(move || crate::updates::read(&data, &what))
+    tokio::task::spawn_blocking(move || crate::servicing::updates::read(&data, &what))
         .await
         .map_err(internal)??;
     let waiting: Vec<String> = s
@@ -1117,7 +1117,7 @@ async fn remove_update(
         });
     }
     let (data, what) = (s.data.clone(), id.clone());
-    let r = tokio::task::spawn_blocking(move || crate::updates::remove(&data, &what))
+    let r = tokio::task::spawn_blocking(move || crate::servicing::updates::remove(&data, &what))
         .await
         .map_err(internal)??;
     tracing::info!(update = %id, "update removed from the catalog");
@@ -1135,9 +1135,10 @@ async fn import_update(
         )));
     }
     let data = s.data.clone();
-    let rec = tokio::task::spawn_blocking(move || crate::updates::import(&data, &req.path))
-        .await
-        .map_err(internal)??;
+    let rec =
+        tokio::task::spawn_blocking(move || crate::servicing::updates::import(&data, &req.path))
+            .await
+            .map_err(internal)??;
     tracing::info!(update = %rec.manifest.id, "update imported into the catalog");
     Ok((StatusCode::CREATED, Json(rec)).into_response())
 }
@@ -1148,8 +1149,8 @@ async fn image_updates(
 ) -> Result<Response, ApiError> {
     let (lib, data) = (s.lib.clone(), s.data.clone());
     let view = blocking(move || {
-        images::record(&lib, &id)?;
-        Ok(crate::service::image_updates(&lib, &data, &id))
+        packages::record(&lib, &id)?;
+        Ok(crate::servicing::service::image_updates(&lib, &data, &id))
     })
     .await?
     .map_err(unprocessable)?;
@@ -1162,8 +1163,8 @@ async fn image_history(
 ) -> Result<Response, ApiError> {
     let (lib, jobs) = (s.lib.clone(), s.jobs.list(None));
     let view = blocking(move || {
-        images::record(&lib, &id)?;
-        Ok(crate::service::history(&lib, &jobs, &id))
+        packages::record(&lib, &id)?;
+        Ok(crate::servicing::service::history(&lib, &jobs, &id))
     })
     .await?
     .map_err(unprocessable)?;
@@ -1177,8 +1178,8 @@ async fn service_image(
 ) -> Result<Response, ApiError> {
     let (lib, data, pkg, r) = (s.lib.clone(), s.data.clone(), id.clone(), req.clone());
     blocking(move || {
-        images::record(&lib, &pkg)?;
-        Ok(crate::service::check(&lib, &data, &pkg, &r))
+        packages::record(&lib, &pkg)?;
+        Ok(crate::servicing::service::check(&lib, &data, &pkg, &r))
     })
     .await?
     .map_err(unprocessable)?;

@@ -16,15 +16,12 @@ pub mod api;
 pub mod config;
 pub mod distribution;
 pub mod library;
-pub mod schedule;
+pub(crate) mod schedule;
 pub mod servicing;
 
-// Each module also by its short name (`crate::images`, `ferry_site::jobs`).
-pub use distribution::{
-    clients, endpoint, multicast, persist, records, registry, status, validation,
-};
-pub use library::{catalog, images, ingest, upgrade};
-pub use servicing::{jobs, service, updates};
+use distribution::{endpoint, registry, validation};
+use library::packages;
+use servicing::{jobs, service};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -185,14 +182,14 @@ impl Site {
         ensure_keys(data, &config.site_code)?;
         let hub = registry::Hub::open(data, lib.clone())?;
         let jobs = jobs::Jobs::load(data, |package, job| {
-            let rec = images::record(&lib, package).ok()?;
+            let rec = packages::record(&lib, package).ok()?;
             rec.revisions.iter().find_map(|r| {
                 let s = r.service.as_ref().filter(|s| s.job == job)?;
                 Some((r.revision, !s.failed.is_empty()))
             })
         })?;
         // Work files a stopped site left behind (exports, job copies).
-        let _ = std::fs::remove_dir_all(images::work_dir(data));
+        let _ = std::fs::remove_dir_all(packages::work_dir(data));
         Ok(Self {
             data: data.to_path_buf(),
             config,
@@ -272,7 +269,7 @@ impl Site {
                 if run.distributed {
                     hub.notify();
                 }
-                match images::prune(&lib, &job.package, keep, |t| hub.snapshot().settled(&job.package, t)) {
+                match packages::prune(&lib, &job.package, keep, |t| hub.snapshot().settled(&job.package, t)) {
                     Ok(pruned) => run.pruned = pruned,
                     Err(e) => tracing::warn!(package = %job.package, error = %e, "cannot remove unused revisions"),
                 }

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use ferry_net::client_token::{self, Claims};
 use ferry_net::pki::SigningKey;
 
-use crate::records::{ClientTokenRecord, Registry};
-use crate::registry::{Hub, HubError};
+use crate::distribution::records::{ClientTokenRecord, Registry};
+use crate::distribution::registry::{Hub, HubError};
 
 /// A token as `ferry client token list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +87,7 @@ impl Hub {
         name: &str,
         valid_secs: Option<u64>,
     ) -> Result<IssuedToken, HubError> {
-        crate::registry::check_name(name)?;
+        crate::distribution::registry::check_name(name)?;
         let issued = unix_now();
         let expires = match valid_secs {
             Some(s) => Some(
@@ -208,7 +208,7 @@ mod tests {
             .insert("d".into(), rec("dd", Some(now + 99), true));
         reg.dps.insert(
             "dp1".into(),
-            crate::records::DpRecord {
+            crate::distribution::records::DpRecord {
                 anonymous_clients: true,
                 packages: ["FRY00001".to_string(), "FRY00002".to_string()].into(),
                 ..Default::default()

@@ -21,9 +21,9 @@ use ferry_wire::{
 use prost::Message;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::images;
-use crate::records::{TransferReport, TransferState};
-use crate::registry::{now, Hub, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
+use crate::distribution::records::{TransferReport, TransferState};
+use crate::distribution::registry::{now, Hub, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
+use crate::library::packages;
 
 /// Longest report string kept (errors, paths): a DP cannot grow the
 /// registry without bound.
@@ -93,7 +93,7 @@ type Revision = (String, u32);
 type ChunkSet = Arc<HashSet<ChunkId>>;
 
 /// What the endpoint serves from.
-pub struct DpServer {
+pub(crate) struct DpServer {
     hub: Arc<Hub>,
     lib: Arc<Library>,
     ca: CaFiles,
@@ -112,7 +112,7 @@ pub struct DpServer {
 
 impl DpServer {
     /// A server over the site's registry, library, CA and signing key.
-    pub fn new(
+    pub(crate) fn new(
         hub: Arc<Hub>,
         lib: Arc<Library>,
         ca: CaFiles,
@@ -136,7 +136,7 @@ impl DpServer {
     }
 
     /// Accepts connections until the endpoint is closed.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+    pub(crate) async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
             let me = self.clone();
             tokio::spawn(async move { me.connection(incoming).await });
@@ -368,7 +368,7 @@ impl DpServer {
             .assigned(dp)
             .into_iter()
             .filter_map(|p| {
-                let rec = images::record(&self.lib, &p).ok()?;
+                let rec = packages::record(&self.lib, &p).ok()?;
                 let rev = rec.target()?;
                 let rebuild = reg
                     .dps
@@ -393,12 +393,12 @@ impl DpServer {
             validate: v.requested,
             validate_packages: v.packages,
             clients: Some(ferry_wire::pb::ClientPolicy {
-                multicast: crate::multicast::policy_for(&reg, dp, |p| {
-                    let m = images::record(&self.lib, p).ok()?.multicast;
+                multicast: crate::distribution::multicast::policy_for(&reg, dp, |p| {
+                    let m = packages::record(&self.lib, p).ok()?.multicast;
                     m.allow.then_some((m.encrypt, m.only))
                 }),
-                ..crate::clients::policy_for(&reg, dp, |p| {
-                    images::record(&self.lib, p).is_ok_and(|r| r.multicast.only)
+                ..crate::distribution::clients::policy_for(&reg, dp, |p| {
+                    packages::record(&self.lib, p).is_ok_and(|r| r.multicast.only)
                 })
             }),
         }
@@ -535,7 +535,7 @@ impl DpServer {
             updated: updated.clone(),
         };
         if let Some(v) = &r.validation {
-            let result = crate::records::ValidationResult {
+            let result = crate::distribution::records::ValidationResult {
                 request: v.request,
                 revision: r.revision,
                 done: v.done,
@@ -546,7 +546,7 @@ impl DpServer {
                     .damaged
                     .iter()
                     .take(MAX_DAMAGE_RECORDS)
-                    .map(|d| crate::records::DamageRecord {
+                    .map(|d| crate::distribution::records::DamageRecord {
                         path: bounded(&d.path),
                         offset: d.offset,
                         len: d.len,
@@ -577,7 +577,7 @@ impl DpServer {
             // An old revision may be unused by every DP now.
             let (lib, hub, keep) = (self.lib.clone(), self.hub.clone(), self.keep_revisions);
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = images::prune(&lib, &package, keep, |t| {
+                if let Err(e) = packages::prune(&lib, &package, keep, |t| {
                     hub.snapshot().settled(&package, t)
                 }) {
                     warn!(package = %package, error = %e, "cannot remove unused revisions");
@@ -600,7 +600,7 @@ impl DpServer {
         let (package, revision) = (m.package.clone(), m.revision);
         let base_revision = m.base_revision;
         let found = tokio::task::spawn_blocking(move || {
-            let rec = images::record(&lib, &package).ok();
+            let rec = packages::record(&lib, &package).ok();
             // The chunks of the revision the DP holds, when the site still
             // has it: the manifest can then name them by position.
             let base: Vec<ferry_core::ChunkId> = if base_revision != 0 && base_revision != revision
@@ -680,7 +680,7 @@ impl DpServer {
         if !reg.assigned(dp).contains(package) {
             return Some(format!("package {package} is not assigned to DP {dp}"));
         }
-        let target = images::record(&self.lib, package)
+        let target = packages::record(&self.lib, package)
             .ok()
             .and_then(|r| r.target());
         let holds = reg

@@ -10,11 +10,11 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::records::Registry;
-pub use crate::records::{
+use crate::distribution::records::Registry;
+pub use crate::distribution::records::{
     DpMulticast, DEFAULT_GROUP, DEFAULT_MAX_CLIENTS, DEFAULT_PORTS, DEFAULT_RATE,
 };
-use crate::registry::{Hub, HubError};
+use crate::distribution::registry::{Hub, HubError};
 
 /// Body of `POST /api/v1/dps/{name}/multicast`: what to change; the rest
 /// stays as it was (or at its default the first time).
@@ -254,7 +254,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::DpRecord;
+    use crate::distribution::records::DpRecord;
 
     #[test]
     fn changes_are_checked_and_keep_what_they_do_not_name() {

@@ -20,22 +20,21 @@ use std::sync::{Arc, Mutex};
 use ferry_store::{Library, StateChange};
 use serde::Serialize;
 
-use crate::records::{DpRecord, Registry};
-use crate::registry::HubError;
+use crate::distribution::records::{DpRecord, Registry};
 
 /// File name of the registry of earlier releases inside the data folder;
 /// moved into the library on first start, then renamed to
 /// [`MIGRATED_REGISTRY_FILE`].
-pub const REGISTRY_FILE: &str = "registry.json";
+pub(crate) const REGISTRY_FILE: &str = "registry.json";
 /// What an earlier release's registry file is renamed to once moved in.
-pub const MIGRATED_REGISTRY_FILE: &str = "registry.json.migrated";
+pub(crate) const MIGRATED_REGISTRY_FILE: &str = "registry.json.migrated";
 /// Key prefixes of the records in the library's state.
 const DP_PREFIX: &[u8] = b"dp/";
 const GROUP_PREFIX: &[u8] = b"group/";
 const CLIENT_PREFIX: &[u8] = b"client/";
 
 /// DP names whose in-memory record has changes not written yet.
-pub type Unsaved = Arc<Mutex<BTreeSet<String>>>;
+pub(crate) type Unsaved = Arc<Mutex<BTreeSet<String>>>;
 
 /// One batch of changes for the writer.
 struct Write {
@@ -47,7 +46,7 @@ struct Write {
 }
 
 /// The registry's storage: reads, diffs and the writer thread.
-pub struct Persist {
+pub(crate) struct Persist {
     lib: Arc<Library>,
     tx: Option<mpsc::Sender<Write>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -64,8 +63,18 @@ impl Drop for Persist {
     }
 }
 
-fn storage(lib: &Library, detail: impl std::fmt::Display) -> HubError {
-    HubError::Storage {
+/// The registry's storage failed: where, and what.
+#[derive(Debug, thiserror::Error)]
+#[error("registry {path}: {detail}")]
+pub(crate) struct StorageError {
+    /// The library or file.
+    pub(crate) path: PathBuf,
+    /// What failed.
+    pub(crate) detail: String,
+}
+
+fn storage(lib: &Library, detail: impl std::fmt::Display) -> StorageError {
+    StorageError {
         path: lib.path().to_path_buf(),
         detail: detail.to_string(),
     }
@@ -102,11 +111,11 @@ impl Persist {
     /// `DIR/registry.json` of an earlier release is moved in first (when
     /// the library holds none). A record that cannot be read is reported
     /// and skipped, never hiding the others.
-    pub fn open(
+    pub(crate) fn open(
         data: &Path,
         lib: Arc<Library>,
         unsaved: Unsaved,
-    ) -> Result<(Self, Registry), HubError> {
+    ) -> Result<(Self, Registry), StorageError> {
         let (tx, rx) = mpsc::channel();
         let thread = {
             let lib = lib.clone();
@@ -125,15 +134,15 @@ impl Persist {
     }
 
     /// The records, with an earlier release's file moved in.
-    fn migrate(&self, data: &Path) -> Result<Registry, HubError> {
+    fn migrate(&self, data: &Path) -> Result<Registry, StorageError> {
         let old = data.join(REGISTRY_FILE);
         let mut reg = self.read()?;
         if reg.dps.is_empty() && reg.groups.is_empty() && old.exists() {
-            let bytes = std::fs::read(&old).map_err(|e| HubError::Storage {
+            let bytes = std::fs::read(&old).map_err(|e| StorageError {
                 path: old.clone(),
                 detail: e.to_string(),
             })?;
-            reg = serde_json::from_slice(&bytes).map_err(|e| HubError::Storage {
+            reg = serde_json::from_slice(&bytes).map_err(|e| StorageError {
                 path: old.clone(),
                 detail: format!("not a valid registry: {e}"),
             })?;
@@ -150,7 +159,7 @@ impl Persist {
             let to = data.join(MIGRATED_REGISTRY_FILE);
             std::fs::rename(&old, &to)
                 .and_then(|()| std::fs::File::open(data)?.sync_all())
-                .map_err(|e| HubError::Storage {
+                .map_err(|e| StorageError {
                     path: old.clone(),
                     detail: format!("moved in, but cannot rename it to {}: {e}", to.display()),
                 })?;
@@ -159,17 +168,17 @@ impl Persist {
     }
 
     /// The library the records live in.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.lib.path().to_path_buf()
     }
 
     /// Every record as stored (what is durable).
-    pub fn read(&self) -> Result<Registry, HubError> {
+    pub(crate) fn read(&self) -> Result<Registry, StorageError> {
         fn read<T: serde::de::DeserializeOwned>(
             lib: &Library,
             prefix: &[u8],
             what: &str,
-        ) -> Result<BTreeMap<String, T>, HubError> {
+        ) -> Result<BTreeMap<String, T>, StorageError> {
             let mut out = BTreeMap::new();
             for (k, v) in lib.state(prefix).map_err(|e| storage(lib, e))? {
                 let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
@@ -196,12 +205,12 @@ impl Persist {
 
     /// The writes that take the records from `old` to `new`, and those of
     /// the DPs in `also` (changed in memory only so far).
-    pub fn changes(
+    pub(crate) fn changes(
         &self,
         old: &Registry,
         new: &Registry,
         also: &BTreeSet<String>,
-    ) -> Result<Vec<StateChange>, HubError> {
+    ) -> Result<Vec<StateChange>, StorageError> {
         fn diff<T: Serialize + PartialEq>(
             prefix: &[u8],
             old: &BTreeMap<String, T>,
@@ -230,12 +239,16 @@ impl Persist {
     }
 
     /// The write of DP `name`'s record.
-    pub fn dp_change(&self, name: &str, rec: &DpRecord) -> Result<StateChange, HubError> {
+    pub(crate) fn dp_change(
+        &self,
+        name: &str,
+        rec: &DpRecord,
+    ) -> Result<StateChange, StorageError> {
         let v = serde_json::to_vec(rec).map_err(|e| storage(&self.lib, e))?;
         Ok(([DP_PREFIX, name.as_bytes()].concat(), Some(v)))
     }
 
-    fn send(&self, w: Write) -> Result<(), HubError> {
+    fn send(&self, w: Write) -> Result<(), StorageError> {
         self.tx
             .as_ref()
             .and_then(|tx| tx.send(w).ok())
@@ -244,7 +257,11 @@ impl Persist {
 
     /// Queues the records of `dps` for writing, without waiting. Call in
     /// the order the changes were made (under the registry's lock).
-    pub fn write(&self, changes: Vec<StateChange>, dps: Vec<String>) -> Result<(), HubError> {
+    pub(crate) fn write(
+        &self,
+        changes: Vec<StateChange>,
+        dps: Vec<String>,
+    ) -> Result<(), StorageError> {
         self.send(Write {
             changes,
             dps,
@@ -254,7 +271,7 @@ impl Persist {
 
     /// Queues `changes` (under the registry's lock, for the order); the
     /// answer waits for them to be durable.
-    pub fn queue_durable(&self, changes: Vec<StateChange>) -> Result<Durable, HubError> {
+    pub(crate) fn queue_durable(&self, changes: Vec<StateChange>) -> Result<Durable, StorageError> {
         let (done, rx) = mpsc::sync_channel(1);
         self.send(Write {
             changes,
@@ -268,22 +285,22 @@ impl Persist {
     }
 
     /// Writes `changes` and waits until they are durable.
-    pub fn write_durable(&self, changes: Vec<StateChange>) -> Result<(), HubError> {
+    pub(crate) fn write_durable(&self, changes: Vec<StateChange>) -> Result<(), StorageError> {
         self.queue_durable(changes)?.wait()
     }
 }
 
 /// Queued changes that are durable once [`Durable::wait`] says so.
 #[must_use = "wait for the changes to be durable"]
-pub struct Durable {
+pub(crate) struct Durable {
     rx: mpsc::Receiver<Result<(), String>>,
     path: PathBuf,
 }
 
 impl Durable {
     /// Blocks until the batch holding the changes is written.
-    pub fn wait(self) -> Result<(), HubError> {
-        let err = |detail: String| HubError::Storage {
+    pub(crate) fn wait(self) -> Result<(), StorageError> {
+        let err = |detail: String| StorageError {
             path: self.path.clone(),
             detail,
         };

@@ -1,7 +1,7 @@
 //! The registry's durable records: what the site keeps about each DP,
 //! group and client token, and the questions the whole registry answers
 //! (what a DP must hold, who holds a package). Kept by
-//! [`crate::registry::Hub`], written by [`crate::persist`].
+//! [`crate::distribution::registry::Hub`], written by [`crate::distribution::persist`].
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,12 +1,12 @@
 //! The registry in memory: [`Hub`] keeps the records
-//! ([`crate::records`]) under a lock, signals connected DPs when their
+//! ([`crate::distribution::records`]) under a lock, signals connected DPs when their
 //! assignments change, and holds what is only true while the site runs
 //! (who is online, bytes served per DP).
 //!
 //! The site is the source of truth for what each DP should hold: a DP's
 //! assignment is its own packages plus those of every group it belongs to,
 //! each at the package's released revision. The lock is held while a
-//! change is made and queued for [`crate::persist`]'s writer, never while
+//! change is made and queued for [`crate::distribution::persist`]'s writer, never while
 //! it is written: an operator's change then waits for the disk (off the
 //! async threads), a DP's report or contact does not. A DP's progress
 //! reports and bytes served change memory only; its record (with both) is
@@ -18,17 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-pub use crate::now;
+pub(crate) use crate::now;
 use ferry_store::Library;
 use tokio::sync::watch;
 
-use crate::persist::{Persist, Unsaved};
-use crate::records::{
+use crate::distribution::persist::{Persist, StorageError, Unsaved};
+use crate::distribution::records::{
     DiskRecord, DpRecord, GroupRecord, Registry, TransferReport, ValidationResult,
 };
 
 /// Longest DP or group name.
-pub const MAX_NAME_LEN: usize = 64;
+pub(crate) const MAX_NAME_LEN: usize = 64;
 
 /// Why a registry operation failed. The text is shown to operators.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,15 @@ pub enum HubError {
         /// What failed.
         detail: String,
     },
+}
+
+impl From<StorageError> for HubError {
+    fn from(e: StorageError) -> Self {
+        Self::Storage {
+            path: e.path,
+            detail: e.detail,
+        }
+    }
 }
 
 impl HubError {
@@ -130,7 +139,7 @@ pub(crate) fn check_name(name: &str) -> Result<(), HubError> {
 }
 
 /// BLAKE3 of an enrollment secret, hex.
-pub fn token_hash(secret: &str) -> String {
+pub(crate) fn token_hash(secret: &str) -> String {
     blake3::hash(secret.as_bytes()).to_hex().to_string()
 }
 
@@ -191,7 +200,7 @@ impl Hub {
         };
         if let Err(e) = durable.wait() {
             self.restore(&touched);
-            return Err(e);
+            return Err(e.into());
         }
         if notify {
             self.changed.send_modify(|n| *n += 1);
@@ -258,7 +267,7 @@ impl Hub {
             unsaved.clear();
             self.persist.queue_durable(changes)?
         };
-        durable.wait()
+        Ok(durable.wait()?)
     }
 
     /// Whether DP `dp` holds or is assigned `package` (what a report may
@@ -892,7 +901,7 @@ impl Touched {
     }
 }
 
-pub use ferry_wire::{CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
+pub(crate) use ferry_wire::{CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -901,8 +910,8 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::persist::{MIGRATED_REGISTRY_FILE, REGISTRY_FILE};
-    use crate::records::TransferState;
+    use crate::distribution::persist::{MIGRATED_REGISTRY_FILE, REGISTRY_FILE};
+    use crate::distribution::records::TransferState;
 
     fn open(dir: &Path) -> Hub {
         let lib = Arc::new(Library::open(&dir.join("library")).unwrap());

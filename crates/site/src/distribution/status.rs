@@ -7,9 +7,9 @@ use ferry_core::ChunkId;
 use ferry_store::Library;
 use serde::{Deserialize, Serialize};
 
-use crate::images::{self, ImageError};
-use crate::records::{Registry, TransferState};
-use crate::registry::Hub;
+use crate::distribution::records::{Registry, TransferState};
+use crate::distribution::registry::Hub;
+use crate::library::packages::{self, ImageError};
 
 /// One DP as `ferry dp list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,7 +33,7 @@ pub struct DpView {
     /// Chunk bytes sent to it (restarts of the site included).
     pub served_bytes: u64,
     /// Its disk as it last reported.
-    pub disk: Option<crate::records::DiskRecord>,
+    pub disk: Option<crate::distribution::records::DiskRecord>,
     /// The names of its HTTPS listener for clients (empty: it serves none).
     #[serde(default)]
     pub client_names: Vec<String>,
@@ -42,7 +42,7 @@ pub struct DpView {
     pub anonymous_clients: bool,
     /// Its multicast settings (absent: never set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multicast: Option<crate::multicast::DpMulticast>,
+    pub multicast: Option<crate::distribution::multicast::DpMulticast>,
     /// Its multicast sessions as it last reported them: running, then the
     /// recent ones that ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -130,7 +130,7 @@ pub struct StatusRow {
     /// The package's last validation on the DP (progress while
     /// `validating`).
     #[serde(default)]
-    pub validation: Option<crate::records::ValidationResult>,
+    pub validation: Option<crate::distribution::records::ValidationResult>,
     /// Percent of `bytes_needed` received (in progress).
     pub percent: Option<u64>,
     /// Estimated seconds left (in progress).
@@ -168,7 +168,7 @@ pub fn rows(
 ) -> Result<Vec<StatusRow>, ImageError> {
     let reg = hub.snapshot();
     if let Some(p) = package {
-        images::record(lib, p)?;
+        packages::record(lib, p)?;
     }
     let mut out = Vec::new();
     /// What the rows need of a package's record.
@@ -194,7 +194,7 @@ pub fn rows(
             let rec = records
                 .entry(p.clone())
                 .or_insert_with(|| {
-                    images::record(lib, &p).ok().map(|r| Rec {
+                    packages::record(lib, &p).ok().map(|r| Rec {
                         name: r.name.clone(),
                         target: r.target(),
                         multicast_only: r.multicast.only,
@@ -321,7 +321,7 @@ pub fn needs(
     package: &str,
     dps: &[String],
 ) -> Result<(u32, Vec<Need>), ImageError> {
-    let rec = images::record(lib, package)?;
+    let rec = packages::record(lib, package)?;
     let rev = rec.latest().map_or(1, |r| r.revision);
     let manifests = lib.manifests(package, rev)?;
     let mut out = Vec::new();

@@ -15,8 +15,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use crate::records::ValidationResult;
-use crate::registry::{Hub, HubError};
+use crate::distribution::records::ValidationResult;
+use crate::distribution::registry::{Hub, HubError};
 use crate::schedule::Schedule;
 
 /// Body of `POST /api/v1/dps/{name}/validate`.

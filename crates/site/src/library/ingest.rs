@@ -146,7 +146,7 @@ impl<R: Read> Window<'_, R> {
 /// hashing them again, and feeds the whole-file hash from the library: the
 /// file need not even hold those bytes (servicing's work copy leaves them
 /// as holes).
-pub struct Kept<'m> {
+pub(crate) struct Kept<'m> {
     manifest: &'m Manifest,
     below: u64,
     lib: &'m Library,
@@ -157,7 +157,7 @@ impl<'m> Kept<'m> {
     /// without a rebuild), made from the file `manifest` describes: it
     /// writes the header and then only past the old resources, from where
     /// the old blob table, XML data or integrity table began at the earliest.
-    pub fn after_append(lib: &'m Library, manifest: &'m Manifest) -> Self {
+    pub(crate) fn after_append(lib: &'m Library, manifest: &'m Manifest) -> Self {
         let below = manifest
             .segments
             .iter()
@@ -276,7 +276,7 @@ const HASH_QUEUE_BLOCKS: usize = 4;
 /// `progress` is called with the bytes read so far. The whole-file BLAKE3 is
 /// computed on a second thread and chunks are stored on a third while this
 /// one reads, cuts and hashes.
-pub fn ingest<R: Read + Seek>(
+pub(crate) fn ingest<R: Read + Seek>(
     import: &mut Import<'_>,
     reader: &mut R,
     segments: &[Segment],

@@ -14,11 +14,11 @@ use ferry_core::{FileHash, Manifest};
 use ferry_wim::{Layout, Wim};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{
+use crate::library::catalog::{
     FileRecord, ImportStats, PackageKind, PackageRecord, PackageView, RevisionRecord, SourceRecord,
     INSTALL_WIM,
 };
-use crate::images::{self, ImageError, Progress};
+use crate::library::packages::{self, ImageError, Progress};
 
 /// What `ferry upgrade add` asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,7 +203,7 @@ pub fn import(
 ) -> Result<PackageView, ImageError> {
     let root = &req.path;
     let existing = match &req.package {
-        Some(id) => Some(images::record(lib, id)?),
+        Some(id) => Some(packages::record(lib, id)?),
         None => None,
     };
     if let Some(rec) = &existing {
@@ -251,7 +251,7 @@ pub fn import(
             }
         }
     }
-    let stamp_before = images::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
+    let stamp_before = packages::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
     let files = scan(root)?;
     if files.is_empty() {
         return Err(bad(root, "the folder holds no files"));
@@ -294,7 +294,7 @@ pub fn import(
             .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
         if let Some(index) = extract {
             let (one, tmp) =
-                images::export_index(&mut wim, index, data, &f.read_from.display().to_string())?;
+                packages::export_index(&mut wim, index, data, &f.read_from.display().to_string())?;
             wim = one;
             export = Some(tmp);
         }
@@ -351,11 +351,11 @@ pub fn import(
         };
         let shown = root.join(&f.rel).display().to_string();
         let read = match (as_wim, req.no_verify) {
-            (false, _) => images::Read::Data,
-            (true, true) => images::Read::Wim,
-            (true, false) => images::Read::VerifiedWim,
+            (false, _) => packages::Read::Data,
+            (true, true) => packages::Read::Wim,
+            (true, false) => packages::Read::VerifiedWim,
         };
-        let m = images::ingest_path(&mut import, read_from, &f.rel, read, &shown, None, |p| {
+        let m = packages::ingest_path(&mut import, read_from, &f.rel, read, &shown, None, |p| {
             progress(Progress {
                 done: done_before + p.done,
                 total,
@@ -373,7 +373,7 @@ pub fn import(
             }
         }
     }
-    let stamp_after = images::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
+    let stamp_after = packages::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
     if stamp_after != stamp_before {
         drop(import);
         lib.try_collect()?;
@@ -391,7 +391,7 @@ pub fn import(
     let first_image = image_infos.first().cloned().unwrap_or_default();
     let revision = RevisionRecord {
         revision: 1,
-        created: images::now(),
+        created: packages::now(),
         source: SourceRecord {
             path: root.display().to_string(),
             size: stamp_before.0,
@@ -409,9 +409,9 @@ pub fn import(
     };
     if let Some(rec) = existing
         .as_ref()
-        .filter(|r| images::same_as_latest(r, &revision))
+        .filter(|r| packages::same_as_latest(r, &revision))
     {
-        return images::unchanged(lib, import, rec, &revision);
+        return packages::unchanged(lib, import, rec, &revision);
     }
     let mut record = match existing {
         Some(mut rec) => {
@@ -429,7 +429,7 @@ pub fn import(
                 .clone()
                 .or_else(|| first_image.languages.first().cloned())
                 .unwrap_or_default(),
-            ..images::new_record(
+            ..packages::new_record(
                 lib,
                 site_code,
                 PackageKind::Upgrade,
@@ -441,13 +441,13 @@ pub fn import(
         },
     };
     let id = record.id.clone();
-    images::commit(import, &mut record, &manifests, images::Release::Newest)?;
+    packages::commit(import, &mut record, &manifests, packages::Release::Newest)?;
     lib.try_collect()?;
     for w in &warnings {
         tracing::warn!(package = %id, "{w}");
     }
     Ok(PackageView {
-        source_state: images::source_state(&record),
+        source_state: packages::source_state(&record),
         record,
         unchanged: false,
     })

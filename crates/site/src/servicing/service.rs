@@ -24,11 +24,15 @@ use ferry_core::Manifest;
 use ferry_store::{Library, StoreError};
 use ferry_wim::Wim;
 
-use crate::catalog::{FileRecord, PackageRecord, RevisionRecord, ServiceRecord, SourceRecord};
-use crate::images::{self, ImageError};
-use crate::ingest::Kept;
-use crate::jobs::{JobRecord, JobRun, JobState, ServiceRequest, UpdateOutcome, UpdateResult};
-use crate::updates::{self, UpdateRecord};
+use crate::library::catalog::{
+    FileRecord, PackageRecord, RevisionRecord, ServiceRecord, SourceRecord,
+};
+use crate::library::ingest::Kept;
+use crate::library::packages::{self, ImageError};
+use crate::servicing::jobs::{
+    JobRecord, JobRun, JobState, ServiceRequest, UpdateOutcome, UpdateResult,
+};
+use crate::servicing::updates::{self, UpdateRecord};
 
 /// Checks a service request before it becomes a job: the package exists
 /// and has a WIM, every update is in the catalog, and each applies to at
@@ -41,7 +45,7 @@ pub fn check(
 ) -> Result<(), String> {
     if let Some(at) = &req.at {
         let now = time::OffsetDateTime::now_utc();
-        if crate::jobs::parse_at(at, now)? < now - time::Duration::MINUTE {
+        if crate::servicing::jobs::parse_at(at, now)? < now - time::Duration::MINUTE {
             return Err(format!(
                 "--at {at} is in the past (times are UTC; now is {})",
                 crate::now()
@@ -49,16 +53,16 @@ pub fn check(
         }
     }
     if let Some(expr) = &req.schedule {
-        crate::jobs::parse_cron(expr)?;
+        crate::servicing::jobs::parse_cron(expr)?;
     }
-    let rec = images::record(lib, package).map_err(|e| e.to_string())?;
+    let rec = packages::record(lib, package).map_err(|e| e.to_string())?;
     let latest = rec
         .latest()
         .ok_or_else(|| format!("{package} has no revision"))?;
     if rec.wim_path(latest).is_none() {
         return Err(format!(
             "{package} has no {} to service",
-            crate::catalog::INSTALL_WIM
+            crate::library::catalog::INSTALL_WIM
         ));
     }
     if req.updates.is_empty() && !req.optimize {
@@ -198,7 +202,7 @@ fn service(
     run: &mut JobRun,
 ) -> Result<(), Stop> {
     let req = &job.request;
-    let rec = images::record(lib, &job.package)?;
+    let rec = packages::record(lib, &job.package)?;
     let base = rec
         .latest()
         .ok_or_else(|| Stop(format!("{} has no revision", job.package)))?
@@ -415,11 +419,11 @@ fn service(
     let mut import = lib.begin_import();
     let shown = format!("job {} copy of {}", job.id, wim_path);
     let kept = appended.then(|| Kept::after_append(lib, old));
-    let new_wim = match images::ingest_path(
+    let new_wim = match packages::ingest_path(
         &mut import,
         &copy,
         &wim_path,
-        images::Read::Wim,
+        packages::Read::Wim,
         &shown,
         kept.as_ref(),
         |_| {},
@@ -477,11 +481,11 @@ fn service(
         warnings: base.warnings.clone(),
     });
     let release = if req.distribute {
-        images::Release::Newest
+        packages::Release::Newest
     } else {
-        images::Release::Unchanged
+        packages::Release::Unchanged
     };
-    images::commit(import, &mut record, &new_manifests, release)?;
+    packages::commit(import, &mut record, &new_manifests, release)?;
     let secs = |from: Instant, to: Instant| (to - from).as_secs_f64();
     let end = Instant::now();
     tracing::info!(
@@ -538,7 +542,7 @@ fn layout_of(path: &Path, what: &str) -> Result<ferry_wim::Layout, Stop> {
 
 /// Where a job's work files go.
 pub fn job_dir(data: &Path, job: u64) -> PathBuf {
-    images::work_dir(data).join(format!("job-{job}"))
+    packages::work_dir(data).join(format!("job-{job}"))
 }
 
 /// One update as `image updates` lists it.
@@ -581,14 +585,14 @@ pub struct UpdatesView {
 
 /// The updates of the catalog as they stand for package `id`.
 pub fn image_updates(lib: &Library, data: &Path, id: &str) -> Result<UpdatesView, String> {
-    let rec = images::record(lib, id).map_err(|e| e.to_string())?;
+    let rec = packages::record(lib, id).map_err(|e| e.to_string())?;
     let latest = rec
         .latest()
         .ok_or_else(|| format!("{id} has no revision"))?;
     if rec.wim_path(latest).is_none() {
         return Err(format!(
             "{id} has no {} to service",
-            crate::catalog::INSTALL_WIM
+            crate::library::catalog::INSTALL_WIM
         ));
     }
     let catalog = updates::list(data).map_err(|e| e.to_string())?;
@@ -675,7 +679,7 @@ pub struct HistoryView {
 
 /// The servicing history of package `id` from its jobs.
 pub fn history(lib: &Library, jobs: &[JobRecord], id: &str) -> Result<HistoryView, String> {
-    let rec = images::record(lib, id).map_err(|e| e.to_string())?;
+    let rec = packages::record(lib, id).map_err(|e| e.to_string())?;
     let latest = rec
         .latest()
         .ok_or_else(|| format!("{id} has no revision"))?;

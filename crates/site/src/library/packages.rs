@@ -1,4 +1,7 @@
-//! Importing, inspecting, exporting, verifying and removing OS images.
+//! Packages in the library: what every package shares, images and upgrade
+//! packages alike (its record, the commit of a new revision, show, export,
+//! verify, remove, rollback), and what is an image's own (importing and
+//! refreshing a WIM, its properties).
 //!
 //! These are the blocking halves of the operator API's handlers; each runs
 //! on a blocking thread and talks to the [`Library`] directly.
@@ -15,11 +18,11 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::catalog::{
+use crate::library::catalog::{
     FileRecord, ImportStats, PackageKind, PackageRecord, PackageSummary, PackageView,
     RevisionRecord, SourceRecord, SourceState,
 };
-use crate::ingest::{ingest, IngestError};
+use crate::library::ingest::{ingest, IngestError};
 
 /// What `ferry image add` asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -488,7 +491,7 @@ pub(crate) fn ingest_path(
     name: &str,
     read: Read,
     shown: &str,
-    kept: Option<&crate::ingest::Kept<'_>>,
+    kept: Option<&crate::library::ingest::Kept<'_>>,
     mut progress: impl FnMut(Progress),
 ) -> Result<Manifest, ImageError> {
     let source = |e: std::io::Error| ImageError::Source {
@@ -1062,7 +1065,7 @@ pub struct Properties {
 pub fn set_multicast(
     lib: &Library,
     id: &str,
-    m: crate::catalog::MulticastSettings,
+    m: crate::library::catalog::MulticastSettings,
 ) -> Result<PackageRecord, ImageError> {
     if !m.allow && (m.only || m.encrypt) {
         return Err(ImageError::Property(

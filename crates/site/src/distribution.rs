@@ -8,10 +8,10 @@
 //! settings ([`multicast`]).
 
 pub mod clients;
-pub mod endpoint;
+pub(crate) mod endpoint;
 pub mod multicast;
-pub mod persist;
+pub(crate) mod persist;
 pub mod records;
-pub mod registry;
+pub(crate) mod registry;
 pub mod status;
 pub mod validation;
