@@ -241,8 +241,15 @@ async fn export_file(
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .with_context(|| format!("cannot set the permissions of {}", tmp.path().display()))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(out)
-        .with_context(|| format!("cannot move the export into place at {}", out.display()))?;
+    let (file, part) = tmp.keep().with_context(|| {
+        format!(
+            "cannot keep the export's temporary file in {}",
+            dir.display()
+        )
+    })?;
+    if let Err(e) = ferry_store::file::place(&file, &part, out) {
+        let _ = std::fs::remove_file(&part);
+        return Err(e.into());
+    }
     Ok((written, got))
 }

@@ -12,7 +12,7 @@
 //! after an interruption, it re-hashes what the part files hold and asks
 //! only for the chunks missing or wrong.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -377,15 +377,11 @@ impl Fetch {
                 part.display()
             )));
         }
-        f.sync_all()
-            .with_context(|| format!("cannot sync {}", part.display()))?;
         // Every chunk of the file is now one checked against the signed
         // manifest (downloaded or found in the part file), and the
         // manifest's chunks cover the file exactly (checked when it was
         // decoded): the file is the signed one without reading it again.
-        std::fs::rename(&part, &dest)
-            .with_context(|| format!("cannot rename {} to {}", part.display(), dest.display()))?;
-        drop(File::open(&self.out).and_then(|d| d.sync_all()));
+        ferry_store::file::place(&f, &part, &dest)?;
         Ok(())
     }
 }

@@ -345,19 +345,12 @@ fn open_targets(
     Ok((targets, held))
 }
 
-/// Syncs every part file and renames it to its name.
+/// Puts every part file in place under its name.
 fn finish(targets: &[Target]) -> anyhow::Result<()> {
     for t in targets {
         if let Some(f) = &t.file {
-            f.sync_all()
-                .with_context(|| format!("cannot sync {}", t.part.display()))?;
-            std::fs::rename(&t.part, &t.dest).with_context(|| {
-                format!("cannot rename {} to {}", t.part.display(), t.dest.display())
-            })?;
+            ferry_store::file::place(f, &t.part, &t.dest)?;
         }
-    }
-    if let Some(dir) = targets.first().and_then(|t| t.dest.parent()) {
-        drop(File::open(dir).and_then(|d| d.sync_all()));
     }
     Ok(())
 }

@@ -755,11 +755,7 @@ fn import_stream(
                 if view.record.revisions.len() > 1 {
                     // DPs holding the package move to the new revision.
                     s.hub.notify();
-                    if let Err(e) = packages::prune(&lib, &view.record.id, s.keep_revisions, |t| {
-                        s.hub.snapshot().settled(&view.record.id, t)
-                    }) {
-                        tracing::warn!(package = %view.record.id, error = %e, "cannot remove unused revisions");
-                    }
+                    s.hub.prune(&lib, &view.record.id, s.keep_revisions);
                 }
                 ImportEvent::Done {
                     package: Box::new(view),

@@ -269,10 +269,7 @@ impl Site {
                 if run.distributed {
                     hub.notify();
                 }
-                match packages::prune(&lib, &job.package, keep, |t| hub.snapshot().settled(&job.package, t)) {
-                    Ok(pruned) => run.pruned = pruned,
-                    Err(e) => tracing::warn!(package = %job.package, error = %e, "cannot remove unused revisions"),
-                }
+                run.pruned = hub.prune(&lib, &job.package, keep);
             }
             run
         }));

@@ -258,6 +258,20 @@ pub fn sync_dir(path: &Path) -> Result<(), FileError> {
         .map_err(|e| FileError::new(path, "sync the folder", e))
 }
 
+/// Puts a finished file in place: `file` (open at `part`) synced, renamed
+/// to `dest`, and `dest`'s folder synced, so the file and its name survive
+/// a crash. The one way every finished file lands: [`write_file`], `ferry
+/// content export`, `ferry client fetch` and `ferry client multicast`.
+pub fn place(file: &File, part: &Path, dest: &Path) -> Result<(), FileError> {
+    file.sync_all()
+        .map_err(|e| FileError::new(part, "sync", e))?;
+    std::fs::rename(part, dest).map_err(|e| FileError::new(dest, "rename into place", e))?;
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
 /// Why [`write_file`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError<E> {
@@ -331,15 +345,10 @@ pub fn write_file<E>(
                 expected: m.hash.to_hex(),
             });
         }
-        if durability == Durability::Synced {
-            out.sync()?;
-        }
-        std::fs::rename(&part, dest).map_err(|e| FileError::new(dest, "rename into place", e))?;
-        if let Some(parent) = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty() && durability == Durability::Synced)
-        {
-            sync_dir(parent)?;
+        match durability {
+            Durability::Synced => place(out.file(), &part, dest)?,
+            Durability::Scratch => std::fs::rename(&part, dest)
+                .map_err(|e| FileError::new(dest, "rename into place", e))?,
         }
         Ok(())
     })();
@@ -393,6 +402,24 @@ mod tests {
 
     fn manifest(parts: &[&[u8]]) -> Manifest {
         Manifest::of_parts("f", parts.iter().copied())
+    }
+
+    #[test]
+    fn a_placed_file_lands_under_its_name_in_a_nested_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        std::fs::create_dir_all(&nested).unwrap();
+        let part = nested.join("f.part");
+        std::fs::write(&part, b"bytes").unwrap();
+        let f = File::open(&part).unwrap();
+        place(&f, &part, &nested.join("f")).unwrap();
+        assert_eq!(std::fs::read(nested.join("f")).unwrap(), b"bytes");
+        assert!(!part.exists());
+        let e = place(&f, &part, &nested.join("g")).unwrap_err();
+        assert!(
+            e.to_string().contains("f.part") || e.to_string().contains("g"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -50,9 +50,11 @@ const FRAME_BATCH_BYTES: usize = 64 << 10;
 /// Revisions whose chunk sets are kept for scoping fetch streams.
 const CHUNK_SET_CACHE: usize = 8;
 
-/// Fault injection for tests, from the environment of `ferry site serve`:
-/// `FERRY_FAULT_CORRUPT_CHUNKS=N` flips a bit in the first N chunks sent;
-/// `FERRY_FAULT_TAMPER_MANIFEST=1` changes every manifest after signing.
+/// Fault injection for tests, from the environment of `ferry site serve`
+/// when built with the `fault-injection` feature (the end-to-end tests'
+/// build; never a release build): `FERRY_FAULT_CORRUPT_CHUNKS=N` flips a
+/// bit in the first N chunks sent; `FERRY_FAULT_TAMPER_MANIFEST=1` changes
+/// every manifest after signing. Without the feature nothing is read.
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
     corrupt_chunks: AtomicU64,
@@ -60,6 +62,12 @@ pub(crate) struct Faults {
 }
 
 impl Faults {
+    #[cfg(not(feature = "fault-injection"))]
+    fn from_env() -> Self {
+        Self::default()
+    }
+
+    #[cfg(feature = "fault-injection")]
     fn from_env() -> Self {
         let n = |k: &str| {
             std::env::var(k)
@@ -576,13 +584,7 @@ impl DpServer {
         if state == TransferState::Installed {
             // An old revision may be unused by every DP now.
             let (lib, hub, keep) = (self.lib.clone(), self.hub.clone(), self.keep_revisions);
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = packages::prune(&lib, &package, keep, |t| {
-                    hub.snapshot().settled(&package, t)
-                }) {
-                    warn!(package = %package, error = %e, "cannot remove unused revisions");
-                }
-            });
+            tokio::task::spawn_blocking(move || hub.prune(&lib, &package, keep));
         }
     }
 

@@ -280,6 +280,23 @@ impl Hub {
             || reg.assigned(dp).contains(package)
     }
 
+    /// Removes the revisions of `package` nothing needs any more, once
+    /// every DP holding it has its released revision (`keep` revisions are
+    /// kept unless the package says otherwise); a failure is logged.
+    /// Returns the revisions removed.
+    pub(crate) fn prune(&self, lib: &Library, package: &str, keep: u32) -> Vec<u32> {
+        let settled = |t| {
+            self.reg
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .settled(package, t)
+        };
+        crate::library::packages::prune(lib, package, keep, settled).unwrap_or_else(|e| {
+            tracing::warn!(%package, error = %e, "cannot remove unused revisions");
+            Vec::new()
+        })
+    }
+
     /// A copy of the registry.
     pub fn snapshot(&self) -> Registry {
         self.reg.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -336,31 +353,21 @@ impl Hub {
 
     /// The DP an unused enrollment secret belongs to, if any (not revoked).
     pub fn token_owner(&self, secret: &str) -> Option<String> {
-        let hash = token_hash(secret);
         let reg = self.reg.lock().unwrap_or_else(|p| p.into_inner());
         reg.dps
             .values()
-            .find(|d| {
-                d.revoked.is_none()
-                    && d.token_hash
-                        .as_deref()
-                        .is_some_and(|h| constant_eq(h.as_bytes(), hash.as_bytes()))
-            })
+            .find(|d| d.revoked.is_none() && secret_matches(d.token_hash.as_deref(), secret))
             .map(|d| d.name.clone())
     }
 
     /// Uses up the secret of DP `name` and records the certificate issued
     /// to it. `false` when the secret was used (or revoked) meanwhile.
     pub fn enroll(&self, name: &str, secret: &str, fingerprint: &str) -> Result<bool, HubError> {
-        let hash = token_hash(secret);
         self.update(true, |r| {
             let Some(d) = r.dps.get_mut(name) else {
                 return Ok(false);
             };
-            let valid = d.revoked.is_none()
-                && d.token_hash
-                    .as_deref()
-                    .is_some_and(|h| constant_eq(h.as_bytes(), hash.as_bytes()));
+            let valid = d.revoked.is_none() && secret_matches(d.token_hash.as_deref(), secret);
             if valid {
                 d.token_hash = None;
                 d.enrolled = Some(now());
@@ -903,8 +910,12 @@ impl Touched {
 
 pub(crate) use ferry_wire::{CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `secret` hashes to `stored` (hex, as [`token_hash`] writes
+/// it). The hashes are compared as `blake3::Hash`es, in constant time.
+fn secret_matches(stored: Option<&str>, secret: &str) -> bool {
+    stored
+        .and_then(|h| blake3::Hash::from_hex(h).ok())
+        .is_some_and(|h| h == blake3::hash(secret.as_bytes()))
 }
 
 #[cfg(test)]
