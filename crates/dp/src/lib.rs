@@ -17,6 +17,7 @@
 //! The DP dials the site; the site never dials the DP.
 
 pub mod agent;
+mod chunks;
 pub mod config;
 mod error;
 mod gate;

@@ -30,11 +30,11 @@ use ferry_core::units::bytes as human;
 use ferry_core::{ChunkId, ChunkRef};
 use ferry_store::content::{ContentError, Marks, RevisionRecord, Stage};
 use ferry_store::ContentStore;
-use ferry_wire::pb::{self, reply, request, Code};
-use ferry_wire::{write_frame, MAX_REPLY_BYTES};
+use ferry_wire::pb::{self, reply, Code};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::chunks::{self, Incoming};
 use crate::error::Failure;
 use crate::manifest::Signed;
 use crate::report;
@@ -124,123 +124,207 @@ pub(crate) struct Request<'a> {
     pub from_scratch: bool,
 }
 
+/// What staging a revision needs, moved to a blocking thread.
+struct StageRequest {
+    store: Arc<ContentStore>,
+    signed: Signed,
+    package: String,
+    revision: u32,
+    dp: String,
+    max_rate: Option<u64>,
+    from_scratch: bool,
+}
+
+/// A staged revision and its plan.
+type Staged = (Arc<Stage>, Transfer, Arc<Origins>);
+
+/// Checks the space a revision needs (every file is preallocated up front,
+/// so a full disk shows now), stages it, reads back what a killed DP had
+/// written, and plans the transfer: what is written, what is copied from
+/// installed files, what is fetched. Blocking.
+fn stage_revision(r: StageRequest) -> anyhow::Result<Staged> {
+    let StageRequest {
+        store,
+        signed: sig,
+        package,
+        revision,
+        dp,
+        max_rate,
+        from_scratch,
+    } = r;
+    let available_space = ferry_store::disk::available;
+    let content = store.content_dir().to_path_buf();
+    let files: u64 = sig.manifests.iter().map(|m| m.size).sum();
+    let stage_dir = content
+        .join(ferry_store::content::INTERNAL_DIR)
+        .join(format!("stage-{package}.r{revision}"));
+    let have = ferry_store::disk::usage(&stage_dir);
+    let free = available_space(&content)
+        .with_context(|| format!("cannot read the free space of {}", content.display()))?;
+    let need = (files + SPACE_MARGIN).saturating_sub(have);
+    let short = |free: u64| {
+        anyhow!(
+            "not enough space on DP {dp} for {package} revision {revision}: it needs {} more ({} of files, {} margin) at {}, {} free; free at least {}",
+            human(need),
+            human(files),
+            human(SPACE_MARGIN),
+            content.display(),
+            human(free),
+            human(need.saturating_sub(free))
+        )
+    };
+    if need > free {
+        return Err(short(free));
+    }
+    let record = RevisionRecord {
+        installed: false,
+        name: sig.name,
+        body: sig.body,
+        signature: sig.signature,
+    };
+    let stage = match store.stage(&package, revision, record, sig.manifests) {
+        Ok(s) => Arc::new(s),
+        // Preallocating the files ran out of space.
+        Err(e @ ContentError::File(_)) if e.is_no_space() => {
+            return Err(anyhow!(e).context(short(available_space(&content).unwrap_or(0))))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let written = stage.written()?;
+    if stage.rehashed_bytes() > 0 {
+        info!(
+            rehashed_bytes = stage.rehashed_bytes(),
+            "resuming: checked what was written after the last checkpoint"
+        );
+    }
+    let (machine, origins) = plan(&store, &stage, &written, max_rate, from_scratch)?;
+    Ok((stage, machine, Arc::new(origins)))
+}
+
+/// The transfer machine of a staged revision, and the installed files its
+/// copies read from.
+fn plan(
+    store: &ContentStore,
+    stage: &Stage,
+    written: &ferry_store::content::WrittenSlots,
+    max_rate: Option<u64>,
+    from_scratch: bool,
+) -> anyhow::Result<(Transfer, Origins)> {
+    let mut origins: Origins = Vec::new();
+    let mut handles: HashMap<(String, u32, u32), u64> = HashMap::new();
+    let opts = TransferOptions {
+        streams: FETCH_STREAMS,
+        max_stream_window: MAX_STREAM_WINDOW,
+        max_batch_chunks: ferry_wire::MAX_BATCH_CHUNKS,
+        max_rate,
+        min_window: MIN_WINDOW,
+        checkpoint_every: CHECKPOINT_EVERY,
+        checkpoint_bytes: CHECKPOINT_BYTES,
+        stall_timeout: STALL_TIMEOUT,
+        max_stream_restarts: MAX_STREAM_RESTARTS,
+        ..TransferOptions::default()
+    };
+    let mut lookup_error = None;
+    let machine = Transfer::new(
+        stage.manifests(),
+        opts,
+        |s| written[s.file as usize][s.index as usize],
+        |id| {
+            if from_scratch {
+                return None;
+            }
+            let (p, l) = match store.locate(id) {
+                Ok(found) => found?,
+                Err(e) => {
+                    lookup_error.get_or_insert(e);
+                    return None;
+                }
+            };
+            let key = (p.clone(), l.revision, l.file);
+            let h = match handles.get(&key) {
+                Some(&h) => h,
+                None => {
+                    let path = store.installed_path(&p, l.revision, l.file).ok()?;
+                    let f = File::open(&path).ok()?;
+                    origins.push((f, path));
+                    let h = origins.len() as u64 - 1;
+                    handles.insert(key, h);
+                    h
+                }
+            };
+            Some(Origin {
+                file: OriginFile::Other(h),
+                offset: l.offset,
+            })
+        },
+    );
+    match lookup_error {
+        Some(e) => Err(e.into()),
+        None => Ok((machine, origins)),
+    }
+}
+
+/// Starts the writer threads of a stage: their job queues and handles.
+#[allow(clippy::type_complexity)]
+fn start_writers(
+    stage: &Arc<Stage>,
+    origins: &Arc<Origins>,
+    ev_tx: &mpsc::UnboundedSender<Ev>,
+) -> Result<
+    (
+        Vec<std::sync::mpsc::Sender<Vec<Job>>>,
+        Vec<std::thread::JoinHandle<()>>,
+    ),
+    Failure,
+> {
+    let mut jobs = Vec::with_capacity(WRITERS);
+    let mut threads = Vec::with_capacity(WRITERS);
+    for n in 0..WRITERS {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Job>>();
+        let (stage, origins, ev) = (stage.clone(), origins.clone(), ev_tx.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("ferry-writer-{n}"))
+            .spawn(move || writer(&stage, &origins, rx, ev))
+            .map_err(|e| Failure::job(anyhow!("cannot start a writer thread: {e}")))?;
+        jobs.push(tx);
+        threads.push(t);
+    }
+    Ok((jobs, threads))
+}
+
+/// Installs a stage whose every slot is written (blocking thread).
+async fn install(stage: Arc<Stage>) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || match Arc::try_unwrap(stage) {
+        Ok(s) => s.install().map_err(anyhow::Error::from),
+        Err(_) => Err(anyhow!("the stage is still in use by a writer")),
+    })
+    .await
+    .map_err(|e| anyhow!("the install task failed: {e}"))?
+    .context("cannot install the revision")
+}
+
 /// Fetches, writes and installs one revision. Returns its figures.
 pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     let a = r.assignment;
     let conn = r.conn;
     let rx_start = conn.stats().udp_rx.bytes;
     let wire = || conn.stats().udp_rx.bytes.saturating_sub(rx_start);
-    let fail = |e: anyhow::Error| Failure::of(conn, e);
-    let available_space = ferry_store::disk::available;
-
-    // Space: every file is preallocated up front, so a full disk shows now.
-    let files: u64 = r.signed.manifests.iter().map(|m| m.size).sum();
-    let content = r.store.content_dir().to_path_buf();
     let manifest_bytes = r.signed.wire_bytes;
     // Moved, not copied: a large image's manifests and signed body are tens
     // of MiB each, and the stage keeps the only copy from here on.
-    let (store, sig) = (r.store.clone(), r.signed);
-    let (package, revision, dp) = (a.package.clone(), a.revision, r.dp.to_string());
-    let (max_rate, from_scratch) = (r.max_rate, r.from_scratch);
-    let staged = tokio::task::spawn_blocking(move || -> anyhow::Result<(Arc<Stage>, Transfer, Arc<Origins>)> {
-        let stage_dir = content
-            .join(ferry_store::content::INTERNAL_DIR)
-            .join(format!("stage-{package}.r{revision}"));
-        let have = ferry_store::disk::usage(&stage_dir);
-        let free = available_space(&content)
-            .with_context(|| format!("cannot read the free space of {}", content.display()))?;
-        let need = (files + SPACE_MARGIN).saturating_sub(have);
-        let short = |free: u64| {
-            anyhow!(
-                "not enough space on DP {dp} for {package} revision {revision}: it needs {} more ({} of files, {} margin) at {}, {} free; free at least {}",
-                human(need),
-                human(files),
-                human(SPACE_MARGIN),
-                content.display(),
-                human(free),
-                human(need.saturating_sub(free))
-            )
-        };
-        if need > free {
-            return Err(short(free));
-        }
-        let record = RevisionRecord {
-            installed: false,
-            name: sig.name,
-            body: sig.body,
-            signature: sig.signature,
-        };
-        let stage = match store.stage(&package, revision, record, sig.manifests) {
-            Ok(s) => Arc::new(s),
-            // Preallocating the files ran out of space.
-            Err(e @ ContentError::File(_)) if e.is_no_space() => {
-                return Err(anyhow!(e).context(short(available_space(&content).unwrap_or(0))))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let written = stage.written()?;
-        if stage.rehashed_bytes() > 0 {
-            info!(
-                rehashed_bytes = stage.rehashed_bytes(),
-                "resuming: checked what was written after the last checkpoint"
-            );
-        }
-        let mut origins: Origins = Vec::new();
-        let mut handles: HashMap<(String, u32, u32), u64> = HashMap::new();
-        let opts = TransferOptions {
-            streams: FETCH_STREAMS,
-            max_stream_window: MAX_STREAM_WINDOW,
-            max_batch_chunks: ferry_wire::MAX_BATCH_CHUNKS,
-            max_rate,
-            min_window: MIN_WINDOW,
-            checkpoint_every: CHECKPOINT_EVERY,
-            checkpoint_bytes: CHECKPOINT_BYTES,
-            stall_timeout: STALL_TIMEOUT,
-            max_stream_restarts: MAX_STREAM_RESTARTS,
-            ..TransferOptions::default()
-        };
-        let mut lookup_error = None;
-        let machine = Transfer::new(
-            stage.manifests(),
-            opts,
-            |s| written[s.file as usize][s.index as usize],
-            |id| {
-                if from_scratch {
-                    return None;
-                }
-                let (p, l) = match store.locate(id) {
-                    Ok(found) => found?,
-                    Err(e) => {
-                        lookup_error.get_or_insert(e);
-                        return None;
-                    }
-                };
-                let key = (p.clone(), l.revision, l.file);
-                let h = match handles.get(&key) {
-                    Some(&h) => h,
-                    None => {
-                        let path = store.installed_path(&p, l.revision, l.file).ok()?;
-                        let f = File::open(&path).ok()?;
-                        origins.push((f, path));
-                        let h = origins.len() as u64 - 1;
-                        handles.insert(key, h);
-                        h
-                    }
-                };
-                Some(Origin {
-                    file: OriginFile::Other(h),
-                    offset: l.offset,
-                })
-            },
-        );
-        if let Some(e) = lookup_error {
-            return Err(e.into());
-        }
-        Ok((stage, machine, Arc::new(origins)))
-    })
-    .await
-    .map_err(|e| Failure::job(anyhow!("the staging task failed: {e}")))?;
-    let (stage, machine, origins) = staged.map_err(Failure::Job)?;
+    let req = StageRequest {
+        store: r.store.clone(),
+        signed: r.signed,
+        package: a.package.clone(),
+        revision: a.revision,
+        dp: r.dp.to_string(),
+        max_rate: r.max_rate,
+        from_scratch: r.from_scratch,
+    };
+    let (stage, machine, origins) = tokio::task::spawn_blocking(move || stage_revision(req))
+        .await
+        .map_err(|e| Failure::job(anyhow!("the staging task failed: {e}")))?
+        .map_err(Failure::Job)?;
     let planned = machine.progress();
     info!(
         needed_bytes = planned.bytes_needed,
@@ -256,21 +340,8 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         manifest_bytes,
     ));
 
-    // Writer threads.
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
-    let mut jobs = Vec::with_capacity(WRITERS);
-    let mut threads = Vec::with_capacity(WRITERS);
-    for n in 0..WRITERS {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<Job>>();
-        let (stage, origins, ev) = (stage.clone(), origins.clone(), ev_tx.clone());
-        let t = std::thread::Builder::new()
-            .name(format!("ferry-writer-{n}"))
-            .spawn(move || writer(&stage, &origins, rx, ev))
-            .map_err(|e| Failure::job(anyhow!("cannot start a writer thread: {e}")))?;
-        jobs.push(tx);
-        threads.push(t);
-    }
-
+    let (jobs, threads) = start_writers(&stage, &origins, &ev_tx)?;
     let mut lp = Loop {
         conn,
         dp: r.dp,
@@ -288,67 +359,10 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         rx_start,
     };
     let result = lp.drive(&mut ev_rx).await;
-    // Stop the helpers before anything else touches the stage.
-    let Loop {
-        streams,
-        jobs,
-        stage: held,
-        ev_tx,
-        machine,
-        ..
-    } = lp;
-    for s in streams {
-        s.stop();
-    }
-    // The machine's per-chunk state goes before the install needs memory.
-    drop((jobs, held, ev_tx, machine));
-    let _ = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-    })
-    .await;
+    lp.stop(threads).await;
     let progress = result?;
-
-    let installed = tokio::task::spawn_blocking(move || match Arc::try_unwrap(stage) {
-        Ok(s) => s.install().map_err(anyhow::Error::from),
-        Err(_) => Err(anyhow!("the stage is still in use by a writer")),
-    })
-    .await
-    .map_err(|e| Failure::job(anyhow!("the install task failed: {e}")))?;
-    installed.map_err(|e| fail(e.context("cannot install the revision")))?;
+    install(stage).await.map_err(|e| Failure::of(conn, e))?;
     Ok((progress, wire()))
-}
-
-/// A reply on a chunk stream.
-enum Incoming {
-    /// A chunk.
-    Chunk { id: ChunkId, data: Bytes },
-    /// Anything else, decoded.
-    Other(pb::Reply),
-}
-
-/// Reads the next reply frame from a chunk stream into one buffer (a copy
-/// out of quinn's: hashing and writing one contiguous piece costs less than
-/// keeping the dozen packet-sized pieces a chunk arrives in).
-async fn next_reply(
-    recv: &mut quinn::RecvStream,
-) -> Result<Option<Incoming>, ferry_wire::WireError> {
-    Ok(
-        match ferry_wire::read_frame::<pb::Reply>(recv, MAX_REPLY_BYTES).await? {
-            None => None,
-            Some(pb::Reply {
-                kind: Some(reply::Kind::Chunk(c)),
-            }) => match ChunkId::from_slice(&c.id) {
-                Some(id) => Some(Incoming::Chunk { id, data: c.data }),
-                None => Some(Incoming::Other(pb::Reply::error(
-                    Code::BadRequest,
-                    "the site sent a chunk with a malformed id",
-                ))),
-            },
-            Some(other) => Some(Incoming::Other(other)),
-        },
-    )
 }
 
 /// The helpers of one stream.
@@ -386,6 +400,30 @@ struct Loop<'a> {
 }
 
 impl Loop<'_> {
+    /// Stops the stream tasks and the writers (joined off the async
+    /// threads) before anything else touches the stage; the machine's
+    /// per-chunk state goes before the install needs memory.
+    async fn stop(self, threads: Vec<std::thread::JoinHandle<()>>) {
+        let Loop {
+            streams,
+            jobs,
+            stage,
+            ev_tx,
+            machine,
+            ..
+        } = self;
+        for s in streams {
+            s.stop();
+        }
+        drop((jobs, stage, ev_tx, machine));
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+
     fn wire(&self) -> u64 {
         self.conn.stats().udp_rx.bytes.saturating_sub(self.rx_start)
     }
@@ -396,26 +434,16 @@ impl Loop<'_> {
         let (wants, mut want_rx) = mpsc::unbounded_channel::<Vec<ChunkRef>>();
         let (conn, ev) = (self.conn.clone(), self.ev_tx.clone());
         let (package, revision) = (self.a.package.clone(), self.a.revision);
-        let (recv_tx, recv_rx) = tokio::sync::oneshot::channel::<quinn::RecvStream>();
+        let (recv_tx, recv_rx) = tokio::sync::oneshot::channel::<chunks::Replies>();
         let ev2 = ev.clone();
         let sender = tokio::spawn(async move {
             let r: anyhow::Result<()> = async {
-                let (mut send, recv) = conn.open_bi().await?;
-                let req = pb::Request {
-                    kind: Some(request::Kind::Fetch(pb::Fetch { package, revision })),
-                };
-                write_frame(&mut send, &req).await?;
-                let _ = recv_tx.send(recv);
+                let (mut ask, replies) = chunks::open(&conn, &package, revision).await?;
+                let _ = recv_tx.send(replies);
                 while let Some(batch) = want_rx.recv().await {
-                    let w = pb::Want {
-                        ids: batch
-                            .iter()
-                            .map(|c| Bytes::copy_from_slice(c.id.as_bytes()))
-                            .collect(),
-                    };
-                    write_frame(&mut send, &w).await?;
+                    ask.want(batch.iter().map(|c| &c.id)).await?;
                 }
-                let _ = send.finish();
+                ask.finish();
                 Ok(())
             }
             .await;
@@ -428,11 +456,11 @@ impl Loop<'_> {
             }
         });
         let receiver = tokio::spawn(async move {
-            let Ok(mut recv) = recv_rx.await else {
+            let Ok(mut replies) = recv_rx.await else {
                 return;
             };
             loop {
-                match next_reply(&mut recv).await {
+                match replies.next().await {
                     Ok(Some(Incoming::Chunk { id, data })) => {
                         let chunk = Ev::Chunk {
                             stream,

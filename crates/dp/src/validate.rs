@@ -15,11 +15,11 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use ferry_core::ChunkId;
 use ferry_store::ContentStore;
-use ferry_wire::pb::{self, reply, request};
-use ferry_wire::{read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES};
+use ferry_wire::pb::{self, reply};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::chunks::{self, Incoming};
 use crate::error::Failure;
 use crate::report;
 
@@ -210,7 +210,7 @@ async fn one(
     Ok(v)
 }
 
-/// Fetches a few chunks of one revision on one stream, each checked
+/// Fetches a few chunks of one revision on one chunk stream, each checked
 /// against its id.
 pub(crate) async fn fetch_few(
     conn: &quinn::Connection,
@@ -218,41 +218,25 @@ pub(crate) async fn fetch_few(
     revision: u32,
     ids: &[ChunkId],
 ) -> anyhow::Result<Vec<(ChunkId, Bytes)>> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let req = pb::Request {
-        kind: Some(request::Kind::Fetch(pb::Fetch {
-            package: package.to_string(),
-            revision,
-        })),
-    };
-    write_frame(&mut send, &req).await?;
-    for batch in ids.chunks(MAX_BATCH_CHUNKS) {
-        let w = pb::Want {
-            ids: batch
-                .iter()
-                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-                .collect(),
-        };
-        write_frame(&mut send, &w).await?;
-    }
-    let _ = send.finish();
+    let (mut ask, mut replies) = chunks::open(conn, package, revision).await?;
+    ask.want(ids).await?;
+    ask.finish();
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        let got = tokio::time::timeout(
-            ferry_wire::REPLY_TIMEOUT,
-            read_frame::<pb::Reply>(&mut recv, MAX_REPLY_BYTES),
-        )
-        .await
-        .map_err(|_| anyhow!("the site sent nothing for {:?}", ferry_wire::REPLY_TIMEOUT))??;
-        match got.and_then(|r| r.kind) {
-            Some(reply::Kind::Chunk(c)) if c.id.as_ref() == id.as_bytes() => {
-                if ChunkId::of(&c.data) != *id {
+        let got = tokio::time::timeout(ferry_wire::REPLY_TIMEOUT, replies.next())
+            .await
+            .map_err(|_| anyhow!("the site sent nothing for {:?}", ferry_wire::REPLY_TIMEOUT))??;
+        match got {
+            Some(Incoming::Chunk { id: got, data }) if got == *id => {
+                if ChunkId::of(&data) != *id {
                     bail!("chunk {id} from the site failed verification");
                 }
-                out.push((*id, c.data));
+                out.push((*id, data));
             }
-            Some(reply::Kind::Chunk(_)) => bail!("the site answered with a chunk not asked for"),
-            Some(reply::Kind::Error(e)) => bail!("the site refused chunk {id}: {}", e.message),
+            Some(Incoming::Chunk { .. }) => bail!("the site answered with a chunk not asked for"),
+            Some(Incoming::Other(pb::Reply {
+                kind: Some(reply::Kind::Error(e)),
+            })) => bail!("the site refused chunk {id}: {}", e.message),
             _ => bail!("the chunk stream ended early"),
         }
     }
