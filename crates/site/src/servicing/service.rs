@@ -216,51 +216,7 @@ fn service(
     let catalog = updates::list(data).map_err(|e| Stop(e.to_string()))?;
     let superseded_before = updates::superseded_by(&applied_before, &catalog);
 
-    // Decide what to apply, in the order asked.
-    let mut plan: Vec<(UpdateRecord, Vec<u32>)> = Vec::new();
-    for id in &req.updates {
-        let u = match updates::read(data, id) {
-            Ok(u) => u,
-            Err(e) => {
-                run.updates
-                    .push(outcome(None, id, UpdateResult::Failed, Some(e.to_string())));
-                if req.continue_on_error {
-                    continue;
-                }
-                return Err(Stop(format!("{id}: {e}")));
-            }
-        };
-        let skip = if applied_before.contains(id) {
-            Some(format!("already applied (revision {})", base.revision))
-        } else {
-            superseded_before
-                .get(id)
-                .map(|by| format!("superseded by {by}, already applied"))
-        };
-        if let Some(why) = skip {
-            run.updates
-                .push(outcome(Some(&u), id, UpdateResult::Skipped, Some(why)));
-            continue;
-        }
-        let mut targets = Vec::new();
-        let mut reasons = Vec::new();
-        for img in &base.images {
-            match updates::applicability(&u.manifest, img) {
-                Ok(()) => targets.push(img.index),
-                Err(r) => reasons.push(r),
-            }
-        }
-        if targets.is_empty() {
-            run.updates.push(outcome(
-                Some(&u),
-                id,
-                UpdateResult::Skipped,
-                Some(format!("not applicable: {}", reasons.join("; "))),
-            ));
-            continue;
-        }
-        plan.push((u, targets));
-    }
+    let plan = plan_updates(data, req, &base, &applied_before, &superseded_before, run)?;
     let optimized_already = base
         .service
         .as_ref()
@@ -299,89 +255,7 @@ fn service(
     let t_update = Instant::now();
     let mut wim = Wim::open_for_update(&copy).map_err(|e| Stop(e.to_string()))?;
 
-    let mut applied = Vec::new();
-    // Updates that left the catalog already failed while planning.
-    let mut failed: Vec<String> = run
-        .updates
-        .iter()
-        .filter(|u| u.result == UpdateResult::Failed)
-        .map(|u| u.id.clone())
-        .collect();
-    let mut stopped = false;
-    for (u, targets) in &plan {
-        let id = &u.manifest.id;
-        if stopped {
-            run.updates.push(outcome(
-                Some(u),
-                id,
-                UpdateResult::NotRun,
-                Some("an earlier update failed".into()),
-            ));
-            continue;
-        }
-        // Applying it after one that supersedes it would undo that one.
-        if let Some(by) = updates::superseded_by(&applied, &catalog).get(id) {
-            run.updates.push(outcome(
-                Some(u),
-                id,
-                UpdateResult::Skipped,
-                Some(format!("superseded by {by}, applied earlier in this job")),
-            ));
-            continue;
-        }
-        let folder = updates::folder(data, id).map_err(|e| Stop(e.to_string()))?;
-        let cmds = u.manifest.commands(&folder);
-        let mut done = Vec::new();
-        let mut error = None;
-        for &index in targets {
-            match wim.update_image(index, &cmds) {
-                Ok(()) => done.push(index),
-                Err(e) => {
-                    error = Some(e.message);
-                    break;
-                }
-            }
-        }
-        match error {
-            None => {
-                let mut o = outcome(Some(u), id, UpdateResult::Applied, None);
-                o.images = done;
-                run.updates.push(o);
-                applied.push(id.clone());
-            }
-            Some(reason) if !done.is_empty() => {
-                // wimlib rolled back the failing image only; the others
-                // cannot be undone in this copy, so nothing is committed.
-                run.updates.push(outcome(
-                    Some(u),
-                    id,
-                    UpdateResult::Failed,
-                    Some(reason.clone()),
-                ));
-                return Err(Stop(format!(
-                    "{id} applied to image(s) {done:?} but failed on another ({reason}); a half-applied update cannot be kept, nothing was committed"
-                )));
-            }
-            Some(reason) => {
-                run.updates.push(outcome(
-                    Some(u),
-                    id,
-                    UpdateResult::Failed,
-                    Some(reason.clone()),
-                ));
-                failed.push(id.clone());
-                if !req.continue_on_error {
-                    stopped = true;
-                }
-            }
-        }
-    }
-    if stopped {
-        let why = failures(run);
-        return Err(Stop(format!(
-            "{why}; the job stopped and no revision was made (--continue-on-error applies the rest)"
-        )));
-    }
+    let (applied, failed) = apply_updates(&mut wim, data, req, &plan, &catalog, run)?;
     if applied.is_empty() && !req.optimize {
         if failed.is_empty() {
             run.outcome = JobState::NothingToDo;
@@ -393,25 +267,8 @@ fn service(
         )));
     }
     let t_write = Instant::now();
-    wim.overwrite(req.optimize)
-        .map_err(|e| Stop(e.to_string()))?;
-    drop(wim);
-    let t_verify = Instant::now();
-    let mut check =
-        Wim::open(&copy).map_err(|e| Stop(format!("the serviced WIM does not open: {e}")))?;
     let appended = !req.optimize;
-    if !appended || !verify_appended(&copy, old.size)? {
-        if sparse {
-            return Err(Stop(
-                "the serviced WIM has a new blob in a solid resource, which Ferry verifies only in a whole copy; service it with --optimize".into(),
-            ));
-        }
-        check
-            .verify()
-            .map_err(|e| Stop(format!("the serviced WIM does not verify: {e}")))?;
-    }
-    let (wim_info, image_infos) = (check.info(), check.images());
-    drop(check);
+    let (wim_info, image_infos, t_verify) = write_verified(wim, &copy, appended, sparse, old.size)?;
     run.size_after = std::fs::metadata(&copy).map(|m| m.len()).ok();
 
     // The new revision: the WIM read again, every other file carried over.
@@ -510,6 +367,191 @@ fn service(
         tracing::warn!(error = %e, "unreferenced chunks are left for the next collection");
     }
     Ok(())
+}
+
+/// Decides what to apply, in the order asked: each update read from the
+/// catalog with the images it applies to; those already applied, superseded
+/// or not applicable are recorded as skipped, a missing one as failed
+/// (which stops the job unless `--continue-on-error`).
+fn plan_updates(
+    data: &Path,
+    req: &ServiceRequest,
+    base: &RevisionRecord,
+    applied_before: &[String],
+    superseded_before: &std::collections::BTreeMap<String, String>,
+    run: &mut JobRun,
+) -> Result<Vec<(UpdateRecord, Vec<u32>)>, Stop> {
+    let mut plan: Vec<(UpdateRecord, Vec<u32>)> = Vec::new();
+    for id in &req.updates {
+        let u = match updates::read(data, id) {
+            Ok(u) => u,
+            Err(e) => {
+                run.updates
+                    .push(outcome(None, id, UpdateResult::Failed, Some(e.to_string())));
+                if req.continue_on_error {
+                    continue;
+                }
+                return Err(Stop(format!("{id}: {e}")));
+            }
+        };
+        let skip = if applied_before.contains(id) {
+            Some(format!("already applied (revision {})", base.revision))
+        } else {
+            superseded_before
+                .get(id)
+                .map(|by| format!("superseded by {by}, already applied"))
+        };
+        if let Some(why) = skip {
+            run.updates
+                .push(outcome(Some(&u), id, UpdateResult::Skipped, Some(why)));
+            continue;
+        }
+        let mut targets = Vec::new();
+        let mut reasons = Vec::new();
+        for img in &base.images {
+            match updates::applicability(&u.manifest, img) {
+                Ok(()) => targets.push(img.index),
+                Err(r) => reasons.push(r),
+            }
+        }
+        if targets.is_empty() {
+            run.updates.push(outcome(
+                Some(&u),
+                id,
+                UpdateResult::Skipped,
+                Some(format!("not applicable: {}", reasons.join("; "))),
+            ));
+            continue;
+        }
+        plan.push((u, targets));
+    }
+    Ok(plan)
+}
+
+/// Applies the planned updates to the open copy, in order, recording each
+/// outcome. Returns the updates applied and those failed; an update that
+/// failed on one image after applying to another, or a failure without
+/// `--continue-on-error`, stops the job.
+fn apply_updates(
+    wim: &mut Wim,
+    data: &Path,
+    req: &ServiceRequest,
+    plan: &[(UpdateRecord, Vec<u32>)],
+    catalog: &[UpdateRecord],
+    run: &mut JobRun,
+) -> Result<(Vec<String>, Vec<String>), Stop> {
+    let mut applied = Vec::new();
+    // Updates that left the catalog already failed while planning.
+    let mut failed: Vec<String> = run
+        .updates
+        .iter()
+        .filter(|u| u.result == UpdateResult::Failed)
+        .map(|u| u.id.clone())
+        .collect();
+    let mut stopped = false;
+    for (u, targets) in plan {
+        let id = &u.manifest.id;
+        if stopped {
+            run.updates.push(outcome(
+                Some(u),
+                id,
+                UpdateResult::NotRun,
+                Some("an earlier update failed".into()),
+            ));
+            continue;
+        }
+        // Applying it after one that supersedes it would undo that one.
+        if let Some(by) = updates::superseded_by(&applied, catalog).get(id) {
+            run.updates.push(outcome(
+                Some(u),
+                id,
+                UpdateResult::Skipped,
+                Some(format!("superseded by {by}, applied earlier in this job")),
+            ));
+            continue;
+        }
+        let folder = updates::folder(data, id).map_err(|e| Stop(e.to_string()))?;
+        let cmds = u.manifest.commands(&folder);
+        let mut done = Vec::new();
+        let mut error = None;
+        for &index in targets.iter() {
+            match wim.update_image(index, &cmds) {
+                Ok(()) => done.push(index),
+                Err(e) => {
+                    error = Some(e.message);
+                    break;
+                }
+            }
+        }
+        match error {
+            None => {
+                let mut o = outcome(Some(u), id, UpdateResult::Applied, None);
+                o.images = done;
+                run.updates.push(o);
+                applied.push(id.clone());
+            }
+            Some(reason) if !done.is_empty() => {
+                // wimlib rolled back the failing image only; the others
+                // cannot be undone in this copy, so nothing is committed.
+                run.updates.push(outcome(
+                    Some(u),
+                    id,
+                    UpdateResult::Failed,
+                    Some(reason.clone()),
+                ));
+                return Err(Stop(format!(
+                    "{id} applied to image(s) {done:?} but failed on another ({reason}); a half-applied update cannot be kept, nothing was committed"
+                )));
+            }
+            Some(reason) => {
+                run.updates.push(outcome(
+                    Some(u),
+                    id,
+                    UpdateResult::Failed,
+                    Some(reason.clone()),
+                ));
+                failed.push(id.clone());
+                if !req.continue_on_error {
+                    stopped = true;
+                }
+            }
+        }
+    }
+    if stopped {
+        let why = failures(run);
+        return Err(Stop(format!(
+            "{why}; the job stopped and no revision was made (--continue-on-error applies the rest)"
+        )));
+    }
+    Ok((applied, failed))
+}
+
+/// Writes the serviced copy (appended, or rebuilt when optimizing) and
+/// checks it: the appended blobs against their SHA-1, or the whole WIM.
+/// Returns its WIM and image properties, and when the check began.
+fn write_verified(
+    mut wim: Wim,
+    copy: &Path,
+    appended: bool,
+    sparse: bool,
+    old_size: u64,
+) -> Result<(ferry_wim::WimInfo, Vec<ferry_wim::ImageInfo>, Instant), Stop> {
+    wim.overwrite(!appended).map_err(|e| Stop(e.to_string()))?;
+    drop(wim);
+    let t_verify = Instant::now();
+    let mut check =
+        Wim::open(copy).map_err(|e| Stop(format!("the serviced WIM does not open: {e}")))?;
+    if !appended || !verify_appended(copy, old_size)? {
+        if sparse {
+            return Err(Stop(
+                "the serviced WIM has a new blob in a solid resource, which Ferry verifies only in a whole copy; service it with --optimize".into(),
+            ));
+        }
+        check
+            .verify()
+            .map_err(|e| Stop(format!("the serviced WIM does not verify: {e}")))?;
+    }
+    Ok((check.info(), check.images(), t_verify))
 }
 
 /// Checks the blobs an append wrote past `old_len` against their SHA-1.
