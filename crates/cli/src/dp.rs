@@ -223,48 +223,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
         DpCmd::Init {
             client_listen,
             client_name,
-        } => {
-            let data = data_dir(g)?;
-            let (Some(site), Some(token)) = (&g.site, &g.token) else {
-                anyhow::bail!(
-                    "enrolling needs --site HOST:PORT (the site's DP endpoint) and --token TOKEN (from `ferry dp add`)"
-                );
-            };
-            let clients = client_listen.map(|listen| ferry_dp::config::ClientsConfig {
-                listen,
-                names: if client_name.is_empty() {
-                    default_client_names(listen)
-                } else {
-                    client_name
-                },
-            });
-            let cfg = ferry_dp::enroll(&data, site, token, clients).await?;
-            let content = cfg.content_dir(&data);
-            emit(
-                g,
-                &serde_json::json!({
-                    "name": cfg.name, "site_code": cfg.site_code, "site": cfg.site,
-                    "data": data, "content": content, "clients": cfg.clients,
-                }),
-                || {
-                    println!(
-                        "enrolled {} with site {} at {}; content folder {}",
-                        cfg.name,
-                        cfg.site_code,
-                        cfg.site,
-                        content.display()
-                    );
-                    if let Some(c) = &cfg.clients {
-                        println!(
-                            "serves clients over HTTPS on {} as {} (its certificate comes from the site when the agent first connects)",
-                            c.listen,
-                            c.names.join(", ")
-                        );
-                    }
-                    println!("start it with: ferry dp serve --data {}", data.display());
-                },
-            )
-        }
+        } => init(g, client_listen, client_name).await,
         DpCmd::Serve { max_rate } => {
             let data = data_dir(g)?;
             let agent = tokio::task::spawn_blocking(move || DpAgent::open(&data))
@@ -334,77 +293,12 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             print_validation(&v, 0);
             Ok(())
         }
-        DpCmd::Multicast(a) => {
-            let change = ferry_site::distribution::multicast::MulticastChange {
-                enable: a.enable,
-                group: a.group,
-                ports: a.ports,
-                max_clients: a.max_clients,
-                rate: a.rate,
-                start_delay_secs: a.start_delay.map(|d| d.as_secs()),
-                min_clients: a.min_clients,
-                ttl: a.ttl,
-                interface: a.interface,
-            };
-            let client = Client::new(g)?;
-            let m: ferry_site::distribution::multicast::DpMulticast = client
-                .json(
-                    client
-                        .request(Method::POST, &format!("/dps/{}/multicast", a.name))
-                        .json(&change),
-                )
-                .await?;
-            emit(g, &m, || {
-                println!("{}: multicast {}", a.name, m.describe());
-            })
-        }
+        DpCmd::Multicast(a) => multicast(g, a).await,
         DpCmd::Set {
             name,
             validate_schedule,
             anonymous_clients,
-        } => {
-            if validate_schedule.is_none() && anonymous_clients.is_none() {
-                anyhow::bail!(
-                    "nothing to set: give --validate-schedule CRON (or off) or --anonymous-clients on|off"
-                );
-            }
-            let client = Client::new(g)?;
-            let v: ValidationView = client
-                .json(
-                    client
-                        .request(Method::POST, &format!("/dps/{name}/settings"))
-                        .json(&DpSettings {
-                            validate_schedule: validate_schedule.clone(),
-                            anonymous_clients,
-                        }),
-                )
-                .await?;
-            if g.json {
-                return print_json(&v);
-            }
-            if let Some(on) = anonymous_clients {
-                println!(
-                    "{name}: {}",
-                    if on {
-                        "serves clients without a token too"
-                    } else {
-                        "serves only clients with a token"
-                    }
-                );
-                if validate_schedule.is_none() {
-                    return Ok(());
-                }
-            }
-            match (&v.schedule, &v.next_run) {
-                (Some(s), Some(n)) => println!(
-                    "{name}: validates on \"{s}\"; next run {} UTC ({n})",
-                    crate::output::when(n)
-                ),
-                (Some(s), None) => println!("{name}: validates on \"{s}\""),
-                _ => println!("{name}: no validation schedule"),
-            }
-            Ok(())
-        }
+        } => set(g, &name, validate_schedule, anonymous_clients).await,
         DpCmd::Show { name } => {
             let client = Client::new(g)?;
             let dps: Vec<DpView> = client.json(client.request(Method::GET, "/dps")).await?;
@@ -418,79 +312,206 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             };
             emit(g, &d, || show(&d))
         }
-        DpCmd::List => {
-            let client = Client::new(g)?;
-            let dps: Vec<DpView> = client.json(client.request(Method::GET, "/dps")).await?;
-            if g.json {
-                return print_json(&dps);
+        DpCmd::List => list(g).await,
+    }
+}
+
+/// `ferry dp init`: enrolls this folder with the site.
+async fn init(
+    g: &Global,
+    client_listen: Option<std::net::SocketAddr>,
+    client_name: Vec<String>,
+) -> anyhow::Result<()> {
+    let data = data_dir(g)?;
+    let (Some(site), Some(token)) = (&g.site, &g.token) else {
+        anyhow::bail!(
+            "enrolling needs --site HOST:PORT (the site's DP endpoint) and --token TOKEN (from `ferry dp add`)"
+        );
+    };
+    let clients = client_listen.map(|listen| ferry_dp::config::ClientsConfig {
+        listen,
+        names: if client_name.is_empty() {
+            default_client_names(listen)
+        } else {
+            client_name
+        },
+    });
+    let cfg = ferry_dp::enroll(&data, site, token, clients).await?;
+    let content = cfg.content_dir(&data);
+    emit(
+        g,
+        &serde_json::json!({
+            "name": cfg.name, "site_code": cfg.site_code, "site": cfg.site,
+            "data": data, "content": content, "clients": cfg.clients,
+        }),
+        || {
+            println!(
+                "enrolled {} with site {} at {}; content folder {}",
+                cfg.name,
+                cfg.site_code,
+                cfg.site,
+                content.display()
+            );
+            if let Some(c) = &cfg.clients {
+                println!(
+                    "serves clients over HTTPS on {} as {} (its certificate comes from the site when the agent first connects)",
+                    c.listen,
+                    c.names.join(", ")
+                );
             }
-            let mut t = table(&[
-                "DP",
-                "STATE",
-                "ADDRESS",
-                "LAST CONTACT",
-                "GROUPS",
-                "HOLDS / ASSIGNED",
-                "DISK USED / FREE",
-                "SENT",
-            ]);
-            for d in &dps {
-                let holds: Vec<String> = d
-                    .installed
-                    .iter()
-                    .map(|h| format!("{} r{}", h.package, h.revision))
-                    .collect();
-                t.add_row(vec![
-                    d.name.clone(),
-                    format!("{}{}", d.enrollment, if d.online { ", online" } else { "" }),
-                    {
-                        let mut a = d.address.clone().unwrap_or_else(|| "-".into());
-                        if !d.client_names.is_empty() {
-                            a += &format!(
-                                "\nhttps: {}{}",
-                                d.client_names.join(" "),
-                                if d.anonymous_clients {
-                                    " (anonymous ok)"
-                                } else {
-                                    ""
-                                }
-                            );
-                        }
-                        a
-                    },
-                    last_contact(d),
-                    d.groups.join(" "),
-                    format!(
-                        "{} / {}",
-                        if holds.is_empty() {
-                            "-".into()
-                        } else {
-                            holds.join(" ")
-                        },
-                        if d.assigned.is_empty() {
-                            "-".into()
-                        } else {
-                            d.assigned.join(" ")
-                        }
-                    ),
-                    d.disk.as_ref().map_or("-".into(), |k| {
-                        format!("{} / {}", bytes(k.used_bytes), bytes(k.free_bytes))
-                    }),
-                    bytes(d.served_bytes),
-                ]);
+            println!("start it with: ferry dp serve --data {}", data.display());
+        },
+    )
+}
+
+/// `ferry dp multicast NAME`: changes a DP's multicast settings.
+async fn multicast(g: &Global, a: MulticastArgs) -> anyhow::Result<()> {
+    let change = ferry_site::distribution::multicast::MulticastChange {
+        enable: a.enable,
+        group: a.group,
+        ports: a.ports,
+        max_clients: a.max_clients,
+        rate: a.rate,
+        start_delay_secs: a.start_delay.map(|d| d.as_secs()),
+        min_clients: a.min_clients,
+        ttl: a.ttl,
+        interface: a.interface,
+    };
+    let client = Client::new(g)?;
+    let m: ferry_site::distribution::multicast::DpMulticast = client
+        .json(
+            client
+                .request(Method::POST, &format!("/dps/{}/multicast", a.name))
+                .json(&change),
+        )
+        .await?;
+    emit(g, &m, || {
+        println!("{}: multicast {}", a.name, m.describe());
+    })
+}
+
+/// `ferry dp set NAME`: a DP's validation schedule and client access.
+async fn set(
+    g: &Global,
+    name: &str,
+    validate_schedule: Option<String>,
+    anonymous_clients: Option<bool>,
+) -> anyhow::Result<()> {
+    if validate_schedule.is_none() && anonymous_clients.is_none() {
+        anyhow::bail!(
+            "nothing to set: give --validate-schedule CRON (or off) or --anonymous-clients on|off"
+        );
+    }
+    let client = Client::new(g)?;
+    let v: ValidationView = client
+        .json(
+            client
+                .request(Method::POST, &format!("/dps/{name}/settings"))
+                .json(&DpSettings {
+                    validate_schedule: validate_schedule.clone(),
+                    anonymous_clients,
+                }),
+        )
+        .await?;
+    if g.json {
+        return print_json(&v);
+    }
+    if let Some(on) = anonymous_clients {
+        println!(
+            "{name}: {}",
+            if on {
+                "serves clients without a token too"
+            } else {
+                "serves only clients with a token"
             }
-            println!("{t}");
-            for d in &dps {
-                if let Some(m) = d.multicast.as_ref().filter(|m| m.enabled) {
-                    println!("multicast {}: {}", d.name, m.describe());
-                }
-                for v in d.multicast_sessions.iter().filter(|v| v.ended.is_none()) {
-                    println!("{}", crate::output::session_line(&d.name, v));
-                }
-            }
-            Ok(())
+        );
+        if validate_schedule.is_none() {
+            return Ok(());
         }
     }
+    match (&v.schedule, &v.next_run) {
+        (Some(s), Some(n)) => println!(
+            "{name}: validates on \"{s}\"; next run {} UTC ({n})",
+            crate::output::when(n)
+        ),
+        (Some(s), None) => println!("{name}: validates on \"{s}\""),
+        _ => println!("{name}: no validation schedule"),
+    }
+    Ok(())
+}
+
+/// `ferry dp list`: every DP, then the multicast settings and sessions.
+async fn list(g: &Global) -> anyhow::Result<()> {
+    let client = Client::new(g)?;
+    let dps: Vec<DpView> = client.json(client.request(Method::GET, "/dps")).await?;
+    if g.json {
+        return print_json(&dps);
+    }
+    let mut t = table(&[
+        "DP",
+        "STATE",
+        "ADDRESS",
+        "LAST CONTACT",
+        "GROUPS",
+        "HOLDS / ASSIGNED",
+        "DISK USED / FREE",
+        "SENT",
+    ]);
+    for d in &dps {
+        let holds: Vec<String> = d
+            .installed
+            .iter()
+            .map(|h| format!("{} r{}", h.package, h.revision))
+            .collect();
+        t.add_row(vec![
+            d.name.clone(),
+            format!("{}{}", d.enrollment, if d.online { ", online" } else { "" }),
+            {
+                let mut a = d.address.clone().unwrap_or_else(|| "-".into());
+                if !d.client_names.is_empty() {
+                    a += &format!(
+                        "\nhttps: {}{}",
+                        d.client_names.join(" "),
+                        if d.anonymous_clients {
+                            " (anonymous ok)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                a
+            },
+            last_contact(d),
+            d.groups.join(" "),
+            format!(
+                "{} / {}",
+                if holds.is_empty() {
+                    "-".into()
+                } else {
+                    holds.join(" ")
+                },
+                if d.assigned.is_empty() {
+                    "-".into()
+                } else {
+                    d.assigned.join(" ")
+                }
+            ),
+            d.disk.as_ref().map_or("-".into(), |k| {
+                format!("{} / {}", bytes(k.used_bytes), bytes(k.free_bytes))
+            }),
+            bytes(d.served_bytes),
+        ]);
+    }
+    println!("{t}");
+    for d in &dps {
+        if let Some(m) = d.multicast.as_ref().filter(|m| m.enabled) {
+            println!("multicast {}: {}", d.name, m.describe());
+        }
+        for v in d.multicast_sessions.iter().filter(|v| v.ended.is_none()) {
+            println!("{}", crate::output::session_line(&d.name, v));
+        }
+    }
+    Ok(())
 }
 
 /// "now" for a DP online, else how long ago it was last (or "never").
