@@ -191,6 +191,182 @@ fn find<'a>(files: &'a [Found], rel: &str) -> Option<&'a Found> {
     files.iter().find(|f| f.rel.eq_ignore_ascii_case(rel))
 }
 
+/// Checks that `req.path` is a folder and settles the package's name: the
+/// existing package's, or `--name`, unique among upgrade packages.
+fn check_folder_and_name(
+    lib: &ferry_store::Library,
+    req: &UpgradeRequest,
+    existing: Option<&PackageRecord>,
+) -> Result<String, ImageError> {
+    let root = &req.path;
+    let meta = std::fs::metadata(root).map_err(|e| {
+        bad(
+            root,
+            if e.kind() == std::io::ErrorKind::NotFound {
+                "no such folder".to_string()
+            } else {
+                e.to_string()
+            },
+        )
+    })?;
+    if !meta.is_dir() {
+        return Err(bad(
+            root,
+            "is not a folder; an upgrade package is a Windows setup folder (a single WIM is added with `ferry image add`)",
+        ));
+    }
+    let name = match (existing, &req.name) {
+        (Some(rec), _) => rec.name.clone(),
+        (None, Some(n)) if !n.trim().is_empty() => n.trim().to_string(),
+        (None, _) => return Err(bad(root, "an upgrade package needs --name")),
+    };
+    if existing.is_none() {
+        for (id, bytes) in lib.packages()? {
+            let other: PackageRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if other.kind == PackageKind::Upgrade && other.name.eq_ignore_ascii_case(&name) {
+                return Err(bad(
+                    root,
+                    format!(
+                        "an upgrade package named {name:?} exists already ({id}); names are unique"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(name)
+}
+
+/// Opens install.wim, if there is one, for its properties; with an index
+/// to extract, Ferry's own one-image export of it (a temporary file) is
+/// what the package stores instead.
+fn open_install(
+    install: Option<&Found>,
+    extract: Option<u32>,
+    data: &Path,
+) -> Result<
+    (
+        Option<tempfile::TempPath>,
+        ferry_wim::WimInfo,
+        Vec<ferry_wim::ImageInfo>,
+    ),
+    ImageError,
+> {
+    let mut export: Option<tempfile::TempPath> = None;
+    let (mut wim_info, mut image_infos) = (Default::default(), Vec::new());
+    if let Some(f) = install {
+        let not_wim = |reason: String| ImageError::NotWim {
+            path: f.read_from.display().to_string(),
+            reason,
+        };
+        let mut wim = Wim::open(&f.read_from)
+            .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
+        if let Some(index) = extract {
+            let (one, tmp) =
+                packages::export_index(&mut wim, index, data, &f.read_from.display().to_string())?;
+            wim = one;
+            export = Some(tmp);
+        }
+        wim_info = wim.info();
+        image_infos = wim.images();
+    }
+
+    Ok((export, wim_info, image_infos))
+}
+
+/// The files of a setup folder as they are read in.
+#[derive(Clone, Copy)]
+struct Files<'a> {
+    root: &'a Path,
+    files: &'a [Found],
+    install: Option<&'a Found>,
+    /// Read in place of install.wim (an extracted image).
+    export: Option<&'a Path>,
+    /// Bytes in all, for progress.
+    total: u64,
+}
+
+/// Reads every file into `import` (WIMs by resource, checked unless
+/// `no_verify`; a `.wim` that is not one is stored as data with a
+/// warning, except install.wim, which must be one). On an error the import
+/// is dropped and what it wrote collected.
+fn ingest_files<'l>(
+    lib: &'l ferry_store::Library,
+    mut import: ferry_store::Import<'l>,
+    f_in: &Files<'_>,
+    no_verify: bool,
+    warnings: &mut Vec<String>,
+    progress: &mut impl FnMut(Progress),
+) -> Result<(ferry_store::Import<'l>, Vec<Manifest>), ImageError> {
+    let Files {
+        root,
+        files,
+        install,
+        export,
+        total,
+    } = *f_in;
+    let mut done_before = 0u64;
+    let mut manifests: Vec<Manifest> = Vec::with_capacity(files.len());
+    for f in files {
+        let is_install = Some(f.rel.as_str()) == install.map(|i| i.rel.as_str());
+        let read_from: &Path = match (export, is_install) {
+            (Some(tmp), true) => tmp,
+            _ => &f.read_from,
+        };
+        let looks_wim = f.rel.to_ascii_lowercase().ends_with(".wim");
+        let as_wim = looks_wim && {
+            let ok = std::fs::File::open(read_from)
+                .map(std::io::BufReader::new)
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| Layout::read(&mut r, f.size).map_err(|e| e.to_string()));
+            match ok {
+                Ok(_) => true,
+                Err(e) if is_install => {
+                    drop(import);
+                    lib.try_collect()?;
+                    return Err(ImageError::NotWim {
+                        path: f.read_from.display().to_string(),
+                        reason: e,
+                    });
+                }
+                Err(e) => {
+                    warnings.push(format!(
+                        "{}: not a usable WIM ({e}); stored as plain data",
+                        f.read_from.display()
+                    ));
+                    false
+                }
+            }
+        };
+        let shown = root.join(&f.rel).display().to_string();
+        let read = match (as_wim, no_verify) {
+            (false, _) => packages::Read::Data,
+            (true, true) => packages::Read::Wim,
+            (true, false) => packages::Read::VerifiedWim,
+        };
+        let m = packages::ingest_path(&mut import, read_from, &f.rel, read, &shown, None, |p| {
+            progress(Progress {
+                done: done_before + p.done,
+                total,
+            })
+        });
+        match m {
+            Ok(m) => {
+                done_before += m.size;
+                manifests.push(m);
+            }
+            Err(e) => {
+                drop(import);
+                lib.try_collect()?;
+                return Err(e);
+            }
+        }
+    }
+    Ok((import, manifests))
+}
+
 /// Imports a setup folder as a new upgrade package (or, with
 /// `req.package`, as its next revision). Nothing is stored unless all of it
 /// is.
@@ -214,43 +390,7 @@ pub fn import(
             ));
         }
     }
-    let meta = std::fs::metadata(root).map_err(|e| {
-        bad(
-            root,
-            if e.kind() == std::io::ErrorKind::NotFound {
-                "no such folder".to_string()
-            } else {
-                e.to_string()
-            },
-        )
-    })?;
-    if !meta.is_dir() {
-        return Err(bad(
-            root,
-            "is not a folder; an upgrade package is a Windows setup folder (a single WIM is added with `ferry image add`)",
-        ));
-    }
-    let name = match (&existing, &req.name) {
-        (Some(rec), _) => rec.name.clone(),
-        (None, Some(n)) if !n.trim().is_empty() => n.trim().to_string(),
-        (None, _) => return Err(bad(root, "an upgrade package needs --name")),
-    };
-    if existing.is_none() {
-        for (id, bytes) in lib.packages()? {
-            let other: PackageRecord = match serde_json::from_slice(&bytes) {
-                Ok(r) => r,
-                Err(_) => continue,
-            };
-            if other.kind == PackageKind::Upgrade && other.name.eq_ignore_ascii_case(&name) {
-                return Err(bad(
-                    root,
-                    format!(
-                        "an upgrade package named {name:?} exists already ({id}); names are unique"
-                    ),
-                ));
-            }
-        }
-    }
+    let name = check_folder_and_name(lib, req, existing.as_ref())?;
     let stamp_before = packages::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
     let files = scan(root)?;
     if files.is_empty() {
@@ -283,25 +423,7 @@ pub fn import(
     }
 
     // With --extract-index, Ferry's own one-image export replaces install.wim.
-    let mut export: Option<tempfile::TempPath> = None;
-    let (mut wim_info, mut image_infos) = (Default::default(), Vec::new());
-    if let Some(f) = install {
-        let not_wim = |reason: String| ImageError::NotWim {
-            path: f.read_from.display().to_string(),
-            reason,
-        };
-        let mut wim = Wim::open(&f.read_from)
-            .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
-        if let Some(index) = extract {
-            let (one, tmp) =
-                packages::export_index(&mut wim, index, data, &f.read_from.display().to_string())?;
-            wim = one;
-            export = Some(tmp);
-        }
-        wim_info = wim.info();
-        image_infos = wim.images();
-    }
-
+    let (export, wim_info, image_infos) = open_install(install, extract, data)?;
     let total: u64 = files
         .iter()
         .map(|f| {
@@ -315,64 +437,22 @@ pub fn import(
             }
         })
         .sum();
-    let mut done_before = 0u64;
-    let mut import = lib.begin_import();
-    let mut manifests: Vec<Manifest> = Vec::with_capacity(files.len());
-    for f in &files {
-        let is_install = Some(f.rel.as_str()) == install.map(|i| i.rel.as_str());
-        let read_from: &Path = match (&export, is_install) {
-            (Some(tmp), true) => tmp,
-            _ => &f.read_from,
-        };
-        let looks_wim = f.rel.to_ascii_lowercase().ends_with(".wim");
-        let as_wim = looks_wim && {
-            let ok = std::fs::File::open(read_from)
-                .map(std::io::BufReader::new)
-                .map_err(|e| e.to_string())
-                .and_then(|mut r| Layout::read(&mut r, f.size).map_err(|e| e.to_string()));
-            match ok {
-                Ok(_) => true,
-                Err(e) if is_install => {
-                    drop(import);
-                    lib.try_collect()?;
-                    return Err(ImageError::NotWim {
-                        path: f.read_from.display().to_string(),
-                        reason: e,
-                    });
-                }
-                Err(e) => {
-                    warnings.push(format!(
-                        "{}: not a usable WIM ({e}); stored as plain data",
-                        f.read_from.display()
-                    ));
-                    false
-                }
-            }
-        };
-        let shown = root.join(&f.rel).display().to_string();
-        let read = match (as_wim, req.no_verify) {
-            (false, _) => packages::Read::Data,
-            (true, true) => packages::Read::Wim,
-            (true, false) => packages::Read::VerifiedWim,
-        };
-        let m = packages::ingest_path(&mut import, read_from, &f.rel, read, &shown, None, |p| {
-            progress(Progress {
-                done: done_before + p.done,
-                total,
-            })
-        });
-        match m {
-            Ok(m) => {
-                done_before += m.size;
-                manifests.push(m);
-            }
-            Err(e) => {
-                drop(import);
-                lib.try_collect()?;
-                return Err(e);
-            }
-        }
-    }
+    let import = lib.begin_import();
+    let files_in = Files {
+        root,
+        files: &files,
+        install,
+        export: export.as_deref(),
+        total,
+    };
+    let (import, manifests) = ingest_files(
+        lib,
+        import,
+        &files_in,
+        req.no_verify,
+        &mut warnings,
+        &mut progress,
+    )?;
     let stamp_after = packages::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
     if stamp_after != stamp_before {
         drop(import);
