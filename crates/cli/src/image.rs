@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_site::api::{ImportEvent, RevisionsView};
-use ferry_site::library::catalog::{PackageKind, PackageSummary, PackageView, SourceState};
+use ferry_site::library::catalog::{
+    PackageKind, PackageRecord, PackageSummary, PackageView, RevisionRecord, SourceState,
+};
 use ferry_site::library::packages::{ImportRequest, RemoveView};
 use futures_util::StreamExt;
 use reqwest::Method;
@@ -455,6 +457,14 @@ fn print_view(v: &PackageView) {
         SourceState::NotChecked => "not checked".into(),
         SourceState::Serviced => "made by Ferry's servicing".into(),
     };
+    print_revision(r, rev, &state);
+    print_files(rev);
+    print_revision_table(&r.revisions);
+    print_images(rev);
+}
+
+/// What the newest revision is: lineage, source, checks, WIM.
+fn print_revision(r: &PackageRecord, rev: &RevisionRecord, state: &str) {
     if !r.architecture.is_empty() || !r.language.is_empty() {
         println!("  arch/lang   {} {}", r.architecture, r.language);
     }
@@ -519,6 +529,10 @@ fn print_view(v: &PackageView) {
         bytes(u64::from(rev.wim.chunk_size)),
         rev.wim.boot_index
     );
+}
+
+/// The revision's files (the first few) and what the library holds of it.
+fn print_files(rev: &RevisionRecord) {
     const SHOWN_FILES: usize = 20;
     for f in rev.files.iter().take(SHOWN_FILES) {
         println!("  file        {} ({})", f.path, bytes(f.size));
@@ -541,6 +555,10 @@ fn print_view(v: &PackageView) {
         bytes(st.shared_bytes),
         percent(st.shared_bytes, st.logical_bytes)
     );
+}
+
+/// Every revision kept: when, from what, how big, how much was new.
+fn print_revision_table(revisions: &[RevisionRecord]) {
     let mut revs = table(&[
         "REVISION",
         "CREATED (UTC)",
@@ -548,7 +566,7 @@ fn print_view(v: &PackageView) {
         "SIZE",
         "NEWLY STORED",
     ]);
-    for r in &r.revisions {
+    for r in revisions {
         revs.add_row(vec![
             r.revision.to_string(),
             crate::output::when(&r.created),
@@ -558,7 +576,10 @@ fn print_view(v: &PackageView) {
         ]);
     }
     println!("{revs}");
-    // One line per image index: a table of ten columns does not fit 100.
+}
+
+/// One line per image index (a table of ten columns does not fit 100).
+fn print_images(rev: &RevisionRecord) {
     for i in &rev.images {
         let mut facts = vec![];
         for f in [&i.edition, &i.architecture] {
