@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use ferry_core::{ChunkId, FileHash, Manifest};
-use ferry_store::{Library, StoreError};
+use ferry_store::{Import, Library, StoreError};
 use ferry_wim::{Layout, Wim};
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -265,74 +265,28 @@ pub fn import(
         None => None,
     };
     let source_meta = check_source(&req.path)?;
-    let not_wim = |reason: String| ImageError::NotWim {
-        path: shown.clone(),
-        reason,
-    };
-    let mut wim = Wim::open(&req.path)
-        .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
-
     // With --index, import a single-image export of Ferry's own; the source
     // file is only read.
-    let mut export: Option<tempfile::TempPath> = None;
-    if let Some(index) = req.index {
-        let (one, tmp) = export_index(&mut wim, index, data, &shown)?;
-        wim = one;
-        export = Some(tmp);
-    }
+    let (export, wim_info, images) = open_source(req, data, &shown)?;
     let file_path: &Path = export.as_deref().unwrap_or(&req.path);
-    let wim_info = wim.info();
-    let images = wim.images();
-    drop(wim);
-
-    // A new revision keeps the package's file name, whatever the new
-    // source is called: task sequences refer to it.
-    let kept_name = existing
-        .as_ref()
-        .and_then(|r| r.latest())
-        .and_then(|r| r.files.first())
-        .map(|f| f.path.clone());
-    let file_name = kept_name.unwrap_or_else(|| {
-        req.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .filter(|n| ferry_core::manifest::check_rel_path(n).is_ok())
-            .unwrap_or_else(|| "image.wim".into())
-    });
-
-    let mut import = lib.begin_import();
+    let file_name = package_file_name(existing.as_ref(), &req.path);
     let read = if req.no_verify {
         Read::Wim
     } else {
         Read::VerifiedWim
     };
-    let manifest = match ingest_path(
-        &mut import,
-        file_path,
-        &file_name,
-        read,
-        &shown,
-        None,
+    let (import, manifest) = ingest_unchanged(
+        lib,
+        &Source {
+            read_from: file_path,
+            name: &file_name,
+            read,
+            original: &req.path,
+            meta: &source_meta,
+            shown: &shown,
+        },
         progress,
-    ) {
-        Ok(m) => m,
-        Err(e) => {
-            drop(import);
-            lib.try_collect()?;
-            return Err(e);
-        }
-    };
-
-    // The source must not have changed under us (without --index we read it
-    // directly; with --index we read our own export and compare the source).
-    let after = std::fs::metadata(&req.path).ok();
-    if after.as_ref().map(|m| (m.len(), modified_ns(m)))
-        != Some((source_meta.len(), modified_ns(&source_meta)))
-    {
-        drop(import);
-        lib.try_collect()?;
-        return Err(ImageError::Changed { path: shown });
-    }
+    )?;
 
     let source_hash = if export.is_some() {
         FileHash::from(hash_file(&req.path).map_err(|e| ImageError::Source {
@@ -404,6 +358,107 @@ pub fn import(
         record,
         unchanged: false,
     })
+}
+
+/// Opens the source WIM for its properties; with `--index`, Ferry's own
+/// single-image export of it (a temporary file) is what gets imported.
+#[allow(clippy::type_complexity)]
+fn open_source(
+    req: &ImportRequest,
+    data: &Path,
+    shown: &str,
+) -> Result<
+    (
+        Option<tempfile::TempPath>,
+        ferry_wim::WimInfo,
+        Vec<ferry_wim::ImageInfo>,
+    ),
+    ImageError,
+> {
+    let not_wim = |reason: String| ImageError::NotWim {
+        path: shown.to_string(),
+        reason,
+    };
+    let mut wim = Wim::open(&req.path)
+        .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
+    let mut export: Option<tempfile::TempPath> = None;
+    if let Some(index) = req.index {
+        let (one, tmp) = export_index(&mut wim, index, data, shown)?;
+        wim = one;
+        export = Some(tmp);
+    }
+    Ok((export, wim.info(), wim.images()))
+}
+
+/// The file name of the package's WIM: a new revision keeps the package's,
+/// whatever the new source is called (task sequences refer to it); a new
+/// package takes the source's when it is a usable name.
+fn package_file_name(existing: Option<&PackageRecord>, source: &Path) -> String {
+    let kept_name = existing
+        .and_then(|r| r.latest())
+        .and_then(|r| r.files.first())
+        .map(|f| f.path.clone());
+    kept_name.unwrap_or_else(|| {
+        source
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| ferry_core::manifest::check_rel_path(n).is_ok())
+            .unwrap_or_else(|| "image.wim".into())
+    })
+}
+
+/// One file to import and the source it stands for.
+struct Source<'a> {
+    /// What is read (the source, or Ferry's export of one image of it).
+    read_from: &'a Path,
+    /// Its path in the package.
+    name: &'a str,
+    read: Read,
+    /// The operator's file, which must not change meanwhile.
+    original: &'a Path,
+    /// Its metadata before the import.
+    meta: &'a std::fs::Metadata,
+    /// How messages name it.
+    shown: &'a str,
+}
+
+/// Ingests `src` into a new import, then checks that the operator's file
+/// did not change meanwhile (without `--index` it was read directly; with
+/// it, the export was read and the source is compared). On an error the
+/// import is dropped and what it wrote collected.
+fn ingest_unchanged<'l>(
+    lib: &'l Library,
+    src: &Source<'_>,
+    progress: impl FnMut(Progress),
+) -> Result<(Import<'l>, Manifest), ImageError> {
+    let mut import = lib.begin_import();
+    let manifest = match ingest_path(
+        &mut import,
+        src.read_from,
+        src.name,
+        src.read,
+        src.shown,
+        None,
+        progress,
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            drop(import);
+            lib.try_collect()?;
+            return Err(e);
+        }
+    };
+    let after = std::fs::metadata(src.original).ok();
+    if after.as_ref().map(|m| (m.len(), modified_ns(m)))
+        != Some((src.meta.len(), modified_ns(src.meta)))
+    {
+        drop(import);
+        lib.try_collect()?;
+        return Err(ImageError::Changed {
+            path: src.shown.to_string(),
+        });
+    }
+    Ok((import, manifest))
 }
 
 /// Whether `next` holds the files the latest revision of `rec` holds (a
