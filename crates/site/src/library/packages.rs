@@ -267,7 +267,7 @@ pub fn import(
     let source_meta = check_source(&req.path)?;
     // With --index, import a single-image export of Ferry's own; the source
     // file is only read.
-    let (export, wim_info, images) = open_source(req, data, &shown)?;
+    let (export, wim_info, images) = open_wim(&req.path, req.index, data, &shown)?;
     let file_path: &Path = export.as_deref().unwrap_or(&req.path);
     let file_name = package_file_name(existing.as_ref(), &req.path);
     let read = if req.no_verify {
@@ -360,29 +360,31 @@ pub fn import(
     })
 }
 
-/// Opens the source WIM for its properties; with `--index`, Ferry's own
-/// single-image export of it (a temporary file) is what gets imported.
-#[allow(clippy::type_complexity)]
-fn open_source(
-    req: &ImportRequest,
+/// A WIM opened for import: Ferry's export of one image of it, when one
+/// was asked for (a temporary file, imported instead), and its properties.
+pub(crate) type OpenedWim = (
+    Option<tempfile::TempPath>,
+    ferry_wim::WimInfo,
+    Vec<ferry_wim::ImageInfo>,
+);
+
+/// Opens the WIM at `path` for its properties; with `index`, Ferry's own
+/// single-image export of it is what gets imported. `shown` names it in
+/// errors.
+pub(crate) fn open_wim(
+    path: &Path,
+    index: Option<u32>,
     data: &Path,
     shown: &str,
-) -> Result<
-    (
-        Option<tempfile::TempPath>,
-        ferry_wim::WimInfo,
-        Vec<ferry_wim::ImageInfo>,
-    ),
-    ImageError,
-> {
+) -> Result<OpenedWim, ImageError> {
     let not_wim = |reason: String| ImageError::NotWim {
         path: shown.to_string(),
         reason,
     };
-    let mut wim = Wim::open(&req.path)
-        .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
+    let mut wim =
+        Wim::open(path).map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
     let mut export: Option<tempfile::TempPath> = None;
-    if let Some(index) = req.index {
+    if let Some(index) = index {
         let (one, tmp) = export_index(&mut wim, index, data, shown)?;
         wim = one;
         export = Some(tmp);

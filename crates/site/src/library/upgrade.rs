@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ferry_core::{FileHash, Manifest};
-use ferry_wim::{Layout, Wim};
+use ferry_wim::Layout;
 use serde::{Deserialize, Serialize};
 
 use crate::library::catalog::{
@@ -246,34 +246,16 @@ fn open_install(
     install: Option<&Found>,
     extract: Option<u32>,
     data: &Path,
-) -> Result<
-    (
-        Option<tempfile::TempPath>,
-        ferry_wim::WimInfo,
-        Vec<ferry_wim::ImageInfo>,
-    ),
-    ImageError,
-> {
-    let mut export: Option<tempfile::TempPath> = None;
-    let (mut wim_info, mut image_infos) = (Default::default(), Vec::new());
-    if let Some(f) = install {
-        let not_wim = |reason: String| ImageError::NotWim {
-            path: f.read_from.display().to_string(),
-            reason,
-        };
-        let mut wim = Wim::open(&f.read_from)
-            .map_err(|e| not_wim(format!("{} (wimlib error {})", e.message, e.code)))?;
-        if let Some(index) = extract {
-            let (one, tmp) =
-                packages::export_index(&mut wim, index, data, &f.read_from.display().to_string())?;
-            wim = one;
-            export = Some(tmp);
-        }
-        wim_info = wim.info();
-        image_infos = wim.images();
+) -> Result<packages::OpenedWim, ImageError> {
+    match install {
+        Some(f) => packages::open_wim(
+            &f.read_from,
+            extract,
+            data,
+            &f.read_from.display().to_string(),
+        ),
+        None => Ok((None, Default::default(), Vec::new())),
     }
-
-    Ok((export, wim_info, image_infos))
 }
 
 /// The files of a setup folder as they are read in.
