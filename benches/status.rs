@@ -50,6 +50,20 @@ async fn connect(data: &Path, site: std::net::SocketAddr) -> anyhow::Result<quin
         .await?)
 }
 
+/// Opens the control stream and sends the `Watch` an agent starts with.
+async fn watch(conn: &quinn::Connection) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, recv) = conn.open_bi().await?;
+    let hello = pb::Request {
+        kind: Some(request::Kind::Watch(pb::Watch {
+            protocol: ferry_wire::PROTOCOL_VERSION,
+            holdings: Vec::new(),
+            disk: None,
+        })),
+    };
+    ferry_wire::write_frame(&mut send, &hello).await?;
+    Ok((send, recv))
+}
+
 /// Opens the control stream (a `Watch`, as the agent sends it), then sends
 /// a progress report for each of `packages` every quarter second until
 /// `stop`; drains the site's assignment pushes meanwhile.
@@ -59,15 +73,7 @@ async fn speak(
     reporting: Arc<std::sync::atomic::AtomicBool>,
     sent: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = pb::Request {
-        kind: Some(request::Kind::Watch(pb::Watch {
-            protocol: ferry_wire::PROTOCOL_VERSION,
-            holdings: Vec::new(),
-            disk: None,
-        })),
-    };
-    ferry_wire::write_frame(&mut send, &hello).await?;
+    let (mut send, mut recv) = watch(&conn).await?;
     tokio::spawn(async move {
         while let Ok(Some(_)) =
             ferry_wire::read_frame::<pb::Reply>(&mut recv, ferry_wire::MAX_REPLY_BYTES).await
@@ -113,15 +119,7 @@ async fn churn(
 ) -> anyhow::Result<()> {
     while !stop.load(Ordering::Relaxed) {
         let conn = connect(&data, site).await?;
-        let (mut send, _recv) = conn.open_bi().await?;
-        let hello = pb::Request {
-            kind: Some(request::Kind::Watch(pb::Watch {
-                protocol: ferry_wire::PROTOCOL_VERSION,
-                holdings: Vec::new(),
-                disk: None,
-            })),
-        };
-        ferry_wire::write_frame(&mut send, &hello).await?;
+        let _control = watch(&conn).await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
         conn.close(0u32.into(), b"churn");
         conn.closed().await;
