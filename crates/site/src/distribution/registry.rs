@@ -947,6 +947,37 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_puts_back_only_the_records_it_touched() {
+        let mut old = Registry::default();
+        old.groups.insert("kept".into(), GroupRecord::default());
+        old.groups.insert("changed".into(), GroupRecord::default());
+        let mut new = old.clone();
+        new.groups
+            .get_mut("changed")
+            .unwrap()
+            .packages
+            .insert("P".into());
+        new.groups.insert("added".into(), GroupRecord::default());
+        let touched = Touched::of(&old, &new);
+        assert_eq!(
+            touched.groups,
+            ["added".to_string(), "changed".to_string()].into()
+        );
+        assert!(touched.dps.is_empty() && touched.clients.is_empty());
+        // Meanwhile another change touched "kept" in memory: it stays.
+        let mut mem = new.clone();
+        mem.groups
+            .get_mut("kept")
+            .unwrap()
+            .members
+            .insert("dp9".into());
+        touched.restore(&mut mem, old.clone());
+        assert_eq!(mem.groups["changed"], old.groups["changed"]);
+        assert!(!mem.groups.contains_key("added"));
+        assert!(mem.groups["kept"].members.contains("dp9"));
+    }
+
+    #[test]
     fn changes_from_many_threads_all_last_and_reports_do_not_wait() {
         let dir = tempfile::tempdir().unwrap();
         {
