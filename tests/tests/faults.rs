@@ -160,9 +160,12 @@ fn damaged_chunk_is_named_and_export_refuses_it() {
     let leftovers: Vec<_> = fs::read_dir(dir.path())
         .unwrap()
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".ferry-export"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("out.wim"))
         .collect();
-    assert!(leftovers.is_empty(), "temporary export removed");
+    assert!(
+        leftovers.is_empty(),
+        "part file of the export removed: {leftovers:?}"
+    );
 }
 
 /// What an operator sees of DPs, groups and assignments, without what

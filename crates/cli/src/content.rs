@@ -1,13 +1,13 @@
 //! `ferry content …`: export files from the library and verify chunks.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Subcommand;
 use ferry_site::api::{RefreshRequest, VerifyRequest, HASH_HEADER};
 use ferry_site::library::catalog::PackageView;
 use ferry_site::library::packages::VerifyReport;
+use ferry_store::file::{Durability, Streamed};
 use futures_util::StreamExt;
 use reqwest::Method;
 
@@ -210,46 +210,21 @@ async fn export_file(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .context("the site sent no file hash")?;
+    let expected: ferry_core::FileHash = expected
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the site sent a malformed file hash {expected:?}: {e}"))?;
     let size = resp.content_length().unwrap_or(0);
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".ferry-export-")
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut written = 0u64;
+    let mut file = Streamed::create(out, size)?;
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
+        let written = file.written();
         let chunk = chunk.with_context(|| {
             format!("the transfer of {id} stopped at byte {written} of {size}; `ferry content verify {id}` checks the library")
         })?;
-        hasher.update(&chunk);
-        tmp.write_all(&chunk)
-            .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-        written += chunk.len() as u64;
+        file.write(&chunk)?;
     }
-    let got = hasher.finalize().to_hex().to_string();
-    if got != expected || written != size {
-        bail!("the rebuilt file does not match: {written} bytes with BLAKE3 {got}, expected {size} bytes with {expected}; {} was left as it was", out.display());
-    }
-    // The temporary file is private (0600); the export is an ordinary file.
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .with_context(|| format!("cannot set the permissions of {}", tmp.path().display()))?;
-    let (file, part) = tmp.keep().with_context(|| {
-        format!(
-            "cannot keep the export's temporary file in {}",
-            dir.display()
-        )
-    })?;
-    if let Err(e) = ferry_store::file::place(&file, &part, out) {
-        let _ = std::fs::remove_file(&part);
-        return Err(e.into());
-    }
-    Ok((written, got))
+    let written = file.written();
+    file.finish::<std::convert::Infallible>(size, expected, Durability::Synced)
+        .with_context(|| format!("{} was left as it was", out.display()))?;
+    Ok((written, expected.to_hex()))
 }

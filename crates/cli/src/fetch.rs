@@ -12,23 +12,20 @@
 //! after an interruption, it re-hashes what the part files hold and asks
 //! only for the chunks missing or wrong.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
-use ferry_core::Manifest;
+use ferry_core::{ChunkRef, Manifest};
 use ferry_dp::http::PackageIndex;
+use ferry_store::file::{self, PartFile};
 use ferry_wire::pb;
 use serde::Serialize;
 
 /// Bytes asked for per range request (whole chunks, so a little more).
 const RANGE_BYTES: u64 = 8 << 20;
-/// Suffix of a file being downloaded.
-pub(crate) const PART_SUFFIX: &str = ".ferry-part";
 
 /// What was done.
 #[derive(Debug, Default, Serialize)]
@@ -186,6 +183,8 @@ impl Fetch {
         Ok(r)
     }
 
+    /// Fetches one file: nothing when an earlier run finished it, else the
+    /// chunks its part file lacks, then puts it in place.
     async fn file(
         &self,
         http: &reqwest::Client,
@@ -193,55 +192,13 @@ impl Fetch {
         bar: &indicatif::ProgressBar,
         report: &Mutex<FetchReport>,
     ) -> anyhow::Result<()> {
-        let dest = self.out.join(&m.path);
         let add =
             |f: &dyn Fn(&mut FetchReport)| f(&mut report.lock().unwrap_or_else(|e| e.into_inner()));
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        // Done before (a run interrupted after this file).
-        let (d, size) = (dest.clone(), m.size);
-        let hash = m.hash;
-        let complete = tokio::task::spawn_blocking(move || {
-            std::fs::metadata(&d).is_ok_and(|md| md.len() == size)
-                && ferry_site::library::packages::hash_file(&d)
-                    .is_ok_and(|h| ferry_core::FileHash::from(h) == hash)
-        })
-        .await?;
-        if complete {
+        let Some((part, missing)) = open_part(self.out.join(&m.path), m.clone()).await? else {
             bar.inc(m.size);
             add(&|r| r.bytes_reused += m.size);
             return Ok(());
-        }
-        let part = PathBuf::from(format!("{}{PART_SUFFIX}", dest.display()));
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&part)
-            .with_context(|| format!("cannot open {}", part.display()))?;
-        let had = f.metadata()?.len();
-        f.set_len(m.size)
-            .with_context(|| format!("cannot size {} to {} bytes", part.display(), m.size))?;
-        let f = Arc::new(f);
-        // What a part file from an earlier run holds already.
-        let (ff, mm) = (f.clone(), m.clone());
-        let missing: Vec<bool> = tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::new();
-            mm.offsets()
-                .map(|(off, c)| {
-                    if off + u64::from(c.len) > had {
-                        return true;
-                    }
-                    buf.resize(c.len as usize, 0);
-                    ff.read_exact_at(&mut buf, off).is_err()
-                        || ferry_core::ChunkId::of(&buf) != c.id
-                })
-                .collect()
-        })
-        .await?;
+        };
         let reused: u64 = m
             .chunks
             .iter()
@@ -251,113 +208,108 @@ impl Fetch {
             .sum();
         bar.inc(reused);
         add(&|r| r.bytes_reused += reused);
-        // Runs of missing chunks, cut at RANGE_BYTES.
-        let offsets: Vec<(u64, ferry_core::ChunkRef)> = m.offsets().map(|(o, c)| (o, *c)).collect();
-        let mut jobs: Vec<Vec<(u64, ferry_core::ChunkRef)>> = Vec::new();
-        let mut cur: Vec<(u64, ferry_core::ChunkRef)> = Vec::new();
-        let mut cur_bytes = 0u64;
-        for (i, (off, c)) in offsets.iter().enumerate() {
-            if !missing[i] {
-                if !cur.is_empty() {
-                    jobs.push(std::mem::take(&mut cur));
-                    cur_bytes = 0;
-                }
-                continue;
-            }
-            cur.push((*off, *c));
-            cur_bytes += u64::from(c.len);
-            if cur_bytes >= RANGE_BYTES {
-                jobs.push(std::mem::take(&mut cur));
+        let ranges = Ranges {
+            queue: Mutex::new(missing_runs(m, &missing)),
+            part: part.clone(),
+            http: http.clone(),
+            url: self.url(&m.path),
+            etag: format!("\"{}\"", m.hash.to_hex()),
+            token: self.token.clone(),
+            path: m.path.clone(),
+            downloaded: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            bar: bar.clone(),
+        };
+        let ranges = Arc::new(ranges);
+        let failed = ranges.clone().download(self.parallel).await;
+        add(&|r| {
+            r.bytes_downloaded += ranges.downloaded.load(Ordering::Relaxed);
+            r.requests += ranges.requests.load(Ordering::Relaxed);
+        });
+        if let Some(e) = failed {
+            return Err(e.context(format!(
+                "{}: interrupted; run the same command again to resume (what {} holds is kept)",
+                m.path,
+                part.out().path().display()
+            )));
+        }
+        // Every chunk of the file is now one checked against the signed
+        // manifest (downloaded or found in the part file), and the
+        // manifest's chunks cover the file exactly (checked when it was
+        // decoded): the file is the signed one without reading it again.
+        tokio::task::spawn_blocking(move || part.place()).await??;
+        Ok(())
+    }
+}
+
+/// `dest`'s part file and, per chunk, whether it is still missing; `None`
+/// when an earlier run finished the file.
+async fn open_part(
+    dest: PathBuf,
+    m: Manifest,
+) -> anyhow::Result<Option<(Arc<PartFile>, Vec<bool>)>> {
+    tokio::task::spawn_blocking(move || {
+        if file::is_complete(&dest, &m) {
+            return Ok(None);
+        }
+        let part = PartFile::open(&dest, m.size)?;
+        let missing = part.held_chunks(&m).iter().map(|held| !held).collect();
+        Ok(Some((Arc::new(part), missing)))
+    })
+    .await?
+}
+
+/// A run of chunks fetched with one range request.
+type Run = Vec<(u64, ChunkRef)>;
+
+/// The runs of missing chunks, each cut at [`RANGE_BYTES`], last run
+/// first (workers take from the end: the file fills from its start).
+fn missing_runs(m: &Manifest, missing: &[bool]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut cur: Run = Vec::new();
+    let mut cur_bytes = 0u64;
+    for ((off, c), miss) in m.offsets().zip(missing) {
+        if !miss {
+            if !cur.is_empty() {
+                runs.push(std::mem::take(&mut cur));
                 cur_bytes = 0;
             }
+            continue;
         }
-        if !cur.is_empty() {
-            jobs.push(cur);
+        cur.push((off, *c));
+        cur_bytes += u64::from(c.len);
+        if cur_bytes >= RANGE_BYTES {
+            runs.push(std::mem::take(&mut cur));
+            cur_bytes = 0;
         }
-        // Workers take from the end: the file fills from its start.
-        jobs.reverse();
-        let url = self.url(&m.path);
-        let etag = format!("\"{}\"", m.hash.to_hex());
-        let queue = Arc::new(Mutex::new(jobs));
-        let downloaded = Arc::new(AtomicU64::new(0));
-        let requests = Arc::new(AtomicU64::new(0));
+    }
+    if !cur.is_empty() {
+        runs.push(cur);
+    }
+    runs.reverse();
+    runs
+}
+
+/// The range requests of one file, shared by its workers.
+struct Ranges {
+    queue: Mutex<Vec<Run>>,
+    part: Arc<PartFile>,
+    http: reqwest::Client,
+    url: String,
+    etag: String,
+    token: Option<String>,
+    path: String,
+    downloaded: AtomicU64,
+    requests: AtomicU64,
+    bar: indicatif::ProgressBar,
+}
+
+impl Ranges {
+    /// Runs `parallel` workers until the queue is empty; the first error.
+    async fn download(self: Arc<Self>, parallel: usize) -> Option<anyhow::Error> {
         let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..self.parallel.max(1) {
-            let (queue, f, http, url, etag, bar) = (
-                queue.clone(),
-                f.clone(),
-                http.clone(),
-                url.clone(),
-                etag.clone(),
-                bar.clone(),
-            );
-            let (downloaded, requests) = (downloaded.clone(), requests.clone());
-            let token = self.token.clone();
-            let path = m.path.clone();
-            workers.spawn(async move {
-                // The previous range's check and write run while the next
-                // range downloads (one at a time per worker).
-                let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
-                loop {
-                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                    let Some(job) = job else {
-                        if let Some(w) = writing.take() {
-                            w.await??;
-                        }
-                        return Ok::<(), anyhow::Error>(());
-                    };
-                    let first = job[0].0;
-                    let last = job.last().map_or(first, |(o, c)| o + u64::from(c.len) - 1);
-                    let mut req = http
-                        .get(&url)
-                        .header(reqwest::header::RANGE, format!("bytes={first}-{last}"))
-                        .header(reqwest::header::IF_MATCH, &etag);
-                    if let Some(t) = &token {
-                        req = req.bearer_auth(t);
-                    }
-                    let resp = req
-                        .send()
-                        .await
-                        .with_context(|| format!("cannot reach {url}"))?;
-                    requests.fetch_add(1, Ordering::Relaxed);
-                    if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
-                        return Err(refusal(&url, resp).await);
-                    }
-                    let data = resp
-                        .bytes()
-                        .await
-                        .with_context(|| format!("{url}: the download broke off"))?;
-                    if data.len() as u64 != last - first + 1 {
-                        bail!(
-                            "{url}: asked for bytes {first}-{last}, got {} bytes",
-                            data.len()
-                        );
-                    }
-                    let f = f.clone();
-                    let path = path.clone();
-                    let (downloaded, bar) = (downloaded.clone(), bar.clone());
-                    if let Some(w) = writing.take() {
-                        w.await??;
-                    }
-                    writing = Some(tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                        for (off, c) in &job {
-                            let at = (off - first) as usize;
-                            let bytes = &data[at..at + c.len as usize];
-                            if ferry_core::ChunkId::of(bytes) != c.id {
-                                bail!(
-                                    "{path}: the chunk at offset {off} ({} bytes) does not match the signed manifest: refused",
-                                    c.len
-                                );
-                            }
-                        }
-                        f.write_all_at(&data, first)
-                            .with_context(|| format!("cannot write {path}"))?;
-                        downloaded.fetch_add(last - first + 1, Ordering::Relaxed);
-                        bar.inc(last - first + 1);
-                        Ok(())
-                    }));
-                }
-            });
+        for _ in 0..parallel.max(1) {
+            workers.spawn(self.clone().worker());
         }
         let mut failed = None;
         while let Some(r) = workers.join_next().await {
@@ -366,22 +318,67 @@ impl Fetch {
                 failed.get_or_insert(e);
             }
         }
-        add(&|r| {
-            r.bytes_downloaded += downloaded.load(Ordering::Relaxed);
-            r.requests += requests.load(Ordering::Relaxed);
-        });
-        if let Some(e) = failed {
-            return Err(e.context(format!(
-                "{}: interrupted; run the same command again to resume (what {} holds is kept)",
-                m.path,
-                part.display()
-            )));
+        failed
+    }
+
+    /// Takes runs from the queue; each one's check and write run while the
+    /// next one downloads (one at a time per worker).
+    async fn worker(self: Arc<Self>) -> anyhow::Result<()> {
+        let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+        loop {
+            let run = self.queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(run) = run else {
+                if let Some(w) = writing.take() {
+                    w.await??;
+                }
+                return Ok(());
+            };
+            let data = self.get(&run).await?;
+            if let Some(w) = writing.take() {
+                w.await??;
+            }
+            let me = self.clone();
+            writing = Some(tokio::task::spawn_blocking(move || {
+                me.part.write_checked(&me.path, &data, &run)?;
+                let n = data.len() as u64;
+                me.downloaded.fetch_add(n, Ordering::Relaxed);
+                me.bar.inc(n);
+                Ok(())
+            }));
         }
-        // Every chunk of the file is now one checked against the signed
-        // manifest (downloaded or found in the part file), and the
-        // manifest's chunks cover the file exactly (checked when it was
-        // decoded): the file is the signed one without reading it again.
-        ferry_store::file::place(&f, &part, &dest)?;
-        Ok(())
+    }
+
+    /// One range request for `run`'s bytes.
+    async fn get(&self, run: &Run) -> anyhow::Result<bytes::Bytes> {
+        let first = run[0].0;
+        let last = run.last().map_or(first, |(o, c)| o + u64::from(c.len) - 1);
+        let mut req = self
+            .http
+            .get(&self.url)
+            .header(reqwest::header::RANGE, format!("bytes={first}-{last}"))
+            .header(reqwest::header::IF_MATCH, &self.etag);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let url = &self.url;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(refusal(url, resp).await);
+        }
+        let data = resp
+            .bytes()
+            .await
+            .with_context(|| format!("{url}: the download broke off"))?;
+        if data.len() as u64 != last - first + 1 {
+            bail!(
+                "{url}: asked for bytes {first}-{last}, got {} bytes",
+                data.len()
+            );
+        }
+        Ok(data)
     }
 }

@@ -17,7 +17,7 @@
 //! code (which keeps every chunk the part files hold), unless the package
 //! is multicast-only. Run again, it keeps every block it verified.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -32,7 +32,9 @@ use ferry_dp::multicast::{Done, Report, SessionOffer};
 use ferry_mcast::{Completion, Counters, Event, Layout, Receiver, SessionKey};
 use serde::Serialize;
 
-use crate::fetch::{answer, http_client, prove, PART_SUFFIX};
+use ferry_store::file::PartFile;
+
+use crate::fetch::{answer, http_client, prove};
 
 /// Datagrams the reader thread may queue ahead of the writer (about 90 MiB).
 const QUEUE_DATAGRAMS: usize = 1 << 16;
@@ -88,12 +90,9 @@ enum Outcome {
     Left(String),
 }
 
-/// One file of the package as the receiver writes it.
-struct Target {
-    dest: PathBuf,
-    part: PathBuf,
-    file: Option<Arc<File>>,
-}
+/// One file of the package as the receiver writes it: its part file, or
+/// `None` when an earlier run finished it.
+type Target = Option<PartFile>;
 
 impl Join {
     fn post(&self, http: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
@@ -295,62 +294,44 @@ fn open_targets(
     let mut held = vec![false; blocks.len()];
     let mut targets = Vec::new();
     let mut buf = Vec::new();
-    let mut check = |f: &File, fi: usize, held: &mut [bool]| {
-        let mut all = true;
-        for (b, blk) in blocks
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.file as usize == fi)
-        {
-            buf.resize(blk.len as usize, 0);
-            held[b] = f.read_exact_at(&mut buf, blk.offset).is_ok() && layout.verify(b, &buf);
-            all &= held[b];
-        }
-        all
-    };
     for (fi, m) in manifests.iter().enumerate() {
         let dest = out.join(&m.path);
-        let part = PathBuf::from(format!("{}{PART_SUFFIX}", dest.display()));
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
+        let of_file = || {
+            blocks
+                .iter()
+                .enumerate()
+                .filter(move |(_, b)| b.file as usize == fi)
+        };
         // A file an earlier run finished.
         if let Ok(f) = File::open(&dest) {
-            if f.metadata().is_ok_and(|md| md.len() == m.size) && check(&f, fi, &mut held) {
-                targets.push(Target {
-                    dest,
-                    part,
-                    file: None,
+            let done = f.metadata().is_ok_and(|md| md.len() == m.size)
+                && of_file().all(|(b, blk)| {
+                    buf.resize(blk.len as usize, 0);
+                    f.read_exact_at(&mut buf, blk.offset).is_ok() && layout.verify(b, &buf)
                 });
+            if done {
+                for (b, _) in of_file() {
+                    held[b] = true;
+                }
+                targets.push(None);
                 continue;
             }
         }
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&part)
-            .with_context(|| format!("cannot open {}", part.display()))?;
-        f.set_len(m.size)
-            .with_context(|| format!("cannot size {} to {} bytes", part.display(), m.size))?;
-        check(&f, fi, &mut held);
-        targets.push(Target {
-            dest,
-            part,
-            file: Some(Arc::new(f)),
-        });
+        let part = PartFile::open(&dest, m.size)?;
+        for (b, blk) in of_file() {
+            held[b] = part.holds(blk.offset, blk.len as usize, &mut buf, |d| {
+                layout.verify(b, d)
+            });
+        }
+        targets.push(Some(part));
     }
     Ok((targets, held))
 }
 
 /// Puts every part file in place under its name.
 fn finish(targets: &[Target]) -> anyhow::Result<()> {
-    for t in targets {
-        if let Some(f) = &t.file {
-            ferry_store::file::place(f, &t.part, &t.dest)?;
-        }
+    for part in targets.iter().flatten() {
+        part.place()?;
     }
     Ok(())
 }
@@ -450,10 +431,8 @@ fn receive(
         };
         let accepted = rx.counters().accepted;
         if let Ok(Some(w)) = rx.handle(&mut d) {
-            let t = &targets[w.file as usize];
-            if let Some(f) = &t.file {
-                f.write_all_at(w.data, w.offset)
-                    .with_context(|| format!("cannot write {}", t.part.display()))?;
+            if let Some(part) = &targets[w.file as usize] {
+                part.out().write_at(w.data, w.offset)?;
             }
         }
         // A new symbol, source or repair, is progress.
@@ -465,15 +444,14 @@ fn receive(
                 Event::Ready(b) => {
                     last_progress = Instant::now();
                     let blk = rx.layout().blocks()[b as usize];
-                    let t = &targets[blk.file as usize];
-                    let Some(f) = &t.file else { continue };
+                    let Some(part) = &targets[blk.file as usize] else {
+                        continue;
+                    };
                     block.resize(blk.len as usize, 0);
-                    f.read_exact_at(&mut block, blk.offset)
-                        .with_context(|| format!("cannot read {}", t.part.display()))?;
+                    part.out().read_at(&mut block, blk.offset)?;
                     if let Completion::Verified { repaired } = rx.complete(b, &block) {
                         if let Some(data) = repaired {
-                            f.write_all_at(&data, blk.offset)
-                                .with_context(|| format!("cannot write {}", t.part.display()))?;
+                            part.out().write_at(&data, blk.offset)?;
                         }
                         bar.set_position(rx.bytes_done());
                     }
