@@ -53,9 +53,9 @@ pub(crate) enum DpCmd {
     },
     /// On the DP: run the agent in the foreground (Ctrl-C stops it).
     Serve {
-        /// Limit chunk downloads to this many bytes per second (suffixes
-        /// K, M, G: powers of 1024).
-        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        /// Limit chunk downloads to this many bytes per second (K, M, G:
+        /// powers of 1000; KiB, MiB, GiB: of 1024) or bits (100Mbit).
+        #[arg(long, value_name = "RATE", value_parser = ferry_core::units::parse_rate)]
         max_rate: Option<u64>,
     },
     /// On the site: refuse a DP from now on (its connection is closed).
@@ -133,9 +133,9 @@ pub(crate) struct MulticastArgs {
     /// Clients one session takes at most (default 50).
     #[arg(long, value_name = "N", conflicts_with = "disable")]
     max_clients: Option<u32>,
-    /// Rate of a session: bytes per second (K, M, G: powers of 1024) or
-    /// bits (100Mbit, 1Gbit). Default 100Mbit.
-    #[arg(long, value_name = "RATE", value_parser = parse_rate, conflicts_with = "disable")]
+    /// Rate of a session: bytes per second (K, M, G: powers of 1000; KiB,
+    /// MiB, GiB: of 1024) or bits (100Mbit, 1Gbit). Default 100Mbit.
+    #[arg(long, value_name = "RATE", value_parser = ferry_core::units::parse_rate, conflicts_with = "disable")]
     rate: Option<u64>,
     /// A session starts this long after its first client asked (default 0s) ...
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "disable")]
@@ -165,42 +165,6 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
         "off" | "no" | "false" => Ok(false),
         _ => Err(format!("{s:?}: use on or off")),
     }
-}
-
-fn parse_rate(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    // Bits per second, decimal, as links are sold: 100Mbit, 1Gbit.
-    let lower = t.to_ascii_lowercase();
-    if let Some(num) = lower
-        .strip_suffix("bit")
-        .or_else(|| lower.strip_suffix("bps"))
-    {
-        let (num, mult) = match num.char_indices().last() {
-            Some((i, 'k')) => (&num[..i], 1_000u64),
-            Some((i, 'm')) => (&num[..i], 1_000_000),
-            Some((i, 'g')) => (&num[..i], 1_000_000_000),
-            _ => (num, 1),
-        };
-        return num
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(mult))
-            .map(|b| b / 8)
-            .filter(|&n| n > 0)
-            .ok_or_else(|| format!("{s:?} is not a rate: use e.g. 100Mbit or 12M (bytes)"));
-    }
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a rate: use bytes per second, e.g. 500K or 20M, or bits, e.g. 100Mbit"))
 }
 
 /// This host's name, and `listen`'s address unless it is unspecified.
