@@ -115,14 +115,9 @@ pub(crate) enum TokenCmd {
     },
 }
 
-fn unix_time(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
+/// A Unix time as a time: the token records keep seconds.
+fn unix_time(secs: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
@@ -161,10 +156,10 @@ pub(crate) async fn run(cmd: ClientCmd, g: &Global) -> anyhow::Result<()> {
                 t.add_row(vec![
                     v.name.clone(),
                     v.state.clone(),
-                    crate::output::ago(&unix_time(v.record.issued)),
+                    crate::output::ago(unix_time(v.record.issued)),
                     v.record
                         .expires
-                        .map(|e| crate::output::when(&unix_time(e)))
+                        .map(|e| crate::output::when(unix_time(e)))
                         .unwrap_or_else(|| "never".into()),
                 ]);
             }

@@ -243,7 +243,7 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
                 r.error.clone().unwrap_or_default(),
                 r.next_retry
                     .as_ref()
-                    .map(|n| format!(" (retry {})", crate::output::ago(n)))
+                    .map(|n| format!(" (retry {})", crate::output::ago(*n)))
                     .unwrap_or_default()
             ),
             "pending" => match r.holds_revision {
@@ -288,9 +288,7 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
             if r.online {
                 "now".into()
             } else {
-                r.last_contact
-                    .as_deref()
-                    .map_or("never".into(), crate::output::ago)
+                r.last_contact.map_or("never".into(), crate::output::ago)
             },
         ]);
     }

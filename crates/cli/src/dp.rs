@@ -395,8 +395,9 @@ async fn set(
     }
     match (&v.schedule, &v.next_run) {
         (Some(s), Some(n)) => println!(
-            "{name}: validates on \"{s}\"; next run {} UTC ({n})",
-            crate::output::when(n)
+            "{name}: validates on \"{s}\"; next run {} UTC ({})",
+            crate::output::when(*n),
+            crate::output::rfc3339(*n)
         ),
         (Some(s), None) => println!("{name}: validates on \"{s}\""),
         _ => println!("{name}: no validation schedule"),
@@ -483,9 +484,7 @@ fn last_contact(d: &DpView) -> String {
     if d.online {
         "now".into()
     } else {
-        d.last_contact
-            .as_deref()
-            .map_or("never".into(), crate::output::ago)
+        d.last_contact.map_or("never".into(), crate::output::ago)
     }
 }
 
@@ -571,7 +570,7 @@ fn print_validation(v: &ValidationView, request: u64) {
             },
             res.damaged.len().to_string(),
             repaired.to_string(),
-            res.updated.clone(),
+            crate::output::rfc3339(res.updated),
         ]);
         for d in &res.damaged {
             details.push(if d.error.is_empty() || d.repaired {

@@ -188,7 +188,7 @@ fn print_revisions(v: &RevisionsView) {
     for r in &v.revisions {
         t.add_row(vec![
             format!("{}{}", r.revision, if r.latest { " (newest)" } else { "" }),
-            crate::output::when(&r.created),
+            crate::output::when(r.created),
             r.source.clone(),
             bytes(r.size),
             bytes(r.new_bytes),
@@ -315,7 +315,7 @@ pub(crate) async fn list(client: &Client, g: &Global, kind: PackageKind) -> anyh
             p.file_count.to_string(),
             bytes(p.size),
             bytes(p.new_bytes),
-            crate::output::when(&p.created),
+            crate::output::when(p.created),
         ]);
     }
     println!("{t}");
@@ -445,7 +445,7 @@ fn print_view(v: &PackageView) {
             &r.comment
         }
     );
-    println!("  created     {}", r.created);
+    println!("  created     {}", crate::output::rfc3339(r.created));
     let Some(rev) = r.latest() else { return };
     let state = match v.source_state {
         SourceState::Unchanged => "unchanged since import".to_string(),
@@ -569,7 +569,7 @@ fn print_revision_table(revisions: &[RevisionRecord]) {
     for r in revisions {
         revs.add_row(vec![
             r.revision.to_string(),
-            crate::output::when(&r.created),
+            crate::output::when(r.created),
             r.source.path.clone(),
             bytes(r.stats.logical_bytes),
             bytes(r.stats.new_bytes),

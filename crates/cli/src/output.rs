@@ -2,6 +2,7 @@
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, ContentArrangement, Table};
 use serde::Serialize;
+use time::OffsetDateTime;
 
 pub(crate) use ferry_core::units::bytes;
 
@@ -21,20 +22,13 @@ pub(crate) fn table(header: &[&str]) -> Table {
     t
 }
 
-fn parse_time(rfc3339: &str) -> Option<time::OffsetDateTime> {
-    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).ok()
+/// How long ago `t` was, as a person says it: "12 s ago", "5 min ago",
+/// "3 h ago", "2 d ago" (or "in 10 min").
+pub(crate) fn ago(t: OffsetDateTime) -> String {
+    ago_at(t, OffsetDateTime::now_utc())
 }
 
-/// How long ago `rfc3339` was, as a person says it: "12 s ago", "5 min
-/// ago", "3 h ago", "2 d ago"; the text itself if it is not a time.
-pub(crate) fn ago(rfc3339: &str) -> String {
-    ago_at(rfc3339, time::OffsetDateTime::now_utc())
-}
-
-fn ago_at(rfc3339: &str, now: time::OffsetDateTime) -> String {
-    let Some(t) = parse_time(rfc3339) else {
-        return rfc3339.to_string();
-    };
+fn ago_at(t: OffsetDateTime, now: OffsetDateTime) -> String {
     let s = (now - t).whole_seconds();
     match s {
         s if s < -5 => format!("in {}", short_span(-s)),
@@ -53,16 +47,13 @@ fn short_span(s: i64) -> String {
 }
 
 /// A time in UTC, short: "Sat 02:00" within a week of now, else
-/// "2026-12-24 02:00"; the text itself if it is not a time. Tables say
-/// "UTC" in their header: every time Ferry shows is in UTC.
-pub(crate) fn when(rfc3339: &str) -> String {
-    when_at(rfc3339, time::OffsetDateTime::now_utc())
+/// "2026-12-24 02:00". Tables say "UTC" in their header: every time Ferry
+/// shows is in UTC.
+pub(crate) fn when(t: OffsetDateTime) -> String {
+    when_at(t, OffsetDateTime::now_utc())
 }
 
-fn when_at(rfc3339: &str, now: time::OffsetDateTime) -> String {
-    let Some(t) = parse_time(rfc3339) else {
-        return rfc3339.to_string();
-    };
+fn when_at(t: OffsetDateTime, now: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     let fmt = if (t - now).whole_days().abs() < 7 {
         "[weekday repr:short] [hour]:[minute]"
@@ -72,7 +63,12 @@ fn when_at(rfc3339: &str, now: time::OffsetDateTime) -> String {
     time::format_description::parse_borrowed::<2>(fmt)
         .ok()
         .and_then(|f| t.format(&f).ok())
-        .unwrap_or_else(|| rfc3339.to_string())
+        .unwrap_or_else(|| rfc3339(t))
+}
+
+/// `t` as RFC 3339, where a table shows the whole time.
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+    ferry_site::rfc3339(t)
 }
 
 /// Under `--json` prints `v`, else runs `human` (which prints the text).
@@ -199,21 +195,20 @@ pub(crate) fn session_line(dp: &str, v: &ferry_mcast::SessionView) -> String {
 mod tests {
     use super::*;
 
-    fn t(s: &str) -> time::OffsetDateTime {
-        parse_time(s).unwrap()
+    fn t(s: &str) -> OffsetDateTime {
+        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
     }
 
     #[test]
     fn times_are_short_and_in_utc() {
         let now = t("2026-11-22T01:00:00Z"); // a Sunday
-        assert_eq!(ago_at("2026-11-22T00:59:48Z", now), "12 s ago");
-        assert_eq!(ago_at("2026-11-22T00:55:00+00:00", now), "5 min ago");
-        assert_eq!(ago_at("2026-11-21T22:00:00Z", now), "3 h ago");
-        assert_eq!(ago_at("2026-11-22T01:10:00Z", now), "in 10 min");
-        assert_eq!(ago_at("not a time", now), "not a time");
-        assert_eq!(when_at("2026-11-28T02:00:00Z", now), "Sat 02:00");
+        assert_eq!(ago_at(t("2026-11-22T00:59:48Z"), now), "12 s ago");
+        assert_eq!(ago_at(t("2026-11-22T00:55:00+00:00"), now), "5 min ago");
+        assert_eq!(ago_at(t("2026-11-21T22:00:00Z"), now), "3 h ago");
+        assert_eq!(ago_at(t("2026-11-22T01:10:00Z"), now), "in 10 min");
+        assert_eq!(when_at(t("2026-11-28T02:00:00Z"), now), "Sat 02:00");
         // Another zone is shown in UTC.
-        assert_eq!(when_at("2026-11-28T03:00:00+01:00", now), "Sat 02:00");
-        assert_eq!(when_at("2026-12-24T02:00:00Z", now), "2026-12-24 02:00");
+        assert_eq!(when_at(t("2026-11-28T03:00:00+01:00"), now), "Sat 02:00");
+        assert_eq!(when_at(t("2026-12-24T02:00:00Z"), now), "2026-12-24 02:00");
     }
 }

@@ -154,7 +154,7 @@ pub(crate) async fn history(client: &Client, g: &Global, id: &str) -> anyhow::Re
         ]);
         for e in &v.entries {
             t.add_row(vec![
-                e.time.clone(),
+                crate::output::rfc3339(e.time),
                 e.job.to_string(),
                 e.update.clone(),
                 result_name(e.result).into(),
@@ -209,7 +209,7 @@ pub(crate) async fn service(client: &Client, g: &Global, a: ServiceArgs) -> anyh
         println!(
             "job {} scheduled for {} UTC ({}); `ferry jobs` follows it, `ferry jobs cancel {}` cancels it",
             job.id,
-            job.next_run.as_deref().map_or("-".into(), crate::output::when),
+            job.next_run.map_or("-".into(), crate::output::when),
             job.request
                 .schedule
                 .as_deref()
@@ -282,15 +282,14 @@ fn print_job(job: &JobRecord) {
         job.package,
         job.state.name(),
         job.next_run
-            .as_deref()
-            .map(|t| format!(" (next run {t})"))
+            .map(|t| format!(" (next run {})", crate::output::rfc3339(t)))
             .unwrap_or_default()
     );
     for run in &job.runs {
         println!(
             "  run {} → {}: {}{}",
-            run.started,
-            run.finished.as_deref().unwrap_or("…"),
+            crate::output::rfc3339(run.started),
+            run.finished.map_or("…".into(), crate::output::rfc3339),
             run.outcome.name(),
             match (run.base_revision, run.revision) {
                 (Some(b), Some(r)) => format!(", revision {b} → {r}"),
@@ -416,13 +415,18 @@ pub(crate) async fn jobs(cmd: JobsCmd, g: &Global) -> anyhow::Result<()> {
                     j.request.updates.join(","),
                     match (&j.request.at, &j.request.schedule) {
                         (_, Some(c)) => format!("cron {c}"),
-                        (Some(a), _) => format!("at {}", crate::output::when(a)),
+                        (Some(a), _) => format!(
+                            "at {}",
+                            time::OffsetDateTime::parse(
+                                a,
+                                &time::format_description::well_known::Rfc3339
+                            )
+                            .map_or_else(|_| a.clone(), crate::output::when)
+                        ),
                         _ => "now".into(),
                     },
                     j.state.name().into(),
-                    j.next_run
-                        .as_deref()
-                        .map_or("-".into(), crate::output::when),
+                    j.next_run.map_or("-".into(), crate::output::when),
                     last.map(|r| match &r.error {
                         Some(e) => format!("{}: {e}", r.outcome.name()),
                         None => r.outcome.name().to_string(),

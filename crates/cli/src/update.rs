@@ -161,7 +161,11 @@ pub(crate) async fn run(cmd: UpdateCmd, g: &Global) -> anyhow::Result<()> {
             println!("{}  {}", m.id, m.title);
             println!("  classification {}", classification(&u));
             println!("  released       {}", m.released);
-            println!("  imported       {} from {}", u.imported, u.source);
+            println!(
+                "  imported       {} from {}",
+                crate::output::rfc3339(u.imported),
+                u.source
+            );
             println!("  product        {}", a.product.as_deref().unwrap_or("any"));
             println!(
                 "  architectures  {}",

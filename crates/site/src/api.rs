@@ -61,6 +61,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use ferry_store::Library;
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::distribution::registry::{Hub, HubError};
@@ -504,7 +505,8 @@ pub struct RevisionRow {
     /// Its number.
     pub revision: u32,
     /// When it was made (RFC 3339).
-    pub created: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
     /// Where it came from (a path, or the job that serviced it).
     pub source: String,
     /// Bytes of its files.

@@ -99,10 +99,20 @@ fn ensure_keys(data: &Path, site_code: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Now, RFC 3339 (UTC).
-pub fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
+/// Now (UTC), to the second: what every record keeps, written as RFC 3339.
+pub fn now() -> time::OffsetDateTime {
+    to_the_second(time::OffsetDateTime::now_utc())
+}
+
+/// `t` without its fraction of a second.
+pub fn to_the_second(t: time::OffsetDateTime) -> time::OffsetDateTime {
+    t.replace_nanosecond(0).unwrap_or(t)
+}
+
+/// `t` as RFC 3339, for messages and logs (records and views carry the
+/// typed time and serialize it so themselves).
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 

@@ -197,7 +197,7 @@ mod tests {
             id: id.into(),
             issued: now - 10,
             expires,
-            revoked: revoked.then(|| "2026-01-01T00:00:00Z".to_string()),
+            revoked: revoked.then(crate::now),
         };
         reg.clients.insert("a".into(), rec("aa", None, true));
         reg.clients
@@ -211,7 +211,7 @@ mod tests {
             crate::distribution::records::DpRecord {
                 anonymous_clients: true,
                 packages: ["FRY00001".to_string(), "FRY00002".to_string()].into(),
-                ..Default::default()
+                ..crate::distribution::records::DpRecord::new("dp1")
             },
         );
         let p = policy_for(&reg, "dp1", |p| p == "FRY00002" || p == "FRY00009");

@@ -522,9 +522,7 @@ impl DpServer {
         let next_retry = (state == TransferState::Failed).then(|| {
             // A DP retries within minutes; clamp what it claims.
             let secs = r.retry_in_secs.min(86_400) as i64;
-            let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
-            at.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
+            updated + time::Duration::seconds(secs)
         });
         // "Still installed" without figures keeps those of the transfer
         // that installed it (`Hub::report`).
@@ -540,7 +538,7 @@ impl DpServer {
             error: (!r.error.is_empty()).then_some(bounded(&r.error)),
             next_retry,
             started: None,
-            updated: updated.clone(),
+            updated,
         };
         if let Some(v) = &r.validation {
             let result = crate::distribution::records::ValidationResult {

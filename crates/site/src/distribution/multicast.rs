@@ -312,10 +312,7 @@ mod tests {
     #[test]
     fn only_enabled_dps_get_a_policy_with_their_allowed_packages() {
         let mut reg = Registry::default();
-        let mut d = DpRecord {
-            name: "dp1".into(),
-            ..Default::default()
-        };
+        let mut d = DpRecord::new("dp1");
         d.packages.insert("FRY00001".into());
         d.packages.insert("FRY00002".into());
         reg.dps.insert("dp1".into(), d.clone());

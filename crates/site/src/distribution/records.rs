@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 /// Where one package stands on one DP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,32 +59,50 @@ pub struct TransferReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// When the DP tries again after a failure (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_retry: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub next_retry: Option<OffsetDateTime>,
     /// When the transfer of this revision started (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub started: Option<OffsetDateTime>,
     /// When the report arrived (RFC 3339).
-    pub updated: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated: OffsetDateTime,
 }
 
 /// One distribution point.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DpRecord {
     /// Its name (the subject of its certificate).
     pub name: String,
     /// When `ferry dp add` created it.
-    pub created: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
     /// When it enrolled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enrolled: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub enrolled: Option<OffsetDateTime>,
     /// Fingerprint of the certificate issued at enrollment; only that
     /// certificate is accepted for this DP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_fingerprint: Option<String>,
     /// When it was revoked; it is refused from then on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub revoked: Option<OffsetDateTime>,
     /// BLAKE3 (hex) of its unused enrollment token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_hash: Option<String>,
@@ -94,8 +113,12 @@ pub struct DpRecord {
     #[serde(default)]
     pub transfers: BTreeMap<String, TransferReport>,
     /// Last time it was connected (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_contact: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub last_contact: Option<OffsetDateTime>,
     /// Address it last connected from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
@@ -130,8 +153,34 @@ pub struct DpRecord {
     pub multicast_sessions: Vec<ferry_mcast::SessionView>,
 }
 
+impl DpRecord {
+    /// A DP `ferry dp add` just created: nothing else known yet.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            created: crate::now(),
+            enrolled: None,
+            cert_fingerprint: None,
+            revoked: None,
+            token_hash: None,
+            packages: BTreeSet::new(),
+            transfers: BTreeMap::new(),
+            last_contact: None,
+            address: None,
+            validation: ValidationState::default(),
+            served_bytes: 0,
+            rebuilds: BTreeMap::new(),
+            disk: None,
+            anonymous_clients: false,
+            client_names: Vec::new(),
+            multicast: None,
+            multicast_sessions: Vec::new(),
+        }
+    }
+}
+
 /// A DP's disk as it reported it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
     /// Allocated bytes of its data and content folders.
     pub used_bytes: u64,
@@ -140,7 +189,8 @@ pub struct DiskRecord {
     /// Size of that filesystem.
     pub total_bytes: u64,
     /// When it reported them (RFC 3339).
-    pub updated: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated: OffsetDateTime,
 }
 
 /// A DP's content validation.
@@ -156,18 +206,26 @@ pub struct ValidationState {
     #[serde(default)]
     pub packages: Vec<String>,
     /// When the latest request was made (RFC 3339), and why.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_at: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub requested_at: Option<OffsetDateTime>,
     /// Last scheduled run (RFC 3339): the next one is after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_scheduled: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub last_scheduled: Option<OffsetDateTime>,
     /// The last result per package.
     #[serde(default)]
     pub results: BTreeMap<String, ValidationResult>,
 }
 
 /// One validation run of one package on one DP.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ValidationResult {
     /// The request it answers.
     pub request: u64,
@@ -185,7 +243,8 @@ pub struct ValidationResult {
     #[serde(default)]
     pub damaged: Vec<DamageRecord>,
     /// When the DP reported it (RFC 3339).
-    pub updated: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated: OffsetDateTime,
 }
 
 /// One damaged chunk occurrence a DP found.
@@ -286,8 +345,12 @@ pub struct ClientTokenRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<i64>,
     /// When it was revoked (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub revoked: Option<OffsetDateTime>,
 }
 
 /// The group range sessions use unless the operator gives one (inside

@@ -106,8 +106,8 @@ pub enum Unknown {
 pub struct Online {
     /// Its address.
     pub address: String,
-    /// Since when (RFC 3339).
-    pub since: String,
+    /// Since when.
+    pub since: time::OffsetDateTime,
     /// The connection, closed when the DP is revoked.
     pub conn: quinn::Connection,
 }
@@ -338,10 +338,8 @@ impl Hub {
                     r.dps.insert(
                         name.to_string(),
                         DpRecord {
-                            name: name.to_string(),
-                            created: now(),
                             token_hash: Some(hash),
-                            ..DpRecord::default()
+                            ..DpRecord::new(name)
                         },
                     );
                 }
@@ -479,7 +477,7 @@ impl Hub {
         match &d.revoked {
             Some(when) => Err(Unknown::Revoked {
                 dp: d.name.clone(),
-                at: when.clone(),
+                at: crate::rfc3339(*when),
             }),
             None => Ok(d.name.clone()),
         }
@@ -745,7 +743,11 @@ impl Hub {
 
     /// A scheduled validation of every package is due for `name`: request
     /// it and remember when.
-    pub fn scheduled_validation(&self, name: &str, at: &str) -> Result<u64, HubError> {
+    pub fn scheduled_validation(
+        &self,
+        name: &str,
+        at: time::OffsetDateTime,
+    ) -> Result<u64, HubError> {
         self.update(true, |r| {
             let d = r
                 .dps
@@ -754,7 +756,7 @@ impl Hub {
             d.validation.requested += 1;
             d.validation.packages.clear();
             d.validation.requested_at = Some(now());
-            d.validation.last_scheduled = Some(at.to_string());
+            d.validation.last_scheduled = Some(at);
             Ok(d.validation.requested)
         })
     }

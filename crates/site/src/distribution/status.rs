@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use ferry_core::ChunkId;
 use ferry_store::Library;
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 use crate::distribution::records::{Registry, TransferState};
 use crate::distribution::registry::Hub;
@@ -23,7 +24,8 @@ pub struct DpView {
     /// Address it is (or was last) connected from.
     pub address: Option<String>,
     /// Last time it was connected.
-    pub last_contact: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_contact: Option<OffsetDateTime>,
     /// Groups it belongs to.
     pub groups: Vec<String>,
     /// Packages it must hold.
@@ -138,9 +140,11 @@ pub struct StatusRow {
     /// Why it failed.
     pub error: Option<String>,
     /// When the DP tries again.
-    pub next_retry: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub next_retry: Option<OffsetDateTime>,
     /// The DP's last contact.
-    pub last_contact: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_contact: Option<OffsetDateTime>,
     /// Whether the DP is connected.
     pub online: bool,
     /// The DP's multicast sessions of this package: those running, and
@@ -153,10 +157,8 @@ pub struct StatusRow {
     pub multicast_warning: Option<String>,
 }
 
-fn seconds_since(rfc3339: &str) -> Option<f64> {
-    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .ok()?;
-    Some((time::OffsetDateTime::now_utc() - t).as_seconds_f64())
+fn seconds_since(t: OffsetDateTime) -> f64 {
+    (OffsetDateTime::now_utc() - t).as_seconds_f64()
 }
 
 /// Status rows for every package × DP, optionally only one package or DP.
@@ -280,7 +282,7 @@ pub fn rows(
                                 .unwrap_or(100)
                                 .min(100),
                         );
-                        let elapsed = t.started.as_deref().and_then(seconds_since);
+                        let elapsed = t.started.map(seconds_since);
                         if let Some(el) = elapsed.filter(|&e| e > 0.5 && t.bytes_done > 0) {
                             let rate = t.bytes_done as f64 / el;
                             let left = t.bytes_needed.saturating_sub(t.bytes_done) as f64;

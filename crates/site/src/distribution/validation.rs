@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
@@ -71,23 +70,17 @@ pub struct ValidationView {
     /// Its schedule, if any.
     pub schedule: Option<String>,
     /// When the schedule runs next (RFC 3339, UTC).
-    pub next_run: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub next_run: Option<OffsetDateTime>,
     /// The latest request's number.
     pub requested: u64,
     /// When it was made.
-    pub requested_at: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub requested_at: Option<OffsetDateTime>,
     /// Packages the DP holds now (what a request covers).
     pub holds: Vec<String>,
     /// Last result per package.
     pub results: Vec<ValidationRow>,
-}
-
-fn parse_time(s: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(s, &Rfc3339).ok()
-}
-
-fn format_time(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// Packages DP `dp` holds whole now.
@@ -157,12 +150,8 @@ pub fn view(hub: &Hub, dp: &str) -> Result<ValidationView, HubError> {
     let v = &d.validation;
     let next_run = v.schedule.as_deref().and_then(|s| {
         let sched = Schedule::parse(s).ok()?;
-        let after = v
-            .last_scheduled
-            .as_deref()
-            .and_then(parse_time)
-            .unwrap_or_else(OffsetDateTime::now_utc);
-        sched.next_after(after).map(format_time)
+        let after = v.last_scheduled.unwrap_or_else(OffsetDateTime::now_utc);
+        sched.next_after(after)
     });
     Ok(ValidationView {
         dp: dp.to_string(),
@@ -170,7 +159,7 @@ pub fn view(hub: &Hub, dp: &str) -> Result<ValidationView, HubError> {
         schedule: v.schedule.clone(),
         next_run,
         requested: v.requested,
-        requested_at: v.requested_at.clone(),
+        requested_at: v.requested_at,
         holds: holds(hub, dp),
         results: v
             .results
@@ -207,17 +196,12 @@ pub async fn scheduler(hub: Arc<Hub>) {
                     continue;
                 }
             };
-            let last = d
-                .validation
-                .last_scheduled
-                .as_deref()
-                .and_then(parse_time)
-                .unwrap_or(now);
+            let last = d.validation.last_scheduled.unwrap_or(now);
             let Some(next) = sched.next_after(last) else {
                 continue;
             };
             if next <= now {
-                match hub.scheduled_validation(&d.name, &format_time(next)) {
+                match hub.scheduled_validation(&d.name, next) {
                     Ok(n) => info!(dp = %d.name, request = n, "scheduled validation requested"),
                     Err(e) => {
                         warn!(dp = %d.name, error = %e, "cannot request a scheduled validation")

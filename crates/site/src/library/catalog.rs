@@ -4,6 +4,7 @@
 use ferry_core::FileHash;
 use ferry_wim::{ImageInfo, WimInfo};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 /// The kinds of content a site holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +43,8 @@ pub struct PackageRecord {
     /// Free text.
     pub comment: String,
     /// When it was first imported (RFC 3339).
-    pub created: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
     /// Its revisions, oldest first.
     pub revisions: Vec<RevisionRecord>,
     /// The revision DPs receive; `None` means the newest. A serviced
@@ -112,7 +114,8 @@ pub struct RevisionRecord {
     /// 1, 2, … within the package.
     pub revision: u32,
     /// When it was imported (RFC 3339).
-    pub created: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
     /// Where it came from.
     pub source: SourceRecord,
     /// With `--index`: the image index exported from the source.
@@ -250,7 +253,8 @@ pub struct PackageSummary {
     /// Bytes the latest revision added to the library.
     pub new_bytes: u64,
     /// When it was first imported.
-    pub created: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
 }
 
 /// A package as `image show` shows it: the record plus live facts.

@@ -15,8 +15,6 @@ use ferry_core::{ChunkId, FileHash, Manifest};
 use ferry_store::{Import, Library, StoreError};
 use ferry_wim::{Layout, Wim};
 use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use crate::library::catalog::{
     FileRecord, ImportStats, PackageKind, PackageRecord, PackageSummary, PackageView,
@@ -158,14 +156,6 @@ pub struct Progress {
     pub total: u64,
 }
 
-pub(crate) fn now() -> String {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(0)
-        .unwrap_or(now)
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
-
 fn modified_ns(meta: &std::fs::Metadata) -> i64 {
     meta.modified()
         .ok()
@@ -298,7 +288,7 @@ pub fn import(
     };
     let revision = RevisionRecord {
         revision: 1,
-        created: now(),
+        created: crate::now(),
         source: SourceRecord {
             path: shown.clone(),
             size: source_meta.len(),
@@ -1221,7 +1211,7 @@ mod tests {
         record.revisions.push(RevisionRecord {
             verified: false,
             revision: next,
-            created: String::new(),
+            created: time::OffsetDateTime::UNIX_EPOCH,
             source: SourceRecord {
                 path: String::new(),
                 size: 64,
@@ -1254,7 +1244,7 @@ mod tests {
             name: "x".into(),
             version: String::new(),
             comment: String::new(),
-            created: String::new(),
+            created: time::OffsetDateTime::UNIX_EPOCH,
             revisions: Vec::new(),
             released: None,
             architecture: String::new(),

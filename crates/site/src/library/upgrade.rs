@@ -453,7 +453,7 @@ pub fn import(
     let first_image = image_infos.first().cloned().unwrap_or_default();
     let revision = RevisionRecord {
         revision: 1,
-        created: packages::now(),
+        created: crate::now(),
         source: SourceRecord {
             path: root.display().to_string(),
             size: stamp_before.0,

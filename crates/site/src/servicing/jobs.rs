@@ -152,10 +152,15 @@ pub struct UpdateOutcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRun {
     /// When it started (RFC 3339).
-    pub started: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started: OffsetDateTime,
     /// When it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub finished: Option<OffsetDateTime>,
     /// How it ended.
     pub outcome: JobState,
     /// The revision it worked from.
@@ -218,12 +223,17 @@ pub struct JobRecord {
     #[serde(flatten)]
     pub request: ServiceRequest,
     /// When it was created (RFC 3339).
-    pub created: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
     /// Where it stands.
     pub state: JobState,
     /// When it runs next (RFC 3339), while scheduled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_run: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub next_run: Option<OffsetDateTime>,
     /// Its runs, oldest first.
     #[serde(default)]
     pub runs: Vec<JobRun>,
@@ -297,17 +307,6 @@ impl JobsFile {
     }
 }
 
-fn parse_time(t: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(t, &Rfc3339).ok()
-}
-
-fn format_time(t: OffsetDateTime) -> String {
-    t.replace_nanosecond(0)
-        .unwrap_or(t)
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
-
 /// Reads `--at`: RFC 3339, `YYYY-MM-DD HH:MM[:SS]` (UTC), or `+N[s|m|h|d]`.
 pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     let at = at.trim();
@@ -323,7 +322,7 @@ pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String>
             .and_then(|d| now.checked_add(d))
             .ok_or_else(|| format!("--at {at:?} is too far ahead"));
     }
-    if let Some(t) = parse_time(at) {
+    if let Ok(t) = OffsetDateTime::parse(at, &Rfc3339) {
         return Ok(t);
     }
     for fmt in [
@@ -477,9 +476,9 @@ impl Jobs {
                 id: f.next_id,
                 package: package.to_string(),
                 request,
-                created: format_time(now),
+                created: crate::to_the_second(now),
                 state: JobState::Scheduled,
-                next_run: Some(format_time(next)),
+                next_run: Some(crate::to_the_second(next)),
                 runs: Vec::new(),
             };
             f.jobs.push(job.clone());
@@ -544,13 +543,10 @@ impl Jobs {
     /// Takes the first due job and marks it running.
     fn take_due(&self, now: OffsetDateTime) -> Result<Option<JobRecord>, JobError> {
         self.update(|f| {
-            let due = f.jobs.iter_mut().find(|j| {
-                j.state == JobState::Scheduled
-                    && j.next_run
-                        .as_deref()
-                        .and_then(parse_time)
-                        .is_some_and(|t| t <= now)
-            });
+            let due = f
+                .jobs
+                .iter_mut()
+                .find(|j| j.state == JobState::Scheduled && j.next_run.is_some_and(|t| t <= now));
             Ok(due.map(|j| {
                 j.state = JobState::Running;
                 j.runs.push(JobRun::start());
@@ -565,7 +561,7 @@ impl Jobs {
         f.jobs
             .iter()
             .filter(|j| j.state == JobState::Scheduled)
-            .filter_map(|j| j.next_run.as_deref().and_then(parse_time))
+            .filter_map(|j| j.next_run)
             .min()
     }
 
@@ -592,7 +588,7 @@ impl Jobs {
             if let Some(expr) = &j.request.schedule {
                 if let Ok(next) = next_occurrence(expr, OffsetDateTime::now_utc()) {
                     j.state = JobState::Scheduled;
-                    j.next_run = Some(format_time(next));
+                    j.next_run = Some(crate::to_the_second(next));
                 }
             }
             Ok(())

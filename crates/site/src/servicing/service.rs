@@ -692,7 +692,8 @@ pub struct HistoryEntry {
     /// The job.
     pub job: u64,
     /// When the run ended (or started, if it has not).
-    pub time: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: time::OffsetDateTime,
     /// What happened to the update.
     pub result: UpdateResult,
     /// Why, for skipped and failed ones.
@@ -733,7 +734,7 @@ pub fn history(lib: &Library, jobs: &[JobRecord], id: &str) -> Result<HistoryVie
                     update: u.id.clone(),
                     title: u.title.clone(),
                     job: job.id,
-                    time: run.finished.clone().unwrap_or_else(|| run.started.clone()),
+                    time: run.finished.unwrap_or(run.started),
                     result: u.result,
                     detail: u.detail.clone(),
                     revision: run.revision,

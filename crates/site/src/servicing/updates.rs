@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_wim::{ImageInfo, UpdateCmd};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 /// The manifest's file name inside an update.
 pub const MANIFEST_FILE: &str = "update.toml";
@@ -37,12 +38,12 @@ pub enum UpdateError {
     #[error("no update {0} in the catalog; `ferry update list` shows the ids")]
     Unknown(String),
     /// The id is in the catalog already.
-    #[error("update {id} is already in the catalog (imported {imported}); updates are immutable, give a changed one a new id")]
+    #[error("update {id} is already in the catalog (imported {}); updates are immutable, give a changed one a new id", crate::rfc3339(*imported))]
     Exists {
         /// The id.
         id: String,
         /// When it was imported.
-        imported: String,
+        imported: time::OffsetDateTime,
     },
     /// The site's own files failed.
     #[error("{path}: {source}")]
@@ -157,7 +158,8 @@ pub struct UpdateRecord {
     #[serde(flatten)]
     pub manifest: UpdateManifest,
     /// When it was imported (RFC 3339).
-    pub imported: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub imported: OffsetDateTime,
     /// Where it was imported from.
     pub source: String,
     /// Bytes of the payload files.
@@ -810,7 +812,7 @@ delete = ["Windows/System32/old.dll"]
                 id: id.into(),
                 ..parse(GOOD).unwrap()
             },
-            imported: String::new(),
+            imported: time::OffsetDateTime::UNIX_EPOCH,
             source: String::new(),
             payload_bytes: 0,
         };
