@@ -193,7 +193,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             let agent = tokio::task::spawn_blocking(move || DpAgent::open(&data))
                 .await??
                 .with_max_rate(max_rate);
-            agent.run(crate::site::shutdown_signal()).await
+            Ok(agent.run(crate::site::shutdown_signal()).await?)
         }
         DpCmd::Add { name, reissue } => {
             let client = Client::new(g)?;

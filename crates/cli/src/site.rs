@@ -79,7 +79,7 @@ pub(crate) async fn run(cmd: SiteCmd, g: &Global) -> anyhow::Result<()> {
         }
         SiteCmd::Serve => {
             let site = tokio::task::spawn_blocking(move || Site::open(&data)).await??;
-            site.run(shutdown_signal()).await
+            Ok(site.run(shutdown_signal()).await?)
         }
     }
 }

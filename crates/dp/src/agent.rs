@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
 use ferry_core::session::{Confirmed, Desired, Held, Job, Session, Want};
 use ferry_core::sync::backoff;
 use ferry_core::ChunkRef;
@@ -23,8 +22,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{self, DpConfig};
-use crate::error::{explain, Failure};
-use crate::manifest::{self, CompactMismatch};
+use crate::error::{Context as _, DpError, Failure, Result};
+use crate::manifest;
 use crate::report::{self, of as report};
 use crate::transfer;
 
@@ -47,9 +46,9 @@ pub struct DpAgent {
     multicast: Arc<crate::multicast::Sessions>,
 }
 
-fn read(data: &Path, file: &str, what: &str) -> anyhow::Result<String> {
+fn read(data: &Path, file: &str, what: &str) -> Result<String> {
     let p = data.join(file);
-    std::fs::read_to_string(&p).with_context(|| format!("cannot read the {what} {}", p.display()))
+    std::fs::read_to_string(&p).map_err(|e| DpError::io(format!("read the {what}"), &p, e))
 }
 
 /// The site's reason, when it closed `conn` because this DP is revoked.
@@ -66,7 +65,7 @@ fn revoked(conn: &quinn::Connection) -> Option<String> {
 
 impl DpAgent {
     /// Opens the DP in `data` (its index is locked while the agent runs).
-    pub fn open(data: &Path) -> anyhow::Result<Self> {
+    pub fn open(data: &Path) -> Result<Self, DpError> {
         let cfg = DpConfig::load(data)?;
         let ca = ferry_net::pki::cert_der(&read(data, config::CA_FILE, "site CA")?, "site CA")?;
         let identity = ferry_net::tls::Identity::from_pem(
@@ -75,12 +74,18 @@ impl DpAgent {
             "DP certificate",
         )?;
         let client = ferry_net::tls::dp_client(&ca, identity, cfg.transport())?;
-        let manifest_key =
-            hex::decode(read(data, config::MANIFEST_KEY_FILE, "manifest key")?.trim())
-                .context("the manifest key file is not hex")?;
+        let manifest_key = hex::decode(
+            read(data, config::MANIFEST_KEY_FILE, "manifest key")?.trim(),
+        )
+        .map_err(|e| {
+            DpError::io(
+                "read the manifest key (not hex)",
+                &data.join(config::MANIFEST_KEY_FILE),
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        })?;
         let content = cfg.content_dir(data);
-        std::fs::create_dir_all(&content)
-            .with_context(|| format!("cannot create {}", content.display()))?;
+        std::fs::create_dir_all(&content).map_err(|e| DpError::io("create", &content, e))?;
         let store = crate::open_store(data, &cfg)?;
         let policy = <pb::ClientPolicy as prost::Message>::decode(&store.client_policy()?[..])
             .unwrap_or_default();
@@ -118,7 +123,7 @@ impl DpAgent {
     /// with backoff whenever the site is away.
     /// Ends with an error when the site says this DP was revoked: it will
     /// never be let in again, so redialling would only fill both logs.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), DpError> {
         let span = tracing::info_span!("dp", name = %self.cfg.name, site = %self.cfg.site);
         let https = self.cfg.clients.clone().map(|cfg| {
             let listener = crate::http::Listener {
@@ -143,14 +148,12 @@ impl DpAgent {
                         let err = self.session(&conn).await;
                         if let Some(reason) = revoked(&conn) {
                             error!(%reason, "revoked by the site; stopping");
-                            return Err(anyhow!(
-                                "revoked by the site ({reason}): this DP is refused from now on; enroll a new one with `ferry dp add` and `ferry dp init` in a fresh folder"
-                            ));
+                            return Err(DpError::Revoked(reason));
                         }
                         conn.close(0u32.into(), b"");
-                        warn!(reason = %format!("{err:#}"), "lost the site");
+                        warn!(reason = %err, "lost the site");
                     }
-                    Err(e) => error!(error = %format!("{e:#}"), "cannot connect to the site"),
+                    Err(e) => error!(error = %e, "cannot connect to the site"),
                 }
                 let delay = backoff(failures);
                 failures += 1;
@@ -163,8 +166,8 @@ impl DpAgent {
             match https {
                 Some(task) => match task.await {
                     Ok(Ok(())) => std::future::pending().await,
-                    Ok(Err(e)) => Err(e.context("the HTTPS listener for clients stopped")),
-                    Err(e) => Err(anyhow!("the HTTPS listener for clients failed: {e}")),
+                    Ok(Err(e)) => Err(e).context("the HTTPS listener for clients stopped"),
+                    Err(e) => Err(e).context("the HTTPS listener for clients failed"),
                 },
                 None => std::future::pending().await,
             }
@@ -183,29 +186,29 @@ impl DpAgent {
         out
     }
 
-    async fn connect(&self) -> anyhow::Result<quinn::Connection> {
+    async fn connect(&self) -> Result<quinn::Connection> {
         let addr = crate::resolve(&self.cfg.site).await?;
         let endpoint = crate::client_endpoint(addr)?;
         let conn = endpoint
-            .connect_with(self.client.clone(), addr, ferry_net::pki::SITE_SERVER_NAME)?
-            .await
-            .map_err(|e| anyhow!(explain(&e)))?;
+            .connect_with(self.client.clone(), addr, ferry_net::pki::SITE_SERVER_NAME)
+            .map_err(|e| DpError::net("cannot dial the site", std::io::Error::other(e)))?
+            .await?;
         Ok(conn)
     }
 
     /// One connection's life; returns why it ended.
-    async fn session(&self, conn: &quinn::Connection) -> anyhow::Error {
+    async fn session(&self, conn: &quinn::Connection) -> DpError {
         match self.session_inner(conn).await {
-            Ok(()) => anyhow!("the site ended the session"),
+            Ok(()) => DpError::Disconnected("the site ended the session".into()),
             Err(e) => match conn.close_reason() {
-                Some(reason) => anyhow!(explain(&reason)),
+                Some(reason) => DpError::lost(&reason),
                 None => e,
             },
         }
     }
 
     /// The content store, opened again if it had to be closed.
-    async fn store(&self) -> anyhow::Result<Arc<ContentStore>> {
+    async fn store(&self) -> Result<Arc<ContentStore>> {
         if let Some(s) = self.store.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(s);
         }
@@ -270,22 +273,22 @@ impl DpAgent {
             .unwrap_or_default()
     }
 
-    async fn installed(&self) -> anyhow::Result<Vec<(String, u32)>> {
+    async fn installed(&self) -> Result<Vec<(String, u32)>> {
         let store = self.store().await?;
         Ok(tokio::task::spawn_blocking(move || store.installed()).await??)
     }
 
-    async fn session_inner(&self, conn: &quinn::Connection) -> anyhow::Result<()> {
+    async fn session_inner(&self, conn: &quinn::Connection) -> Result<()> {
         if let Some(clients) = &self.cfg.clients {
             match crate::http::ensure_cert(conn, &self.data, clients).await {
                 Ok(true) => self.cert.send_modify(|n| *n += 1),
                 Ok(false) => {}
                 Err(e) => {
-                    error!(error = %format!("{e:#}"), "no HTTPS certificate for the client listener")
+                    error!(error = %e, "no HTTPS certificate for the client listener")
                 }
             }
         }
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| anyhow!(explain(&e)))?;
+        let (mut send, mut recv) = conn.open_bi().await?;
         let holdings = self
             .installed()
             .await?
@@ -315,7 +318,7 @@ impl DpAgent {
                 }
                 write_frame(&mut send, &r).await?;
             }
-            Ok::<(), anyhow::Error>(())
+            Ok::<(), DpError>(())
         };
         let reader = async {
             loop {
@@ -335,9 +338,22 @@ impl DpAgent {
                     }
                     Some(pb::Reply {
                         kind: Some(reply::Kind::Error(e)),
-                    }) => bail!("the site refused the session: {}", e.message),
-                    Some(_) => bail!("unexpected message on the control stream"),
-                    None => bail!("the site closed the control stream"),
+                    }) => {
+                        return Err(DpError::Refused {
+                            what: "the session".into(),
+                            message: e.message,
+                        })
+                    }
+                    Some(_) => {
+                        return Err(DpError::protocol(
+                            "unexpected message on the control stream",
+                        ))
+                    }
+                    None => {
+                        return Err(DpError::Disconnected(
+                            "the site closed the control stream".into(),
+                        ))
+                    }
                 }
             }
         };
@@ -362,7 +378,7 @@ impl DpAgent {
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
-                std::future::pending::<anyhow::Result<()>>().await
+                std::future::pending::<Result<()>>().await
             }
         };
         let worker = self.converge(conn, desired_rx, report_tx);
@@ -375,9 +391,9 @@ impl DpAgent {
     }
 
     /// What the store holds, as the session machine starts from it.
-    async fn held(&self) -> anyhow::Result<Held> {
+    async fn held(&self) -> Result<Held> {
         let store = self.store().await?;
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Held> {
+        tokio::task::spawn_blocking(move || -> Result<Held> {
             let installed: BTreeMap<String, u32> = store.installed()?.into_iter().collect();
             let stages = store.stages()?;
             let mut rebuilt = HashMap::new();
@@ -402,7 +418,7 @@ impl DpAgent {
         conn: &quinn::Connection,
         mut desired_rx: watch::Receiver<Option<pb::Assignments>>,
         reports: mpsc::UnboundedSender<pb::Report>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let mut session = Session::new(self.held().await?);
         // Whether the latest assignments are still to be handed over
         // (`changed()` marks them seen when it wakes).
@@ -442,7 +458,7 @@ impl DpAgent {
         session: &mut Session,
         job: Job,
         reports: &mpsc::UnboundedSender<pb::Report>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let outcome: Result<(), Failure> = match &job {
             Job::Remove { package, revision } => self.remove(package, *revision, reports).await,
             Job::DropStage {
@@ -538,7 +554,8 @@ impl DpAgent {
         })
         .await
         .map_err(Failure::job)?
-        .map_err(|e| Failure::job(anyhow!(e).context("cannot drop an unwanted transfer")))
+        .context("cannot drop an unwanted transfer")
+        .map_err(Failure::Job)
     }
 
     /// Deletes the copy held so it is fetched again from scratch, as the
@@ -587,14 +604,10 @@ impl DpAgent {
     /// A revision adopted from the older DP layout has no signed manifest
     /// yet: fetch it, and keep it if it names the same chunks (else the
     /// revision is dropped, to be fetched again). Whether it stays.
-    async fn prove_adopted(
-        &self,
-        conn: &quinn::Connection,
-        a: &pb::Assignment,
-    ) -> anyhow::Result<bool> {
+    async fn prove_adopted(&self, conn: &quinn::Connection, a: &pb::Assignment) -> Result<bool> {
         let store = self.store().await?;
         let (s, p, r) = (store.clone(), a.package.clone(), a.revision);
-        let held = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let held = tokio::task::spawn_blocking(move || -> Result<_> {
             let rec = s.record(&p, r)?;
             Ok((rec, s.manifests(&p, r)?))
         })
@@ -613,7 +626,7 @@ impl DpAgent {
                 .zip(&ours)
                 .all(|(x, y)| x.path == y.path && x.chunks == y.chunks);
         let (p, r) = (a.package.clone(), a.revision);
-        tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+        tokio::task::spawn_blocking(move || -> Result<bool> {
             if same {
                 store.set_signed(&p, r, &signed.name, signed.body, signed.signature)?;
                 info!(package = %p, revision = r, "adopted revision proven against the site's signed manifest");
@@ -657,7 +670,8 @@ impl DpAgent {
         let store = self
             .store()
             .await
-            .map_err(|e| Failure::Job(e.context("cannot remove: the index is not open")))?;
+            .context("cannot remove: the index is not open")
+            .map_err(Failure::Job)?;
         let p = package.to_string();
         match tokio::task::spawn_blocking(move || store.uninstall(&p))
             .await
@@ -727,7 +741,7 @@ impl DpAgent {
         conn: &quinn::Connection,
         a: &pb::Assignment,
         installed: Option<u32>,
-    ) -> anyhow::Result<manifest::Signed> {
+    ) -> Result<manifest::Signed> {
         let base_rev = installed.filter(|&r| r != a.revision);
         let base: Vec<ChunkRef> = match base_rev {
             Some(r) => {
@@ -746,7 +760,7 @@ impl DpAgent {
         match manifest::fetch(conn, &self.manifest_key, a, offer).await {
             // A compact manifest that does not check out against this DP's
             // copy of the base revision: ask once more for the full form.
-            Err(e) if e.downcast_ref::<CompactMismatch>().is_some() => {
+            Err(e) if e.is_compact_mismatch() => {
                 warn!(package = %a.package, error = %e, "asking for the full manifest");
                 manifest::fetch(conn, &self.manifest_key, a, None).await
             }

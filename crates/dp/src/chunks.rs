@@ -31,7 +31,7 @@ pub(crate) async fn open(
     conn: &quinn::Connection,
     package: &str,
     revision: u32,
-) -> anyhow::Result<(Asker, Replies)> {
+) -> crate::error::Result<(Asker, Replies)> {
     let (mut send, recv) = conn.open_bi().await?;
     let req = pb::Request {
         kind: Some(request::Kind::Fetch(pb::Fetch {

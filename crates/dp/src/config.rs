@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use crate::error::{Context as _, DpError};
 use serde::{Deserialize, Serialize};
 
 /// The DP's configuration file inside its data folder.
@@ -108,21 +108,25 @@ impl DpConfig {
     }
 
     /// Parses configuration text; `path` only names the file in errors.
-    pub fn parse(text: &str, path: &Path) -> anyhow::Result<Self> {
-        toml::from_str(text)
-            .with_context(|| format!("{} is not a valid DP configuration", path.display()))
+    pub fn parse(text: &str, path: &Path) -> Result<Self, DpError> {
+        toml::from_str(text).map_err(|e| DpError::Config {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Reads `DIR/dp.toml`.
-    pub fn load(data: &Path) -> anyhow::Result<Self> {
+    pub fn load(data: &Path) -> Result<Self, DpError> {
         let path = data.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {} (enroll this folder first: `ferry dp init --data {} --site HOST:PORT --token TOKEN`)",
-                path.display(),
-                data.display()
-            )
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| DpError::io("read", &path, e))
+            .with_context(|| {
+                format!(
+                    "{} is not an enrolled DP folder (enroll it first: `ferry dp init --data {} --site HOST:PORT --token TOKEN`)",
+                    data.display(),
+                    data.display()
+                )
+            })?;
         Self::parse(&text, &path)
     }
 

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use crate::error::{DpError, Result};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -102,10 +102,10 @@ pub(crate) struct Listener {
     pub(crate) cert: watch::Receiver<u64>,
 }
 
-fn load_tls(data: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn load_tls(data: &Path) -> Result<Arc<rustls::ServerConfig>> {
     let read = |f: &str| {
         let p = data.join(f);
-        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+        std::fs::read_to_string(&p).map_err(|e| DpError::io("read", &p, e))
     };
     let id = ferry_net::tls::Identity::from_pem(
         &read(config::HTTPS_CERT_FILE)?,
@@ -118,7 +118,7 @@ fn load_tls(data: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
 impl Listener {
     /// Serves until the task is dropped. Waits for a certificate first
     /// (the agent asks the site for one when it connects).
-    pub(crate) async fn run(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn run(mut self) -> Result<()> {
         let mut tls = loop {
             match load_tls(&self.data) {
                 Ok(t) => break t,
@@ -130,14 +130,15 @@ impl Listener {
             }
         };
         let listen = self.cfg.listen;
-        let tcp = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| {
+        let tcp = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+            DpError::net(
                 format!(
                     "cannot listen for clients on TCP {listen} ([clients] listen in {})",
                     self.data.join(config::CONFIG_FILE).display()
-                )
-            })?;
+                ),
+                e,
+            )
+        })?;
         info!(%listen, names = ?self.cfg.names, "serving clients over HTTPS");
         let sh = Arc::new(Shared::new(
             self.store,
@@ -227,7 +228,7 @@ pub(crate) async fn ensure_cert(
     conn: &quinn::Connection,
     data: &Path,
     cfg: &ClientsConfig,
-) -> anyhow::Result<bool> {
+) -> Result<bool> {
     let names_file = data.join(HTTPS_NAMES_FILE);
     let have = std::fs::read_to_string(&names_file).ok();
     let want = cfg.names.join("\n");
@@ -246,13 +247,10 @@ pub(crate) async fn ensure_cert(
     let _ = send.finish();
     let reply: Option<pb::Reply> =
         ferry_wire::read_frame(&mut recv, ferry_wire::MAX_REPLY_BYTES).await?;
-    let cert = match reply.and_then(|r| r.kind) {
-        Some(pb::reply::Kind::ServerCert(c)) => c.cert_der,
-        Some(pb::reply::Kind::Error(e)) => {
-            anyhow::bail!("the site refused the HTTPS certificate: {}", e.message)
-        }
-        _ => anyhow::bail!("the site answered the HTTPS certificate request with something else"),
-    };
+    let cert = crate::error::answer(reply, "the HTTPS certificate", |k| match k {
+        pb::reply::Kind::ServerCert(c) => Some(c.cert_der),
+        _ => None,
+    })?;
     let pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()));
     replace(data, config::HTTPS_KEY_FILE, &key_pem, true)?;
     replace(data, config::HTTPS_CERT_FILE, &pem, false)?;
@@ -265,7 +263,7 @@ pub(crate) async fn ensure_cert(
 const HTTPS_NAMES_FILE: &str = "https.names";
 
 /// Writes `name` in `data` through a temporary file and a rename.
-fn replace(data: &Path, name: &str, text: &str, secret: bool) -> anyhow::Result<()> {
+fn replace(data: &Path, name: &str, text: &str, secret: bool) -> Result<()> {
     let tmp = data.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_file(&tmp);
     if secret {
@@ -274,5 +272,5 @@ fn replace(data: &Path, name: &str, text: &str, secret: bool) -> anyhow::Result<
         ferry_net::pki::write_public(&tmp, text)?;
     }
     let to = data.join(name);
-    std::fs::rename(&tmp, &to).with_context(|| format!("cannot write {}", to.display()))
+    std::fs::rename(&tmp, &to).map_err(|e| DpError::io("write", &to, e))
 }

@@ -33,19 +33,21 @@ pub mod validate;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::{bail, Context};
 use ferry_net::pki::EnrollToken;
 use ferry_wire::pb::{self, reply, request};
 use ferry_wire::{read_frame, write_frame, MAX_REPLY_BYTES};
 
 pub use agent::DpAgent;
 pub use config::DpConfig;
+pub use error::DpError;
+
+use error::Context as _;
 
 /// Opens the DP's content store. A DP of the layout before protocol
 /// version 2 (a `library/` with a second copy of every chunk) keeps its
 /// installed packages: they are adopted into the index and the old library
 /// goes.
-pub fn open_store(data: &Path, cfg: &DpConfig) -> anyhow::Result<ferry_store::ContentStore> {
+pub fn open_store(data: &Path, cfg: &DpConfig) -> Result<ferry_store::ContentStore, DpError> {
     let index = data.join(config::INDEX_DIR);
     let content = cfg.content_dir(data);
     let old = data.join(config::OLD_LIBRARY_DIR);
@@ -70,30 +72,35 @@ pub fn open_store(data: &Path, cfg: &DpConfig) -> anyhow::Result<ferry_store::Co
         })?;
     if old.is_dir() {
         std::fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot remove the old library {}", old.display()))?;
+            .map_err(|e| DpError::io("remove the old library", &old, e))?;
         tracing::info!("migrated: installed packages kept, the old chunk library removed");
     }
     Ok(store)
 }
 
 /// Resolves `HOST:PORT`.
-pub async fn resolve(site: &str) -> anyhow::Result<SocketAddr> {
+pub async fn resolve(site: &str) -> Result<SocketAddr, DpError> {
     tokio::net::lookup_host(site)
         .await
-        .with_context(|| format!("cannot resolve the site address {site:?} (expected HOST:PORT)"))?
+        .map_err(|e| {
+            DpError::net(
+                format!("cannot resolve the site address {site:?} (expected HOST:PORT)"),
+                e,
+            )
+        })?
         .next()
-        .with_context(|| format!("the site address {site:?} resolves to nothing"))
+        .ok_or_else(|| DpError::Usage(format!("the site address {site:?} resolves to nothing")))
 }
 
 /// A client endpoint on an ephemeral port of the right address family.
-pub fn client_endpoint(site: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+pub fn client_endpoint(site: SocketAddr) -> Result<quinn::Endpoint, DpError> {
     let bind: SocketAddr = if site.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     ferry_net::tls::endpoint(bind, None)
-        .with_context(|| format!("cannot open a UDP socket on {bind}"))
+        .map_err(|e| DpError::net(format!("cannot open a UDP socket on {bind}"), e))
 }
 
 /// What marks a site's data folder (`ferry site init` writes it).
@@ -102,27 +109,27 @@ const SITE_CONFIG_FILE: &str = "site.toml";
 /// Refuses, before anything is sent to the site (the token stays unused),
 /// a folder that is a site's or holds anything else already: a DP's files
 /// must not land among another's.
-fn check_folder(data: &Path) -> anyhow::Result<()> {
+fn check_folder(data: &Path) -> Result<(), DpError> {
     if data.join(SITE_CONFIG_FILE).exists() {
-        bail!(
+        return Err(DpError::Usage(format!(
             "{} is a site's data folder (it holds {SITE_CONFIG_FILE}): give the DP a folder of its own with --data DIR (FERRY_DATA may point at the site)",
             data.display()
-        );
+        )));
     }
     match std::fs::read_dir(data) {
         Ok(mut entries) => {
             if let Some(e) = entries.next() {
                 let first = e.map(|e| e.file_name().to_string_lossy().into_owned());
-                bail!(
+                return Err(DpError::Usage(format!(
                     "{} is not empty ({} and maybe more) and is not a DP's folder: give the DP an empty or new folder with --data DIR",
                     data.display(),
                     first.unwrap_or_else(|_| "an unreadable entry".into())
-                );
+                )));
             }
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", data.display()))),
+        Err(e) => Err(DpError::io("read", data, e)),
     }
 }
 
@@ -140,14 +147,14 @@ pub async fn enroll(
     site: &str,
     token: &str,
     clients: Option<config::ClientsConfig>,
-) -> anyhow::Result<DpConfig> {
+) -> Result<DpConfig, DpError> {
     let cfg_path = data.join(config::CONFIG_FILE);
     if cfg_path.exists() {
-        bail!(
+        return Err(DpError::Usage(format!(
             "{} exists: {} is enrolled already",
             cfg_path.display(),
             data.display()
-        );
+        )));
     }
     check_folder(data)?;
     if let Some(c) = &clients {
@@ -158,13 +165,20 @@ pub async fn enroll(
     let (key_pem, csr) = ferry_net::pki::make_csr("ferry-dp")?;
     let endpoint = client_endpoint(addr)?;
     let client = ferry_net::tls::enroll_client(&token.ca_fingerprint)?;
-    let connecting = endpoint.connect_with(client, addr, ferry_net::pki::SITE_SERVER_NAME)?;
+    let connecting = endpoint
+        .connect_with(client, addr, ferry_net::pki::SITE_SERVER_NAME)
+        .map_err(|e| {
+            DpError::net(
+                format!("cannot dial the site at {site}"),
+                std::io::Error::other(e),
+            )
+        })?;
     let conn = match tokio::time::timeout(ENROLL_CONNECT_TIMEOUT, connecting).await {
         Ok(c) => c.with_context(|| format!("cannot enroll with the site at {site}"))?,
-        Err(_) => bail!(
+        Err(_) => return Err(DpError::protocol(format!(
             "no site answered at {site} (UDP {addr}) within {} s: is `ferry site serve` running there, and is this its [dp] listen address? (`ferry dp add` prints it)",
             ENROLL_CONNECT_TIMEOUT.as_secs()
-        ),
+        ))),
     };
     let (mut send, mut recv) = conn.open_bi().await?;
     let req = pb::Request {
@@ -177,15 +191,16 @@ pub async fn enroll(
     let _ = send.finish();
     let reply: Option<pb::Reply> = read_frame(&mut recv, MAX_REPLY_BYTES).await?;
     conn.close(0u32.into(), b"enrolled");
-    let e = match reply.and_then(|r| r.kind) {
-        Some(reply::Kind::Enrolled(e)) => e,
-        Some(reply::Kind::Error(e)) => bail!("the site refused the enrollment: {}", e.message),
-        _ => bail!("the site answered the enrollment with something else"),
-    };
+    let e = error::answer(reply, "the enrollment", |k| match k {
+        reply::Kind::Enrolled(e) => Some(e),
+        _ => None,
+    })?;
     if ferry_net::pki::fingerprint(&e.ca_der) != token.ca_fingerprint {
-        bail!("the site sent a CA other than the one the token names");
+        return Err(DpError::protocol(
+            "the site sent a CA other than the one the token names",
+        ));
     }
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    std::fs::create_dir_all(data).map_err(|e| DpError::io("create", data, e))?;
     let pem = |tag: &str, der: &[u8]| pem::encode(&pem::Pem::new(tag, der.to_vec()));
     ferry_net::pki::write_secret(&data.join(config::KEY_FILE), &key_pem)?;
     ferry_net::pki::write_public(
@@ -207,11 +222,9 @@ pub async fn enroll(
         clients,
     };
     let content = cfg.content_dir(data);
-    std::fs::create_dir_all(&content)
-        .with_context(|| format!("cannot create {}", content.display()))?;
+    std::fs::create_dir_all(&content).map_err(|e| DpError::io("create", &content, e))?;
     open_store(data, &cfg)?;
     // The configuration goes last: its presence marks a complete enrollment.
-    std::fs::write(&cfg_path, cfg.to_text())
-        .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    std::fs::write(&cfg_path, cfg.to_text()).map_err(|e| DpError::io("write", &cfg_path, e))?;
     Ok(cfg)
 }

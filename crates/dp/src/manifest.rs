@@ -2,11 +2,12 @@
 
 use std::collections::HashSet;
 
-use anyhow::{anyhow, bail};
 use ferry_core::{ChunkRef, Manifest};
 use ferry_wire::pb::{self, reply, request};
 use ferry_wire::{write_frame, MAX_REPLY_BYTES};
 use prost::Message;
+
+use crate::error::DpError;
 
 /// A revision's manifest as the site signed it, checked.
 #[derive(Clone, Debug)]
@@ -38,6 +39,61 @@ pub struct CompactMismatch {
     pub why: String,
 }
 
+/// Why a revision's manifest is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The signature does not check with the site's key.
+    #[error("the manifest of {package} revision {revision} is not signed by the site's key: refused (tampered in transit or a different site)")]
+    NotSigned {
+        /// The package.
+        package: String,
+        /// The revision.
+        revision: u32,
+    },
+    /// The body does not decode.
+    #[error("the manifest of {package} is malformed: {detail}")]
+    Malformed {
+        /// The package.
+        package: String,
+        /// What the decoder said.
+        detail: String,
+    },
+    /// The manifest of another package or revision.
+    #[error("asked for the manifest of {package} revision {revision}, got {got} revision {got_revision}")]
+    Other {
+        /// The package asked for.
+        package: String,
+        /// The revision asked for.
+        revision: u32,
+        /// The package sent.
+        got: String,
+        /// The revision sent.
+        got_revision: u32,
+    },
+    /// A path twice.
+    #[error("the manifest of {package} names {path} twice")]
+    Twice {
+        /// The package.
+        package: String,
+        /// The path.
+        path: String,
+    },
+    /// No files.
+    #[error("the manifest of {package} lists no files")]
+    Empty {
+        /// The package.
+        package: String,
+    },
+    /// A path that is a file and a folder of another.
+    #[error("the manifest of {package} names {path} as a file and as a folder")]
+    FileAndFolder {
+        /// The package.
+        package: String,
+        /// The path.
+        path: String,
+    },
+}
+
 /// Asks the site for the manifest of `a` and checks it. With `base` (the
 /// revision installed here and its chunk list) the site may answer in
 /// compact form.
@@ -46,7 +102,7 @@ pub async fn fetch(
     key: &[u8],
     a: &pb::Assignment,
     base: Option<(u32, &[ChunkRef])>,
-) -> anyhow::Result<Signed> {
+) -> Result<Signed, DpError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let req = pb::Request {
         kind: Some(request::Kind::GetManifest(pb::GetManifest {
@@ -63,22 +119,21 @@ pub async fn fetch(
     )
     .await
     .map_err(|_| {
-        anyhow!(
+        DpError::protocol(format!(
             "the site sent no manifest for {:?}",
             ferry_wire::REPLY_TIMEOUT
-        )
+        ))
     })??;
-    let signed = match reply.and_then(|r| r.kind) {
-        Some(reply::Kind::Manifest(m)) => m,
-        Some(reply::Kind::Error(e)) => bail!("the site refused the manifest: {}", e.message),
-        _ => bail!("the site answered the manifest request with something else"),
-    };
+    let signed = crate::error::answer(reply, "the manifest", |k| match k {
+        reply::Kind::Manifest(m) => Some(m),
+        _ => None,
+    })?;
     let base_rev = base.map_or(0, |(r, _)| r);
     if signed.base_revision != 0 && signed.base_revision != base_rev {
-        bail!(
+        return Err(DpError::protocol(format!(
             "the site answered with a manifest relative to revision {}, which this DP did not offer",
             signed.base_revision
-        );
+        )));
     }
     verify(key, a, &signed, base.map_or(&[], |(_, b)| b))
 }
@@ -90,70 +145,74 @@ pub fn verify(
     a: &pb::Assignment,
     signed: &pb::SignedManifest,
     base: &[ChunkRef],
-) -> anyhow::Result<Signed> {
-    let not_signed = || {
-        anyhow!(
-            "the manifest of {} revision {} is not signed by the site's key: refused (tampered in transit or a different site)",
-            a.package,
-            a.revision
-        )
+) -> Result<Signed, DpError> {
+    let package = || a.package.clone();
+    let not_signed = || ManifestError::NotSigned {
+        package: package(),
+        revision: a.revision,
     };
     let (body, full) = if signed.base_revision == 0 {
         if !ferry_net::pki::verify_signature(key, &signed.body, &signed.signature) {
-            return Err(not_signed());
+            return Err(not_signed().into());
         }
-        let body = pb::ManifestBody::decode(signed.body.as_ref())
-            .map_err(|e| anyhow!("the manifest of {} is malformed: {e}", a.package))?;
+        let body = pb::ManifestBody::decode(signed.body.as_ref()).map_err(|e| {
+            ManifestError::Malformed {
+                package: package(),
+                detail: e.to_string(),
+            }
+        })?;
         (body, signed.body.to_vec())
     } else {
-        let compact_err = |why: String| {
-            anyhow::Error::new(CompactMismatch {
-                package: a.package.clone(),
-                revision: a.revision,
-                base: signed.base_revision,
-                why,
-            })
+        let compact_err = |why: String| CompactMismatch {
+            package: package(),
+            revision: a.revision,
+            base: signed.base_revision,
+            why,
         };
         let mut body = pb::ManifestBody::decode(signed.body.as_ref())
             .map_err(|e| compact_err(e.to_string()))?;
         ferry_wire::expand(&mut body, base).map_err(|e| compact_err(e.to_string()))?;
         let full = body.encode_to_vec();
         if !ferry_net::pki::verify_signature(key, &full, &signed.signature) {
-            return Err(compact_err(not_signed().to_string()));
+            return Err(compact_err(not_signed().to_string()).into());
         }
         (body, full)
     };
     if body.package != a.package || body.revision != a.revision {
-        bail!(
-            "asked for the manifest of {} revision {}, got {} revision {}",
-            a.package,
-            a.revision,
-            body.package,
-            body.revision
-        );
+        return Err(ManifestError::Other {
+            package: package(),
+            revision: a.revision,
+            got: body.package,
+            got_revision: body.revision,
+        }
+        .into());
     }
     let mut paths = HashSet::new();
     let mut out = Vec::with_capacity(body.files.len());
     for f in &body.files {
         let m = ferry_wire::file_from_wire(f)?;
         if !paths.insert(m.path.clone()) {
-            bail!("the manifest of {} names {} twice", a.package, m.path);
+            return Err(ManifestError::Twice {
+                package: package(),
+                path: m.path,
+            }
+            .into());
         }
         out.push(m);
     }
     if out.is_empty() {
-        bail!("the manifest of {} lists no files", a.package);
+        return Err(ManifestError::Empty { package: package() }.into());
     }
     // A file whose path is a folder of another cannot exist on disk.
     for m in &out {
         let mut prefix = m.path.as_str();
         while let Some((parent, _)) = prefix.rsplit_once('/') {
             if paths.contains(parent) {
-                bail!(
-                    "the manifest of {} names {} as a file and as a folder",
-                    a.package,
-                    parent
-                );
+                return Err(ManifestError::FileAndFolder {
+                    package: package(),
+                    path: parent.to_string(),
+                }
+                .into());
             }
             prefix = parent;
         }
@@ -229,9 +288,9 @@ mod tests {
         let mut other = base.to_vec();
         other.swap(0, 1);
         let e = verify(&key.public(), &assignment(), &signed, &other).unwrap_err();
-        assert!(e.downcast_ref::<CompactMismatch>().is_some(), "{e}");
+        assert!(e.is_compact_mismatch(), "{e}");
         let e = verify(&key.public(), &assignment(), &signed, &base[..1]).unwrap_err();
-        assert!(e.downcast_ref::<CompactMismatch>().is_some(), "{e}");
+        assert!(e.is_compact_mismatch(), "{e}");
     }
 
     #[test]

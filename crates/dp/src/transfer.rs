@@ -21,12 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use ferry_core::transfer::{
     CopyOp, Event, Origin, OriginFile, Progress, Slot, Transfer, TransferOptions,
 };
-use ferry_core::units::bytes as human;
 use ferry_core::{ChunkId, ChunkRef};
 use ferry_store::content::{ContentError, Marks, RevisionRecord, Stage};
 use ferry_store::ContentStore;
@@ -35,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::chunks::{self, Incoming};
-use crate::error::Failure;
+use crate::error::{Context as _, DpError, Failure, Result};
 use crate::manifest::Signed;
 use crate::report;
 
@@ -142,7 +140,7 @@ type Staged = (Arc<Stage>, Transfer, Arc<Origins>);
 /// so a full disk shows now), stages it, reads back what a killed DP had
 /// written, and plans the transfer: what is written, what is copied from
 /// installed files, what is fetched. Blocking.
-fn stage_revision(r: StageRequest) -> anyhow::Result<Staged> {
+fn stage_revision(r: StageRequest) -> Result<Staged> {
     let StageRequest {
         store,
         signed: sig,
@@ -160,18 +158,17 @@ fn stage_revision(r: StageRequest) -> anyhow::Result<Staged> {
         .join(format!("stage-{package}.r{revision}"));
     let have = ferry_store::disk::usage(&stage_dir);
     let free = available_space(&content)
-        .with_context(|| format!("cannot read the free space of {}", content.display()))?;
+        .map_err(|e| DpError::io("read the free space of", &content, e))?;
     let need = (files + SPACE_MARGIN).saturating_sub(have);
-    let short = |free: u64| {
-        anyhow!(
-            "not enough space on DP {dp} for {package} revision {revision}: it needs {} more ({} of files, {} margin) at {}, {} free; free at least {}",
-            human(need),
-            human(files),
-            human(SPACE_MARGIN),
-            content.display(),
-            human(free),
-            human(need.saturating_sub(free))
-        )
+    let short = |free: u64| DpError::NoSpace {
+        dp: dp.clone(),
+        package: package.clone(),
+        revision,
+        need,
+        files,
+        margin: SPACE_MARGIN,
+        at: content.clone(),
+        free,
     };
     if need > free {
         return Err(short(free));
@@ -186,7 +183,7 @@ fn stage_revision(r: StageRequest) -> anyhow::Result<Staged> {
         Ok(s) => Arc::new(s),
         // Preallocating the files ran out of space.
         Err(e @ ContentError::File(_)) if e.is_no_space() => {
-            return Err(anyhow!(e).context(short(available_space(&content).unwrap_or(0))))
+            return Err(e).context(short(available_space(&content).unwrap_or(0)).to_string())
         }
         Err(e) => return Err(e.into()),
     };
@@ -209,7 +206,7 @@ fn plan(
     written: &ferry_store::content::WrittenSlots,
     max_rate: Option<u64>,
     from_scratch: bool,
-) -> anyhow::Result<(Transfer, Origins)> {
+) -> Result<(Transfer, Origins)> {
     let mut origins: Origins = Vec::new();
     let mut handles: HashMap<(String, u32, u32), u64> = HashMap::new();
     let opts = TransferOptions {
@@ -285,7 +282,11 @@ fn start_writers(
         let t = std::thread::Builder::new()
             .name(format!("ferry-writer-{n}"))
             .spawn(move || writer(&stage, &origins, rx, ev))
-            .map_err(|e| Failure::job(anyhow!("cannot start a writer thread: {e}")))?;
+            .map_err(|e| {
+                Failure::job(DpError::stopped(format!(
+                    "cannot start a writer thread: {e}"
+                )))
+            })?;
         jobs.push(tx);
         threads.push(t);
     }
@@ -293,13 +294,12 @@ fn start_writers(
 }
 
 /// Installs a stage whose every slot is written (blocking thread).
-async fn install(stage: Arc<Stage>) -> anyhow::Result<()> {
+async fn install(stage: Arc<Stage>) -> Result<()> {
     tokio::task::spawn_blocking(move || match Arc::try_unwrap(stage) {
-        Ok(s) => s.install().map_err(anyhow::Error::from),
-        Err(_) => Err(anyhow!("the stage is still in use by a writer")),
+        Ok(s) => s.install().map_err(DpError::from),
+        Err(_) => Err(DpError::stopped("the stage is still in use by a writer")),
     })
-    .await
-    .map_err(|e| anyhow!("the install task failed: {e}"))?
+    .await?
     .context("cannot install the revision")
 }
 
@@ -323,7 +323,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     };
     let (stage, machine, origins) = tokio::task::spawn_blocking(move || stage_revision(req))
         .await
-        .map_err(|e| Failure::job(anyhow!("the staging task failed: {e}")))?
+        .map_err(Failure::job)?
         .map_err(Failure::Job)?;
     let planned = machine.progress();
     info!(
@@ -437,7 +437,7 @@ impl Loop<'_> {
         let (recv_tx, recv_rx) = tokio::sync::oneshot::channel::<chunks::Replies>();
         let ev2 = ev.clone();
         let sender = tokio::spawn(async move {
-            let r: anyhow::Result<()> = async {
+            let r: Result<()> = async {
                 let (mut ask, replies) = chunks::open(&conn, &package, revision).await?;
                 let _ = recv_tx.send(replies);
                 while let Some(batch) = want_rx.recv().await {
@@ -451,7 +451,7 @@ impl Loop<'_> {
                 let _ = ev.send(Ev::StreamLost {
                     stream,
                     generation,
-                    error: format!("{e:#}"),
+                    error: e.to_string(),
                 });
             }
         });
@@ -510,20 +510,23 @@ impl Loop<'_> {
     }
 
     /// Explains a failed write; a full disk says how much to free.
-    fn write_failed(&self, e: ContentError) -> anyhow::Error {
+    fn write_failed(&self, e: ContentError) -> DpError {
         let what = format!("{} revision {}", self.a.package, self.a.revision);
         if !e.is_no_space() {
-            return anyhow!(e).context(format!("cannot write {what}"));
+            return DpError::Context {
+                what: format!("cannot write {what}"),
+                source: Box::new(DpError::from(e)),
+            };
         }
-        let dir = self.stage.dir().to_path_buf();
-        let free = ferry_store::disk::available(&dir).unwrap_or(0);
-        anyhow!(
-            "the disk of DP {} is full while writing {what} ({} free at {}; the revision's files are allocated already): free at least {} so the DP can record its progress; it goes on by itself: {e}",
-            self.dp,
-            human(free),
-            dir.display(),
-            human(SPACE_MARGIN)
-        )
+        let at = self.stage.dir().to_path_buf();
+        DpError::DiskFull {
+            dp: self.dp.to_string(),
+            what,
+            free: ferry_store::disk::available(&at).unwrap_or(0),
+            at,
+            margin: SPACE_MARGIN,
+            source: Box::new(e),
+        }
     }
 
     /// Whether an event comes from the stream's current helpers.
@@ -552,7 +555,7 @@ impl Loop<'_> {
         for (tx, jobs) in self.jobs.iter().zip(self.pending.iter_mut()) {
             if !jobs.is_empty() {
                 tx.send(std::mem::take(jobs))
-                    .map_err(|_| Failure::job(anyhow!("a writer thread stopped")))?;
+                    .map_err(|_| Failure::job(DpError::stopped("a writer thread stopped")))?;
             }
         }
         Ok(())
@@ -580,7 +583,7 @@ impl Loop<'_> {
                         self.streams.push(t);
                     }
                     if self.streams[s].wants.send(batch).is_err() {
-                        return Err(Failure::job(anyhow!("a chunk stream stopped")));
+                        return Err(Failure::job(DpError::stopped("a chunk stream stopped")));
                     }
                 }
             }
@@ -601,7 +604,7 @@ impl Loop<'_> {
                         }
                         return Ok(p);
                     }
-                    Event::Failed(msg) => return Err(Failure::job(anyhow!(msg))),
+                    Event::Failed(msg) => return Err(Failure::job(DpError::Transfer(msg))),
                 }
             }
             if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
@@ -609,7 +612,7 @@ impl Loop<'_> {
                     match c.await {
                         Ok(Ok(())) => self.machine.handle_checkpointed(),
                         Ok(Err(e)) => return Err(Failure::Job(self.write_failed(e))),
-                        Err(e) => return Err(Failure::job(anyhow!("checkpoint task: {e}"))),
+                        Err(e) => return Err(Failure::job(e)),
                     }
                 }
             }
@@ -631,7 +634,9 @@ impl Loop<'_> {
                 e = self.conn.closed() => return Err(Failure::lost(&e)),
             };
             let Some(ev) = ev else {
-                return Err(Failure::job(anyhow!("the transfer's helpers stopped")));
+                return Err(Failure::job(DpError::stopped(
+                    "the transfer's helpers stopped",
+                )));
             };
             // Everything that is waiting, then one hand-over per writer.
             let now = Instant::now();
@@ -658,10 +663,11 @@ impl Loop<'_> {
                 if !self.current(stream, generation) {
                     return Ok(());
                 }
-                let p = self
-                    .machine
-                    .handle_chunk(stream, &id, now)
-                    .map_err(|e| Failure::job(anyhow!("the site broke the protocol: {e}")))?;
+                let p = self.machine.handle_chunk(stream, &id, now).map_err(|e| {
+                    Failure::job(DpError::protocol(format!(
+                        "the site broke the protocol: {e}"
+                    )))
+                })?;
                 let job = Job::Write {
                     id,
                     len: p.chunk.len,
@@ -682,7 +688,7 @@ impl Loop<'_> {
             }
             Ev::Copied { id, ok } => self.machine.handle_copied(id, ok, now),
             Ev::WriteFailed(e) => return Err(Failure::Job(self.write_failed(e))),
-            Ev::SiteError(msg) => return Err(Failure::job(anyhow!(msg))),
+            Ev::SiteError(msg) => return Err(Failure::job(DpError::protocol(msg))),
             Ev::StreamLost {
                 stream,
                 generation,

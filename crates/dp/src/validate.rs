@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use ferry_core::ChunkId;
 use ferry_store::ContentStore;
@@ -20,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::chunks::{self, Incoming};
-use crate::error::Failure;
+use crate::error::{Context as _, DpError, Failure, Result};
 use crate::report;
 
 /// Least time between two progress reports of a validation.
@@ -40,16 +39,17 @@ pub(crate) async fn run(
     let s = store.clone();
     let installed = match tokio::task::spawn_blocking(move || s.installed()).await {
         Ok(Ok(i)) => Ok(i),
-        Ok(Err(e)) => Err(anyhow!(e)),
-        Err(e) => Err(anyhow!("{e}")),
+        Ok(Err(e)) => Err(DpError::from(e)),
+        Err(e) => Err(DpError::from(e)),
     }
-    .map_err(|e| {
+    .inspect_err(|e| {
         // Each package named hears why; the whole request is retried.
         for (package, &revision) in wanted.iter().filter(|(p, _)| named(p)) {
-            let _ = reports.send(could_not_run(package, revision, request, &e));
+            let _ = reports.send(could_not_run(package, revision, request, e));
         }
-        Failure::Job(e.context("cannot list the installed packages to validate"))
-    })?;
+    })
+    .context("cannot list the installed packages to validate")
+    .map_err(Failure::Job)?;
     for (package, revision) in installed {
         if !named(&package) || wanted.get(&package) != Some(&revision) {
             continue;
@@ -70,7 +70,7 @@ pub(crate) async fn run(
             Err(f) if !f.is_retryable() => return Err(f),
             Err(f) => {
                 let e = f.into_inner();
-                warn!(%package, error = %format!("{e:#}"), "validation failed");
+                warn!(%package, error = %e, "validation failed");
                 let _ = reports.send(could_not_run(&package, revision, request, &e));
             }
         }
@@ -78,13 +78,13 @@ pub(crate) async fn run(
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.set_validated(request))
         .await
-        .map_err(|e| Failure::job(anyhow!("{e}")))?
+        .map_err(Failure::job)?
         .map_err(Failure::job)?;
     Ok(())
 }
 
 /// The result of a validation of `package` that could not run.
-fn could_not_run(package: &str, revision: u32, request: u64, e: &anyhow::Error) -> pb::Report {
+fn could_not_run(package: &str, revision: u32, request: u64, e: &DpError) -> pb::Report {
     let a = pb::Assignment {
         package: package.to_string(),
         revision,
@@ -95,7 +95,7 @@ fn could_not_run(package: &str, revision: u32, request: u64, e: &anyhow::Error) 
             request,
             done: true,
             damaged: vec![pb::Damage {
-                error: format!("validation could not run: {e:#}"),
+                error: format!("validation could not run: {e}"),
                 ..pb::Damage::default()
             }],
             ..pb::Validation::default()
@@ -117,7 +117,7 @@ async fn one(
             .map(|ms| ms.iter().map(|m| m.size).sum::<u64>())
     })
     .await
-    .map_err(|e| Failure::job(anyhow!("{e}")))?
+    .map_err(Failure::job)?
     .unwrap_or(0);
     let progress = |checked: u64, chunks: u64| pb::Validation {
         request,
@@ -150,7 +150,7 @@ async fn one(
         })
     })
     .await
-    .map_err(|e| Failure::job(anyhow!("{e}")))?
+    .map_err(Failure::job)?
     .map_err(Failure::job)?;
     let (revision, checked) = checked;
     let mut v = progress(checked.bytes, checked.chunks);
@@ -217,7 +217,7 @@ pub(crate) async fn fetch_few(
     package: &str,
     revision: u32,
     ids: &[ChunkId],
-) -> anyhow::Result<Vec<(ChunkId, Bytes)>> {
+) -> Result<Vec<(ChunkId, Bytes)>> {
     let (mut ask, mut replies) = chunks::open(conn, package, revision).await?;
     ask.want(ids).await?;
     ask.finish();
@@ -225,19 +225,35 @@ pub(crate) async fn fetch_few(
     for id in ids {
         let got = tokio::time::timeout(ferry_wire::REPLY_TIMEOUT, replies.next())
             .await
-            .map_err(|_| anyhow!("the site sent nothing for {:?}", ferry_wire::REPLY_TIMEOUT))??;
+            .map_err(|_| {
+                DpError::protocol(format!(
+                    "the site sent nothing for {:?}",
+                    ferry_wire::REPLY_TIMEOUT
+                ))
+            })??;
         match got {
             Some(Incoming::Chunk { id: got, data }) if got == *id => {
                 if ChunkId::of(&data) != *id {
-                    bail!("chunk {id} from the site failed verification");
+                    return Err(DpError::protocol(format!(
+                        "chunk {id} from the site failed verification"
+                    )));
                 }
                 out.push((*id, data));
             }
-            Some(Incoming::Chunk { .. }) => bail!("the site answered with a chunk not asked for"),
+            Some(Incoming::Chunk { .. }) => {
+                return Err(DpError::protocol(
+                    "the site answered with a chunk not asked for",
+                ))
+            }
             Some(Incoming::Other(pb::Reply {
                 kind: Some(reply::Kind::Error(e)),
-            })) => bail!("the site refused chunk {id}: {}", e.message),
-            _ => bail!("the chunk stream ended early"),
+            })) => {
+                return Err(DpError::Refused {
+                    what: format!("chunk {id}"),
+                    message: e.message,
+                })
+            }
+            _ => return Err(DpError::protocol("the chunk stream ended early")),
         }
     }
     Ok(out)

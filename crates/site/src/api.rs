@@ -542,7 +542,7 @@ fn revisions_view(s: &ApiState, rec: crate::library::catalog::PackageRecord) -> 
         .iter()
         .map(|r| RevisionRow {
             revision: r.revision,
-            created: r.created.clone(),
+            created: r.created,
             source: r.source.path.clone(),
             size: r.files.iter().map(|f| f.size).sum(),
             new_bytes: r.stats.new_bytes,

@@ -28,8 +28,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
-use ferry_store::Library;
+use ferry_net::pki::PkiError;
+use ferry_store::{Library, StoreError};
 
 pub use config::{SiteConfig, CONFIG_FILE, TOKEN_FILE};
 
@@ -46,6 +46,79 @@ pub const SITE_KEY_FILE: &str = "site.key";
 /// The manifest signing key (Ed25519, PKCS#8 hex) inside the data folder.
 pub const SIGNING_KEY_FILE: &str = "manifest.key";
 
+/// Why a site could not be made, opened or run.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    /// `ferry site init` on a folder that holds a site.
+    #[error("{} already exists: {} holds a site already", .config.display(), .data.display())]
+    Exists {
+        /// The site's configuration file.
+        config: PathBuf,
+        /// The data folder.
+        data: PathBuf,
+    },
+    /// A file or folder of the site.
+    #[error("cannot {op} {}: {source}", .path.display())]
+    Io {
+        /// What was being done ("read the site CA key").
+        op: String,
+        /// The file or folder.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `site.toml`.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A key or certificate.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The content library.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The library is open already, most likely by another site.
+    #[error("cannot open the content library of the site in {} (is another `ferry site serve` running on it?): {source}", .data.display())]
+    Locked {
+        /// The data folder.
+        data: PathBuf,
+        /// What the library said.
+        source: StoreError,
+    },
+    /// DPs, groups and client tokens.
+    #[error(transparent)]
+    Registry(#[from] registry::HubError),
+    /// Servicing jobs.
+    #[error(transparent)]
+    Jobs(#[from] jobs::JobError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} {addr} ({setting} in {}): {source}", .config.display())]
+    Listen {
+        /// "UDP" for DPs, "TCP" for the operator API.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Its setting in `site.toml`.
+        setting: &'static str,
+        /// `site.toml`.
+        config: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The operator API's server stopped.
+    #[error("operator API stopped: {0}")]
+    Api(std::io::Error),
+}
+
+impl SiteError {
+    fn io(op: impl Into<String>, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            op: op.into(),
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Options of `ferry site init`.
 #[derive(Clone, Debug)]
 pub struct InitOptions {
@@ -59,16 +132,15 @@ pub struct InitOptions {
 
 /// Creates a site in `data`: `site.toml`, `operator.token`, the CA, and an
 /// empty content library. Refuses a folder that already holds a site.
-pub fn init(data: &Path, opts: &InitOptions) -> anyhow::Result<()> {
+pub fn init(data: &Path, opts: &InitOptions) -> Result<(), SiteError> {
     let cfg_path = data.join(CONFIG_FILE);
     if cfg_path.exists() {
-        anyhow::bail!(
-            "{} already exists: {} holds a site already",
-            cfg_path.display(),
-            data.display()
-        );
+        return Err(SiteError::Exists {
+            config: cfg_path,
+            data: data.to_path_buf(),
+        });
     }
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    std::fs::create_dir_all(data).map_err(|e| SiteError::io("create", data, e))?;
     let text = SiteConfig::template(&opts.site_code, opts.listen, opts.dp_listen);
     SiteConfig::parse(&text, &cfg_path)?;
     let ca = ferry_net::pki::make_ca(&opts.site_code)?;
@@ -78,14 +150,13 @@ pub fn init(data: &Path, opts: &InitOptions) -> anyhow::Result<()> {
     ensure_keys(data, &opts.site_code)?;
     Library::open(&data.join(LIBRARY_DIR))?;
     // The config goes last: its presence marks a complete site.
-    std::fs::write(&cfg_path, text)
-        .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    std::fs::write(&cfg_path, text).map_err(|e| SiteError::io("write", &cfg_path, e))?;
     Ok(())
 }
 
 /// Creates the site certificate and the manifest signing key when missing
 /// (sites made before DPs existed have neither).
-fn ensure_keys(data: &Path, site_code: &str) -> anyhow::Result<()> {
+fn ensure_keys(data: &Path, site_code: &str) -> Result<(), SiteError> {
     if !data.join(SITE_CERT_FILE).exists() {
         let site = ferry_net::pki::issue_site_cert(&read_ca(data)?, site_code)?;
         let _ = std::fs::remove_file(data.join(SITE_KEY_FILE));
@@ -152,12 +223,11 @@ pub(crate) fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io:
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn read_file(path: &Path, what: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the {what} {}", path.display()))
+fn read_file(path: &Path, what: &str) -> Result<String, SiteError> {
+    std::fs::read_to_string(path).map_err(|e| SiteError::io(format!("read the {what}"), path, e))
 }
 
-fn read_ca(data: &Path) -> anyhow::Result<ferry_net::pki::CaFiles> {
+fn read_ca(data: &Path) -> Result<ferry_net::pki::CaFiles, SiteError> {
     Ok(ferry_net::pki::CaFiles {
         cert_pem: read_file(&data.join(CA_CERT_FILE), "site CA certificate")?,
         key_pem: read_file(&data.join(CA_KEY_FILE), "site CA key")?,
@@ -165,11 +235,10 @@ fn read_ca(data: &Path) -> anyhow::Result<ferry_net::pki::CaFiles> {
 }
 
 /// Reads the operator token from a data folder.
-pub fn read_token(data: &Path) -> anyhow::Result<String> {
-    let p = data.join(TOKEN_FILE);
-    let t = std::fs::read_to_string(&p)
-        .with_context(|| format!("cannot read the operator token {}", p.display()))?;
-    Ok(t.trim().to_string())
+pub fn read_token(data: &Path) -> Result<String, SiteError> {
+    Ok(read_file(&data.join(TOKEN_FILE), "operator token")?
+        .trim()
+        .to_string())
 }
 
 /// A site server, open and ready to serve.
@@ -184,11 +253,14 @@ pub struct Site {
 
 impl Site {
     /// Opens the site in `data` (its library is locked while the site runs).
-    pub fn open(data: &Path) -> anyhow::Result<Self> {
+    pub fn open(data: &Path) -> Result<Self, SiteError> {
         let config = SiteConfig::load(data)?;
         let token = read_token(data)?;
-        let lib = Arc::new(Library::open(&data.join(LIBRARY_DIR))
-            .with_context(|| format!("cannot open the content library of the site in {} (is another `ferry site serve` running on it?)", data.display()))?);
+        let lib = Library::open(&data.join(LIBRARY_DIR)).map_err(|source| SiteError::Locked {
+            data: data.to_path_buf(),
+            source,
+        })?;
+        let lib = Arc::new(lib);
         ensure_keys(data, &config.site_code)?;
         let hub = registry::Hub::open(data, lib.clone())?;
         let jobs = jobs::Jobs::load(data, |package, job| {
@@ -216,7 +288,7 @@ impl Site {
     }
 
     /// The manifest signing key (it signs client tokens too).
-    fn signing_key(&self) -> anyhow::Result<ferry_net::pki::SigningKey> {
+    fn signing_key(&self) -> Result<ferry_net::pki::SigningKey, SiteError> {
         Ok(ferry_net::pki::SigningKey::from_text(
             &read_file(&self.data.join(SIGNING_KEY_FILE), "manifest signing key")?,
             "manifest signing key",
@@ -224,7 +296,7 @@ impl Site {
     }
 
     /// Binds the QUIC endpoint for DPs and starts answering them.
-    fn start_dp_endpoint(&self) -> anyhow::Result<quinn::Endpoint> {
+    fn start_dp_endpoint(&self) -> Result<quinn::Endpoint, SiteError> {
         let ca = read_ca(&self.data)?;
         let ca_der = ferry_net::pki::cert_der(&ca.cert_pem, "site CA certificate")?;
         let identity = ferry_net::tls::Identity::from_pem(
@@ -235,12 +307,14 @@ impl Site {
         let key = self.signing_key()?;
         let server = ferry_net::tls::site_server(&ca_der, identity, self.config.dp.transport())?;
         let listen = self.config.dp.listen;
-        let endpoint = ferry_net::tls::endpoint(listen, Some(server)).with_context(|| {
-            format!(
-                "cannot listen for DPs on UDP {listen} ([dp] listen in {})",
-                self.data.join(CONFIG_FILE).display()
-            )
-        })?;
+        let endpoint =
+            ferry_net::tls::endpoint(listen, Some(server)).map_err(|source| SiteError::Listen {
+                what: "UDP",
+                addr: listen,
+                setting: "[dp] listen",
+                config: self.data.join(CONFIG_FILE),
+                source,
+            })?;
         let srv = Arc::new(endpoint::DpServer::new(
             self.hub.clone(),
             self.lib.clone(),
@@ -260,15 +334,16 @@ impl Site {
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SiteError> {
         let listen = self.config.operator.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {listen} (operator.listen in {})",
-                    self.data.join(CONFIG_FILE).display()
-                )
+            .map_err(|source| SiteError::Listen {
+                what: "TCP",
+                addr: listen,
+                setting: "operator.listen",
+                config: self.data.join(CONFIG_FILE),
+                source,
             })?;
         let endpoint = self.start_dp_endpoint()?;
         let (lib, data, hub) = (self.lib.clone(), self.data.clone(), self.hub.clone());
@@ -299,7 +374,7 @@ impl Site {
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(shutdown)
             .await
-            .context("operator API stopped")?;
+            .map_err(SiteError::Api)?;
         endpoint.close(0u32.into(), b"site stopping");
         // Progress reports kept in memory only.
         self.hub.flush()?;

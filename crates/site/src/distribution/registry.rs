@@ -679,7 +679,7 @@ impl Hub {
                 p.revision != t.revision || p.state != t.state || p.error != t.error
             });
             if let Some(p) = prev.filter(|p| p.revision == t.revision) {
-                t.started = p.started.clone();
+                t.started = p.started;
                 // A DP says "installed" again, without figures, each time it
                 // connects or ends a validation: the figures of the
                 // transfer that installed it stay.
@@ -698,7 +698,7 @@ impl Hub {
                 }
             }
             if t.started.is_none() {
-                t.started = Some(t.updated.clone());
+                t.started = Some(t.updated);
             }
             d.transfers.insert(package.to_string(), t);
             (lasting, ())

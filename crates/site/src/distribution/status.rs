@@ -77,7 +77,7 @@ pub fn dps(hub: &Hub) -> Vec<DpView> {
             .into(),
             online: hub.online(&d.name).is_some(),
             address: d.address.clone(),
-            last_contact: d.last_contact.clone(),
+            last_contact: d.last_contact,
             groups: reg.groups_of(&d.name),
             assigned: reg.assigned(&d.name).into_iter().collect(),
             installed: d
@@ -236,7 +236,7 @@ pub fn rows(
                 eta_secs: None,
                 error: None,
                 next_retry: None,
-                last_contact: d.last_contact.clone(),
+                last_contact: d.last_contact,
                 online: hub.online(&d.name).is_some(),
                 multicast: sessions,
                 multicast_warning: (only && !runs_sessions && want.is_some()).then(|| {
@@ -266,7 +266,7 @@ pub fn rows(
                     row.bytes_local = t.bytes_local;
                     row.manifest_bytes = t.manifest_bytes;
                     row.error = t.error.clone();
-                    row.next_retry = t.next_retry.clone();
+                    row.next_retry = t.next_retry;
                     if t.state == TransferState::Validating {
                         row.percent = row.validation.as_ref().map(|v| {
                             (v.bytes_checked.saturating_mul(100))

@@ -341,7 +341,7 @@ impl PackageRecord {
             image_count: latest.map_or(0, |r| r.images.len()),
             size: latest.map_or(0, |r| r.stats.logical_bytes),
             new_bytes: latest.map_or(0, |r| r.stats.new_bytes),
-            created: self.created.clone(),
+            created: self.created,
         }
     }
 }

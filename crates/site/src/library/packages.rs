@@ -621,7 +621,7 @@ pub(crate) fn new_record(
         name,
         version: version.cloned().unwrap_or_default(),
         comment: comment.cloned().unwrap_or_default(),
-        created: revision.created.clone(),
+        created: revision.created,
         revisions: vec![revision],
         released: None,
         architecture: String::new(),
