@@ -12,7 +12,75 @@ use ferry_wire::WireError;
 
 use ferry_core::units::bytes as human;
 
-use crate::manifest::{CompactMismatch, ManifestError};
+/// A compact manifest that did not expand against this DP's copy of the
+/// base revision (the agent asks again for the full form).
+#[derive(Debug, thiserror::Error)]
+#[error("the manifest of {package} revision {revision} in compact form does not check out against revision {base} held here: {why}")]
+pub struct CompactMismatch {
+    /// The package.
+    pub package: String,
+    /// The revision asked for.
+    pub revision: u32,
+    /// The revision it was relative to.
+    pub base: u32,
+    /// What did not check out.
+    pub why: String,
+}
+
+/// Why a revision's manifest is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The signature does not check with the site's key.
+    #[error("the manifest of {package} revision {revision} is not signed by the site's key: refused (tampered in transit or a different site)")]
+    NotSigned {
+        /// The package.
+        package: String,
+        /// The revision.
+        revision: u32,
+    },
+    /// The body does not decode.
+    #[error("the manifest of {package} is malformed: {detail}")]
+    Malformed {
+        /// The package.
+        package: String,
+        /// What the decoder said.
+        detail: String,
+    },
+    /// The manifest of another package or revision.
+    #[error("asked for the manifest of {package} revision {revision}, got {got} revision {got_revision}")]
+    Other {
+        /// The package asked for.
+        package: String,
+        /// The revision asked for.
+        revision: u32,
+        /// The package sent.
+        got: String,
+        /// The revision sent.
+        got_revision: u32,
+    },
+    /// A path twice.
+    #[error("the manifest of {package} names {path} twice")]
+    Twice {
+        /// The package.
+        package: String,
+        /// The path.
+        path: String,
+    },
+    /// No files.
+    #[error("the manifest of {package} lists no files")]
+    Empty {
+        /// The package.
+        package: String,
+    },
+    /// A path that is a file and a folder of another.
+    #[error("the manifest of {package} names {path} as a file and as a folder")]
+    FileAndFolder {
+        /// The package.
+        package: String,
+        /// The path.
+        path: String,
+    },
+}
 
 /// A failure of the DP, naming what failed and where.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ use ferry_wire::{write_frame, MAX_REPLY_BYTES};
 use prost::Message;
 
 use crate::error::DpError;
+pub use crate::error::{CompactMismatch, ManifestError};
 
 /// A revision's manifest as the site signed it, checked.
 #[derive(Clone, Debug)]
@@ -22,76 +23,6 @@ pub struct Signed {
     pub manifests: Vec<Manifest>,
     /// Bytes of the manifest as it travelled (compact or full form).
     pub wire_bytes: u64,
-}
-
-/// A compact manifest that did not expand against this DP's copy of the
-/// base revision (the agent asks again for the full form).
-#[derive(Debug, thiserror::Error)]
-#[error("the manifest of {package} revision {revision} in compact form does not check out against revision {base} held here: {why}")]
-pub struct CompactMismatch {
-    /// The package.
-    pub package: String,
-    /// The revision asked for.
-    pub revision: u32,
-    /// The revision it was relative to.
-    pub base: u32,
-    /// What did not check out.
-    pub why: String,
-}
-
-/// Why a revision's manifest is refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ManifestError {
-    /// The signature does not check with the site's key.
-    #[error("the manifest of {package} revision {revision} is not signed by the site's key: refused (tampered in transit or a different site)")]
-    NotSigned {
-        /// The package.
-        package: String,
-        /// The revision.
-        revision: u32,
-    },
-    /// The body does not decode.
-    #[error("the manifest of {package} is malformed: {detail}")]
-    Malformed {
-        /// The package.
-        package: String,
-        /// What the decoder said.
-        detail: String,
-    },
-    /// The manifest of another package or revision.
-    #[error("asked for the manifest of {package} revision {revision}, got {got} revision {got_revision}")]
-    Other {
-        /// The package asked for.
-        package: String,
-        /// The revision asked for.
-        revision: u32,
-        /// The package sent.
-        got: String,
-        /// The revision sent.
-        got_revision: u32,
-    },
-    /// A path twice.
-    #[error("the manifest of {package} names {path} twice")]
-    Twice {
-        /// The package.
-        package: String,
-        /// The path.
-        path: String,
-    },
-    /// No files.
-    #[error("the manifest of {package} lists no files")]
-    Empty {
-        /// The package.
-        package: String,
-    },
-    /// A path that is a file and a folder of another.
-    #[error("the manifest of {package} names {path} as a file and as a folder")]
-    FileAndFolder {
-        /// The package.
-        package: String,
-        /// The path.
-        path: String,
-    },
 }
 
 /// Asks the site for the manifest of `a` and checks it. With `base` (the

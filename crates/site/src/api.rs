@@ -203,6 +203,8 @@ pub struct StatusQuery {
 pub struct ApiState {
     /// What the site knows of its DPs.
     pub hub: Arc<Hub>,
+    /// The DPs connected now (the QUIC endpoint's).
+    pub conns: Arc<crate::distribution::live::Connections>,
     /// The content library.
     pub lib: Arc<Library>,
     /// The site's data folder.
@@ -823,7 +825,7 @@ async fn export_file(
 }
 
 async fn list_dps(State(s): State<ApiState>) -> Json<Vec<status::DpView>> {
-    Json(status::dps(&s.hub))
+    Json(status::dps(&s.hub, &s.conns))
 }
 
 async fn add_dp(
@@ -872,7 +874,7 @@ async fn remove_dp(
     Path(name): Path<String>,
     Query(q): Query<RemoveDpQuery>,
 ) -> Result<Response, ApiError> {
-    s.hub.remove_dp(&name, q.force)?;
+    s.hub.remove_dp(&name, q.force, &s.conns)?;
     tracing::warn!(dp = %name, force = q.force, "DP removed");
     Ok(Json(serde_json::json!({ "removed": name })).into_response())
 }
@@ -882,6 +884,8 @@ async fn revoke_dp(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     s.hub.revoke(&name)?;
+    s.conns
+        .close_refused(&name, b"this DP was revoked by the site");
     tracing::warn!(dp = %name, "DP revoked");
     Ok(Json(serde_json::json!({})).into_response())
 }
@@ -891,14 +895,14 @@ async fn validate_dp(
     Path(name): Path<String>,
     Json(req): Json<validation::ValidateRequest>,
 ) -> Result<Json<validation::ValidateReply>, ApiError> {
-    Ok(Json(validation::request(&s.hub, &name, &req)?))
+    Ok(Json(validation::request(&s.hub, &s.conns, &name, &req)?))
 }
 
 async fn dp_validation(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<validation::ValidationView>, ApiError> {
-    Ok(Json(validation::view(&s.hub, &name)?))
+    Ok(Json(validation::view(&s.hub, &s.conns, &name)?))
 }
 
 async fn dp_settings(
@@ -907,7 +911,7 @@ async fn dp_settings(
     Json(req): Json<validation::DpSettings>,
 ) -> Result<Json<validation::ValidationView>, ApiError> {
     validation::set(&s.hub, &name, &req)?;
-    Ok(Json(validation::view(&s.hub, &name)?))
+    Ok(Json(validation::view(&s.hub, &s.conns, &name)?))
 }
 
 async fn dp_multicast(
@@ -1065,9 +1069,10 @@ async fn status_rows(
             return Err(HubError::NoDp(d.clone()).into());
         }
     }
-    let (hub, lib) = (s.hub.clone(), s.lib.clone());
+    let (hub, conns, lib) = (s.hub.clone(), s.conns.clone(), s.lib.clone());
     let rows =
-        blocking(move || status::rows(&hub, &lib, q.package.as_deref(), q.dp.as_deref())).await?;
+        blocking(move || status::rows(&hub, &conns, &lib, q.package.as_deref(), q.dp.as_deref()))
+            .await?;
     Ok(Json(rows).into_response())
 }
 

@@ -296,7 +296,10 @@ impl Site {
     }
 
     /// Binds the QUIC endpoint for DPs and starts answering them.
-    fn start_dp_endpoint(&self) -> Result<quinn::Endpoint, SiteError> {
+    /// Returns the endpoint and the connections it holds.
+    fn start_dp_endpoint(
+        &self,
+    ) -> Result<(quinn::Endpoint, Arc<distribution::live::Connections>), SiteError> {
         let ca = read_ca(&self.data)?;
         let ca_der = ferry_net::pki::cert_der(&ca.cert_pem, "site CA certificate")?;
         let identity = ferry_net::tls::Identity::from_pem(
@@ -324,9 +327,10 @@ impl Site {
             self.config.site_code.clone(),
             self.config.keep_revisions,
         ));
+        let conns = srv.connections();
         tokio::spawn(srv.serve(endpoint.clone()));
         tracing::info!(%listen, "site serving distribution points (QUIC)");
-        Ok(endpoint)
+        Ok((endpoint, conns))
     }
 
     /// Serves the operator API and the DP endpoint until `shutdown`
@@ -345,7 +349,7 @@ impl Site {
                 config: self.data.join(CONFIG_FILE),
                 source,
             })?;
-        let endpoint = self.start_dp_endpoint()?;
+        let (endpoint, conns) = self.start_dp_endpoint()?;
         let (lib, data, hub) = (self.lib.clone(), self.data.clone(), self.hub.clone());
         let keep = self.config.keep_revisions;
         tokio::spawn(self.jobs.clone().scheduler(move |job| {
@@ -361,6 +365,7 @@ impl Site {
         tokio::spawn(validation::scheduler(self.hub.clone()));
         let state = api::ApiState {
             hub: self.hub.clone(),
+            conns,
             lib: self.lib.clone(),
             data: self.data.clone(),
             site_code: self.config.site_code.clone(),

@@ -21,6 +21,7 @@ use ferry_wire::{
 use prost::Message;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::distribution::live::Connections;
 use crate::distribution::records::{TransferReport, TransferState};
 use crate::distribution::registry::{now, Hub, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 use crate::library::packages;
@@ -103,6 +104,8 @@ type ChunkSet = Arc<HashSet<ChunkId>>;
 /// What the endpoint serves from.
 pub(crate) struct DpServer {
     hub: Arc<Hub>,
+    /// The DPs connected to this endpoint now.
+    conns: Arc<Connections>,
     lib: Arc<Library>,
     ca: CaFiles,
     ca_der: Vec<u8>,
@@ -132,6 +135,7 @@ impl DpServer {
         Self {
             keep_revisions,
             hub,
+            conns: Arc::new(Connections::default()),
             lib,
             ca,
             ca_der,
@@ -141,6 +145,12 @@ impl DpServer {
             chunk_sets: Mutex::new(Vec::new()),
             chunk_set_build: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The DPs connected now (the operator API reads them and closes a
+    /// revoked or removed DP's connection).
+    pub(crate) fn connections(&self) -> Arc<Connections> {
+        self.conns.clone()
     }
 
     /// Accepts connections until the endpoint is closed.
@@ -179,7 +189,8 @@ impl DpServer {
         let span = tracing::info_span!("dp", name = who.as_deref().unwrap_or("-"), %remote);
         async {
             if let Some(dp) = &who {
-                if let Err(e) = self.hub.connected(dp, &conn) {
+                let address = self.conns.add(dp, &conn);
+                if let Err(e) = self.hub.contact(dp, Some(address)) {
                     warn!(error = %e, "cannot record the DP's contact");
                 }
                 info!("DP connected");
@@ -210,7 +221,10 @@ impl DpServer {
                 }
             }
             if let Some(dp) = &who {
-                self.hub.disconnected(dp, &conn);
+                self.conns.remove(dp, &conn);
+                if let Err(e) = self.hub.contact(dp, None) {
+                    warn!(error = %e, "cannot record the DP's last contact");
+                }
             }
         }
         .instrument(span)

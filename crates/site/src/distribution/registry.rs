@@ -1,7 +1,8 @@
 //! The registry in memory: [`Hub`] keeps the records
-//! ([`crate::distribution::records`]) under a lock, signals connected DPs when their
-//! assignments change, and holds what is only true while the site runs
-//! (who is online, bytes served per DP).
+//! ([`crate::distribution::records`]) under a lock, signals connected DPs
+//! when their assignments change, and counts the bytes served per DP
+//! (recorded with the DP). Who is online is the endpoint's
+//! ([`crate::distribution::live`]).
 //!
 //! The site is the source of truth for what each DP should hold: a DP's
 //! assignment is its own packages plus those of every group it belongs to,
@@ -22,6 +23,7 @@ pub(crate) use crate::now;
 use ferry_store::Library;
 use tokio::sync::watch;
 
+use crate::distribution::live::Connections;
 use crate::distribution::persist::{Persist, StorageError, Unsaved};
 use crate::distribution::records::{
     DiskRecord, DpRecord, GroupRecord, Registry, TransferReport, ValidationResult,
@@ -101,18 +103,7 @@ pub enum Unknown {
     },
 }
 
-/// A DP connected right now.
-#[derive(Clone, Debug)]
-pub struct Online {
-    /// Its address.
-    pub address: String,
-    /// Since when.
-    pub since: time::OffsetDateTime,
-    /// The connection, closed when the DP is revoked.
-    pub conn: quinn::Connection,
-}
-
-/// The registry with its lock, change signal and live state.
+/// The registry with its lock, change signal and byte counters.
 pub struct Hub {
     reg: Mutex<Registry>,
     /// DPs whose in-memory record has progress not written yet.
@@ -120,7 +111,6 @@ pub struct Hub {
     /// The one writer of the records.
     persist: Persist,
     changed: watch::Sender<u64>,
-    online: Mutex<HashMap<String, Online>>,
     served: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
@@ -159,7 +149,6 @@ impl Hub {
             unsaved,
             persist,
             changed: watch::channel(0).0,
-            online: Mutex::new(HashMap::new()),
             served: Mutex::new(served),
         })
     }
@@ -394,29 +383,19 @@ impl Hub {
             }
             d.token_hash = None;
             Ok(())
-        })?;
-        if let Some(o) = self
-            .online
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-        {
-            o.conn
-                .close(CLOSE_REVOKED.into(), b"this DP was revoked by the site");
-        }
-        Ok(())
+        })
     }
 
     /// Deletes DP `name`'s record: its assignments, status rows and
     /// membership of groups go, its certificate stops being accepted, and
-    /// the name may be added again. Refused while it is connected unless
-    /// `force` (then its connection is closed).
-    pub fn remove_dp(&self, name: &str, force: bool) -> Result<(), HubError> {
-        let online = self.online(name);
-        if let (Some(o), false) = (&online, force) {
+    /// the name may be added again. Refused while it is connected (in
+    /// `conns`) unless `force`; its connection is then closed.
+    pub fn remove_dp(&self, name: &str, force: bool, conns: &Connections) -> Result<(), HubError> {
+        if let (Some(o), false) = (conns.get(name), force) {
             return Err(HubError::Conflict(format!(
                 "DP {name} is online (connected from {} since {}): `ferry dp revoke {name}` first, or `ferry dp remove {name} --force`",
-                o.address, o.since
+                o.address,
+                crate::rfc3339(o.since)
             )));
         }
         self.update(true, |r| {
@@ -436,15 +415,7 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
-        if let Some(o) = self
-            .online
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-        {
-            o.conn
-                .close(CLOSE_REVOKED.into(), b"this DP was removed by the site");
-        }
+        conns.close_refused(name, b"this DP was removed by the site");
         Ok(())
     }
 
@@ -777,23 +748,14 @@ impl Hub {
         .map(|_| ())
     }
 
-    /// Marks a DP connected.
-    pub fn connected(&self, dp: &str, conn: &quinn::Connection) -> Result<(), HubError> {
-        let address = conn.remote_address().to_string();
-        self.online
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                dp.to_string(),
-                Online {
-                    address: address.clone(),
-                    since: now(),
-                    conn: conn.clone(),
-                },
-            );
+    /// Records a contact of DP `dp`: now, from `address` when it just
+    /// connected (written, so the last contact survives the site).
+    pub fn contact(&self, dp: &str, address: Option<String>) -> Result<(), HubError> {
         self.update_dp(dp, |d| {
             d.last_contact = Some(now());
-            d.address = Some(address);
+            if address.is_some() {
+                d.address = address;
+            }
             (true, ())
         })
         .map(|_| ())
@@ -811,31 +773,6 @@ impl Hub {
             });
             (false, ())
         });
-    }
-
-    /// Marks a DP gone (if `conn` is still its current connection).
-    pub fn disconnected(&self, dp: &str, conn: &quinn::Connection) {
-        let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
-        if online
-            .get(dp)
-            .is_some_and(|o| o.conn.stable_id() == conn.stable_id())
-        {
-            online.remove(dp);
-        }
-        drop(online);
-        let _ = self.update_dp(dp, |d| {
-            d.last_contact = Some(now());
-            (true, ())
-        });
-    }
-
-    /// Whether `dp` is connected, and since when.
-    pub fn online(&self, dp: &str) -> Option<Online> {
-        self.online
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(dp)
-            .cloned()
     }
 
     /// The counter of chunk bytes sent to `dp`: a chunk stream takes it
@@ -1217,12 +1154,13 @@ mod tests {
         hub.add_members("east", &["dp1".into()]).unwrap();
         hub.distribute("P", &["dp1".into()], &[]).unwrap();
         hub.revoke("dp1").unwrap();
-        hub.remove_dp("dp1", false).unwrap();
+        let conns = Connections::default();
+        hub.remove_dp("dp1", false, &conns).unwrap();
         let reg = hub.snapshot();
         assert!(!reg.dps.contains_key("dp1"));
         assert!(reg.groups["east"].members.is_empty());
         assert!(matches!(
-            hub.remove_dp("dp1", false),
+            hub.remove_dp("dp1", false, &conns),
             Err(HubError::NoDp(_))
         ));
         assert!(hub.identify("fp1").is_err(), "its certificate is refused");

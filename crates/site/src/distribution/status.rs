@@ -8,6 +8,7 @@ use ferry_store::Library;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::distribution::live::Connections;
 use crate::distribution::records::{Registry, TransferState};
 use crate::distribution::registry::Hub;
 use crate::library::packages::{self, ImageError};
@@ -61,7 +62,7 @@ pub struct Holding {
 }
 
 /// The DP list.
-pub fn dps(hub: &Hub) -> Vec<DpView> {
+pub fn dps(hub: &Hub, conns: &Connections) -> Vec<DpView> {
     let reg = hub.snapshot();
     reg.dps
         .values()
@@ -75,7 +76,7 @@ pub fn dps(hub: &Hub) -> Vec<DpView> {
                 "waiting-enrollment"
             }
             .into(),
-            online: hub.online(&d.name).is_some(),
+            online: conns.is_online(&d.name),
             address: d.address.clone(),
             last_contact: d.last_contact,
             groups: reg.groups_of(&d.name),
@@ -164,6 +165,7 @@ fn seconds_since(t: OffsetDateTime) -> f64 {
 /// Status rows for every package × DP, optionally only one package or DP.
 pub fn rows(
     hub: &Hub,
+    conns: &Connections,
     lib: &Library,
     package: Option<&str>,
     dp: Option<&str>,
@@ -237,7 +239,7 @@ pub fn rows(
                 error: None,
                 next_retry: None,
                 last_contact: d.last_contact,
-                online: hub.online(&d.name).is_some(),
+                online: conns.is_online(&d.name),
                 multicast: sessions,
                 multicast_warning: (only && !runs_sessions && want.is_some()).then(|| {
                     format!(

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
+use crate::distribution::live::Connections;
 use crate::distribution::records::ValidationResult;
 use crate::distribution::registry::{Hub, HubError};
 use crate::schedule::Schedule;
@@ -100,7 +101,12 @@ fn holds(hub: &Hub, dp: &str) -> Vec<String> {
 }
 
 /// Asks `dp` to validate.
-pub fn request(hub: &Hub, dp: &str, req: &ValidateRequest) -> Result<ValidateReply, HubError> {
+pub fn request(
+    hub: &Hub,
+    conns: &Connections,
+    dp: &str,
+    req: &ValidateRequest,
+) -> Result<ValidateReply, HubError> {
     let held = holds(hub, dp);
     for p in &req.packages {
         if !held.contains(p) {
@@ -114,7 +120,7 @@ pub fn request(hub: &Hub, dp: &str, req: &ValidateRequest) -> Result<ValidateRep
     Ok(ValidateReply {
         dp: dp.to_string(),
         request: n,
-        online: hub.online(dp).is_some(),
+        online: conns.is_online(dp),
         packages: if req.packages.is_empty() {
             held
         } else {
@@ -144,7 +150,7 @@ pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
 }
 
 /// What `ferry dp validation NAME` shows.
-pub fn view(hub: &Hub, dp: &str) -> Result<ValidationView, HubError> {
+pub fn view(hub: &Hub, conns: &Connections, dp: &str) -> Result<ValidationView, HubError> {
     let reg = hub.snapshot();
     let d = reg.dps.get(dp).ok_or_else(|| HubError::NoDp(dp.into()))?;
     let v = &d.validation;
@@ -155,7 +161,7 @@ pub fn view(hub: &Hub, dp: &str) -> Result<ValidationView, HubError> {
     });
     Ok(ValidationView {
         dp: dp.to_string(),
-        online: hub.online(dp).is_some(),
+        online: conns.is_online(dp),
         schedule: v.schedule.clone(),
         next_run,
         requested: v.requested,
