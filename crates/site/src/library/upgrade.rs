@@ -193,6 +193,113 @@ fn find<'a>(files: &'a [Found], rel: &str) -> Option<&'a Found> {
 
 /// Checks that `req.path` is a folder and settles the package's name: the
 /// existing package's, or `--name`, unique among upgrade packages.
+/// A new upgrade package's record: architecture and language as given, or
+/// as `install.wim`'s first image says.
+fn new_upgrade(
+    lib: &ferry_store::Library,
+    site_code: &str,
+    req: &UpgradeRequest,
+    name: String,
+    revision: RevisionRecord,
+    first_image: &ferry_wim::ImageInfo,
+) -> Result<PackageRecord, ImageError> {
+    Ok(PackageRecord {
+        architecture: req
+            .arch
+            .clone()
+            .unwrap_or_else(|| first_image.architecture.clone()),
+        language: req
+            .lang
+            .clone()
+            .or_else(|| first_image.languages.first().cloned())
+            .unwrap_or_default(),
+        ..packages::new_record(
+            lib,
+            site_code,
+            PackageKind::Upgrade,
+            name,
+            req.version.as_ref(),
+            req.comment.as_ref(),
+            revision,
+        )?
+    })
+}
+
+/// The upgrade package `req` refreshes, if it names one (an image is
+/// refused).
+fn existing_upgrade(
+    lib: &ferry_store::Library,
+    req: &UpgradeRequest,
+) -> Result<Option<PackageRecord>, ImageError> {
+    let Some(id) = &req.package else {
+        return Ok(None);
+    };
+    let rec = packages::record(lib, id)?;
+    if rec.kind != PackageKind::Upgrade {
+        return Err(bad(
+            &req.path,
+            format!("{} is an image, not an upgrade package", rec.id),
+        ));
+    }
+    Ok(Some(rec))
+}
+
+/// The folder's `install.wim`, and warnings for what a setup folder lacks
+/// (no `setup.exe`, no `install.wim`); no `install.wim` to `extract` from
+/// is an error.
+fn look_for_setup<'a>(
+    root: &Path,
+    files: &'a [Found],
+    extract: Option<u32>,
+) -> Result<(Option<&'a Found>, Vec<String>), ImageError> {
+    let mut warnings = Vec::new();
+    if find(files, "setup.exe").is_none() {
+        warnings.push(format!(
+            "{}: no setup.exe at the top of the folder",
+            root.display()
+        ));
+    }
+    let install = find(files, INSTALL_WIM);
+    if install.is_none() {
+        if extract.is_some() {
+            return Err(bad(
+                root,
+                format!("no {INSTALL_WIM}, so there is no image to extract with --extract-index"),
+            ));
+        }
+        warnings.push(format!("{}: no {INSTALL_WIM}", root.display()));
+    }
+    Ok((install, warnings))
+}
+
+/// Bytes the import reads: every file, `install.wim` as its export when
+/// one index is extracted.
+fn bytes_to_ingest(files: &[Found], install: Option<&Found>, export: Option<&Path>) -> u64 {
+    files
+        .iter()
+        .map(|f| {
+            if Some(f.rel.as_str()) == install.map(|i| i.rel.as_str()) {
+                export
+                    .and_then(|p| std::fs::metadata(p).ok())
+                    .map_or(f.size, |m| m.len())
+            } else {
+                f.size
+            }
+        })
+        .sum()
+}
+
+/// The folder's identity: its files' paths and hashes in one BLAKE3.
+fn folder_hash(manifests: &[ferry_core::Manifest]) -> FileHash {
+    let mut h = blake3::Hasher::new();
+    for m in manifests {
+        h.update(m.path.as_bytes());
+        h.update(&[0]);
+        h.update(m.hash.as_bytes());
+    }
+    FileHash::from(h.finalize())
+}
+
 fn check_folder_and_name(
     lib: &ferry_store::Library,
     req: &UpgradeRequest,
@@ -360,72 +467,30 @@ pub fn import(
     mut progress: impl FnMut(Progress),
 ) -> Result<PackageView, ImageError> {
     let root = &req.path;
-    let existing = match &req.package {
-        Some(id) => Some(packages::record(lib, id)?),
-        None => None,
-    };
-    if let Some(rec) = &existing {
-        if rec.kind != PackageKind::Upgrade {
-            return Err(bad(
-                root,
-                format!("{} is an image, not an upgrade package", rec.id),
-            ));
-        }
-    }
+    let existing = existing_upgrade(lib, req)?;
     let name = check_folder_and_name(lib, req, existing.as_ref())?;
     let stamp_before = packages::folder_stamp(root).map_err(|e| bad(root, e.to_string()))?;
     let files = scan(root)?;
     if files.is_empty() {
         return Err(bad(root, "the folder holds no files"));
     }
-
-    let mut warnings = Vec::new();
-    if find(&files, "setup.exe").is_none() {
-        warnings.push(format!(
-            "{}: no setup.exe at the top of the folder",
-            root.display()
-        ));
-    }
-    let install = find(&files, INSTALL_WIM);
     let extract = req.extract_index.or_else(|| {
         existing
             .as_ref()
             .and_then(|r| r.latest())
             .and_then(|r| r.exported_index)
     });
-    if install.is_none() {
-        let msg = format!("{}: no {INSTALL_WIM}", root.display());
-        if extract.is_some() {
-            return Err(bad(
-                root,
-                format!("no {INSTALL_WIM}, so there is no image to extract with --extract-index"),
-            ));
-        }
-        warnings.push(msg);
-    }
+    let (install, mut warnings) = look_for_setup(root, &files, extract)?;
 
     // With --extract-index, Ferry's own one-image export replaces install.wim.
     let (export, wim_info, image_infos) = open_install(install, extract, data)?;
-    let total: u64 = files
-        .iter()
-        .map(|f| {
-            if Some(f.rel.as_str()) == install.map(|i| i.rel.as_str()) {
-                export
-                    .as_deref()
-                    .and_then(|p| std::fs::metadata(p).ok())
-                    .map_or(f.size, |m| m.len())
-            } else {
-                f.size
-            }
-        })
-        .sum();
     let import = lib.begin_import();
     let files_in = Files {
         root,
         files: &files,
         install,
         export: export.as_deref(),
-        total,
+        total: bytes_to_ingest(&files, install, export.as_deref()),
     };
     let (import, manifests) = ingest_files(
         lib,
@@ -444,12 +509,6 @@ pub fn import(
         });
     }
 
-    let mut h = blake3::Hasher::new();
-    for m in &manifests {
-        h.update(m.path.as_bytes());
-        h.update(&[0]);
-        h.update(m.hash.as_bytes());
-    }
     let first_image = image_infos.first().cloned().unwrap_or_default();
     let revision = RevisionRecord {
         revision: 1,
@@ -458,7 +517,7 @@ pub fn import(
             path: root.display().to_string(),
             size: stamp_before.0,
             modified_ns: stamp_before.1,
-            hash: FileHash::from(h.finalize()),
+            hash: folder_hash(&manifests),
         },
         exported_index: extract,
         wim: wim_info,
@@ -481,26 +540,7 @@ pub fn import(
             rec.push_refreshed(revision, req.version.as_ref());
             rec
         }
-        None => PackageRecord {
-            architecture: req
-                .arch
-                .clone()
-                .unwrap_or_else(|| first_image.architecture.clone()),
-            language: req
-                .lang
-                .clone()
-                .or_else(|| first_image.languages.first().cloned())
-                .unwrap_or_default(),
-            ..packages::new_record(
-                lib,
-                site_code,
-                PackageKind::Upgrade,
-                name,
-                req.version.as_ref(),
-                req.comment.as_ref(),
-                revision,
-            )?
-        },
+        None => new_upgrade(lib, site_code, req, name, revision, &first_image)?,
     };
     let id = record.id.clone();
     packages::commit(import, &mut record, &manifests, packages::Release::Newest)?;

@@ -217,54 +217,26 @@ fn service(
     let superseded_before = updates::superseded_by(&applied_before, &catalog);
 
     let plan = plan_updates(data, req, &base, &applied_before, &superseded_before, run)?;
-    let optimized_already = base
-        .service
-        .as_ref()
-        .is_some_and(|s| s.optimized.is_some() && s.applied.is_empty());
-    if plan.is_empty() && req.optimize && optimized_already {
-        // A cron job with --optimize alone would otherwise rebuild an
-        // unchanged image into a new revision at every run.
-        run.outcome = JobState::NothingToDo;
-        return Ok(());
-    }
-    if plan.is_empty() && !req.optimize {
-        let why = failures(run);
-        if !why.is_empty() {
-            return Err(Stop(format!(
-                "no update applied ({why}); no revision was made"
-            )));
-        }
+    if plan.is_empty() && nothing_to_do(req.optimize, &base, run)? {
         run.outcome = JobState::NothingToDo;
         return Ok(());
     }
 
-    // Ferry's own copy of the WIM.
-    std::fs::create_dir_all(work).map_err(|e| Stop(format!("{}: {e}", work.display())))?;
     let manifests = lib.manifests(&job.package, base.revision)?;
     let old = manifests
         .iter()
         .find(|m| m.path == wim_path)
         .ok_or_else(|| Stop(format!("{wim_path} is not in revision {}", base.revision)))?;
     run.size_before = Some(old.size);
-    let copy = work.join("image.wim");
     let t_rebuild = Instant::now();
-    let sparse = !req.optimize && sparse_copy(lib, old, &copy)?;
-    if !sparse {
-        rebuild_file(lib, old, &copy)?;
-    }
+    let (copy, sparse) = work_copy(lib, old, work, req.optimize)?;
     let t_update = Instant::now();
     let mut wim = Wim::open_for_update(&copy).map_err(|e| Stop(e.to_string()))?;
 
     let (applied, failed) = apply_updates(&mut wim, data, req, &plan, &catalog, run)?;
-    if applied.is_empty() && !req.optimize {
-        if failed.is_empty() {
-            run.outcome = JobState::NothingToDo;
-            return Ok(());
-        }
-        let why = failures(run);
-        return Err(Stop(format!(
-            "no update applied ({why}); no revision was made"
-        )));
+    if applied.is_empty() && !req.optimize && nothing_to_do(false, &base, run)? {
+        run.outcome = JobState::NothingToDo;
+        return Ok(());
     }
     let t_write = Instant::now();
     let appended = !req.optimize;
@@ -273,25 +245,9 @@ fn service(
 
     // The new revision: the WIM read again, every other file carried over.
     let t_import = Instant::now();
-    let mut import = lib.begin_import();
-    let shown = format!("job {} copy of {}", job.id, wim_path);
     let kept = appended.then(|| Kept::after_append(lib, old));
-    let new_wim = match packages::ingest_path(
-        &mut import,
-        &copy,
-        &wim_path,
-        packages::Read::Wim,
-        &shown,
-        kept.as_ref(),
-        |_| {},
-    ) {
-        Ok(m) => m,
-        Err(e) => {
-            drop(import);
-            lib.try_collect()?;
-            return Err(e.into());
-        }
-    };
+    let shown = format!("job {} copy of {}", job.id, wim_path);
+    let (import, new_wim) = ingest_copy(lib, &copy, &wim_path, &shown, kept.as_ref())?;
     let new_manifests: Vec<Manifest> = manifests
         .iter()
         .map(|m| {
@@ -306,37 +262,25 @@ fn service(
     all_applied.extend(applied.iter().cloned());
     let number = base.revision + 1;
     let mut record: PackageRecord = rec.clone();
-    record.revisions.push(RevisionRecord {
-        // The appended resources were checked; the others are the base's.
-        verified: base.verified,
-        revision: number,
-        created: crate::now(),
-        source: SourceRecord {
-            path: format!(
-                "{} revision {} serviced by job {}",
-                job.package, base.revision, job.id
-            ),
-            size: new_wim.size,
-            modified_ns: 0,
-            hash: new_wim.hash,
-        },
-        exported_index: base.exported_index,
-        wim: wim_info,
-        images: image_infos,
-        files: new_manifests.iter().map(FileRecord::of).collect(),
-        stats: Default::default(),
-        service: Some(ServiceRecord {
-            job: job.id,
-            base_revision: base.revision,
-            applied,
-            all_applied,
-            failed: failed.clone(),
-            optimized: req
-                .optimize
-                .then(|| (old.size, run.size_after.unwrap_or(0))),
-        }),
-        warnings: base.warnings.clone(),
-    });
+    let service = ServiceRecord {
+        job: job.id,
+        base_revision: base.revision,
+        applied,
+        all_applied,
+        failed: failed.clone(),
+        optimized: req
+            .optimize
+            .then(|| (old.size, run.size_after.unwrap_or(0))),
+    };
+    let files = new_manifests.iter().map(FileRecord::of).collect();
+    record.revisions.push(serviced_revision(
+        &job.package,
+        &base,
+        &new_wim,
+        service,
+        (wim_info, image_infos),
+        files,
+    ));
     let release = if req.distribute {
         packages::Release::Newest
     } else {
@@ -367,6 +311,109 @@ fn service(
         tracing::warn!(error = %e, "unreferenced chunks are left for the next collection");
     }
     Ok(())
+}
+
+/// With no update to apply: whether the job has nothing to do (no
+/// `--optimize`, or the image is optimized already); when every update
+/// asked for failed, the job stops with their reasons.
+fn nothing_to_do(optimize: bool, base: &RevisionRecord, run: &JobRun) -> Result<bool, Stop> {
+    if optimize {
+        // A cron job with --optimize alone would otherwise rebuild an
+        // unchanged image into a new revision at every run.
+        return Ok(base
+            .service
+            .as_ref()
+            .is_some_and(|s| s.optimized.is_some() && s.applied.is_empty()));
+    }
+    let why = failures(run);
+    if !why.is_empty() {
+        return Err(Stop(format!(
+            "no update applied ({why}); no revision was made"
+        )));
+    }
+    Ok(true)
+}
+
+/// Ferry's own copy of the WIM `old` in `work`: sparse (only the parts
+/// wimlib reads when it appends) unless `optimize` rewrites it whole.
+/// Returns the copy and whether it is sparse.
+fn work_copy(
+    lib: &Library,
+    old: &Manifest,
+    work: &Path,
+    optimize: bool,
+) -> Result<(PathBuf, bool), Stop> {
+    std::fs::create_dir_all(work).map_err(|e| Stop(format!("{}: {e}", work.display())))?;
+    let copy = work.join("image.wim");
+    let sparse = !optimize && sparse_copy(lib, old, &copy)?;
+    if !sparse {
+        rebuild_file(lib, old, &copy)?;
+    }
+    Ok((copy, sparse))
+}
+
+/// The serviced `copy` read into the library as `wim_path` (what `kept`
+/// says is unchanged is not read again); on failure the chunks it added
+/// are collected.
+fn ingest_copy<'l>(
+    lib: &'l Library,
+    copy: &Path,
+    wim_path: &str,
+    shown: &str,
+    kept: Option<&Kept>,
+) -> Result<(ferry_store::Import<'l>, Manifest), Stop> {
+    let mut import = lib.begin_import();
+    match packages::ingest_path(
+        &mut import,
+        copy,
+        wim_path,
+        packages::Read::Wim,
+        shown,
+        kept,
+        |_| {},
+    ) {
+        Ok(m) => Ok((import, m)),
+        Err(e) => {
+            drop(import);
+            lib.try_collect()?;
+            Err(e.into())
+        }
+    }
+}
+
+/// The revision after `base` that servicing made: `new_wim` its image
+/// (with `wim`'s properties and images), `service` what was done, `files`
+/// every file of it.
+fn serviced_revision(
+    package: &str,
+    base: &RevisionRecord,
+    new_wim: &Manifest,
+    service: ServiceRecord,
+    wim: (ferry_wim::WimInfo, Vec<ferry_wim::ImageInfo>),
+    files: Vec<FileRecord>,
+) -> RevisionRecord {
+    RevisionRecord {
+        // The appended resources were checked; the others are the base's.
+        verified: base.verified,
+        revision: base.revision + 1,
+        created: crate::now(),
+        source: SourceRecord {
+            path: format!(
+                "{package} revision {} serviced by job {}",
+                base.revision, service.job
+            ),
+            size: new_wim.size,
+            modified_ns: 0,
+            hash: new_wim.hash,
+        },
+        exported_index: base.exported_index,
+        wim: wim.0,
+        images: wim.1,
+        files,
+        stats: Default::default(),
+        service: Some(service),
+        warnings: base.warnings.clone(),
+    }
 }
 
 /// Decides what to apply, in the order asked: each update read from the
