@@ -354,6 +354,19 @@ impl SiteProc {
             .find(|r| r["dp"] == dp))
     }
 
+    /// Imports the WIM `wim` and waits until DP `dp` holds it: where a
+    /// redistribution test starts. Returns the package id.
+    pub fn install(&self, wim: &Path, dp: &str, limit: Duration) -> anyhow::Result<String> {
+        let pkg = self.add_image(wim, &[])?;
+        let id = pkg["id"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("image add answered without an id: {pkg}"))?
+            .to_string();
+        self.cli_ok(&["distribute", &id, "--dp", dp])?;
+        self.wait_installed(&id, dp, 1, limit)?;
+        Ok(id)
+    }
+
     /// Waits until `dp` reports `package` installed at `revision`; fails at
     /// once if the DP reports a failure. Returns the row.
     pub fn wait_installed(

@@ -40,9 +40,7 @@ fn a_dps_disk_holds_its_content_once_after_a_copy_and_a_redistribution() {
     let pair = wimtools::serviced_pair(dir.path(), &spec, "LZX", &ServiceSpec::default()).unwrap();
     let site = SiteProc::start(dir.path()).unwrap();
     let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
-    let id = id_of(&site.add_image(&pair.base, &[]).unwrap());
-    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
-    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let id = site.install(&pair.base, "dp1", LIMIT).unwrap();
     let check = |wim: &Path, when: &str| {
         let size = fs::metadata(wim).unwrap().len();
         let used = du(&[&dp.content(), &dp.data.join("index")]).unwrap();

@@ -777,3 +777,62 @@ fn a_rollback_releases_a_kept_revision_and_dps_fetch_only_the_delta() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_dp_in_maintenance_starts_no_transfer_and_catches_up_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TreeSpec {
+        files: 200,
+        seed: 31,
+        ..TreeSpec::default()
+    };
+    let pair = wimtools::serviced_pair(dir.path(), &spec, "LZX", &ServiceSpec::default()).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let id = site.install(&pair.base, "dp1", LIMIT).unwrap();
+    let file = dp.content().join(&id).join("base.wim");
+
+    site.cli_ok(&["dp", "set", "dp1", "--maintenance", "on"])
+        .unwrap();
+    let dps = site.cli_json(&["dp", "list"]).unwrap();
+    assert_eq!(dps[0]["maintenance"], true, "{dps}");
+    let list = site.cli(&["dp", "list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("maintenance"),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    wait_for("the DP to hear of its maintenance", LIMIT, || {
+        Ok(dp.log_text().contains("maintenance=true").then_some(()))
+    })
+    .unwrap();
+    // A new revision is released: the DP in maintenance does not start it.
+    site.refresh(&id, &pair.serviced).unwrap();
+    let row = wait_for("the new revision to be assigned", LIMIT, || {
+        Ok(site
+            .row(&id, "dp1")?
+            .filter(|r| r["revision"] == 2 && r["state"] == "pending"))
+    })
+    .unwrap();
+    assert_eq!(row["maintenance"], true, "{row}");
+    std::thread::sleep(Duration::from_secs(5));
+    let row = site.row(&id, "dp1").unwrap().unwrap();
+    assert_eq!(row["state"], "pending", "nothing started: {row}");
+    assert_eq!(row["holds_revision"], 1, "{row}");
+    assert!(same_file(&file, &pair.base), "dp1 still holds revision 1");
+    // The table wraps the state; its words are there.
+    let status = String::from_utf8_lossy(&site.cli(&["status", &id]).stdout).into_owned();
+    let words: Vec<&str> = status.split_whitespace().collect();
+    assert!(
+        words.contains(&"maintenance)") && words.contains(&"(holds"),
+        "{status}"
+    );
+
+    // Out of maintenance, it catches up.
+    site.cli_ok(&["dp", "set", "dp1", "--maintenance", "off"])
+        .unwrap();
+    site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();
+    assert!(same_file(&file, &pair.serviced), "dp1 holds revision 2");
+    let dps = site.cli_json(&["dp", "list"]).unwrap();
+    assert_eq!(dps[0]["maintenance"], false, "{dps}");
+}

@@ -218,6 +218,32 @@ fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
                 "{package} r{revision}"
             );
         }
+        // In maintenance, the assigned revision it never started is refused
+        // too; out of it, it is served.
+        let manifest = || {
+            ask(
+                &conn,
+                request::Kind::GetManifest(pb::GetManifest {
+                    package: id.clone(),
+                    revision: 1,
+                    base_revision: 0,
+                }),
+            )
+        };
+        site.cli_ok(&["dp", "set", "dp1", "--maintenance", "on"])
+            .unwrap();
+        let r = manifest().await;
+        let (code, msg) = error_of(&r[0]);
+        assert_eq!(code, Code::NotAllowed as i32);
+        assert!(msg.contains("in maintenance"), "{msg}");
+        site.cli_ok(&["dp", "set", "dp1", "--maintenance", "off"])
+            .unwrap();
+        let r = manifest().await;
+        assert!(
+            matches!(r[0].kind, Some(reply::Kind::Manifest(_))),
+            "{:?}",
+            r[0]
+        );
         // Another protocol version.
         let r = ask(
             &conn,

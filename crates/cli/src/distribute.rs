@@ -246,9 +246,11 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
                     .map(|n| format!(" (retry {})", crate::output::ago(*n)))
                     .unwrap_or_default()
             ),
-            "pending" => match r.holds_revision {
-                Some(h) => format!("pending (holds r{h})"),
-                None => "pending".into(),
+            "pending" => match (r.holds_revision, r.maintenance) {
+                (Some(h), true) => format!("pending (holds r{h}; DP in maintenance)"),
+                (None, true) => "pending (DP in maintenance)".into(),
+                (Some(h), false) => format!("pending (holds r{h})"),
+                (None, false) => "pending".into(),
             },
             "installed" => match r.validation.as_ref().filter(|v| v.done) {
                 Some(v) if v.damaged.is_empty() => "installed, validated".into(),

@@ -105,6 +105,11 @@ pub(crate) enum DpCmd {
         /// HTTPS listener (off by default).
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         anonymous_clients: Option<bool>,
+        /// Maintenance: while on, no transfer to or from the DP starts (one
+        /// under way goes on), nothing is removed from it; validation still
+        /// runs. Off again, it catches up with its assignments.
+        #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+        maintenance: Option<bool>,
     },
     /// On the site: let a DP send packages that allow multicast to many
     /// computers at once (--enable), or stop it (--disable). Settings not
@@ -262,7 +267,15 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             name,
             validate_schedule,
             anonymous_clients,
-        } => set(g, &name, validate_schedule, anonymous_clients).await,
+            maintenance,
+        } => {
+            let s = DpSettings {
+                validate_schedule,
+                anonymous_clients,
+                maintenance,
+            };
+            set(g, &name, s).await
+        }
         DpCmd::Show { name } => {
             let client = Client::new(g)?;
             let dps: Vec<DpView> = client.json(client.request(Method::GET, "/dps")).await?;
@@ -354,16 +367,12 @@ async fn multicast(g: &Global, a: MulticastArgs) -> anyhow::Result<()> {
     })
 }
 
-/// `ferry dp set NAME`: a DP's validation schedule and client access.
-async fn set(
-    g: &Global,
-    name: &str,
-    validate_schedule: Option<String>,
-    anonymous_clients: Option<bool>,
-) -> anyhow::Result<()> {
-    if validate_schedule.is_none() && anonymous_clients.is_none() {
+/// `ferry dp set NAME`: a DP's validation schedule, client access and
+/// maintenance.
+async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
+    if s.validate_schedule.is_none() && s.anonymous_clients.is_none() && s.maintenance.is_none() {
         anyhow::bail!(
-            "nothing to set: give --validate-schedule CRON (or off) or --anonymous-clients on|off"
+            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off or --maintenance on|off"
         );
     }
     let client = Client::new(g)?;
@@ -371,14 +380,29 @@ async fn set(
         .json(
             client
                 .request(Method::POST, &format!("/dps/{name}/settings"))
-                .json(&DpSettings {
-                    validate_schedule: validate_schedule.clone(),
-                    anonymous_clients,
-                }),
+                .json(&s),
         )
         .await?;
     if g.json {
         return print_json(&v);
+    }
+    let DpSettings {
+        validate_schedule,
+        anonymous_clients,
+        maintenance,
+    } = s;
+    if let Some(on) = maintenance {
+        println!(
+            "{name}: {}",
+            if on {
+                "in maintenance: no transfer to or from it starts"
+            } else {
+                "out of maintenance: it catches up with its assignments"
+            }
+        );
+        if validate_schedule.is_none() && anonymous_clients.is_none() {
+            return Ok(());
+        }
     }
     if let Some(on) = anonymous_clients {
         println!(
@@ -430,7 +454,7 @@ async fn list(g: &Global) -> anyhow::Result<()> {
             .collect();
         t.add_row(vec![
             d.name.clone(),
-            format!("{}{}", d.enrollment, if d.online { ", online" } else { "" }),
+            state(d),
             {
                 let mut a = d.address.clone().unwrap_or_else(|| "-".into());
                 if !d.client_names.is_empty() {
@@ -479,6 +503,16 @@ async fn list(g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Enrollment, and whether it is online and in maintenance.
+fn state(d: &DpView) -> String {
+    format!(
+        "{}{}{}",
+        d.enrollment,
+        if d.online { ", online" } else { "" },
+        if d.maintenance { ", maintenance" } else { "" }
+    )
+}
+
 /// "now" for a DP online, else how long ago it was last (or "never").
 fn last_contact(d: &DpView) -> String {
     if d.online {
@@ -492,10 +526,7 @@ fn last_contact(d: &DpView) -> String {
 fn show(d: &DpView) {
     let line = |k: &str, v: String| println!("  {k:<12}{v}");
     println!("DP {}", d.name);
-    line(
-        "state",
-        format!("{}{}", d.enrollment, if d.online { ", online" } else { "" }),
-    );
+    line("state", state(d));
     line("address", d.address.clone().unwrap_or_else(|| "-".into()));
     line("last contact", last_contact(d));
     if !d.client_names.is_empty() {

@@ -156,6 +156,33 @@ impl Session {
         self.retry_at.clear();
     }
 
+    /// What to hold while the DP is in maintenance: what it holds now
+    /// (an interrupted transfer's stage goes on), nothing new, nothing
+    /// removed, no rebuild; `next`'s validation request still stands.
+    pub fn frozen(&self, next: &Desired) -> Desired {
+        let mut at: BTreeMap<&str, u32> = self
+            .held
+            .installed
+            .iter()
+            .map(|(p, &r)| (p.as_str(), r))
+            .collect();
+        for (p, r) in &self.held.stages {
+            at.insert(p, *r);
+        }
+        Desired {
+            items: at
+                .into_iter()
+                .map(|(package, revision)| Want {
+                    package: package.to_string(),
+                    revision,
+                    rebuild: self.held.rebuilt.get(package).copied().unwrap_or(0),
+                })
+                .collect(),
+            validate: next.validate,
+            validate_packages: next.validate_packages.clone(),
+        }
+    }
+
     /// Whether a job of `key` waits for its retry.
     fn waiting(&self, key: &Key, now: Instant) -> bool {
         self.retry_at.get(key).is_some_and(|&t| t > now)
@@ -393,6 +420,58 @@ mod tests {
             ]
         );
         assert_eq!(run_all(&mut s, Instant::now()), vec![], "converged");
+    }
+
+    #[test]
+    fn in_maintenance_an_interrupted_transfer_goes_on_and_nothing_new_starts() {
+        let mut h = held(&[("A", 1), ("B", 1), ("OLD", 4)]);
+        h.stages = vec![("B".into(), 2)];
+        h.rebuilt.insert("A".into(), 7);
+        let mut s = Session::new(h);
+        // The site now wants A at 2 rebuilt, no B, no OLD, a new C, and a
+        // validation: only B's interrupted transfer and the validation run.
+        let mut next = desired(vec![
+            Want {
+                rebuild: 8,
+                ..want("A", 2)
+            },
+            want("C", 1),
+        ]);
+        next.validate = 3;
+        let frozen = s.frozen(&next);
+        assert_eq!(frozen.validate, 3);
+        s.assign(frozen);
+        let jobs = run_all(&mut s, Instant::now());
+        assert!(
+            jobs.iter().all(|j| !matches!(
+                j,
+                Job::Remove { .. } | Job::DropStage { .. } | Job::Rebuild(_)
+            )),
+            "{jobs:?}"
+        );
+        let fetched: Vec<&Want> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Fetch { want, .. } => Some(want),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fetched, vec![&want("B", 2)], "{jobs:?}");
+        assert!(
+            jobs.iter()
+                .any(|j| matches!(j, Job::Validate { request: 3, .. })),
+            "{jobs:?}"
+        );
+        // Out of maintenance, the site's assignments apply again.
+        s.assign(next);
+        let jobs = run_all(&mut s, Instant::now());
+        assert!(jobs.contains(&Job::Remove {
+            package: "OLD".into(),
+            revision: 4
+        }));
+        assert!(jobs
+            .iter()
+            .any(|j| matches!(j, Job::Fetch { want, .. } if want.package == "C")));
     }
 
     #[test]

@@ -329,6 +329,7 @@ impl DpAgent {
                         info!(
                             packages = a.items.len(),
                             validate = a.validate,
+                            maintenance = a.maintenance,
                             "assignments received"
                         );
                         if let Some(p) = &a.clients {
@@ -427,7 +428,13 @@ impl DpAgent {
             if fresh || desired_rx.has_changed()? {
                 fresh = false;
                 if let Some(a) = desired_rx.borrow_and_update().clone() {
-                    session.assign(desired(&a));
+                    let next = desired(&a);
+                    // In maintenance: what is held stays, nothing new starts.
+                    session.assign(if a.maintenance {
+                        session.frozen(&next)
+                    } else {
+                        next
+                    });
                 }
             }
             if let Some(job) = session.poll_job(Instant::now()) {

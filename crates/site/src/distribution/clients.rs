@@ -164,14 +164,7 @@ impl Hub {
 
     /// Lets clients without a token download from DP `dp`, or stops it.
     pub fn set_anonymous_clients(&self, dp: &str, on: bool) -> Result<(), HubError> {
-        self.update(true, |reg| {
-            let d = reg
-                .dps
-                .get_mut(dp)
-                .ok_or_else(|| HubError::NoDp(dp.to_string()))?;
-            d.anonymous_clients = on;
-            Ok(())
-        })
+        self.set_dp(dp, |d| d.anonymous_clients = on)
     }
 
     /// Records the names of DP `dp`'s HTTPS certificate.

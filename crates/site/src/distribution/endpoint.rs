@@ -412,6 +412,7 @@ impl DpServer {
             .unwrap_or_default();
         pb::Assignments {
             items,
+            maintenance: reg.dps.get(dp).is_some_and(|d| d.maintenance),
             validate: v.requested,
             validate_packages: v.packages,
             clients: Some(ferry_wire::pb::ClientPolicy {
@@ -687,8 +688,8 @@ impl DpServer {
 
     /// Why `dp` may not read `revision` of `package`, or `None` when it
     /// may: the package is assigned to it and the revision is the one it
-    /// must hold, or the one it reported holding (validation repairs it
-    /// until it moves on).
+    /// must hold, or the one it reported holding or fetching (validation
+    /// repairs it until it moves on). In maintenance only the latter.
     fn out_of_scope(&self, dp: &str, package: &str, revision: u32) -> Option<String> {
         let reg = self.hub.snapshot();
         if !reg.assigned(dp).contains(package) {
@@ -697,12 +698,19 @@ impl DpServer {
         let target = packages::record(&self.lib, package)
             .ok()
             .and_then(|r| r.target());
-        let holds = reg
-            .dps
-            .get(dp)
+        let d = reg.dps.get(dp);
+        let holds = d
             .and_then(|d| d.transfers.get(package))
             .is_some_and(|t| t.revision == revision && t.state != TransferState::Pending);
-        (target != Some(revision) && !holds)
+        if holds {
+            return None;
+        }
+        if d.is_some_and(|d| d.maintenance) {
+            return Some(format!(
+                "DP {dp} is in maintenance: no transfer of {package} revision {revision} starts"
+            ));
+        }
+        (target != Some(revision))
             .then(|| format!("{package} revision {revision} is not assigned to DP {dp}"))
     }
 

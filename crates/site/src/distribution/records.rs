@@ -141,6 +141,10 @@ pub struct DpRecord {
     /// Clients without a token may download from it.
     #[serde(default)]
     pub anonymous_clients: bool,
+    /// In maintenance (`ferry dp set NAME --maintenance on`): no transfer
+    /// to or from it starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
     /// The names in the certificate of its HTTPS listener, as last issued.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_names: Vec<String>,
@@ -172,6 +176,7 @@ impl DpRecord {
             rebuilds: BTreeMap::new(),
             disk: None,
             anonymous_clients: false,
+            maintenance: false,
             client_names: Vec::new(),
             multicast: None,
             multicast_sessions: Vec::new(),

@@ -748,6 +748,25 @@ impl Hub {
         .map(|_| ())
     }
 
+    /// Changes an operator's setting of DP `dp` (written, and the DP told
+    /// at once when connected).
+    pub(crate) fn set_dp(&self, dp: &str, f: impl FnOnce(&mut DpRecord)) -> Result<(), HubError> {
+        self.update(true, |reg| {
+            let d = reg
+                .dps
+                .get_mut(dp)
+                .ok_or_else(|| HubError::NoDp(dp.to_string()))?;
+            f(d);
+            Ok(())
+        })
+    }
+
+    /// Puts DP `dp` in maintenance (no transfer to or from it starts), or
+    /// takes it out.
+    pub fn set_maintenance(&self, dp: &str, on: bool) -> Result<(), HubError> {
+        self.set_dp(dp, |d| d.maintenance = on)
+    }
+
     /// Records a contact of DP `dp`: now, from `address` when it just
     /// connected (written, so the last contact survives the site).
     pub fn contact(&self, dp: &str, address: Option<String>) -> Result<(), HubError> {

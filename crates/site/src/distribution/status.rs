@@ -43,6 +43,9 @@ pub struct DpView {
     /// Whether it serves clients without a token.
     #[serde(default)]
     pub anonymous_clients: bool,
+    /// Whether it is in maintenance (no transfer starts).
+    #[serde(default)]
+    pub maintenance: bool,
     /// Its multicast settings (absent: never set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<crate::distribution::multicast::DpMulticast>,
@@ -94,6 +97,7 @@ pub fn dps(hub: &Hub, conns: &Connections) -> Vec<DpView> {
             disk: d.disk.clone(),
             client_names: d.client_names.clone(),
             anonymous_clients: d.anonymous_clients,
+            maintenance: d.maintenance,
             multicast: d.multicast.clone(),
             multicast_sessions: d.multicast_sessions.clone(),
         })
@@ -148,6 +152,9 @@ pub struct StatusRow {
     pub last_contact: Option<OffsetDateTime>,
     /// Whether the DP is connected.
     pub online: bool,
+    /// Whether the DP is in maintenance: what it does not hold yet waits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
     /// The DP's multicast sessions of this package: those running, and
     /// the last that ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -240,6 +247,7 @@ pub fn rows(
                 next_retry: None,
                 last_contact: d.last_contact,
                 online: conns.is_online(&d.name),
+                maintenance: d.maintenance,
                 multicast: sessions,
                 multicast_warning: (only && !runs_sessions && want.is_some()).then(|| {
                     format!(

@@ -49,6 +49,10 @@ pub struct DpSettings {
     /// Let clients without a token download from the DP's HTTPS listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anonymous_clients: Option<bool>,
+    /// Put the DP in maintenance (no transfer to or from it starts), or
+    /// take it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<bool>,
 }
 
 /// One package's last validation on a DP.
@@ -145,6 +149,10 @@ pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
     if let Some(on) = s.anonymous_clients {
         hub.set_anonymous_clients(dp, on)?;
         info!(%dp, anonymous = on, "anonymous client downloads set");
+    }
+    if let Some(on) = s.maintenance {
+        hub.set_maintenance(dp, on)?;
+        info!(%dp, maintenance = on, "maintenance set");
     }
     Ok(())
 }
