@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::disk::{du, SmallDisk};
 use ferry_tests::harness::{wait_for, DpProc, SiteProc};
+use ferry_tests::netns::Netns;
 use ferry_tests::relay::{Impairment, Relay};
 use ferry_tests::tree::TreeSpec;
 use ferry_tests::wimtools::{self, ServiceSpec};
@@ -383,4 +384,78 @@ fn on_a_reflink_filesystem_a_package_sharing_an_installed_ones_content_costs_no_
     let name = wim.file_name().unwrap();
     assert!(same_file(&dp.content().join(&b).join(name), &wim));
     assert!(same_file(&dp.content().join(&a).join(name), &wim));
+}
+
+/// Bytes per second a DP is limited to in the rate test.
+const RATE: u64 = 20_000_000;
+
+#[test]
+fn a_rate_limit_set_on_the_site_holds_on_the_wire_second_by_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    // 256 MiB: about 13 s at 20 MB/s.
+    let wim = wimtools::big_wim(w, 256, 13).unwrap();
+    let ns = Netns::create("rate", 51).unwrap();
+    let site = SiteProc::start_at(w, "site", &ns.host_ip, &[]).unwrap();
+    let site_addr = format!("{}:{}", ns.host_ip, site.dp_port);
+    let mut dp = DpProc::enroll_with(w, "dp1", &site, &site_addr, &ns.exec_prefix(), &[]).unwrap();
+    dp.serve().unwrap();
+    site.cli_ok(&["dp", "set", "dp1", "--rate", "20M"]).unwrap();
+    let dps = site.cli_json(&["dp", "list"]).unwrap();
+    assert_eq!(dps[0]["rate"], RATE, "{dps}");
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+
+    // What the kernel counts into the DP's namespace, about once a second,
+    // until the DP holds the image.
+    let mut samples = vec![(Instant::now(), ns.host_bytes().unwrap().1)];
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    loop {
+        let last = samples.last().unwrap().0;
+        std::thread::sleep(
+            (last + Duration::from_secs(1)).saturating_duration_since(Instant::now()),
+        );
+        samples.push((Instant::now(), ns.host_bytes().unwrap().1));
+        assert!(
+            last.duration_since(samples[0].0) < LIMIT,
+            "not installed in time"
+        );
+        let row = site.row(&id, "dp1").unwrap();
+        if row.is_some_and(|r| r["state"] == "installed") {
+            break;
+        }
+    }
+    let rates: Vec<f64> = samples
+        .windows(2)
+        .map(|p| (p[1].1 - p[0].1) as f64 / p[1].0.duration_since(p[0].0).as_secs_f64())
+        .collect();
+    let shown: Vec<String> = rates.iter().map(|r| format!("{:.1}", r / 1e6)).collect();
+    eprintln!("MB/s each second: {}", shown.join(" "));
+    // The seconds of the transfer, without the first and the last (partly
+    // idle): at least ten, on average within 10 % of the limit.
+    let busy: Vec<f64> = rates
+        .iter()
+        .copied()
+        .filter(|&r| r > RATE as f64 / 10.0)
+        .collect();
+    assert!(busy.len() >= 12, "a transfer of at least 10 s: {shown:?}");
+    let inner = &busy[1..busy.len() - 1];
+    let avg = inner.iter().sum::<f64>() / inner.len() as f64;
+    assert!(
+        (avg / RATE as f64 - 1.0).abs() <= 0.10,
+        "average {:.2} MB/s against a limit of 20 MB/s: {shown:?}",
+        avg / 1e6
+    );
+    let max = rates.iter().copied().fold(0.0, f64::max);
+    assert!(
+        max <= 1.5 * RATE as f64,
+        "a second at {:.2} MB/s: {shown:?}",
+        max / 1e6
+    );
+    let file = dp.content().join(&id).join(wim.file_name().unwrap());
+    assert!(same_file(&file, &wim), "the DP's copy is the image");
+
+    // Off again: the next transfer is not held to it.
+    site.cli_ok(&["dp", "set", "dp1", "--rate", "off"]).unwrap();
+    let dps = site.cli_json(&["dp", "list"]).unwrap();
+    assert!(dps[0]["rate"].is_null(), "{dps}");
 }

@@ -110,6 +110,11 @@ pub(crate) enum DpCmd {
         /// runs. Off again, it catches up with its assignments.
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         maintenance: Option<bool>,
+        /// Send the DP at most this many chunk bytes per second (K, M, G:
+        /// powers of 1000; KiB, MiB, GiB: of 1024; or bits: 100Mbit), paced
+        /// by the sender byte by byte; "off" takes the limit away.
+        #[arg(long, value_name = "RATE|off", value_parser = parse_rate_or_off)]
+        rate: Option<u64>,
     },
     /// On the site: let a DP send packages that allow multicast to many
     /// computers at once (--enable), or stop it (--disable). Settings not
@@ -162,6 +167,14 @@ pub(crate) struct MulticastArgs {
 pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h or 1h30m ({e})"))
+}
+
+/// A rate, or "off" (0: no limit).
+fn parse_rate_or_off(s: &str) -> Result<u64, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    ferry_core::units::parse_rate(s)
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -268,11 +281,13 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             validate_schedule,
             anonymous_clients,
             maintenance,
+            rate,
         } => {
             let s = DpSettings {
                 validate_schedule,
                 anonymous_clients,
                 maintenance,
+                rate,
             };
             set(g, &name, s).await
         }
@@ -367,12 +382,22 @@ async fn multicast(g: &Global, a: MulticastArgs) -> anyhow::Result<()> {
     })
 }
 
-/// `ferry dp set NAME`: a DP's validation schedule, client access and
-/// maintenance.
+/// `ferry dp set NAME`: a DP's validation schedule, client access,
+/// maintenance and rate limit; a line for each setting given.
 async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
-    if s.validate_schedule.is_none() && s.anonymous_clients.is_none() && s.maintenance.is_none() {
+    let DpSettings {
+        validate_schedule,
+        anonymous_clients,
+        maintenance,
+        rate,
+    } = &s;
+    if validate_schedule.is_none()
+        && anonymous_clients.is_none()
+        && maintenance.is_none()
+        && rate.is_none()
+    {
         anyhow::bail!(
-            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off or --maintenance on|off"
+            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off or --rate RATE (or off)"
         );
     }
     let client = Client::new(g)?;
@@ -386,45 +411,42 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
     if g.json {
         return print_json(&v);
     }
-    let DpSettings {
-        validate_schedule,
-        anonymous_clients,
-        maintenance,
-    } = s;
     if let Some(on) = maintenance {
         println!(
             "{name}: {}",
-            if on {
+            if *on {
                 "in maintenance: no transfer to or from it starts"
             } else {
                 "out of maintenance: it catches up with its assignments"
             }
         );
-        if validate_schedule.is_none() && anonymous_clients.is_none() {
-            return Ok(());
+    }
+    if let Some(r) = rate {
+        match r {
+            0 => println!("{name}: no rate limit"),
+            r => println!("{name}: chunks sent at most {}/s", bytes(*r)),
         }
     }
     if let Some(on) = anonymous_clients {
         println!(
             "{name}: {}",
-            if on {
+            if *on {
                 "serves clients without a token too"
             } else {
                 "serves only clients with a token"
             }
         );
-        if validate_schedule.is_none() {
-            return Ok(());
-        }
     }
-    match (&v.schedule, &v.next_run) {
-        (Some(s), Some(n)) => println!(
-            "{name}: validates on \"{s}\"; next run {} UTC ({})",
-            crate::output::when(*n),
-            crate::output::rfc3339(*n)
-        ),
-        (Some(s), None) => println!("{name}: validates on \"{s}\""),
-        _ => println!("{name}: no validation schedule"),
+    if validate_schedule.is_some() {
+        match (&v.schedule, &v.next_run) {
+            (Some(s), Some(n)) => println!(
+                "{name}: validates on \"{s}\"; next run {} UTC ({})",
+                crate::output::when(*n),
+                crate::output::rfc3339(*n)
+            ),
+            (Some(s), None) => println!("{name}: validates on \"{s}\""),
+            _ => println!("{name}: no validation schedule"),
+        }
     }
     Ok(())
 }
@@ -503,13 +525,16 @@ async fn list(g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enrollment, and whether it is online and in maintenance.
+/// Enrollment, whether it is online and in maintenance, its rate limit.
 fn state(d: &DpView) -> String {
     format!(
-        "{}{}{}",
+        "{}{}{}{}",
         d.enrollment,
         if d.online { ", online" } else { "" },
-        if d.maintenance { ", maintenance" } else { "" }
+        if d.maintenance { ", maintenance" } else { "" },
+        d.rate
+            .map(|r| format!(", ≤ {}/s", bytes(r)))
+            .unwrap_or_default()
     )
 }
 

@@ -410,6 +410,10 @@ impl DpServer {
             .get(dp)
             .map(|d| d.validation.clone())
             .unwrap_or_default();
+        // The rate limit takes effect with the assignments that carry it.
+        self.conns
+            .pacer(dp)
+            .set(reg.dps.get(dp).and_then(|d| d.rate));
         pb::Assignments {
             items,
             maintenance: reg.dps.get(dp).is_some_and(|d| d.maintenance),
@@ -890,8 +894,10 @@ impl DpServer {
             }
         };
         let served = self.hub.served_counter(dp);
+        let pacer = self.conns.pacer(dp);
         let frames = async {
             while let Some((frame, n)) = frame_rx.recv().await {
+                pacer.take(frame.len()).await;
                 send.write_chunk(frame)
                     .await
                     .map_err(|e| ferry_wire::WireError::Io(e.into()))?;

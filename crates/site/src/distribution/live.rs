@@ -1,11 +1,15 @@
 //! The DPs connected right now: their QUIC connections, kept by the
 //! endpoint that accepted them ([`crate::distribution::endpoint`]) and read
 //! by the operator API (who is online; a revoked or removed DP's connection
-//! is closed here). Nothing of it is recorded: a DP's record keeps its last
-//! contact and address ([`crate::distribution::registry::Hub::contact`]).
+//! is closed here), and the pace of the chunks sent to each ([`Pacer`]).
+//! Nothing of it is recorded: a DP's record keeps its last contact and
+//! address ([`crate::distribution::registry::Hub::contact`]) and its rate.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use ferry_wire::CLOSE_REVOKED;
 
@@ -20,10 +24,77 @@ pub struct Online {
     pub conn: quinn::Connection,
 }
 
-/// The connections of the DPs online, by name.
+/// The connections of the DPs online, by name, and their pacers.
 #[derive(Debug, Default)]
 pub struct Connections {
     online: Mutex<HashMap<String, Online>>,
+    pacers: Mutex<HashMap<String, Arc<Pacer>>>,
+}
+
+/// The pace of the chunk bytes sent to one DP, across all its chunk
+/// streams: its rate limit (`ferry dp set NAME --rate`) as a token bucket
+/// over bytes (governor's GCRA), so the link sees the rate on average and
+/// never more than [`BURST_SECS`] of it at once above it. Without a limit
+/// it costs one lock per batch of frames.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    limit: Mutex<Option<(u64, Arc<DefaultDirectRateLimiter>)>>,
+}
+
+/// The most a pacer lets through at once, in seconds of its rate: a tenth
+/// of a second keeps every one-second interval within 1.1× of the rate.
+pub const BURST_SECS: f64 = 0.1;
+
+/// The smallest burst: one batch of chunk frames goes in a few pieces.
+const MIN_BURST: u32 = 16 << 10;
+
+impl Pacer {
+    /// Sets the rate in bytes per second (`None`: no limit). The same rate
+    /// keeps the bucket as it is.
+    pub fn set(&self, rate: Option<u64>) {
+        let mut limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        // Above 4 GB/s (u32 cells per second) there is nothing to pace.
+        let rate = rate.and_then(|r| NonZeroU32::new(u32::try_from(r).ok()?));
+        match (rate, limit.as_ref()) {
+            (None, _) => *limit = None,
+            (Some(r), Some((now, _))) if u64::from(r.get()) == *now => {}
+            (Some(r), _) => {
+                let burst = ((f64::from(r.get()) * BURST_SECS) as u32).max(MIN_BURST);
+                let quota =
+                    Quota::per_second(r).allow_burst(NonZeroU32::MIN.saturating_add(burst - 1));
+                *limit = Some((u64::from(r.get()), Arc::new(RateLimiter::direct(quota))));
+            }
+        }
+    }
+
+    /// The rate, if limited.
+    pub fn rate(&self) -> Option<u64> {
+        self.limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(r, _)| *r)
+    }
+
+    /// Waits until `n` more bytes may be sent.
+    pub async fn take(&self, n: usize) {
+        let Some(limiter) = self
+            .limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, l)| l.clone())
+        else {
+            return;
+        };
+        let mut left = u32::try_from(n).unwrap_or(u32::MAX);
+        let piece = NonZeroU32::MIN.saturating_add(MIN_BURST - 1);
+        while let Some(now) = NonZeroU32::new(left.min(piece.get())) {
+            // Never more than the burst: a piece of at most MIN_BURST is.
+            let _ = limiter.until_n_ready(now).await;
+            left -= now.get();
+        }
+    }
 }
 
 impl Connections {
@@ -65,6 +136,16 @@ impl Connections {
     /// Whether `dp` is connected.
     pub fn is_online(&self, dp: &str) -> bool {
         self.lock().contains_key(dp)
+    }
+
+    /// The pacer of the chunks sent to `dp`.
+    pub fn pacer(&self, dp: &str) -> Arc<Pacer> {
+        self.pacers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(dp.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Closes `dp`'s connection, telling it `why` with the code that stops

@@ -145,6 +145,10 @@ pub struct DpRecord {
     /// to or from it starts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub maintenance: bool,
+    /// The most chunk bytes per second the site (or a source DP) sends it
+    /// (`ferry dp set NAME --rate`); `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
     /// The names in the certificate of its HTTPS listener, as last issued.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_names: Vec<String>,
@@ -177,6 +181,7 @@ impl DpRecord {
             disk: None,
             anonymous_clients: false,
             maintenance: false,
+            rate: None,
             client_names: Vec::new(),
             multicast: None,
             multicast_sessions: Vec::new(),

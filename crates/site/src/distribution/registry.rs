@@ -767,6 +767,12 @@ impl Hub {
         self.set_dp(dp, |d| d.maintenance = on)
     }
 
+    /// Limits the chunk bytes sent to DP `dp` per second (`None`: no
+    /// limit).
+    pub fn set_rate(&self, dp: &str, rate: Option<u64>) -> Result<(), HubError> {
+        self.set_dp(dp, |d| d.rate = rate)
+    }
+
     /// Records a contact of DP `dp`: now, from `address` when it just
     /// connected (written, so the last contact survives the site).
     pub fn contact(&self, dp: &str, address: Option<String>) -> Result<(), HubError> {

@@ -46,6 +46,9 @@ pub struct DpView {
     /// Whether it is in maintenance (no transfer starts).
     #[serde(default)]
     pub maintenance: bool,
+    /// Its rate limit in bytes per second, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
     /// Its multicast settings (absent: never set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<crate::distribution::multicast::DpMulticast>,
@@ -98,6 +101,7 @@ pub fn dps(hub: &Hub, conns: &Connections) -> Vec<DpView> {
             client_names: d.client_names.clone(),
             anonymous_clients: d.anonymous_clients,
             maintenance: d.maintenance,
+            rate: d.rate,
             multicast: d.multicast.clone(),
             multicast_sessions: d.multicast_sessions.clone(),
         })

@@ -53,6 +53,10 @@ pub struct DpSettings {
     /// take it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<bool>,
+    /// Limit the chunk bytes sent to the DP to this many per second; 0
+    /// takes the limit away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
 }
 
 /// One package's last validation on a DP.
@@ -153,6 +157,10 @@ pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
     if let Some(on) = s.maintenance {
         hub.set_maintenance(dp, on)?;
         info!(%dp, maintenance = on, "maintenance set");
+    }
+    if let Some(rate) = s.rate {
+        hub.set_rate(dp, (rate > 0).then_some(rate))?;
+        info!(%dp, rate, "rate limit set (0: none)");
     }
     Ok(())
 }
