@@ -18,6 +18,7 @@ pub mod distribution;
 pub mod library;
 pub(crate) mod schedule;
 pub mod servicing;
+pub mod windows;
 
 use distribution::{endpoint, registry, validation};
 use library::packages;
