@@ -459,3 +459,76 @@ fn a_rate_limit_set_on_the_site_holds_on_the_wire_second_by_second() {
     let dps = site.cli_json(&["dp", "list"]).unwrap();
     assert!(dps[0]["rate"].is_null(), "{dps}");
 }
+
+#[test]
+fn a_window_that_closes_mid_transfer_pauses_it_and_it_resumes_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    // 128 MiB at 20 MB/s: about 7 s of sending.
+    let wim = wimtools::big_wim(w, 128, 17).unwrap();
+    let site = SiteProc::start_at(w, "site", "127.0.0.1", &[("TZ", "UTC")]).unwrap();
+    let mut dp = DpProc::enroll(w, "dp1", &site).unwrap();
+    // A DP that calls 3 s without chunks a stall: the pause is longer.
+    dp.exec_prefix = vec!["env".into(), "FERRY_FAULT_STALL_SECS=3".into()];
+    dp.serve().unwrap();
+    site.cli_ok(&["dp", "set", "dp1", "--rate", "20M"]).unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+
+    // Closed from 3 s from now for 8 s, in the site's time (UTC).
+    let hms =
+        |t: time::OffsetDateTime| format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second());
+    let close = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let open = close + time::Duration::seconds(8);
+    let window = format!("daily {}-{} closed", hms(close), hms(open));
+    site.cli_ok(&["dp", "set", "dp1", "--window", &window])
+        .unwrap();
+    assert_eq!(site.dp_row("dp1").unwrap()["window"], window.as_str());
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+
+    let row = wait_for("the transfer to pause", LIMIT, || {
+        Ok(site
+            .row(&id, "dp1")?
+            .filter(|r| r["state"] == "in-progress" && !r["paused_until"].is_null()))
+    })
+    .unwrap();
+    assert!(
+        row["bytes_done"].as_u64().unwrap() < row["bytes_needed"].as_u64().unwrap(),
+        "paused mid-transfer: {row}"
+    );
+    assert_eq!(row["paused_until_site"], &hms(open)[..5], "{row}");
+    let status = String::from_utf8_lossy(&site.cli(&["status", &id]).stdout).into_owned();
+    let words: Vec<&str> = status.split_whitespace().collect();
+    assert!(
+        words.contains(&"paused") && words.contains(&"until"),
+        "{status}"
+    );
+    // While closed, nothing arrives (what was on the wire lands first).
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = site.row(&id, "dp1").unwrap().unwrap()["bytes_done"].clone();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = site.row(&id, "dp1").unwrap().unwrap();
+    assert_eq!(
+        after["bytes_done"], before,
+        "nothing sent while closed: {after}"
+    );
+    assert_eq!(after["state"], "in-progress", "paused, not failed: {after}");
+
+    // The window opens: it goes on where it was, never failed, and no
+    // chunk was sent twice.
+    let row = site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let file = dp.content().join(&id).join(wim.file_name().unwrap());
+    assert!(same_file(&file, &wim), "the DP's copy is the image");
+    let served = site.dp_row("dp1").unwrap()["served_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        Some(served),
+        row["bytes_needed"].as_u64(),
+        "chunk bytes sent against those needed: {row}"
+    );
+    assert!(dp.log_text().contains("the site stopped sending"));
+    assert!(dp.log_text().contains("the site goes on sending"));
+    site.cli_ok(&["dp", "set", "dp1", "--window", "off"])
+        .unwrap();
+    assert!(site.dp_row("dp1").unwrap()["window"].is_null());
+}

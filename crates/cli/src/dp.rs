@@ -115,6 +115,14 @@ pub(crate) enum DpCmd {
         /// by the sender byte by byte; "off" takes the limit away.
         #[arg(long, value_name = "RATE|off", value_parser = parse_rate_or_off)]
         rate: Option<u64>,
+        /// When the site sends the DP chunks, in the site's local time:
+        /// rules separated by ";", each "[DAYS] HH:MM-HH:MM rate RATE" or
+        /// "[DAYS] HH:MM-HH:MM closed" ("Mon-Fri 08:00-18:00 rate 5M; daily
+        /// 12:00-13:00 closed"); DAYS is daily (the default), Mon, Sat,Sun
+        /// or Mon-Fri. A window that closes mid-transfer pauses it; "off"
+        /// takes the windows away.
+        #[arg(long, value_name = "RULES|off")]
+        window: Option<String>,
     },
     /// On the site: let a DP send packages that allow multicast to many
     /// computers at once (--enable), or stop it (--disable). Settings not
@@ -282,12 +290,14 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             anonymous_clients,
             maintenance,
             rate,
+            window,
         } => {
             let s = DpSettings {
                 validate_schedule,
                 anonymous_clients,
                 maintenance,
                 rate,
+                window,
             };
             set(g, &name, s).await
         }
@@ -390,14 +400,16 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
         anonymous_clients,
         maintenance,
         rate,
+        window,
     } = &s;
     if validate_schedule.is_none()
         && anonymous_clients.is_none()
         && maintenance.is_none()
         && rate.is_none()
+        && window.is_none()
     {
         anyhow::bail!(
-            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off or --rate RATE (or off)"
+            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off, --rate RATE (or off) or --window RULES (or off)"
         );
     }
     let client = Client::new(g)?;
@@ -425,6 +437,13 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
         match r {
             0 => println!("{name}: no rate limit"),
             r => println!("{name}: chunks sent at most {}/s", bytes(*r)),
+        }
+    }
+    if let Some(w) = window {
+        if w.trim().eq_ignore_ascii_case("off") {
+            println!("{name}: no transfer windows");
+        } else {
+            println!("{name}: transfer windows (site time) {}", w.trim());
         }
     }
     if let Some(on) = anonymous_clients {
@@ -528,12 +547,16 @@ async fn list(g: &Global) -> anyhow::Result<()> {
 /// Enrollment, whether it is online and in maintenance, its rate limit.
 fn state(d: &DpView) -> String {
     format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
         d.enrollment,
         if d.online { ", online" } else { "" },
         if d.maintenance { ", maintenance" } else { "" },
         d.rate
             .map(|r| format!(", ≤ {}/s", bytes(r)))
+            .unwrap_or_default(),
+        d.window
+            .as_ref()
+            .map(|w| format!(", windows (site time): {w}"))
             .unwrap_or_default()
     )
 }

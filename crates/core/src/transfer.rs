@@ -233,6 +233,9 @@ pub struct Transfer {
     /// Whether the driver runs a checkpoint now.
     checkpointing: bool,
     /// When a chunk last arrived, or the first request went out.
+    /// The sender holds the chunks back on purpose (a closed transfer
+    /// window): no stall.
+    paused: bool,
     last_arrival: Option<Instant>,
     /// Broken streams opened again so far.
     restarts: u32,
@@ -334,6 +337,7 @@ impl Transfer {
             last_checkpoint: None,
             checkpointing: false,
             last_arrival: None,
+            paused: false,
             restarts: 0,
         };
         let mut copy_slots: Vec<(Slot, Origin)> = Vec::new();
@@ -572,12 +576,22 @@ impl Transfer {
                 also(last + self.opts.checkpoint_every);
             }
         }
-        if let Some(last) = self.last_arrival {
+        if let Some(last) = self.last_arrival.filter(|_| !self.paused) {
             if !self.finished && (0..self.asked.len()).any(|s| self.is_waiting(s)) {
                 also(last + self.opts.stall_timeout);
             }
         }
         at
+    }
+
+    /// The sender pauses (a transfer window closed) or goes on: while
+    /// paused, waiting for chunks is no stall; on resuming, the stall clock
+    /// starts again.
+    pub fn set_paused(&mut self, paused: bool, now: Instant) {
+        if self.paused && !paused {
+            self.last_arrival = Some(now);
+        }
+        self.paused = paused;
     }
 
     /// Timers: a progress report that was held back; a transfer whose
@@ -586,7 +600,7 @@ impl Transfer {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.maybe_report(now);
         let waiting = (0..self.asked.len()).any(|s| self.is_waiting(s));
-        if let Some(last) = self.last_arrival.filter(|_| waiting) {
+        if let Some(last) = self.last_arrival.filter(|_| waiting && !self.paused) {
             if now.saturating_duration_since(last) >= self.opts.stall_timeout {
                 self.fail(format!(
                     "the site sent no chunk for {:?}",
@@ -1072,6 +1086,33 @@ mod tests {
         assert!(
             matches!(events.last(), Some(Event::Failed(m)) if m.contains("no chunk for 60s")),
             "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_paused_sender_is_no_stall_and_the_clock_restarts_on_resuming() {
+        let m = manifest("a", (0..6).map(|n| chunk(n, 10)).collect());
+        let mut t = Transfer::new(&[m], opts(), |_| false, |_| None);
+        let t0 = Instant::now();
+        let asked = t.poll_request(0, t0).unwrap();
+        t.set_paused(true, t0 + Duration::from_secs(5));
+        assert_eq!(t.poll_timeout(t0 + Duration::from_secs(5)), None);
+        // An hour paused: nothing fails.
+        let hour = t0 + Duration::from_secs(3600);
+        t.handle_timeout(hour);
+        assert!(std::iter::from_fn(|| t.poll_event()).all(|e| !matches!(e, Event::Failed(_))));
+        // Resumed: the stall timeout counts from now.
+        t.set_paused(false, hour);
+        assert_eq!(t.poll_timeout(hour), Some(hour + Duration::from_secs(60)));
+        t.handle_chunk(0, &asked[0].id, hour + Duration::from_secs(1))
+            .unwrap();
+        t.handle_timeout(hour + Duration::from_secs(59));
+        assert!(std::iter::from_fn(|| t.poll_event()).all(|e| !matches!(e, Event::Failed(_))));
+        t.handle_timeout(hour + Duration::from_secs(62));
+        let events: Vec<Event> = std::iter::from_fn(|| t.poll_event()).collect();
+        assert!(
+            matches!(events.last(), Some(Event::Failed(_))),
+            "a stall after resuming still fails: {events:?}"
         );
     }
 

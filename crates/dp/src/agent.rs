@@ -44,6 +44,9 @@ pub struct DpAgent {
     cert: watch::Sender<u64>,
     /// The multicast sessions the HTTPS listener runs.
     multicast: Arc<crate::multicast::Sessions>,
+    /// Whether the site holds chunks back now (a closed transfer window):
+    /// a transfer under way waits without counting it a stall.
+    paused: watch::Sender<bool>,
 }
 
 fn read(data: &Path, file: &str, what: &str) -> Result<String> {
@@ -104,6 +107,7 @@ impl DpAgent {
             gate,
             cert: watch::channel(0).0,
             multicast: Arc::new(crate::multicast::Sessions::default()),
+            paused: watch::channel(false).0,
         })
     }
 
@@ -335,6 +339,13 @@ impl DpAgent {
                         if let Some(p) = &a.clients {
                             self.set_client_policy(p).await;
                         }
+                        if a.paused_until > 0 {
+                            info!(
+                                until = a.paused_until,
+                                "a transfer window of this DP is closed"
+                            );
+                        }
+                        self.paused.send_replace(a.paused_until > 0);
                         let _ = desired_tx.send(Some(a));
                     }
                     Some(pb::Reply {
@@ -721,6 +732,7 @@ impl DpAgent {
             dp: &self.cfg.name,
             reports,
             from_scratch,
+            paused: self.paused.subscribe(),
         })
         .await?;
         info!(

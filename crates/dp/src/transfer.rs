@@ -29,7 +29,7 @@ use ferry_core::{ChunkId, ChunkRef};
 use ferry_store::content::{ContentError, Marks, RevisionRecord, Stage};
 use ferry_store::ContentStore;
 use ferry_wire::pb::{self, reply, Code};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::chunks::{self, Incoming};
@@ -57,6 +57,20 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 pub const CHECKPOINT_BYTES: u64 = 512 << 20;
 /// A transfer that waits this long for any chunk fails (and is retried).
 pub const STALL_TIMEOUT: Duration = ferry_wire::REPLY_TIMEOUT;
+
+/// [`STALL_TIMEOUT`], or with the `fault-injection` feature the seconds in
+/// `FERRY_FAULT_STALL_SECS` (tests that must see a stall, or its absence,
+/// in seconds).
+fn stall_timeout() -> Duration {
+    #[cfg(feature = "fault-injection")]
+    if let Some(s) = std::env::var("FERRY_FAULT_STALL_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    STALL_TIMEOUT
+}
 /// Chunks a writer reports at most before it records them.
 const WRITER_FLUSH: usize = 64;
 /// Events handled before the loop hands jobs to the writers.
@@ -120,6 +134,8 @@ pub(crate) struct Request<'a> {
     /// Fetch every chunk from the site: nothing is copied from installed
     /// files (a rebuild the operator asked for).
     pub from_scratch: bool,
+    /// Whether the site holds chunks back (a closed transfer window).
+    pub paused: watch::Receiver<bool>,
 }
 
 /// What staging a revision needs, moved to a blocking thread.
@@ -217,7 +233,7 @@ fn plan(
         min_window: MIN_WINDOW,
         checkpoint_every: CHECKPOINT_EVERY,
         checkpoint_bytes: CHECKPOINT_BYTES,
-        stall_timeout: STALL_TIMEOUT,
+        stall_timeout: stall_timeout(),
         max_stream_restarts: MAX_STREAM_RESTARTS,
         ..TransferOptions::default()
     };
@@ -358,7 +374,7 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         next_writer: 0,
         rx_start,
     };
-    let result = lp.drive(&mut ev_rx).await;
+    let result = lp.drive(&mut ev_rx, r.paused).await;
     lp.stop(threads).await;
     let progress = result?;
     install(stage).await.map_err(|e| Failure::of(conn, e))?;
@@ -565,7 +581,10 @@ impl Loop<'_> {
     async fn drive(
         &mut self,
         ev_rx: &mut mpsc::UnboundedReceiver<Ev>,
+        mut paused: watch::Receiver<bool>,
     ) -> Result<Progress, Failure> {
+        let paused_now = *paused.borrow_and_update();
+        self.machine.set_paused(paused_now, Instant::now());
         let mut checkpoint: Option<tokio::task::JoinHandle<Result<(), ContentError>>> = None;
         loop {
             let now = Instant::now();
@@ -629,6 +648,12 @@ impl Loop<'_> {
                 ev = ev_rx.recv() => ev,
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.machine.handle_timeout(Instant::now());
+                    continue;
+                }
+                Ok(()) = paused.changed() => {
+                    let p = *paused.borrow_and_update();
+                    info!(paused = p, "the site {} sending", if p { "stopped" } else { "goes on" });
+                    self.machine.set_paused(p, Instant::now());
                     continue;
                 }
                 e = self.conn.closed() => return Err(Failure::lost(&e)),

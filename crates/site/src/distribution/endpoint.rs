@@ -410,13 +410,17 @@ impl DpServer {
             .get(dp)
             .map(|d| d.validation.clone())
             .unwrap_or_default();
-        // The rate limit takes effect with the assignments that carry it.
-        self.conns
-            .pacer(dp)
-            .set(reg.dps.get(dp).and_then(|d| d.rate));
+        // The rate limit and windows take effect with the assignments
+        // that carry them.
+        let d = reg.dps.get(dp);
+        let pacer = self.conns.pacer(dp);
+        pacer.set(d.and_then(|d| d.rate), d.and_then(|d| d.window.as_deref()));
         pb::Assignments {
             items,
-            maintenance: reg.dps.get(dp).is_some_and(|d| d.maintenance),
+            maintenance: d.is_some_and(|d| d.maintenance),
+            paused_until: pacer
+                .closed_until()
+                .map_or(0, |t| u64::try_from(t.unix_timestamp()).unwrap_or(0)),
             validate: v.requested,
             validate_packages: v.packages,
             clients: Some(ferry_wire::pb::ClientPolicy {
@@ -482,8 +486,18 @@ impl DpServer {
                     debug!(packages = a.items.len(), "assignments sent");
                     last = Some(a);
                 }
-                if changes.changed().await.is_err() {
-                    return Ok::<(), ferry_wire::WireError>(());
+                // Again when the registry changes, or a window of the DP
+                // opens or closes.
+                let boundary = self.conns.pacer(dp).windows().map(|w| {
+                    let now = time::OffsetDateTime::now_utc();
+                    let next = w.at(now).1;
+                    std::time::Duration::try_from(next - now).unwrap_or_default()
+                });
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() {
+                        return Ok::<(), ferry_wire::WireError>(());
+                    },
+                    () = tokio::time::sleep(boundary.unwrap_or(std::time::Duration::MAX / 4)), if boundary.is_some() => {}
                 }
             }
         };

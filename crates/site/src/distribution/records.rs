@@ -149,6 +149,9 @@ pub struct DpRecord {
     /// (`ferry dp set NAME --rate`); `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u64>,
+    /// Its transfer windows (`--window`, [`crate::windows`]) as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
     /// The names in the certificate of its HTTPS listener, as last issued.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_names: Vec<String>,
@@ -182,6 +185,7 @@ impl DpRecord {
             anonymous_clients: false,
             maintenance: false,
             rate: None,
+            window: None,
             client_names: Vec::new(),
             multicast: None,
             multicast_sessions: Vec::new(),

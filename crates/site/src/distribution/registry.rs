@@ -773,6 +773,12 @@ impl Hub {
         self.set_dp(dp, |d| d.rate = rate)
     }
 
+    /// Sets DP `dp`'s transfer windows (`None`: none), checked by the
+    /// caller.
+    pub fn set_window(&self, dp: &str, window: Option<String>) -> Result<(), HubError> {
+        self.set_dp(dp, |d| d.window = window)
+    }
+
     /// Records a contact of DP `dp`: now, from `address` when it just
     /// connected (written, so the last contact survives the site).
     pub fn contact(&self, dp: &str, address: Option<String>) -> Result<(), HubError> {

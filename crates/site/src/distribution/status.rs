@@ -49,6 +49,9 @@ pub struct DpView {
     /// Its rate limit in bytes per second, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u64>,
+    /// Its transfer windows (site time), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
     /// Its multicast settings (absent: never set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<crate::distribution::multicast::DpMulticast>,
@@ -102,6 +105,7 @@ pub fn dps(hub: &Hub, conns: &Connections) -> Vec<DpView> {
             anonymous_clients: d.anonymous_clients,
             maintenance: d.maintenance,
             rate: d.rate,
+            window: d.window.clone(),
             multicast: d.multicast.clone(),
             multicast_sessions: d.multicast_sessions.clone(),
         })
@@ -159,6 +163,18 @@ pub struct StatusRow {
     /// Whether the DP is in maintenance: what it does not hold yet waits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub maintenance: bool,
+    /// A transfer window of the DP is closed: its transfer waits until
+    /// then (in progress or pending).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub paused_until: Option<OffsetDateTime>,
+    /// The same in the site's local time, as an operator reads it
+    /// ("13:00", "Mon 08:00").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_until_site: Option<String>,
     /// The DP's multicast sessions of this package: those running, and
     /// the last that ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -252,6 +268,8 @@ pub fn rows(
                 last_contact: d.last_contact,
                 online: conns.is_online(&d.name),
                 maintenance: d.maintenance,
+                paused_until: None,
+                paused_until_site: None,
                 multicast: sessions,
                 multicast_warning: (only && !runs_sessions && want.is_some()).then(|| {
                     format!(
@@ -310,6 +328,13 @@ pub fn rows(
                     }
                 }
                 (Some(_), None) => {}
+            }
+            if matches!(row.state.as_str(), "in-progress" | "pending") {
+                let pacer = conns.pacer(&d.name);
+                if let (Some(until), Some(w)) = (pacer.closed_until(), pacer.windows()) {
+                    row.paused_until = Some(until);
+                    row.paused_until_site = Some(w.clock_at(until, OffsetDateTime::now_utc()));
+                }
             }
             out.push(row);
         }

@@ -57,6 +57,10 @@ pub struct DpSettings {
     /// takes the limit away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u64>,
+    /// Transfer windows in the site's local time ([`crate::windows`]);
+    /// `"off"` takes them away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
 }
 
 /// One package's last validation on a DP.
@@ -161,6 +165,17 @@ pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
     if let Some(rate) = s.rate {
         hub.set_rate(dp, (rate > 0).then_some(rate))?;
         info!(%dp, rate, "rate limit set (0: none)");
+    }
+    if let Some(text) = &s.window {
+        if text.trim().eq_ignore_ascii_case("off") {
+            hub.set_window(dp, None)?;
+            info!(%dp, "transfer windows cleared");
+        } else {
+            let w = crate::windows::Windows::parse(text)
+                .map_err(|e| HubError::Invalid(format!("--window {e}")))?;
+            hub.set_window(dp, Some(w.text().to_string()))?;
+            info!(%dp, window = %w.text(), "transfer windows set");
+        }
     }
     Ok(())
 }
