@@ -17,6 +17,8 @@ use ferry_core::{ChunkId, ChunkRef, FileHash, Manifest, SegmentKind};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub mod prestage;
+
 /// Types generated from `proto/ferry/v1/ferry.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod pb {
