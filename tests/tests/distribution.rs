@@ -778,18 +778,25 @@ fn a_rollback_releases_a_kept_revision_and_dps_fetch_only_the_delta() {
     );
 }
 
+/// A serviced pair of a 200-file tree, a site, and DP `dp1` holding the
+/// base as revision 1 of a package (its id).
+fn base_on_dp1(dir: &Path, seed: u64) -> (wimtools::ServicedPair, SiteProc, DpProc, String) {
+    let spec = TreeSpec {
+        files: 200,
+        seed,
+        ..TreeSpec::default()
+    };
+    let pair = wimtools::serviced_pair(dir, &spec, "LZX", &ServiceSpec::default()).unwrap();
+    let site = SiteProc::start(dir).unwrap();
+    let dp = DpProc::start(dir, "dp1", &site).unwrap();
+    let id = site.install(&pair.base, "dp1", LIMIT).unwrap();
+    (pair, site, dp, id)
+}
+
 #[test]
 fn a_dp_in_maintenance_starts_no_transfer_and_catches_up_after() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TreeSpec {
-        files: 200,
-        seed: 31,
-        ..TreeSpec::default()
-    };
-    let pair = wimtools::serviced_pair(dir.path(), &spec, "LZX", &ServiceSpec::default()).unwrap();
-    let site = SiteProc::start(dir.path()).unwrap();
-    let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
-    let id = site.install(&pair.base, "dp1", LIMIT).unwrap();
+    let (pair, site, dp, id) = base_on_dp1(dir.path(), 31);
     let file = dp.content().join(&id).join("base.wim");
 
     site.cli_ok(&["dp", "set", "dp1", "--maintenance", "on"])
@@ -835,4 +842,92 @@ fn a_dp_in_maintenance_starts_no_transfer_and_catches_up_after() {
     assert!(same_file(&file, &pair.serviced), "dp1 holds revision 2");
     let dps = site.cli_json(&["dp", "list"]).unwrap();
     assert_eq!(dps[0]["maintenance"], false, "{dps}");
+}
+
+#[test]
+fn a_prestage_bundle_holds_what_the_dp_lacks_signed_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, site, dp, id) = base_on_dp1(dir.path(), 44);
+    // Revision 2 is released while the DP holds revision 1.
+    site.cli_ok(&["dp", "set", "dp1", "--maintenance", "on"])
+        .unwrap();
+    site.refresh(&id, &pair.serviced).unwrap();
+    let dry = site
+        .cli_json(&["distribute", &id, "--dp", "dp1", "--dry-run"])
+        .unwrap();
+    let needed = dry["needs"][0]["needed_bytes"].as_u64().unwrap();
+    let full_size = dry["needs"][0]["full_bytes"].as_u64().unwrap();
+    assert!(needed > 0 && needed < full_size / 4, "a delta: {dry}");
+
+    let prestage = |out: &Path, more: &[&str]| {
+        let mut args = vec!["content", "prestage", &id, "--dp", "dp1"];
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend_from_slice(more);
+        site.cli_json(&args).unwrap()
+    };
+    let out = dir.path().join("dp1.bundle");
+    let r = prestage(&out, &[]);
+    assert_eq!(r["revision"], 2, "{r}");
+    assert_eq!(r["chunk_bytes"], needed, "exactly what the DP lacks: {r}");
+    assert!(!ferry_store::file::part_path(&out).exists());
+
+    // The file: the site-signed manifest of revision 2, proven with the
+    // key the DP holds, and the chunks, each checked.
+    let f = std::io::BufReader::new(fs::File::open(&out).unwrap());
+    let (mut reader, header) = ferry_wire::prestage::BundleReader::open(f).unwrap();
+    assert_eq!((header.package.as_str(), header.revision), (id.as_str(), 2));
+    assert_eq!(
+        (header.dp.as_str(), header.base_revision, header.full),
+        ("dp1", 1, false)
+    );
+    let key = hex::decode(
+        fs::read_to_string(dp.data.join("manifest.pub"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let assignment = ferry_wire::pb::Assignment {
+        package: id.clone(),
+        revision: 2,
+        ..Default::default()
+    };
+    let signed =
+        ferry_dp::manifest::verify(&key, &assignment, header.manifest.as_ref().unwrap(), &[])
+            .unwrap();
+    let mut got = 0u64;
+    let mut chunk_bytes = 0u64;
+    while let Some((_, data)) = reader.next_chunk().unwrap() {
+        got += 1;
+        chunk_bytes += data.len() as u64;
+    }
+    assert_eq!(got, r["chunks"].as_u64().unwrap());
+    assert_eq!(chunk_bytes, needed);
+    let total: u64 = signed.manifests.iter().map(|m| m.size).sum();
+    assert_eq!(total, full_size);
+
+    // --full: every distinct chunk of the revision.
+    let r = prestage(&dir.path().join("full.bundle"), &["--full"]);
+    assert!(r["chunk_bytes"].as_u64().unwrap() > needed * 4, "{r}");
+    assert_eq!(r["full"], true);
+
+    // Unknown DP or package: named, nothing written.
+    let nowhere = dir.path().join("none.bundle");
+    for (args, what) in [
+        (["content", "prestage", id.as_str(), "--dp", "dp9"], "dp9"),
+        (
+            ["content", "prestage", "FRY09999", "--dp", "dp1"],
+            "FRY09999",
+        ),
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["--out", nowhere.to_str().unwrap()]);
+        let o = site.cli(&a);
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(what),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!nowhere.exists() && !ferry_store::file::part_path(&nowhere).exists());
+    }
 }

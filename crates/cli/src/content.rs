@@ -34,6 +34,24 @@ pub(crate) enum ContentCmd {
         #[arg(long)]
         path: Option<String>,
     },
+    /// Write a prestage bundle for a DP: the revision it is to hold, with
+    /// the site-signed manifest and the chunks none of its installed
+    /// revisions holds (all of them with --full). Carried to the DP,
+    /// `ferry dp prestage` imports it offline.
+    Prestage {
+        /// Package id.
+        id: String,
+        /// The DP the bundle is for.
+        #[arg(long)]
+        dp: String,
+        /// Where to write the bundle (replaced only once complete and
+        /// checked).
+        #[arg(long)]
+        out: PathBuf,
+        /// Every chunk of the revision, not only those the DP lacks.
+        #[arg(long)]
+        full: bool,
+    },
     /// Re-hash stored chunks and report damaged ones (all packages, or one).
     Verify {
         /// Package id; the whole library when omitted.
@@ -63,6 +81,21 @@ pub(crate) async fn run(cmd: ContentCmd, g: &Global) -> anyhow::Result<()> {
             revision,
             path,
         } => export(&client, g, &id, &out, revision, path.as_deref()).await,
+        ContentCmd::Prestage { id, dp, out, full } => {
+            let r = prestage(&client, &id, &dp, &out, full).await?;
+            emit(g, &r, || {
+                println!(
+                    "{}: {} r{} for {}: {} chunks, {} ({} in the file), checked",
+                    r.out.display(),
+                    r.package,
+                    r.revision,
+                    r.dp,
+                    r.chunks,
+                    bytes(r.chunk_bytes),
+                    bytes(r.file_bytes)
+                );
+            })
+        }
         ContentCmd::Refresh {
             id,
             source,
@@ -186,6 +219,107 @@ async fn export(
             )
         },
     )
+}
+
+/// What `ferry content prestage` wrote.
+#[derive(Debug, serde::Serialize)]
+struct PrestageReport {
+    package: String,
+    revision: u32,
+    dp: String,
+    full: bool,
+    chunks: u64,
+    chunk_bytes: u64,
+    file_bytes: u64,
+    out: PathBuf,
+}
+
+/// Streams the site's bundle into `out`'s part file, reads it back through
+/// the bundle reader (every chunk and the end checked), then puts it in
+/// place.
+async fn prestage(
+    client: &Client,
+    id: &str,
+    dp: &str,
+    out: &Path,
+    full: bool,
+) -> anyhow::Result<PrestageReport> {
+    let req = client
+        .request(Method::GET, &format!("/content/{id}/prestage"))
+        .query(&ferry_site::api::PrestageQuery {
+            dp: dp.to_string(),
+            full,
+        });
+    let resp = client.send(req).await?;
+    let number = |h: &str| -> u64 {
+        resp.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let chunk_bytes = number(ferry_site::api::PRESTAGE_BYTES_HEADER);
+    let part = ferry_store::file::part_path(out);
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&part)
+            .with_context(|| format!("cannot create {}", part.display()))?,
+    );
+    let mut stream = resp.bytes_stream();
+    let mut written = 0u64;
+    let result: anyhow::Result<()> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.with_context(|| {
+                format!("the bundle stopped at byte {written}: the site log says why")
+            })?;
+            std::io::Write::write_all(&mut file, &chunk)
+                .with_context(|| format!("cannot write {}", part.display()))?;
+            written += chunk.len() as u64;
+        }
+        Ok(())
+    }
+    .await;
+    let checked = result.and_then(|()| {
+        let file = file
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {}", part.display(), e.error()))?;
+        let (header, chunks) = check_bundle(&part)?;
+        ferry_store::file::place(&file, &part, out)?;
+        Ok((header, chunks))
+    });
+    let (header, chunks) = match checked {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
+        }
+    };
+    Ok(PrestageReport {
+        package: header.package,
+        revision: header.revision,
+        dp: header.dp,
+        full: header.full,
+        chunks,
+        chunk_bytes,
+        file_bytes: written,
+        out: out.to_path_buf(),
+    })
+}
+
+/// Reads a bundle through, checking every chunk and its end; its header
+/// and chunk count.
+pub(crate) fn check_bundle(path: &Path) -> anyhow::Result<(ferry_wire::pb::PrestageHeader, u64)> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let (mut r, header) = ferry_wire::prestage::BundleReader::open(std::io::BufReader::new(f))
+        .with_context(|| path.display().to_string())?;
+    let mut n = 0u64;
+    while r
+        .next_chunk()
+        .with_context(|| path.display().to_string())?
+        .is_some()
+    {
+        n += 1;
+    }
+    Ok((header, n))
 }
 
 /// Writes one file of a package to `out`; returns its size and BLAKE3.

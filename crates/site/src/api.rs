@@ -64,6 +64,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::distribution::prestage::{self, PrestageError};
 use crate::distribution::registry::{Hub, HubError};
 use crate::distribution::status;
 use crate::distribution::validation;
@@ -318,6 +319,17 @@ impl From<HubError> for ApiError {
     }
 }
 
+impl From<PrestageError> for ApiError {
+    fn from(e: PrestageError) -> Self {
+        match e {
+            PrestageError::Hub(e) => e.into(),
+            PrestageError::Package(e) => e.into(),
+            PrestageError::NoRevision(_) => Self::logged(StatusCode::NOT_FOUND, &e),
+            _ => Self::logged(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        }
+    }
+}
+
 impl From<UpdateError> for ApiError {
     fn from(e: UpdateError) -> Self {
         let status = match &e {
@@ -376,6 +388,7 @@ pub fn router(state: ApiState) -> Router {
             get(show_image).delete(remove_image).patch(set_properties),
         )
         .route("/content/{id}/file", get(export_file))
+        .route("/content/{id}/prestage", get(prestage_bundle))
         .route("/content/verify", post(verify))
         .route("/images/{id}/refresh", post(refresh_image))
         .route("/images/{id}/rollback", post(rollback_image))
@@ -822,6 +835,83 @@ async fn export_file(
         headers.insert(PATH_HEADER, v);
     }
     Ok((headers, Body::from_stream(stream)).into_response())
+}
+
+/// Query of `GET /api/v1/content/{id}/prestage`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct PrestageQuery {
+    /// The DP the bundle is for.
+    pub dp: String,
+    /// Every chunk of the revision, not only those the DP lacks.
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// Header of a prestage bundle: the chunks in it.
+pub const PRESTAGE_CHUNKS_HEADER: &str = "x-ferry-prestage-chunks";
+/// Header of a prestage bundle: their bytes.
+pub const PRESTAGE_BYTES_HEADER: &str = "x-ferry-prestage-bytes";
+/// Header of a prestage bundle: the revision in it.
+pub const PRESTAGE_REVISION_HEADER: &str = "x-ferry-prestage-revision";
+
+/// A prestage bundle of package `id` for a DP, streamed as it is written.
+async fn prestage_bundle(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<PrestageQuery>,
+) -> Result<Response, ApiError> {
+    let (lib, hub, key, code) = (
+        s.lib.clone(),
+        s.hub.clone(),
+        s.signing_key.clone(),
+        s.site_code.clone(),
+    );
+    let plan = tokio::task::spawn_blocking(move || {
+        prestage::plan(&hub.snapshot(), &lib, &key, &code, &id, &q.dp, q.full)
+    })
+    .await
+    .map_err(internal)??;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(PRESTAGE_CHUNKS_HEADER, HeaderValue::from(plan.chunks.len()));
+    headers.insert(PRESTAGE_BYTES_HEADER, HeaderValue::from(plan.chunk_bytes));
+    headers.insert(
+        PRESTAGE_REVISION_HEADER,
+        HeaderValue::from(plan.header.revision),
+    );
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let lib = s.lib.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter(tx.clone()));
+        if let Err(e) = prestage::write(&lib, &plan, out) {
+            tracing::error!(error = %e, package = %plan.header.package, "prestage bundle stopped");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    Ok((headers, Body::from_stream(stream)).into_response())
+}
+
+/// Bytes written to it go to a response body, in order.
+struct ChannelWriter(mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+            })?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 async fn list_dps(State(s): State<ApiState>) -> Json<Vec<status::DpView>> {

@@ -13,6 +13,7 @@ pub(crate) mod endpoint;
 pub mod live;
 pub mod multicast;
 pub(crate) mod persist;
+pub mod prestage;
 pub mod records;
 pub(crate) mod registry;
 pub mod status;

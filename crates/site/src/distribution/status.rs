@@ -355,6 +355,26 @@ pub struct Need {
     pub full_bytes: u64,
 }
 
+/// The chunks DP `dp` holds: those of every revision it reported
+/// installed (a transfer copies them from its own files).
+pub(crate) fn held_chunks(
+    reg: &Registry,
+    lib: &Library,
+    dp: &str,
+) -> Result<HashSet<ChunkId>, ferry_store::StoreError> {
+    let mut have: HashSet<ChunkId> = HashSet::new();
+    if let Some(d) = reg.dps.get(dp) {
+        for (p, t) in &d.transfers {
+            if t.state.holds() {
+                for m in lib.manifests(p, t.revision)? {
+                    have.extend(m.chunks.iter().map(|c| c.id));
+                }
+            }
+        }
+    }
+    Ok(have)
+}
+
 /// The cost for each DP of holding the latest revision of `package`.
 pub fn needs(
     reg: &Registry,
@@ -367,16 +387,7 @@ pub fn needs(
     let manifests = lib.manifests(package, rev)?;
     let mut out = Vec::new();
     for dp in dps {
-        let mut have: HashSet<ChunkId> = HashSet::new();
-        if let Some(d) = reg.dps.get(dp) {
-            for (p, t) in &d.transfers {
-                if t.state.holds() {
-                    for m in lib.manifests(p, t.revision)? {
-                        have.extend(m.chunks.iter().map(|c| c.id));
-                    }
-                }
-            }
-        }
+        let have = held_chunks(reg, lib, dp)?;
         let plan = ferry_core::sync::plan::<()>(&manifests, |id| Ok(have.contains(id)))
             .unwrap_or_default();
         out.push(Need {
