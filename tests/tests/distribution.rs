@@ -931,3 +931,130 @@ fn a_prestage_bundle_holds_what_the_dp_lacks_signed_and_checked() {
         assert!(!nowhere.exists() && !ferry_store::file::part_path(&nowhere).exists());
     }
 }
+
+/// Rewrites the bundle at `from` into `to` with `change` applied to its
+/// header (the chunks as they were): what another site or a forger makes.
+fn rewrite_bundle(
+    from: &Path,
+    to: &Path,
+    change: impl FnOnce(&mut ferry_wire::pb::PrestageHeader),
+) {
+    let f = std::io::BufReader::new(fs::File::open(from).unwrap());
+    let (mut r, mut header) = ferry_wire::prestage::BundleReader::open(f).unwrap();
+    change(&mut header);
+    let out = fs::File::create(to).unwrap();
+    let mut w = ferry_wire::prestage::BundleWriter::new(out, &header).unwrap();
+    while let Some((id, data)) = r.next_chunk().unwrap() {
+        w.chunk(&id, &data).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn a_prestaged_dp_installs_with_no_chunk_bytes_over_the_network_and_bad_bundles_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, site, mut dp, id) = base_on_dp1(dir.path(), 45);
+    site.cli_ok(&["dp", "set", "dp1", "--maintenance", "on"])
+        .unwrap();
+    site.refresh(&id, &pair.serviced).unwrap();
+    let bundle = dir.path().join("dp1.bundle");
+    let made = site
+        .cli_json(&[
+            "content",
+            "prestage",
+            &id,
+            "--dp",
+            "dp1",
+            "--out",
+            bundle.to_str().unwrap(),
+        ])
+        .unwrap();
+    dp.stop().unwrap();
+    let data = dp.data.to_str().unwrap().to_string();
+    let stages = || {
+        fs::read_dir(dp.content().join(".ferry"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("stage-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let import = |file: &Path| {
+        std::process::Command::new(ferry_tests::harness::ferry_bin())
+            .args([
+                "dp",
+                "prestage",
+                "--json",
+                "--data",
+                &data,
+                file.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+
+    // Cut short, a byte changed, signed by another key, from another site:
+    // each refused with what is wrong, nothing staged.
+    let bytes = fs::read(&bundle).unwrap();
+    let cut = dir.path().join("cut.bundle");
+    fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let flipped = dir.path().join("flipped.bundle");
+    let mut b = bytes.clone();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    fs::write(&flipped, &b).unwrap();
+    let forged = dir.path().join("forged.bundle");
+    let other = ferry_net::pki::SigningKey::from_text(
+        &ferry_net::pki::SigningKey::generate().unwrap(),
+        "key",
+    )
+    .unwrap();
+    rewrite_bundle(&bundle, &forged, |h| {
+        let m = h.manifest.as_mut().unwrap();
+        m.signature = other.sign(&m.body).into();
+    });
+    let foreign = dir.path().join("foreign.bundle");
+    rewrite_bundle(&bundle, &foreign, |h| h.site_code = "ZZZ".into());
+    for (file, why) in [
+        (&cut, "cut short"),
+        (&flipped, "bundle"),
+        (&forged, "not signed by the site's key"),
+        (&foreign, "from site ZZZ"),
+    ] {
+        let o = import(file);
+        // Under --json the error is the document on stdout.
+        let err = String::from_utf8_lossy(&o.stdout);
+        assert!(!o.status.success(), "{} imported", file.display());
+        assert!(err.contains(why), "{}: {err}", file.display());
+        assert_eq!(stages(), 0, "{} changed nothing", file.display());
+    }
+
+    // The bundle as made: staged, the agent finishes it from its own files.
+    let o = import(&bundle);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["chunk_bytes"], made["chunk_bytes"], "{r}");
+    assert!(r["slots_written"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(stages(), 1);
+    dp.serve().unwrap();
+    wait_for("dp1 to connect", LIMIT, || {
+        Ok(site.dp_row("dp1")?["online"].as_bool().filter(|&o| o))
+    })
+    .unwrap();
+    let served_before = site.dp_row("dp1").unwrap()["served_bytes"]
+        .as_u64()
+        .unwrap();
+    site.cli_ok(&["dp", "set", "dp1", "--maintenance", "off"])
+        .unwrap();
+    site.wait_installed(&id, "dp1", 2, LIMIT).unwrap();
+    let served_after = site.dp_row("dp1").unwrap()["served_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        served_after, served_before,
+        "no chunk byte crossed the network"
+    );
+    let file = dp.content().join(&id).join("base.wim");
+    assert!(same_file(&file, &pair.serviced), "dp1 holds revision 2");
+}

@@ -63,6 +63,15 @@ pub(crate) enum DpCmd {
         /// The DP's name.
         name: String,
     },
+    /// On the DP, with its agent stopped: import a prestage bundle
+    /// (`ferry content prestage` on the site). The whole file is checked —
+    /// every chunk, its end, the site's signature — before anything is
+    /// written; the revision is then staged, and the agent finishes it
+    /// from its own files when the site assigns it.
+    Prestage {
+        /// The bundle.
+        bundle: PathBuf,
+    },
     /// On the site: every DP, online or not, and what it holds.
     List,
     /// On the site: one DP in full: state, addresses, groups, what it holds
@@ -272,6 +281,30 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             no_wait,
             timeout,
         } => validate(g, name, packages, no_wait, timeout).await,
+        DpCmd::Prestage { bundle } => {
+            let data = data_dir(g)?;
+            let r = tokio::task::spawn_blocking(move || ferry_dp::prestage::import(&data, &bundle))
+                .await??;
+            emit(g, &r, || {
+                if r.already_installed {
+                    println!(
+                        "{} r{} is installed already: nothing to import",
+                        r.package, r.revision
+                    );
+                } else {
+                    println!(
+                        "{} r{}: {} chunks ({}) from {} staged in {} places; {} left for the DP's own files or the site",
+                        r.package,
+                        r.revision,
+                        r.chunks,
+                        bytes(r.chunk_bytes),
+                        r.bundle.display(),
+                        r.slots_written,
+                        r.slots_left
+                    );
+                }
+            })
+        }
         DpCmd::Validation { name } => {
             let client = Client::new(g)?;
             let v: ValidationView = client

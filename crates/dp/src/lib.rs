@@ -24,6 +24,7 @@ mod gate;
 pub mod http;
 pub mod manifest;
 pub mod multicast;
+pub mod prestage;
 pub mod ranges;
 mod report;
 mod served;
