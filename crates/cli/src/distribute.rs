@@ -238,6 +238,9 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
     ]);
     for r in &rows {
         let state = match r.state.as_str() {
+            s @ ("in-progress" | "pending") if r.waits_for_prestage => {
+                format!("{s}, waiting for a prestage bundle")
+            }
             s @ ("in-progress" | "pending") if r.paused_until_site.is_some() => format!(
                 "{s}, paused until {} (site time)",
                 r.paused_until_site.as_deref().unwrap_or_default()

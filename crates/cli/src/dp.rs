@@ -132,6 +132,11 @@ pub(crate) enum DpCmd {
         /// takes the windows away.
         #[arg(long, value_name = "RULES|off")]
         window: Option<String>,
+        /// The DP takes its content from prestage bundles only (`ferry
+        /// content prestage`, then `ferry dp prestage` on the DP): the site
+        /// sends it no chunk, and what it lacks waits for a bundle.
+        #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+        prestaged: Option<bool>,
     },
     /// On the site: let a DP send packages that allow multicast to many
     /// computers at once (--enable), or stop it (--disable). Settings not
@@ -324,6 +329,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             maintenance,
             rate,
             window,
+            prestaged,
         } => {
             let s = DpSettings {
                 validate_schedule,
@@ -331,6 +337,7 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 maintenance,
                 rate,
                 window,
+                prestaged,
             };
             set(g, &name, s).await
         }
@@ -434,15 +441,17 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
         maintenance,
         rate,
         window,
+        prestaged,
     } = &s;
     if validate_schedule.is_none()
         && anonymous_clients.is_none()
         && maintenance.is_none()
         && rate.is_none()
         && window.is_none()
+        && prestaged.is_none()
     {
         anyhow::bail!(
-            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off, --rate RATE (or off) or --window RULES (or off)"
+            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off, --rate RATE (or off), --window RULES (or off) or --prestaged on|off"
         );
     }
     let client = Client::new(g)?;
@@ -471,6 +480,16 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
             0 => println!("{name}: no rate limit"),
             r => println!("{name}: chunks sent at most {}/s", bytes(*r)),
         }
+    }
+    if let Some(on) = prestaged {
+        println!(
+            "{name}: {}",
+            if *on {
+                "takes its content from prestage bundles only: the site sends it no chunk"
+            } else {
+                "gets its content from the site"
+            }
+        );
     }
     if let Some(w) = window {
         if w.trim().eq_ignore_ascii_case("off") {
@@ -580,10 +599,11 @@ async fn list(g: &Global) -> anyhow::Result<()> {
 /// Enrollment, whether it is online and in maintenance, its rate limit.
 fn state(d: &DpView) -> String {
     format!(
-        "{}{}{}{}{}",
+        "{}{}{}{}{}{}",
         d.enrollment,
         if d.online { ", online" } else { "" },
         if d.maintenance { ", maintenance" } else { "" },
+        if d.prestaged { ", prestaged" } else { "" },
         d.rate
             .map(|r| format!(", ≤ {}/s", bytes(r)))
             .unwrap_or_default(),

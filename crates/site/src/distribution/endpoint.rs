@@ -414,7 +414,11 @@ impl DpServer {
         // that carry them.
         let d = reg.dps.get(dp);
         let pacer = self.conns.pacer(dp);
-        pacer.set(d.and_then(|d| d.rate), d.and_then(|d| d.window.as_deref()));
+        pacer.set(
+            d.and_then(|d| d.rate),
+            d.and_then(|d| d.window.as_deref()),
+            d.is_some_and(|d| d.prestaged),
+        );
         pb::Assignments {
             items,
             maintenance: d.is_some_and(|d| d.maintenance),

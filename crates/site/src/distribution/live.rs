@@ -53,6 +53,8 @@ struct Pace {
     rate: Option<u64>,
     /// Its windows.
     windows: Option<Arc<Windows>>,
+    /// It takes its content from prestage bundles: nothing is sent.
+    prestaged: bool,
     /// What holds now, until when (worked out again past it).
     now: Option<(Allowed, Instant, OffsetDateTime)>,
     /// The bucket of the rate in force, and that rate.
@@ -98,6 +100,7 @@ impl Pace {
             None => (None, now + time::Duration::days(7)),
         };
         let allowed = match (limit, self.rate) {
+            _ if self.prestaged => Allowed::Closed,
             (Some(Limit::Closed), _) => Allowed::Closed,
             (Some(Limit::Rate(w)), Some(r)) => Allowed::Rate(w.min(r)),
             (Some(Limit::Rate(w)), None) => Allowed::Rate(w),
@@ -120,9 +123,14 @@ impl Pace {
 
 impl Pacer {
     /// Sets the DP's rate limit in bytes per second and its windows
-    /// (`None`: none). What is unchanged keeps its state.
-    pub fn set(&self, rate: Option<u64>, windows: Option<&str>) {
+    /// (`None`: none), and whether it takes its content from prestage
+    /// bundles only (nothing is sent). What is unchanged keeps its state.
+    pub fn set(&self, rate: Option<u64>, windows: Option<&str>, prestaged: bool) {
         let mut p = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if p.prestaged != prestaged {
+            p.prestaged = prestaged;
+            p.now = None;
+        }
         let same_windows = match (&p.windows, windows) {
             (Some(w), Some(text)) => w.text() == text,
             (None, None) => true,

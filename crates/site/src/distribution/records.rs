@@ -152,6 +152,10 @@ pub struct DpRecord {
     /// Its transfer windows (`--window`, [`crate::windows`]) as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<String>,
+    /// Its content comes in prestage bundles (`--prestaged on`): the site
+    /// sends it no chunk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prestaged: bool,
     /// The names in the certificate of its HTTPS listener, as last issued.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_names: Vec<String>,
@@ -186,6 +190,7 @@ impl DpRecord {
             maintenance: false,
             rate: None,
             window: None,
+            prestaged: false,
             client_names: Vec::new(),
             multicast: None,
             multicast_sessions: Vec::new(),

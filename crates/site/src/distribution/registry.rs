@@ -779,6 +779,12 @@ impl Hub {
         self.set_dp(dp, |d| d.window = window)
     }
 
+    /// Makes DP `dp` take its content from prestage bundles only (the
+    /// site sends it no chunk), or not.
+    pub fn set_prestaged(&self, dp: &str, on: bool) -> Result<(), HubError> {
+        self.set_dp(dp, |d| d.prestaged = on)
+    }
+
     /// Records a contact of DP `dp`: now, from `address` when it just
     /// connected (written, so the last contact survives the site).
     pub fn contact(&self, dp: &str, address: Option<String>) -> Result<(), HubError> {

@@ -52,6 +52,9 @@ pub struct DpView {
     /// Its transfer windows (site time), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<String>,
+    /// Whether it takes its content from prestage bundles only.
+    #[serde(default)]
+    pub prestaged: bool,
     /// Its multicast settings (absent: never set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<crate::distribution::multicast::DpMulticast>,
@@ -106,6 +109,7 @@ pub fn dps(hub: &Hub, conns: &Connections) -> Vec<DpView> {
             maintenance: d.maintenance,
             rate: d.rate,
             window: d.window.clone(),
+            prestaged: d.prestaged,
             multicast: d.multicast.clone(),
             multicast_sessions: d.multicast_sessions.clone(),
         })
@@ -175,6 +179,10 @@ pub struct StatusRow {
     /// ("13:00", "Mon 08:00").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_until_site: Option<String>,
+    /// The DP takes its content from prestage bundles only: what it lacks
+    /// waits for one (`ferry content prestage`, `ferry dp prestage`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waits_for_prestage: bool,
     /// The DP's multicast sessions of this package: those running, and
     /// the last that ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -270,6 +278,7 @@ pub fn rows(
                 maintenance: d.maintenance,
                 paused_until: None,
                 paused_until_site: None,
+                waits_for_prestage: false,
                 multicast: sessions,
                 multicast_warning: (only && !runs_sessions && want.is_some()).then(|| {
                     format!(
@@ -329,7 +338,9 @@ pub fn rows(
                 }
                 (Some(_), None) => {}
             }
-            if matches!(row.state.as_str(), "in-progress" | "pending") {
+            if matches!(row.state.as_str(), "in-progress" | "pending") && d.prestaged {
+                row.waits_for_prestage = true;
+            } else if matches!(row.state.as_str(), "in-progress" | "pending") {
                 let pacer = conns.pacer(&d.name);
                 if let (Some(until), Some(w)) = (pacer.closed_until(), pacer.windows()) {
                     row.paused_until = Some(until);

@@ -61,6 +61,10 @@ pub struct DpSettings {
     /// `"off"` takes them away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<String>,
+    /// The DP takes its content from prestage bundles only (the site sends
+    /// it no chunk), or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prestaged: Option<bool>,
 }
 
 /// One package's last validation on a DP.
@@ -165,6 +169,10 @@ pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
     if let Some(rate) = s.rate {
         hub.set_rate(dp, (rate > 0).then_some(rate))?;
         info!(%dp, rate, "rate limit set (0: none)");
+    }
+    if let Some(on) = s.prestaged {
+        hub.set_prestaged(dp, on)?;
+        info!(%dp, prestaged = on, "prestaged set");
     }
     if let Some(text) = &s.window {
         if text.trim().eq_ignore_ascii_case("off") {
