@@ -3,7 +3,8 @@
 //!
 //! A window is rules separated by `;`, each `[DAYS] FROM-TO (rate RATE |
 //! closed)`: `Mon-Fri 08:00-18:00 rate 5M; daily 12:00-13:00 closed`.
-//! DAYS is `daily` (the default) or names (`Mon`, `Sat,Sun`, `Mon-Fri`,
+//! DAYS is `daily` (the default) or day names, three letters or whole, any
+//! case (`Mon`, `Sat,Sun`, `Mon-Fri`, `Monday-Friday`,
 //! `Fri-Mon`); FROM and TO are `HH:MM` or `HH:MM:SS`, TO may be `24:00`,
 //! and a TO at or before FROM runs past midnight into the next day (the
 //! rule belongs to the day it starts). At any moment the rules in force
@@ -43,11 +44,21 @@ pub struct Windows {
 const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 const DAY_SECS: u32 = 86_400;
 
+/// Full day names, Monday first.
+const DAY_FULL: [&str; 7] = [
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+];
+
+/// A day by its three-letter or full name, any case.
 fn day(name: &str) -> Option<usize> {
     let n = name.to_ascii_lowercase();
-    DAY_NAMES
-        .iter()
-        .position(|d| n.starts_with(d) && n.len() <= 9)
+    (0..7).find(|&i| n == DAY_NAMES[i] || n == DAY_FULL[i])
 }
 
 fn days(spec: &str) -> Result<[bool; 7], String> {
@@ -251,13 +262,13 @@ mod tests {
     #[test]
     fn the_strictest_rule_in_force_holds_and_the_next_boundary_is_found() {
         let w = Windows::parse_in(
-            "Mon-Fri  08:00-18:00 rate 5M;daily 12:00-13:00 closed",
+            "Monday-FRI  08:00-18:00 rate 5M;daily 12:00-13:00 closed",
             utc(),
         )
         .unwrap();
         assert_eq!(
             w.text(),
-            "Mon-Fri 08:00-18:00 rate 5M; daily 12:00-13:00 closed"
+            "Monday-FRI 08:00-18:00 rate 5M; daily 12:00-13:00 closed"
         );
         // 2026-12-07 is a Monday.
         let (l, next) = w.at(t("2026-12-07T09:30:00Z"));
@@ -320,6 +331,7 @@ mod tests {
             ("", "no window"),
             ("Mon 08:00-18:00", "a rule is"),
             ("Funday 08:00-18:00 closed", "not a day"),
+            ("Month 08:00-18:00 closed", "not a day"),
             ("08:00-25:00 closed", "not a time"),
             ("8:00-18:00 closed", "not a time"),
             ("08:00-18:00 rate fast", "is not a rate"),
