@@ -356,6 +356,7 @@ fn image_set_update_remove_and_jobs_cancel_and_wait_do_what_they_say() {
         "upgrade packages",
     );
     fails(&["image", "set", &id], "nothing to set");
+    fails(&["dp", "set", "dp1"], "nothing to set");
     fails(&["image", "set", &id, "--name", " "], "cannot be empty");
     fails(&["image", "set", "FRY09999", "--name", "x"], "FRY09999");
     assert_eq!(

@@ -481,15 +481,25 @@ fn a_window_that_closes_mid_transfer_pauses_it_and_it_resumes_where_it_was() {
     let open = close + time::Duration::seconds(8);
     let window = format!("daily {}-{} closed", hms(close), hms(open));
     // A window that does not read is refused, naming what is wrong, and
-    // changes nothing.
-    let bad = site.cli(&["dp", "set", "dp1", "--window", "Funday 08:00-09:00 closed"]);
+    // changes nothing: not even the other setting of the same request.
+    let bad = site.cli(&[
+        "dp",
+        "set",
+        "dp1",
+        "--rate",
+        "1M",
+        "--window",
+        "Funday 08:00-09:00 closed",
+    ]);
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("\"Funday\" is not a day"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
-    assert!(site.dp_row("dp1").unwrap()["window"].is_null());
+    let row = site.dp_row("dp1").unwrap();
+    assert!(row["window"].is_null(), "{row}");
+    assert_eq!(row["rate"], 20_000_000, "{row}");
     site.cli_ok(&["dp", "set", "dp1", "--window", &window])
         .unwrap();
     assert_eq!(site.dp_row("dp1").unwrap()["window"], window.as_str());

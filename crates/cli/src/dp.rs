@@ -6,10 +6,9 @@ use anyhow::Context;
 use clap::Subcommand;
 use ferry_dp::DpAgent;
 use ferry_site::api::{AddDpReply, AddDpRequest};
+use ferry_site::distribution::settings::DpSettings;
 use ferry_site::distribution::status::DpView;
-use ferry_site::distribution::validation::{
-    DpSettings, ValidateReply, ValidateRequest, ValidationView,
-};
+use ferry_site::distribution::validation::{ValidateReply, ValidateRequest, ValidationView};
 use reqwest::Method;
 
 use crate::client::Client;
@@ -443,13 +442,7 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
         window,
         prestaged,
     } = &s;
-    if validate_schedule.is_none()
-        && anonymous_clients.is_none()
-        && maintenance.is_none()
-        && rate.is_none()
-        && window.is_none()
-        && prestaged.is_none()
-    {
+    if s == DpSettings::default() {
         anyhow::bail!(
             "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off, --rate RATE (or off), --window RULES (or off) or --prestaged on|off"
         );

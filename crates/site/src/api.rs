@@ -998,9 +998,9 @@ async fn dp_validation(
 async fn dp_settings(
     State(s): State<ApiState>,
     Path(name): Path<String>,
-    Json(req): Json<validation::DpSettings>,
+    Json(req): Json<crate::distribution::settings::DpSettings>,
 ) -> Result<Json<validation::ValidationView>, ApiError> {
-    validation::set(&s.hub, &name, &req)?;
+    crate::distribution::settings::set(&s.hub, &name, &req)?;
     Ok(Json(validation::view(&s.hub, &s.conns, &name)?))
 }
 

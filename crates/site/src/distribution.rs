@@ -16,5 +16,6 @@ pub(crate) mod persist;
 pub mod prestage;
 pub mod records;
 pub(crate) mod registry;
+pub mod settings;
 pub mod status;
 pub mod validation;

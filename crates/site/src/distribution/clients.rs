@@ -162,11 +162,6 @@ impl Hub {
             .collect()
     }
 
-    /// Lets clients without a token download from DP `dp`, or stops it.
-    pub fn set_anonymous_clients(&self, dp: &str, on: bool) -> Result<(), HubError> {
-        self.set_dp(dp, |d| d.anonymous_clients = on)
-    }
-
     /// Records the names of DP `dp`'s HTTPS certificate.
     pub fn set_client_names(&self, dp: &str, names: &[String]) -> Result<(), HubError> {
         self.update(false, |reg| {

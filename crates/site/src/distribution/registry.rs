@@ -695,23 +695,6 @@ impl Hub {
         })
     }
 
-    /// Sets (or with `None` clears) DP `name`'s validation schedule.
-    pub fn set_validate_schedule(
-        &self,
-        name: &str,
-        schedule: Option<String>,
-    ) -> Result<(), HubError> {
-        self.update(false, |r| {
-            let d = r
-                .dps
-                .get_mut(name)
-                .ok_or_else(|| HubError::NoDp(name.into()))?;
-            d.validation.schedule = schedule;
-            d.validation.last_scheduled = Some(now());
-            Ok(())
-        })
-    }
-
     /// A scheduled validation of every package is due for `name`: request
     /// it and remember when.
     pub fn scheduled_validation(
@@ -759,30 +742,6 @@ impl Hub {
             f(d);
             Ok(())
         })
-    }
-
-    /// Puts DP `dp` in maintenance (no transfer to or from it starts), or
-    /// takes it out.
-    pub fn set_maintenance(&self, dp: &str, on: bool) -> Result<(), HubError> {
-        self.set_dp(dp, |d| d.maintenance = on)
-    }
-
-    /// Limits the chunk bytes sent to DP `dp` per second (`None`: no
-    /// limit).
-    pub fn set_rate(&self, dp: &str, rate: Option<u64>) -> Result<(), HubError> {
-        self.set_dp(dp, |d| d.rate = rate)
-    }
-
-    /// Sets DP `dp`'s transfer windows (`None`: none), checked by the
-    /// caller.
-    pub fn set_window(&self, dp: &str, window: Option<String>) -> Result<(), HubError> {
-        self.set_dp(dp, |d| d.window = window)
-    }
-
-    /// Makes DP `dp` take its content from prestage bundles only (the
-    /// site sends it no chunk), or not.
-    pub fn set_prestaged(&self, dp: &str, on: bool) -> Result<(), HubError> {
-        self.set_dp(dp, |d| d.prestaged = on)
     }
 
     /// Records a contact of DP `dp`: now, from `address` when it just

@@ -40,33 +40,6 @@ pub struct ValidateReply {
     pub packages: Vec<String>,
 }
 
-/// Body of `POST /api/v1/dps/{name}/settings`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DpSettings {
-    /// Five-field cron (UTC) for scheduled validation; `"off"` clears it.
-    #[serde(default)]
-    pub validate_schedule: Option<String>,
-    /// Let clients without a token download from the DP's HTTPS listener.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub anonymous_clients: Option<bool>,
-    /// Put the DP in maintenance (no transfer to or from it starts), or
-    /// take it out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub maintenance: Option<bool>,
-    /// Limit the chunk bytes sent to the DP to this many per second; 0
-    /// takes the limit away.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate: Option<u64>,
-    /// Transfer windows in the site's local time ([`crate::windows`]);
-    /// `"off"` takes them away.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window: Option<String>,
-    /// The DP takes its content from prestage bundles only (the site sends
-    /// it no chunk), or not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prestaged: Option<bool>,
-}
-
 /// One package's last validation on a DP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ValidationRow {
@@ -143,49 +116,6 @@ pub fn request(
             req.packages.clone()
         },
     })
-}
-
-/// Sets a DP's settings.
-pub fn set(hub: &Hub, dp: &str, s: &DpSettings) -> Result<(), HubError> {
-    if let Some(expr) = &s.validate_schedule {
-        if expr.eq_ignore_ascii_case("off") || expr.is_empty() {
-            hub.set_validate_schedule(dp, None)?;
-            info!(%dp, "validation schedule cleared");
-        } else {
-            let sched = Schedule::parse(expr)
-                .map_err(|e| HubError::Invalid(format!("--validate-schedule {e}")))?;
-            hub.set_validate_schedule(dp, Some(sched.expr().to_string()))?;
-            info!(%dp, schedule = %sched.expr(), "validation schedule set");
-        }
-    }
-    if let Some(on) = s.anonymous_clients {
-        hub.set_anonymous_clients(dp, on)?;
-        info!(%dp, anonymous = on, "anonymous client downloads set");
-    }
-    if let Some(on) = s.maintenance {
-        hub.set_maintenance(dp, on)?;
-        info!(%dp, maintenance = on, "maintenance set");
-    }
-    if let Some(rate) = s.rate {
-        hub.set_rate(dp, (rate > 0).then_some(rate))?;
-        info!(%dp, rate, "rate limit set (0: none)");
-    }
-    if let Some(on) = s.prestaged {
-        hub.set_prestaged(dp, on)?;
-        info!(%dp, prestaged = on, "prestaged set");
-    }
-    if let Some(text) = &s.window {
-        if text.trim().eq_ignore_ascii_case("off") {
-            hub.set_window(dp, None)?;
-            info!(%dp, "transfer windows cleared");
-        } else {
-            let w = crate::windows::Windows::parse(text)
-                .map_err(|e| HubError::Invalid(format!("--window {e}")))?;
-            hub.set_window(dp, Some(w.text().to_string()))?;
-            info!(%dp, window = %w.text(), "transfer windows set");
-        }
-    }
-    Ok(())
 }
 
 /// What `ferry dp validation NAME` shows.
