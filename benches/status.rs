@@ -58,6 +58,7 @@ async fn watch(conn: &quinn::Connection) -> anyhow::Result<(quinn::SendStream, q
             protocol: ferry_wire::PROTOCOL_VERSION,
             holdings: Vec::new(),
             disk: None,
+            peer_address: String::new(),
         })),
     };
     ferry_wire::write_frame(&mut send, &hello).await?;

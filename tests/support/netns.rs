@@ -297,6 +297,19 @@ impl BridgeHost {
 }
 
 impl Bridge {
+    /// Bytes the root namespace (the site) sent onto the segment, as the
+    /// kernel counted them on the bridge itself: what hosts send each
+    /// other is forwarded between their ports and not counted here.
+    pub fn local_sent_bytes(&self) -> anyhow::Result<u64> {
+        let p = Path::new("/sys/class/net")
+            .join(&self.name)
+            .join("statistics/tx_bytes");
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .trim()
+            .parse()?)
+    }
+
     /// Creates bridge `fb-<tag>` and hosts `ferry-<tag>-<host>` for each
     /// name in `hosts`. `n` must be unique among the segments alive at
     /// once; leftovers of a killed test of the same names are removed

@@ -57,17 +57,32 @@ async fn fetch(
     revision: u32,
     wants: Vec<Vec<bytes::Bytes>>,
 ) -> Vec<pb::Reply> {
+    fetch_with(conn, package, revision, None, wants).await
+}
+
+/// [`fetch`] showing `grant` (a source DP asks for one).
+async fn fetch_with(
+    conn: &quinn::Connection,
+    package: &str,
+    revision: u32,
+    grant: Option<pb::SignedGrant>,
+    wants: Vec<Vec<bytes::Bytes>>,
+) -> Vec<pb::Reply> {
     let (mut s, mut r) = conn.open_bi().await.unwrap();
     let req = pb::Request {
         kind: Some(request::Kind::Fetch(pb::Fetch {
             package: package.into(),
             revision,
+            grant,
         })),
     };
     write_frame(&mut s, &req).await.unwrap();
     for ids in wants {
         // The site may stop reading after a refusal; later writes can fail.
-        if write_frame(&mut s, &pb::Want { ids }).await.is_err() {
+        if write_frame(&mut s, &pb::Want { ids, grant: None })
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -251,6 +266,7 @@ fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
                 protocol: 99,
                 holdings: vec![],
                 disk: None,
+                peer_address: String::new(),
             }),
         )
         .await;
@@ -292,4 +308,214 @@ fn malformed_oversized_and_excess_requests_get_errors_and_the_site_survives() {
         "the site logs the bad input"
     );
     assert!(!log.contains("panicked"));
+}
+
+/// A connection to source DP `addr` with the certificate of the DP in
+/// `data`, accepting the source by its certificate `source_fp`.
+async fn connect_to_source(data: &Path, addr: &str, source_fp: &str) -> quinn::Connection {
+    let read = |f: &str| std::fs::read_to_string(data.join(f)).unwrap();
+    let id = ferry_net::tls::Identity::from_pem(&read("dp.pem"), &read("dp.key"), "dp").unwrap();
+    let cfg = ferry_net::tls::dp_peer_client(id, source_fp, Default::default()).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.connect_with(cfg, addr.parse().unwrap(), "ferry-dp")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// The fingerprint of the certificate of the DP in `data`.
+fn cert_fingerprint(data: &Path) -> String {
+    let pem = std::fs::read_to_string(data.join("dp.pem")).unwrap();
+    ferry_net::pki::fingerprint(&ferry_net::pki::cert_der(&pem, "dp").unwrap())
+}
+
+#[test]
+fn a_source_dp_serves_only_what_a_site_grant_allows_the_dp_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = SiteProc::start(dir.path()).unwrap();
+    let port = ferry_tests::harness::free_udp_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut src = DpProc::enroll_with(
+        dir.path(),
+        "src",
+        &site,
+        &site.dp_addr(),
+        &[],
+        &["--peer-listen", &listen],
+    )
+    .unwrap();
+    src.serve().unwrap();
+    // The test is the pull DP (and another DP that steals its grant).
+    let puller = DpProc::enroll(dir.path(), "puller", &site).unwrap();
+    let other = DpProc::enroll(dir.path(), "other", &site).unwrap();
+    let wim = ferry_tests::wimtools::tree_wim(dir.path(), "small", 20, 7, &[]).unwrap();
+    let id = site.add_image(&wim, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    site.cli_ok(&["distribute", &id, "--dp", "src"]).unwrap();
+    site.wait_installed(&id, "src", 1, Duration::from_secs(120))
+        .unwrap();
+    let (key, ids) = {
+        site.stop().unwrap();
+        let key_text = std::fs::read_to_string(site.data.join("manifest.key")).unwrap();
+        let key = ferry_net::pki::SigningKey::from_text(&key_text, "site key").unwrap();
+        let lib = ferry_store::Library::open(&site.data.join("library")).unwrap();
+        let ids: Vec<bytes::Bytes> = lib.manifests(&id, 1).unwrap()[0]
+            .chunks
+            .iter()
+            .take(3)
+            .map(|c| c.id.as_bytes().to_vec().into())
+            .collect();
+        drop(lib);
+        site.serve().unwrap();
+        (key, ids)
+    };
+    let (src_fp, puller_fp) = (cert_fingerprint(&src.data), cert_fingerprint(&puller.data));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let grant = |key: &ferry_net::pki::SigningKey, revision: u32, expires: i64| {
+        ferry_net::grant::sign(
+            key,
+            &pb::Grant {
+                site_code: "FRY".into(),
+                dp: "puller".into(),
+                fingerprint: puller_fp.clone(),
+                package: id.clone(),
+                revision,
+                expires,
+                pace: Vec::new(),
+            },
+        )
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = connect_to_source(&puller.data, &listen, &src_fp).await;
+        // With the site's grant: the chunks, each hashing to its id.
+        let got = fetch_with(
+            &conn,
+            &id,
+            1,
+            Some(grant(&key, 1, now + 600)),
+            vec![ids.clone()],
+        )
+        .await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        for (r, want) in got.iter().zip(&ids) {
+            let Some(reply::Kind::Chunk(c)) = &r.kind else {
+                panic!("expected a chunk, got {r:?}");
+            };
+            assert_eq!(&c.id, want);
+            assert_eq!(blake3::hash(&c.data).as_bytes(), &want[..]);
+        }
+        // A chunk outside the revision, after one inside: refused in order.
+        let stray: bytes::Bytes = vec![7u8; 32].into();
+        let got = fetch_with(
+            &conn,
+            &id,
+            1,
+            Some(grant(&key, 1, now + 600)),
+            vec![vec![ids[0].clone(), stray]],
+        )
+        .await;
+        assert!(matches!(got[0].kind, Some(reply::Kind::Chunk(_))));
+        let (code, msg) = error_of(&got[1]);
+        assert_eq!(code, Code::NotAllowed as i32, "{msg}");
+        assert!(msg.contains("is not in"), "{msg}");
+
+        let refused = |got: Vec<pb::Reply>, code: Code, words: &str| {
+            assert_eq!(got.len(), 1, "{got:?}");
+            let (c, msg) = error_of(&got[0]);
+            assert_eq!(c, code as i32, "{msg}");
+            assert!(msg.contains(words), "{msg:?} lacks {words:?}");
+        };
+        // No grant; an expired one; one the site did not sign; one for
+        // another revision than asked.
+        refused(
+            fetch_with(&conn, &id, 1, None, vec![ids.clone()]).await,
+            Code::NotAllowed,
+            "no grant",
+        );
+        refused(
+            fetch_with(
+                &conn,
+                &id,
+                1,
+                Some(grant(&key, 1, now - 1)),
+                vec![ids.clone()],
+            )
+            .await,
+            Code::NotAllowed,
+            "expired",
+        );
+        let forger = ferry_net::pki::SigningKey::from_text(
+            &ferry_net::pki::SigningKey::generate().unwrap(),
+            "forger",
+        )
+        .unwrap();
+        refused(
+            fetch_with(
+                &conn,
+                &id,
+                1,
+                Some(grant(&forger, 1, now + 600)),
+                vec![ids.clone()],
+            )
+            .await,
+            Code::NotAllowed,
+            "not signed by this site",
+        );
+        refused(
+            fetch_with(
+                &conn,
+                &id,
+                1,
+                Some(grant(&key, 2, now + 600)),
+                vec![ids.clone()],
+            )
+            .await,
+            Code::NotAllowed,
+            "revision 2",
+        );
+        // A revision the source does not hold, granted: not found there.
+        refused(
+            fetch_with(
+                &conn,
+                &id,
+                2,
+                Some(grant(&key, 2, now + 600)),
+                vec![ids.clone()],
+            )
+            .await,
+            Code::NotFound,
+            "does not hold",
+        );
+        // The puller's grant on another DP's connection.
+        let thief = connect_to_source(&other.data, &listen, &src_fp).await;
+        refused(
+            fetch_with(
+                &thief,
+                &id,
+                1,
+                Some(grant(&key, 1, now + 600)),
+                vec![ids.clone()],
+            )
+            .await,
+            Code::NotAllowed,
+            "not the certificate",
+        );
+        // A source that is not the one the site named: the handshake fails.
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let read = |f: &str| std::fs::read_to_string(puller.data.join(f)).unwrap();
+        let me =
+            ferry_net::tls::Identity::from_pem(&read("dp.pem"), &read("dp.key"), "dp").unwrap();
+        let wrong =
+            ferry_net::tls::dp_peer_client(me, &"00".repeat(32), Default::default()).unwrap();
+        let r = ep
+            .connect_with(wrong, listen.parse().unwrap(), "ferry-dp")
+            .unwrap()
+            .await;
+        assert!(r.is_err(), "a source with another certificate is refused");
+    });
+    let log = src.log_text();
+    assert!(log.contains("chunks refused to a pull DP"), "{log}");
 }

@@ -241,6 +241,10 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
             s @ ("in-progress" | "pending") if r.waits_for_prestage => {
                 format!("{s}, waiting for a prestage bundle")
             }
+            "pending" if r.waiting_for.is_some() => format!(
+                "pending, waiting for {} to get it first",
+                r.waiting_for.as_deref().unwrap_or_default()
+            ),
             s @ ("in-progress" | "pending") if r.paused_until_site.is_some() => format!(
                 "{s}, paused until {} (site time)",
                 r.paused_until_site.as_deref().unwrap_or_default()
@@ -291,7 +295,7 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
             r.revision.map_or("-".into(), |v| v.to_string()),
             state,
             progress,
-            bytes(r.bytes_done),
+            received(r.bytes_done, &r.sources),
             bytes(r.full_bytes),
             bytes(r.wire_bytes),
             if r.online {
@@ -311,4 +315,14 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes received, and where they came from when the DP said: "12 MB
+/// from dp3", "60 MB from dp3 + site".
+fn received(n: u64, sources: &[ferry_site::distribution::records::SourceBytes]) -> String {
+    if sources.is_empty() {
+        return bytes(n);
+    }
+    let from: Vec<&str> = sources.iter().map(|s| s.source.as_str()).collect();
+    format!("{} from {}", bytes(n), from.join(" + "))
 }

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use ferry_dp::DpAgent;
 use ferry_site::api::{AddDpReply, AddDpRequest};
+use ferry_site::distribution::records::PullFrom;
 use ferry_site::distribution::settings::DpSettings;
 use ferry_site::distribution::status::DpView;
 use ferry_site::distribution::validation::{ValidateReply, ValidateRequest, ValidationView};
@@ -49,6 +50,12 @@ pub(crate) enum DpCmd {
         /// 0.0.0.0.
         #[arg(long, value_name = "NAME", requires = "client_listen")]
         client_name: Vec<String>,
+        /// Serve chunks to pull DPs (`ferry dp set OTHER --pull-from
+        /// THIS`) over QUIC on this UDP address (IP:PORT, e.g.
+        /// 0.0.0.0:7444; with 0.0.0.0 they dial the address this DP
+        /// reaches the site from). Written to [peers] of dp.toml.
+        #[arg(long, value_name = "ADDR")]
+        peer_listen: Option<std::net::SocketAddr>,
     },
     /// On the DP: run the agent in the foreground (Ctrl-C stops it).
     Serve {
@@ -136,6 +143,16 @@ pub(crate) enum DpCmd {
         /// sends it no chunk, and what it lacks waits for a bundle.
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         prestaged: Option<bool>,
+        /// Make it a pull DP: it takes its chunks from these DPs (each
+        /// with a [peers] listener), "SRC[:RANK],…": lowest rank first
+        /// (default 1), a random one among equals, the next when one
+        /// fails; from the site when none holds or is getting a revision.
+        /// Loops are refused.
+        #[arg(long, value_name = "SRC[:RANK],…", value_parser = parse_sources, conflicts_with = "push")]
+        pull_from: Option<Sources>,
+        /// Make it a push DP again: the site sends it its chunks.
+        #[arg(long)]
+        push: bool,
     },
     /// On the site: let a DP send packages that allow multicast to many
     /// computers at once (--enable), or stop it (--disable). Settings not
@@ -190,6 +207,46 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration: use e.g. 90s, 30m, 2h or 1h30m ({e})"))
 }
 
+/// The sources `--pull-from` names.
+#[derive(Clone, Debug)]
+pub(crate) struct Sources(Vec<PullFrom>);
+
+/// "SRC[:RANK],…" of `--pull-from`.
+fn parse_sources(s: &str) -> Result<Sources, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (dp, rank) = match part.split_once(':') {
+            Some((dp, rank)) => (
+                dp.trim(),
+                rank.trim().parse::<u32>().map_err(|_| {
+                    format!("{part:?}: the rank after ':' is a whole number (1 first)")
+                })?,
+            ),
+            None => (part, 1),
+        };
+        if dp.is_empty() {
+            return Err(format!("{part:?}: a DP name comes before ':'"));
+        }
+        out.push(PullFrom {
+            dp: dp.to_string(),
+            rank,
+        });
+    }
+    if out.is_empty() {
+        return Err("name at least one source DP (--push makes it a push DP)".into());
+    }
+    Ok(Sources(out))
+}
+
+/// "dp1 (rank 1), dp2 (rank 2)".
+pub(crate) fn describe_sources(sources: &[PullFrom]) -> String {
+    sources
+        .iter()
+        .map(|s| format!("{} (rank {})", s.dp, s.rank))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A rate, or "off" (0: no limit).
 fn parse_rate_or_off(s: &str) -> Result<u64, String> {
     if s.trim().eq_ignore_ascii_case("off") {
@@ -226,7 +283,8 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
         DpCmd::Init {
             client_listen,
             client_name,
-        } => init(g, client_listen, client_name).await,
+            peer_listen,
+        } => init(g, client_listen, client_name, peer_listen).await,
         DpCmd::Serve { max_rate } => {
             let data = data_dir(g)?;
             let agent = tokio::task::spawn_blocking(move || DpAgent::open(&data))
@@ -329,6 +387,8 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
             rate,
             window,
             prestaged,
+            pull_from,
+            push,
         } => {
             let s = DpSettings {
                 validate_schedule,
@@ -337,6 +397,11 @@ pub(crate) async fn run(cmd: DpCmd, g: &Global) -> anyhow::Result<()> {
                 rate,
                 window,
                 prestaged,
+                pull_from: if push {
+                    Some(Vec::new())
+                } else {
+                    pull_from.map(|s| s.0)
+                },
             };
             set(g, &name, s).await
         }
@@ -362,6 +427,7 @@ async fn init(
     g: &Global,
     client_listen: Option<std::net::SocketAddr>,
     client_name: Vec<String>,
+    peer_listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let data = data_dir(g)?;
     let (Some(site), Some(token)) = (&g.site, &g.token) else {
@@ -377,13 +443,14 @@ async fn init(
             client_name
         },
     });
-    let cfg = ferry_dp::enroll(&data, site, token, clients).await?;
+    let peers = peer_listen.map(|listen| ferry_dp::config::PeersConfig { listen });
+    let cfg = ferry_dp::enroll(&data, site, token, clients, peers).await?;
     let content = cfg.content_dir(&data);
     emit(
         g,
         &serde_json::json!({
             "name": cfg.name, "site_code": cfg.site_code, "site": cfg.site,
-            "data": data, "content": content, "clients": cfg.clients,
+            "data": data, "content": content, "clients": cfg.clients, "peers": cfg.peers,
         }),
         || {
             println!(
@@ -399,6 +466,9 @@ async fn init(
                     c.listen,
                     c.names.join(", ")
                 );
+            }
+            if let Some(p) = &cfg.peers {
+                println!("serves chunks to pull DPs over QUIC on {}", p.listen);
             }
             println!("start it with: ferry dp serve --data {}", data.display());
         },
@@ -441,10 +511,11 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
         rate,
         window,
         prestaged,
+        pull_from,
     } = &s;
     if s == DpSettings::default() {
         anyhow::bail!(
-            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off, --rate RATE (or off), --window RULES (or off) or --prestaged on|off"
+            "nothing to set: give --validate-schedule CRON (or off), --anonymous-clients on|off, --maintenance on|off, --rate RATE (or off), --window RULES (or off), --prestaged on|off, --pull-from SRC[:RANK],… or --push"
         );
     }
     let client = Client::new(g)?;
@@ -467,6 +538,16 @@ async fn set(g: &Global, name: &str, s: DpSettings) -> anyhow::Result<()> {
                 "out of maintenance: it catches up with its assignments"
             }
         );
+    }
+    if let Some(sources) = pull_from {
+        if sources.is_empty() {
+            println!("{name}: a push DP: the site sends it its chunks");
+        } else {
+            println!(
+                "{name}: pulls its chunks from {} (by rank; the site when none holds or is getting a revision)",
+                describe_sources(sources)
+            );
+        }
     }
     if let Some(r) = rate {
         match r {
@@ -543,6 +624,9 @@ async fn list(g: &Global) -> anyhow::Result<()> {
             state(d),
             {
                 let mut a = d.address.clone().unwrap_or_else(|| "-".into());
+                if let Some(p) = &d.peer_address {
+                    a += &format!("\npeers: {p}");
+                }
                 if !d.client_names.is_empty() {
                     a += &format!(
                         "\nhttps: {}{}",
@@ -589,10 +673,11 @@ async fn list(g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enrollment, whether it is online and in maintenance, its rate limit.
+/// Enrollment, whether it is online and in maintenance, its rate limit,
+/// windows and sources.
 fn state(d: &DpView) -> String {
     format!(
-        "{}{}{}{}{}{}",
+        "{}{}{}{}{}{}{}",
         d.enrollment,
         if d.online { ", online" } else { "" },
         if d.maintenance { ", maintenance" } else { "" },
@@ -603,7 +688,12 @@ fn state(d: &DpView) -> String {
         d.window
             .as_ref()
             .map(|w| format!(", windows (site time): {w}"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if d.pull_from.is_empty() {
+            String::new()
+        } else {
+            format!(", pulls from {}", describe_sources(&d.pull_from))
+        }
     )
 }
 
@@ -622,6 +712,9 @@ fn show(d: &DpView) {
     println!("DP {}", d.name);
     line("state", state(d));
     line("address", d.address.clone().unwrap_or_else(|| "-".into()));
+    if let Some(p) = &d.peer_address {
+        line("peers", format!("serves pull DPs on {p}"));
+    }
     line("last contact", last_contact(d));
     if !d.client_names.is_empty() {
         line(

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use tracing::{error, info, warn, Instrument};
 use crate::config::{self, DpConfig};
 use crate::error::{Context as _, DpError, Failure, Result};
 use crate::manifest;
+use crate::pull;
 use crate::report::{self, of as report};
 use crate::transfer;
 
@@ -47,11 +49,41 @@ pub struct DpAgent {
     /// Whether the site holds chunks back now (a closed transfer window):
     /// a transfer under way waits without counting it a stall.
     paused: watch::Sender<bool>,
+    /// The site's latest assignments: a pull DP's sources, who holds what,
+    /// and its grants.
+    latest: watch::Sender<Option<Arc<pb::Assignments>>>,
+    /// The DP's certificate and key (PEM), for the connections to its
+    /// sources.
+    identity: (String, String),
+    /// The listener for pull DPs, when `[peers]` says where.
+    peers: Option<Arc<crate::peers::PeerServer>>,
 }
 
 fn read(data: &Path, file: &str, what: &str) -> Result<String> {
     let p = data.join(file);
     std::fs::read_to_string(&p).map_err(|e| DpError::io(format!("read the {what}"), &p, e))
+}
+
+/// The name a pull DP dials its sources by (they are pinned by
+/// certificate, not by name).
+const PEER_SERVER_NAME: &str = "ferry-dp";
+/// How long a pull DP waits for a source to answer before it turns to the
+/// next.
+const SOURCE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits on a listener's task: never while it runs; when it stops, why.
+async fn stopped(
+    task: Option<tokio::task::JoinHandle<Result<(), DpError>>>,
+    what: &str,
+) -> Result<(), DpError> {
+    match task {
+        Some(task) => match task.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(e)) => Err(e).with_context(|| format!("{what} stopped")),
+            Err(e) => Err(e).with_context(|| format!("{what} failed")),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// The site's reason, when it closed `conn` because this DP is revoked.
@@ -71,12 +103,12 @@ impl DpAgent {
     pub fn open(data: &Path) -> Result<Self, DpError> {
         let cfg = DpConfig::load(data)?;
         let ca = ferry_net::pki::cert_der(&read(data, config::CA_FILE, "site CA")?, "site CA")?;
-        let identity = ferry_net::tls::Identity::from_pem(
-            &read(data, config::CERT_FILE, "DP certificate")?,
-            &read(data, config::KEY_FILE, "DP key")?,
-            "DP certificate",
-        )?;
-        let client = ferry_net::tls::dp_client(&ca, identity, cfg.transport())?;
+        let pem = (
+            read(data, config::CERT_FILE, "DP certificate")?,
+            read(data, config::KEY_FILE, "DP key")?,
+        );
+        let identity = || ferry_net::tls::Identity::from_pem(&pem.0, &pem.1, "DP certificate");
+        let client = ferry_net::tls::dp_client(&ca, identity()?, cfg.transport())?;
         let manifest_key = hex::decode(
             read(data, config::MANIFEST_KEY_FILE, "manifest key")?.trim(),
         )
@@ -89,8 +121,19 @@ impl DpAgent {
         })?;
         let content = cfg.content_dir(data);
         std::fs::create_dir_all(&content).map_err(|e| DpError::io("create", &content, e))?;
-        let store = crate::open_store(data, &cfg)?;
-        let policy = <pb::ClientPolicy as prost::Message>::decode(&store.client_policy()?[..])
+        let opened = Arc::new(crate::open_store(data, &cfg)?);
+        let store = Arc::new(std::sync::Mutex::new(Some(opened.clone())));
+        let peers = match &cfg.peers {
+            Some(p) => Some(Arc::new(crate::peers::PeerServer::new(
+                p.clone(),
+                ferry_net::tls::dp_peer_server(&ca, identity()?, cfg.transport())?,
+                store.clone(),
+                manifest_key.clone(),
+                cfg.site_code.clone(),
+            ))),
+            None => None,
+        };
+        let policy = <pb::ClientPolicy as prost::Message>::decode(&opened.client_policy()?[..])
             .unwrap_or_default();
         let gate = Arc::new(crate::gate::ClientGate::new(
             manifest_key.clone(),
@@ -100,7 +143,7 @@ impl DpAgent {
         Ok(Self {
             data: data.to_path_buf(),
             cfg,
-            store: Arc::new(std::sync::Mutex::new(Some(Arc::new(store)))),
+            store,
             manifest_key,
             client,
             max_rate: None,
@@ -108,6 +151,9 @@ impl DpAgent {
             cert: watch::channel(0).0,
             multicast: Arc::new(crate::multicast::Sessions::default()),
             paused: watch::channel(false).0,
+            latest: watch::channel(None).0,
+            identity: pem,
+            peers,
         })
     }
 
@@ -141,6 +187,10 @@ impl DpAgent {
             };
             tokio::spawn(listener.run().instrument(span.clone()))
         });
+        let peers = self
+            .peers
+            .clone()
+            .map(|p| tokio::spawn(p.run().instrument(span.clone())));
         let main = async {
             info!(data = %self.data.display(), content = %self.cfg.content_dir(&self.data).display(), "DP agent starting");
             let mut failures = 0u32;
@@ -165,26 +215,21 @@ impl DpAgent {
                 tokio::time::sleep(delay).await;
             }
         };
-        let https_abort = https.as_ref().map(|t| t.abort_handle());
-        let https_failed = async {
-            match https {
-                Some(task) => match task.await {
-                    Ok(Ok(())) => std::future::pending().await,
-                    Ok(Err(e)) => Err(e).context("the HTTPS listener for clients stopped"),
-                    Err(e) => Err(e).context("the HTTPS listener for clients failed"),
-                },
-                None => std::future::pending().await,
-            }
-        };
+        let aborts: Vec<_> = https
+            .iter()
+            .chain(&peers)
+            .map(|t| t.abort_handle())
+            .collect();
         let out = tokio::select! {
             r = main.instrument(span) => r,
-            r = https_failed => r,
+            r = stopped(https, "the HTTPS listener for clients") => r,
+            r = stopped(peers, "the QUIC listener for pull DPs") => r,
             _ = shutdown => {
                 info!("DP agent stopping");
                 Ok(())
             }
         };
-        if let Some(a) = https_abort {
+        for a in aborts {
             a.abort();
         }
         out
@@ -304,6 +349,12 @@ impl DpAgent {
                 protocol: ferry_wire::PROTOCOL_VERSION,
                 holdings,
                 disk: Some(self.disk().await),
+                peer_address: self
+                    .cfg
+                    .peers
+                    .as_ref()
+                    .map(|p| p.listen.to_string())
+                    .unwrap_or_default(),
             })),
         };
         write_frame(&mut send, &hello).await?;
@@ -346,6 +397,7 @@ impl DpAgent {
                             );
                         }
                         self.paused.send_replace(a.paused_until > 0);
+                        self.latest.send_replace(Some(Arc::new(a.clone())));
                         let _ = desired_tx.send(Some(a));
                     }
                     Some(pb::Reply {
@@ -723,9 +775,104 @@ impl DpAgent {
             .map_err(|e| Failure::of(conn, e))?;
         let store = self.store().await.map_err(Failure::Job)?;
         let manifest_bytes = signed.wire_bytes;
-        let (progress, wire) = transfer::run(transfer::Request {
-            conn,
-            store: &store,
+        // A pull DP tries its sources that hold the revision, by rank,
+        // each once; waits for one that is getting it; else (or when none
+        // is left) takes it from the site.
+        let mut failed: Vec<String> = Vec::new();
+        let mut earlier: Vec<pb::SourceBytes> = Vec::new();
+        let (progress, wire, sources) = loop {
+            let received = AtomicU64::new(0);
+            let pick = pull::pick(self.latest.borrow().as_deref(), a, &failed);
+            let src = match pick {
+                pull::Pick::Site => {
+                    let supply = transfer::Supply {
+                        conn,
+                        name: "site",
+                        grants: None,
+                        earlier: &earlier,
+                        received: &received,
+                    };
+                    let (p, w) = transfer::run(self.request(
+                        supply,
+                        &store,
+                        a,
+                        signed.clone(),
+                        reports,
+                        from_scratch,
+                    ))
+                    .await?;
+                    break (p, w, transfer::tally(&earlier, "site", &received));
+                }
+                pull::Pick::Wait(src) => {
+                    self.wait_for_source(conn, a, &src, reports).await?;
+                    continue;
+                }
+                pull::Pick::Source(src) => src,
+            };
+            let attempt = async {
+                let peer = self.dial_source(&src).await?;
+                let supply = transfer::Supply {
+                    conn: &peer,
+                    name: &src.dp,
+                    grants: Some(self.latest.subscribe()),
+                    earlier: &earlier,
+                    received: &received,
+                };
+                info!(source = %src.dp, address = %src.address, "fetching from a source DP");
+                let r = transfer::run(self.request(
+                    supply,
+                    &store,
+                    a,
+                    signed.clone(),
+                    reports,
+                    from_scratch,
+                ))
+                .await;
+                peer.close(0u32.into(), b"done");
+                r.map_err(Failure::into_inner)
+            };
+            let r = attempt.await;
+            if let Some(reason) = conn.close_reason() {
+                return Err(Failure::lost(&reason));
+            }
+            let n = received.load(Ordering::Relaxed);
+            match r {
+                Ok((p, w)) => break (p, w, transfer::tally(&earlier, &src.dp, &received)),
+                Err(e) => {
+                    warn!(source = %src.dp, error = %format!("{e:#}"), received_bytes = n, "a source DP failed; turning to the next source, or the site");
+                    earlier = transfer::tally(&earlier, &src.dp, &received);
+                    failed.push(src.dp.clone());
+                }
+            }
+        };
+        info!(
+            needed_bytes = progress.bytes_needed,
+            local_bytes = progress.bytes_local,
+            manifest_bytes,
+            wire_bytes = wire,
+            full_bytes = progress.full_bytes,
+            sources = ?sources.iter().map(|s| (&s.source, s.bytes)).collect::<Vec<_>>(),
+            "installed"
+        );
+        let mut r = report::progress(a, pb::State::Installed, &progress, wire, manifest_bytes);
+        r.sources = sources;
+        let _ = reports.send(r);
+        Ok(())
+    }
+
+    /// A transfer of `a` from `supply`.
+    fn request<'a>(
+        &'a self,
+        supply: transfer::Supply<'a>,
+        store: &'a Arc<ContentStore>,
+        a: &'a pb::Assignment,
+        signed: manifest::Signed,
+        reports: &'a mpsc::UnboundedSender<pb::Report>,
+        from_scratch: bool,
+    ) -> transfer::Request<'a> {
+        transfer::Request {
+            supply,
+            store,
             assignment: a,
             signed,
             max_rate: self.max_rate,
@@ -733,24 +880,63 @@ impl DpAgent {
             reports,
             from_scratch,
             paused: self.paused.subscribe(),
-        })
-        .await?;
-        info!(
-            needed_bytes = progress.bytes_needed,
-            local_bytes = progress.bytes_local,
-            manifest_bytes,
-            wire_bytes = wire,
-            full_bytes = progress.full_bytes,
-            "installed"
-        );
-        let _ = reports.send(report::progress(
-            a,
-            pb::State::Installed,
-            &progress,
-            wire,
-            manifest_bytes,
-        ));
+        }
+    }
+
+    /// Reports that the transfer waits for source `src` to get the
+    /// revision, and waits until the site's assignments change.
+    async fn wait_for_source(
+        &self,
+        conn: &quinn::Connection,
+        a: &pb::Assignment,
+        src: &str,
+        reports: &mpsc::UnboundedSender<pb::Report>,
+    ) -> Result<(), Failure> {
+        info!(source = %src, "waiting for a source DP to get the revision first");
+        let mut r = report(a, pb::State::Pending);
+        r.waiting_for = src.to_string();
+        let _ = reports.send(r);
+        let mut latest = self.latest.subscribe();
+        latest.borrow_and_update();
+        tokio::select! {
+            r = latest.changed() => r.map_err(|_| Failure::job(DpError::stopped("the session ended")))?,
+            e = conn.closed() => return Err(Failure::lost(&e)),
+        }
         Ok(())
+    }
+
+    /// A connection to source DP `src`, pinned to its certificate.
+    async fn dial_source(&self, src: &pb::PullSource) -> Result<quinn::Connection> {
+        let addr: std::net::SocketAddr = src.address.parse().map_err(|_| {
+            DpError::Usage(format!(
+                "source DP {} has no usable address ({:?})",
+                src.dp, src.address
+            ))
+        })?;
+        let identity = ferry_net::tls::Identity::from_pem(
+            &self.identity.0,
+            &self.identity.1,
+            "DP certificate",
+        )?;
+        let client =
+            ferry_net::tls::dp_peer_client(identity, &src.fingerprint, self.cfg.transport())?;
+        let endpoint = crate::client_endpoint(addr)?;
+        let connecting = endpoint
+            .connect_with(client, addr, PEER_SERVER_NAME)
+            .map_err(|e| {
+                DpError::net(
+                    format!("cannot dial source DP {}", src.dp),
+                    std::io::Error::other(e),
+                )
+            })?;
+        match tokio::time::timeout(SOURCE_CONNECT_TIMEOUT, connecting).await {
+            Ok(c) => c.with_context(|| format!("cannot connect to source DP {} at {addr}", src.dp)),
+            Err(_) => Err(DpError::Disconnected(format!(
+                "source DP {} did not answer at {addr} within {} s",
+                src.dp,
+                SOURCE_CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// Fetches and checks the signed manifest of an assignment, in compact

@@ -26,17 +26,20 @@ pub(crate) enum Incoming {
     Other(pb::Reply),
 }
 
-/// Opens a chunk stream for `revision` of `package` on `conn`.
+/// Opens a chunk stream for `revision` of `package` on `conn` (to a
+/// source DP: with the site's `grant`).
 pub(crate) async fn open(
     conn: &quinn::Connection,
     package: &str,
     revision: u32,
+    grant: Option<pb::SignedGrant>,
 ) -> crate::error::Result<(Asker, Replies)> {
     let (mut send, recv) = conn.open_bi().await?;
     let req = pb::Request {
         kind: Some(request::Kind::Fetch(pb::Fetch {
             package: package.to_string(),
             revision,
+            grant,
         })),
     };
     write_frame(&mut send, &req).await?;
@@ -56,10 +59,20 @@ impl Asker {
         for batch in ids.chunks(MAX_BATCH_CHUNKS) {
             let w = pb::Want {
                 ids: batch.to_vec(),
+                grant: None,
             };
             write_frame(&mut self.send, &w).await?;
         }
         Ok(())
+    }
+
+    /// Hands a source DP the site's newer grant for the stream's revision.
+    pub(crate) async fn renew(&mut self, grant: pb::SignedGrant) -> Result<(), WireError> {
+        let w = pb::Want {
+            ids: Vec::new(),
+            grant: Some(grant),
+        };
+        write_frame(&mut self.send, &w).await
     }
 
     /// Says nothing more will be asked.

@@ -50,6 +50,20 @@ pub struct DpConfig {
     /// The HTTPS listener for clients, when the DP serves them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients: Option<ClientsConfig>,
+    /// The QUIC listener pull DPs take chunks from, when it is a source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<PeersConfig>,
+}
+
+/// `[peers]` of `dp.toml`: where the DP serves chunks to pull DPs
+/// (`ferry dp set OTHER --pull-from THIS`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeersConfig {
+    /// UDP address to listen on, `IP:PORT`; an unspecified IP (0.0.0.0)
+    /// listens everywhere, and pull DPs dial the address this DP reaches
+    /// the site from.
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[clients]` of `dp.toml`: where the DP serves computers over HTTPS.
@@ -105,6 +119,18 @@ impl DpConfig {
                 )
             })
             .unwrap_or_default()
+            + &self
+                .peers
+                .as_ref()
+                .map(|p| {
+                    format!(
+                        "\n# QUIC for the pull DPs that take chunks from this DP.\n\
+                         [peers]\n\
+                         listen = \"{}\"\n",
+                        p.listen
+                    )
+                })
+                .unwrap_or_default()
     }
 
     /// Parses configuration text; `path` only names the file in errors.
@@ -158,12 +184,16 @@ mod tests {
             congestion: Default::default(),
             cipher: Default::default(),
             clients: None,
+            peers: None,
         };
         assert_eq!(DpConfig::parse(&c.to_text(), Path::new("x")).unwrap(), c);
         let with = DpConfig {
             clients: Some(ClientsConfig {
                 listen: "0.0.0.0:8443".parse().unwrap(),
                 names: vec!["dp1.example".into(), "10.0.0.5".into()],
+            }),
+            peers: Some(PeersConfig {
+                listen: "0.0.0.0:7444".parse().unwrap(),
             }),
             ..c.clone()
         };

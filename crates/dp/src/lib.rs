@@ -24,7 +24,9 @@ mod gate;
 pub mod http;
 pub mod manifest;
 pub mod multicast;
+mod peers;
 pub mod prestage;
+mod pull;
 pub mod ranges;
 mod report;
 mod served;
@@ -142,12 +144,13 @@ const ENROLL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// CA and the manifest key, and creates the library and content folder.
 /// Nothing is written until the site has answered. With `clients`, the DP
 /// also serves computers over HTTPS there (its certificate comes from the
-/// site when the agent first connects).
+/// site when the agent first connects); with `peers`, pull DPs over QUIC.
 pub async fn enroll(
     data: &Path,
     site: &str,
     token: &str,
     clients: Option<config::ClientsConfig>,
+    peers: Option<config::PeersConfig>,
 ) -> Result<DpConfig, DpError> {
     let cfg_path = data.join(config::CONFIG_FILE);
     if cfg_path.exists() {
@@ -221,6 +224,7 @@ pub async fn enroll(
         congestion: Default::default(),
         cipher: Default::default(),
         clients,
+        peers,
     };
     let content = cfg.content_dir(data);
     std::fs::create_dir_all(&content).map_err(|e| DpError::io("create", &content, e))?;

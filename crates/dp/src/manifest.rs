@@ -175,7 +175,7 @@ mod tests {
             package: "FRY00001".into(),
             revision: 2,
             name: "x".into(),
-            rebuild: 0,
+            ..pb::Assignment::default()
         }
     }
 

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,9 +123,74 @@ type Verified = (ChunkId, Bytes, Vec<(Slot, u64)>);
 /// Files copies read from: installed files, by handle.
 type Origins = Vec<(File, PathBuf)>;
 
+/// Where a transfer's chunks come from: the site, or a source DP a pull
+/// DP takes them from.
+pub(crate) struct Supply<'a> {
+    /// The connection to it.
+    pub conn: &'a quinn::Connection,
+    /// "site", or the source DP's name (reports and errors name it).
+    pub name: &'a str,
+    /// From a source DP: the latest assignments, whose grant for the
+    /// revision each chunk stream shows, and hands on when it is renewed.
+    pub grants: Option<watch::Receiver<Option<Arc<pb::Assignments>>>>,
+    /// Chunk bytes this transfer took from other sources before this one.
+    pub earlier: &'a [pb::SourceBytes],
+    /// Chunk bytes received from this one, counted as they arrive.
+    pub received: &'a AtomicU64,
+}
+
+impl Supply<'_> {
+    /// Where the bytes came from, for a report.
+    fn sources(&self) -> Vec<pb::SourceBytes> {
+        tally(self.earlier, self.name, self.received)
+    }
+
+    /// "the site" or "source DP NAME".
+    fn who(&self) -> String {
+        if self.grants.is_some() {
+            format!("source DP {}", self.name)
+        } else {
+            "the site".to_string()
+        }
+    }
+}
+
+/// `earlier` with the bytes `received` from `name` added.
+pub(crate) fn tally(
+    earlier: &[pb::SourceBytes],
+    name: &str,
+    received: &AtomicU64,
+) -> Vec<pb::SourceBytes> {
+    let mut out = earlier.to_vec();
+    let n = received.load(Ordering::Relaxed);
+    match out.iter_mut().find(|s| s.source == name) {
+        Some(s) => s.bytes += n,
+        None if n > 0 => out.push(pb::SourceBytes {
+            source: name.to_string(),
+            bytes: n,
+        }),
+        None => {}
+    }
+    out
+}
+
+/// The grant for `package` revision `revision` in `a`, if it carries one.
+pub(crate) fn grant_of(
+    a: Option<&pb::Assignments>,
+    package: &str,
+    revision: u32,
+) -> Option<pb::SignedGrant> {
+    a?.items
+        .iter()
+        .find(|i| i.package == package && i.revision == revision)?
+        .grant
+        .clone()
+}
+
 /// One revision to fetch.
 pub(crate) struct Request<'a> {
-    pub conn: &'a quinn::Connection,
+    /// Where its chunks come from.
+    pub supply: Supply<'a>,
     pub store: &'a Arc<ContentStore>,
     pub assignment: &'a pb::Assignment,
     pub signed: Signed,
@@ -322,7 +388,7 @@ async fn install(stage: Arc<Stage>) -> Result<()> {
 /// Fetches, writes and installs one revision. Returns its figures.
 pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
     let a = r.assignment;
-    let conn = r.conn;
+    let conn = r.supply.conn;
     let rx_start = conn.stats().udp_rx.bytes;
     let wire = || conn.stats().udp_rx.bytes.saturating_sub(rx_start);
     let manifest_bytes = r.signed.wire_bytes;
@@ -355,11 +421,13 @@ pub(crate) async fn run(r: Request<'_>) -> Result<(Progress, u64), Failure> {
         wire(),
         manifest_bytes,
     ));
+    let supply = r.supply;
 
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
     let (jobs, threads) = start_writers(&stage, &origins, &ev_tx)?;
     let mut lp = Loop {
         conn,
+        supply: &supply,
         dp: r.dp,
         manifest_bytes,
         a,
@@ -399,6 +467,7 @@ impl StreamTasks {
 
 struct Loop<'a> {
     conn: &'a quinn::Connection,
+    supply: &'a Supply<'a>,
     dp: &'a str,
     manifest_bytes: u64,
     a: &'a pb::Assignment,
@@ -452,12 +521,39 @@ impl Loop<'_> {
         let (package, revision) = (self.a.package.clone(), self.a.revision);
         let (recv_tx, recv_rx) = tokio::sync::oneshot::channel::<chunks::Replies>();
         let ev2 = ev.clone();
+        let who = self.supply.who();
+        let mut grants = self.supply.grants.clone();
         let sender = tokio::spawn(async move {
             let r: Result<()> = async {
-                let (mut ask, replies) = chunks::open(&conn, &package, revision).await?;
+                let mut shown = grants
+                    .as_mut()
+                    .and_then(|g| grant_of(g.borrow_and_update().as_deref(), &package, revision));
+                let (mut ask, replies) =
+                    chunks::open(&conn, &package, revision, shown.clone()).await?;
                 let _ = recv_tx.send(replies);
-                while let Some(batch) = want_rx.recv().await {
-                    ask.want(batch.iter().map(|c| &c.id)).await?;
+                loop {
+                    // A source DP gets the site's renewed grant as it comes.
+                    let renewed = async {
+                        match grants.as_mut() {
+                            Some(g) => g.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        batch = want_rx.recv() => match batch {
+                            Some(batch) => ask.want(batch.iter().map(|c| &c.id)).await?,
+                            None => break,
+                        },
+                        Ok(()) = renewed => {
+                            let next = grants
+                                .as_mut()
+                                .and_then(|g| grant_of(g.borrow_and_update().as_deref(), &package, revision));
+                            if let Some(next) = next.filter(|n| Some(n) != shown.as_ref()) {
+                                ask.renew(next.clone()).await?;
+                                shown = Some(next);
+                            }
+                        }
+                    }
                 }
                 ask.finish();
                 Ok(())
@@ -492,17 +588,17 @@ impl Loop<'_> {
                         kind: Some(reply::Kind::Error(e)),
                     }))) => {
                         let what = if e.code == Code::NotFound as i32 {
-                            "the manifest names a chunk the site does not have"
+                            format!("{who} does not have a chunk the manifest names")
                         } else {
-                            "the site refused to send chunks"
+                            format!("{who} refused to send chunks")
                         };
                         let _ = ev2.send(Ev::SiteError(format!("{what}: {}", e.message)));
                         return;
                     }
                     Ok(Some(Incoming::Other(_))) => {
-                        let _ = ev2.send(Ev::SiteError(
-                            "the site answered a chunk request with something else".into(),
-                        ));
+                        let _ = ev2.send(Ev::SiteError(format!(
+                            "{who} answered a chunk request with something else"
+                        )));
                         return;
                     }
                     Ok(None) => return,
@@ -609,13 +705,15 @@ impl Loop<'_> {
             while let Some(ev) = self.machine.poll_event() {
                 match ev {
                     Event::Progress(p) => {
-                        let _ = self.reports.send(report::progress(
+                        let mut r = report::progress(
                             self.a,
                             pb::State::InProgress,
                             &p,
                             self.wire(),
                             self.manifest_bytes,
-                        ));
+                        );
+                        r.sources = self.supply.sources();
+                        let _ = self.reports.send(r);
                     }
                     Event::Complete(p) => {
                         if let Some(c) = checkpoint.take() {
@@ -690,9 +788,13 @@ impl Loop<'_> {
                 }
                 let p = self.machine.handle_chunk(stream, &id, now).map_err(|e| {
                     Failure::job(DpError::protocol(format!(
-                        "the site broke the protocol: {e}"
+                        "{} broke the protocol: {e}",
+                        self.supply.who()
                     )))
                 })?;
+                self.supply
+                    .received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 let job = Job::Write {
                     id,
                     len: p.chunk.len,

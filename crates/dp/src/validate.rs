@@ -218,7 +218,7 @@ pub(crate) async fn fetch_few(
     revision: u32,
     ids: &[ChunkId],
 ) -> Result<Vec<(ChunkId, Bytes)>> {
-    let (mut ask, mut replies) = chunks::open(conn, package, revision).await?;
+    let (mut ask, mut replies) = chunks::open(conn, package, revision, None).await?;
     ask.want(ids).await?;
     ask.finish();
     let mut out = Vec::with_capacity(ids.len());

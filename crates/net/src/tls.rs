@@ -213,12 +213,33 @@ pub fn site_server(
     if !chain.iter().any(|c| c == ca) {
         chain.push(ca.clone());
     }
+    server(
+        provider,
+        verifier,
+        Identity {
+            chain,
+            key: site.key,
+        },
+        "site certificate",
+        opts,
+    )
+}
+
+/// A QUIC server configuration: TLS 1.3 only, Ferry's ALPN, clients
+/// checked by `verifier`, `me` presented (`what` names it in errors).
+fn server(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    me: Identity,
+    what: &str,
+    opts: TransportOptions,
+) -> Result<quinn::ServerConfig, PkiError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS versions"))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, site.key)
-        .map_err(tls_err("site certificate"))?;
+        .with_single_cert(me.chain, me.key)
+        .map_err(tls_err(what))?;
     tls.alpn_protocols = vec![ferry_wire::ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| PkiError::Invalid {
         what: "QUIC server config".into(),
@@ -259,21 +280,69 @@ pub fn dp_client(
     client(tls, opts.congestion)
 }
 
+/// The QUIC server configuration of a DP that pull DPs take chunks from:
+/// it presents its own certificate and accepts only clients with a
+/// certificate from the site CA `ca` (which DP, and what it may read, its
+/// grant says).
+pub fn dp_peer_server(
+    ca: &CertificateDer<'static>,
+    dp: Identity,
+    opts: TransportOptions,
+) -> Result<quinn::ServerConfig, PkiError> {
+    let provider = provider_with(opts.cipher);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
+        .build()
+        .map_err(|e| PkiError::Invalid {
+            what: "client verifier".into(),
+            detail: e.to_string(),
+        })?;
+    server(provider, verifier, dp, "DP certificate", opts)
+}
+
+/// A pull DP's configuration for one source DP: presents `dp`, and accepts
+/// the source only with the certificate of fingerprint `fingerprint` (the
+/// site's registry says which certificate it issued to that DP).
+pub fn dp_peer_client(
+    dp: Identity,
+    fingerprint: &str,
+    opts: TransportOptions,
+) -> Result<quinn::ClientConfig, PkiError> {
+    pinned_client(Pin::Cert(fingerprint.to_string()), Some(dp), opts)
+}
+
 /// The configuration of a DP enrolling: no client certificate; the site is
 /// accepted only with a CA of fingerprint `ca_fingerprint` in its chain.
 pub fn enroll_client(ca_fingerprint: &str) -> Result<quinn::ClientConfig, PkiError> {
-    let provider = provider();
-    let verifier = PinnedCa {
-        fingerprint: ca_fingerprint.to_string(),
+    pinned_client(
+        Pin::Ca(ca_fingerprint.to_string()),
+        None,
+        TransportOptions::default(),
+    )
+}
+
+/// A client that verifies its server by `pin` and presents `me`, if given.
+fn pinned_client(
+    pin: Pin,
+    me: Option<Identity>,
+    opts: TransportOptions,
+) -> Result<quinn::ClientConfig, PkiError> {
+    let provider = provider_with(opts.cipher);
+    let verifier = Pinned {
+        pin,
         provider: provider.clone(),
     };
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS versions"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    client(tls, Congestion::default())
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let tls = match me {
+        Some(me) => tls
+            .with_client_auth_cert(me.chain, me.key)
+            .map_err(tls_err("DP certificate"))?,
+        None => tls.with_no_client_auth(),
+    };
+    client(tls, opts.congestion)
 }
 
 /// Makes ring the process's default TLS provider (HTTP clients built
@@ -317,14 +386,26 @@ pub fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
         .next()
 }
 
-/// Verifies the site against the CA the enrollment token names.
+/// A server verified by a fingerprint.
 #[derive(Debug)]
-struct PinnedCa {
-    fingerprint: String,
+enum Pin {
+    /// The site, enrolling: its chain must carry the CA of this
+    /// fingerprint (the enrollment token's), and verify against it.
+    Ca(String),
+    /// A source DP: only the certificate of this fingerprint (the one the
+    /// site issued to it); the handshake's signatures are checked with its
+    /// key.
+    Cert(String),
+}
+
+/// Verifies a server by a [`Pin`].
+#[derive(Debug)]
+struct Pinned {
+    pin: Pin,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedCa {
+impl ServerCertVerifier for Pinned {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -333,9 +414,20 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca_fingerprint = match &self.pin {
+            Pin::Cert(fp) if fingerprint(end_entity) == *fp => {
+                return Ok(ServerCertVerified::assertion())
+            }
+            Pin::Cert(_) => {
+                return Err(rustls::Error::General(
+                    "the source DP's certificate is not the one the site issued to it".into(),
+                ))
+            }
+            Pin::Ca(fp) => fp,
+        };
         let ca = intermediates
             .iter()
-            .find(|c| fingerprint(c) == self.fingerprint)
+            .find(|c| fingerprint(c) == *ca_fingerprint)
             .ok_or_else(|| {
                 rustls::Error::General(
                     "the site's CA is not the one named in the enrollment token".into(),

@@ -14,6 +14,7 @@ pub mod live;
 pub mod multicast;
 pub(crate) mod persist;
 pub mod prestage;
+pub(crate) mod pull;
 pub mod records;
 pub(crate) mod registry;
 pub mod settings;

@@ -9,26 +9,28 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use ferry_core::ChunkId;
 use ferry_net::pki::{fingerprint, CaFiles, SigningKey};
 use ferry_store::{Library, StoreError};
 use ferry_wire::pb::{self, reply, request, Code};
 use ferry_wire::{
-    put_chunk_frame, put_frame, read_frame, write_frame, MAX_BATCH_CHUNKS, MAX_REPLY_BYTES,
-    MAX_REQUEST_BYTES,
+    put_chunk_frame, put_frame, read_frame, write_frame, MAX_REPLY_BYTES, MAX_REQUEST_BYTES,
 };
 use prost::Message;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::distribution::live::Connections;
-use crate::distribution::records::{TransferReport, TransferState};
+use crate::distribution::pull;
+use crate::distribution::records::{SourceBytes, TransferReport, TransferState};
 use crate::distribution::registry::{now, Hub, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 use crate::library::packages;
 
 /// Longest report string kept (errors, paths): a DP cannot grow the
 /// registry without bound.
 const MAX_REPORT_TEXT: usize = 2048;
+/// Sources kept per transfer report.
+const MAX_SOURCES: usize = 16;
 /// Damaged chunks kept per validation result.
 const MAX_DAMAGE_RECORDS: usize = 1000;
 
@@ -44,10 +46,6 @@ fn bounded(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
-/// Buffers of frames read ahead of the wire per fetch stream.
-const READ_AHEAD: usize = 16;
-/// Bytes of chunk frames packed into one buffer before it is handed on.
-const FRAME_BATCH_BYTES: usize = 64 << 10;
 /// Revisions whose chunk sets are kept for scoping fetch streams.
 const CHUNK_SET_CACHE: usize = 8;
 
@@ -194,6 +192,10 @@ impl DpServer {
                     warn!(error = %e, "cannot record the DP's contact");
                 }
                 info!("DP connected");
+                // Its pull DPs may wait for it now.
+                if self.hub.is_source(dp) {
+                    self.hub.notify();
+                }
             }
             loop {
                 match conn.accept_bi().await {
@@ -224,6 +226,9 @@ impl DpServer {
                 self.conns.remove(dp, &conn);
                 if let Err(e) = self.hub.contact(dp, None) {
                     warn!(error = %e, "cannot record the DP's last contact");
+                }
+                if self.hub.is_source(dp) {
+                    self.hub.notify();
                 }
             }
         }
@@ -383,42 +388,43 @@ impl DpServer {
     }
 
     /// The assignment set of `dp`: each assigned package at its released
-    /// revision.
+    /// revision; for a pull DP with its sources, who holds each revision
+    /// and the grants to read it from them.
     fn assignments(&self, dp: &str) -> pb::Assignments {
         let reg = self.hub.snapshot();
-        let items = reg
-            .assigned(dp)
-            .into_iter()
-            .filter_map(|p| {
-                let rec = packages::record(&self.lib, &p).ok()?;
-                let rev = rec.target()?;
-                let rebuild = reg
-                    .dps
-                    .get(dp)
-                    .and_then(|d| d.rebuilds.get(&p).copied())
-                    .unwrap_or(0);
-                Some(pb::Assignment {
-                    package: p,
-                    revision: rev,
-                    name: rec.name,
-                    rebuild,
-                })
-            })
-            .collect();
-        let v = reg
-            .dps
-            .get(dp)
-            .map(|d| d.validation.clone())
-            .unwrap_or_default();
+        let d = reg.dps.get(dp);
         // The rate limit and windows take effect with the assignments
         // that carry them.
-        let d = reg.dps.get(dp);
         let pacer = self.conns.pacer(dp);
         pacer.set(
             d.and_then(|d| d.rate),
             d.and_then(|d| d.window.as_deref()),
             d.is_some_and(|d| d.prestaged),
         );
+        let sources = pull::sources(&reg, dp);
+        let grants = (!sources.is_empty())
+            .then(|| pull::Grants::new(&reg, dp, &pacer, &self.key, &self.site_code));
+        let items = reg
+            .assigned(dp)
+            .into_iter()
+            .filter_map(|p| {
+                let rec = packages::record(&self.lib, &p).ok()?;
+                let rev = rec.target()?;
+                let rebuild = d.and_then(|d| d.rebuilds.get(&p).copied()).unwrap_or(0);
+                let mut a = pb::Assignment {
+                    package: p,
+                    revision: rev,
+                    name: rec.name,
+                    rebuild,
+                    ..pb::Assignment::default()
+                };
+                if let Some(g) = &grants {
+                    g.fill(&mut a, &sources, &reg, |dp| self.conns.is_online(dp));
+                }
+                Some(a)
+            })
+            .collect();
+        let v = d.map(|d| d.validation.clone()).unwrap_or_default();
         pb::Assignments {
             items,
             maintenance: d.is_some_and(|d| d.maintenance),
@@ -436,6 +442,7 @@ impl DpServer {
                     packages::record(&self.lib, p).is_ok_and(|r| r.multicast.only)
                 })
             }),
+            sources,
         }
     }
 
@@ -463,6 +470,10 @@ impl DpServer {
             self.hub
                 .set_disk(dp, d.used_bytes, d.free_bytes, d.total_bytes);
         }
+        let peer = self.peer_address(dp, &w.peer_address);
+        if let Err(e) = self.hub.set_peer_address(dp, peer) {
+            warn!(error = %e, "cannot record where the DP serves pull DPs");
+        }
         let mut changes = self.hub.subscribe();
         let reports = async {
             loop {
@@ -482,6 +493,7 @@ impl DpServer {
             let mut last = None;
             loop {
                 let a = self.assignments(dp);
+                let pulls = !a.sources.is_empty();
                 if last.as_ref() != Some(&a) {
                     let msg = pb::Reply {
                         kind: Some(reply::Kind::Assignments(a.clone())),
@@ -490,13 +502,16 @@ impl DpServer {
                     debug!(packages = a.items.len(), "assignments sent");
                     last = Some(a);
                 }
-                // Again when the registry changes, or a window of the DP
-                // opens or closes.
-                let boundary = self.conns.pacer(dp).windows().map(|w| {
-                    let now = time::OffsetDateTime::now_utc();
-                    let next = w.at(now).1;
-                    std::time::Duration::try_from(next - now).unwrap_or_default()
-                });
+                // Again when the registry changes, a window of the DP
+                // opens or closes, or a pull DP's grants are renewed.
+                let now = time::OffsetDateTime::now_utc();
+                let window = self.conns.pacer(dp).windows().map(|w| w.at(now).1);
+                let renewal = pulls.then(|| pull::next_renewal(now));
+                let boundary = window
+                    .into_iter()
+                    .chain(renewal)
+                    .min()
+                    .map(|next| std::time::Duration::try_from(next - now).unwrap_or_default());
                 tokio::select! {
                     r = changes.changed() => if r.is_err() {
                         return Ok::<(), ferry_wire::WireError>(());
@@ -509,6 +524,24 @@ impl DpServer {
             _ = reports => Ok(()),
             r = pushes => r,
         }
+    }
+
+    /// Where DP `dp` serves pull DPs, from what it said (`None`: it does
+    /// not, or said nothing usable): an unspecified IP stands for the
+    /// address it connects from.
+    fn peer_address(&self, dp: &str, said: &str) -> Option<String> {
+        if said.is_empty() {
+            return None;
+        }
+        let Ok(mut addr) = said.parse::<std::net::SocketAddr>() else {
+            warn!(address = %bounded(said), "the DP's peer address is not IP:PORT; ignored");
+            return None;
+        };
+        if addr.ip().is_unspecified() {
+            let from = self.conns.get(dp)?.conn.remote_address().ip();
+            addr.set_ip(from.to_canonical());
+        }
+        Some(addr.to_string())
     }
 
     fn on_report(&self, dp: &str, r: pb::Report) {
@@ -534,6 +567,9 @@ impl DpServer {
             Ok(pb::State::Removed) => {
                 info!(package = %r.package, "DP removed package");
                 let _ = self.hub.report(dp, &r.package, None);
+                if self.hub.is_source(dp) {
+                    self.hub.notify();
+                }
                 return;
             }
             _ => {
@@ -576,6 +612,16 @@ impl DpServer {
             next_retry,
             started: None,
             updated,
+            sources: r
+                .sources
+                .iter()
+                .take(MAX_SOURCES)
+                .map(|s| SourceBytes {
+                    source: bounded(&s.source),
+                    bytes: s.bytes,
+                })
+                .collect(),
+            waiting_for: (!r.waiting_for.is_empty()).then(|| bounded(&r.waiting_for)),
         };
         if let Some(v) = &r.validation {
             let result = crate::distribution::records::ValidationResult {
@@ -615,6 +661,12 @@ impl DpServer {
         let package = r.package.clone();
         if let Err(e) = self.hub.report(dp, &r.package, Some(t)) {
             warn!(error = %e, "cannot record the DP's report");
+        }
+        // Its pull DPs wait for it, or stop waiting.
+        if matches!(state, TransferState::Installed | TransferState::Failed)
+            && self.hub.is_source(dp)
+        {
+            self.hub.notify();
         }
         if state == TransferState::Installed {
             // An old revision may be unused by every DP now.
@@ -780,16 +832,15 @@ impl DpServer {
         Ok(set)
     }
 
-    /// A chunk stream: `Want` frames in, one chunk frame per id out, in
-    /// order. Chunks are read ahead on a blocking thread (RocksDB's buffer
-    /// straight into the frame, not hashed again) while earlier ones are on
-    /// the wire.
+    /// A chunk stream of a revision assigned to `dp`
+    /// ([`ferry_net::chunk_stream`]): RocksDB's buffer straight into the
+    /// frame, not hashed again.
     async fn fetch(
         &self,
         dp: &str,
         f: pb::Fetch,
         send: &mut quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        recv: quinn::RecvStream,
     ) -> Result<(), ferry_wire::WireError> {
         if let Some(why) = self.out_of_scope(dp, &f.package, f.revision) {
             warn!(package = %f.package, revision = f.revision, %why, "chunks refused");
@@ -809,138 +860,67 @@ impl DpServer {
                 Err(e) => return reply_error(send, Code::Internal, e.to_string()).await,
             }
         };
-        let (want_tx, mut want_rx) = tokio::sync::mpsc::channel::<Want>(64);
-        let (frame_tx, mut frame_rx) = tokio::sync::mpsc::channel::<(Bytes, u64)>(READ_AHEAD);
-        let lib = self.lib.clone();
-        let faults = self.faults.clone();
-        let (package, revision) = (f.package.clone(), f.revision);
-        let reader = tokio::task::spawn_blocking(move || {
-            // Frames are packed into buffers of about FRAME_BATCH_BYTES: one
-            // hand-over and one QUIC write each, not one per chunk.
-            let mut batch = BytesMut::new();
-            let mut data_bytes = 0u64;
-            let send = |batch: &mut BytesMut, n: &mut u64| {
-                let out = (batch.split().freeze(), std::mem::take(n));
-                frame_tx.blocking_send(out).is_ok()
-            };
-            while let Some(want) = want_rx.blocking_recv() {
-                let ids = match want {
-                    Want::Ids(ids) => ids,
-                    Want::Refuse(msg) => {
-                        put_frame(&mut batch, &pb::Reply::error(Code::BadRequest, msg));
-                        let _ = send(&mut batch, &mut data_bytes);
-                        return;
-                    }
-                };
-                for id in ids {
-                    if !set.contains(&id) {
-                        warn!(chunk = %id, %package, revision, "chunk refused: not in the stream's revision");
-                        let e = pb::Reply::error(
-                            Code::NotAllowed,
-                            format!("chunk {id} is not in {package} revision {revision}"),
-                        );
-                        put_frame(&mut batch, &e);
-                    } else {
-                        let read = lib.with_chunk(&id, |data| {
-                            put_chunk_frame(&mut batch, &id, data);
-                            data.len() as u64
-                        });
-                        match read {
-                            Ok(n) => {
-                                data_bytes += n;
-                                if faults.corrupt_next_chunk() {
-                                    if let Some(b) = batch.last_mut() {
-                                        *b ^= 0x80;
-                                    }
-                                }
-                            }
-                            Err(StoreError::MissingChunk(_)) => {
-                                warn!(chunk = %id, "DP asked for a chunk the library does not have");
-                                let e = pb::Reply::error(
-                                    Code::NotFound,
-                                    format!("chunk {id} is not in the site's content library"),
-                                );
-                                put_frame(&mut batch, &e);
-                            }
-                            Err(e) => {
-                                warn!(chunk = %id, error = %e, "cannot read a chunk for a DP");
-                                put_frame(
-                                    &mut batch,
-                                    &pb::Reply::error(Code::Internal, e.to_string()),
-                                );
-                            }
-                        }
-                    }
-                    if batch.len() >= FRAME_BATCH_BYTES && !send(&mut batch, &mut data_bytes) {
-                        return;
-                    }
-                }
-                if !batch.is_empty() && !send(&mut batch, &mut data_bytes) {
-                    return;
-                }
-            }
-        });
-        // The DP's half: `Want` frames until it finishes. A bad one is
-        // answered in order, after what was asked before it.
-        let wants = async move {
-            loop {
-                let refuse = match read_frame::<pb::Want>(&mut recv, MAX_REQUEST_BYTES).await {
-                    Ok(Some(w)) if w.ids.len() > MAX_BATCH_CHUNKS => format!(
-                        "{} chunk ids in one request; the limit is {MAX_BATCH_CHUNKS}",
-                        w.ids.len()
-                    ),
-                    Ok(Some(w)) => {
-                        let ids: Option<Vec<ChunkId>> =
-                            w.ids.iter().map(|raw| ChunkId::from_slice(raw)).collect();
-                        match ids {
-                            Some(ids) => {
-                                if want_tx.send(Want::Ids(ids)).await.is_err() {
-                                    return;
-                                }
-                                continue;
-                            }
-                            None => "a chunk id is not 32 bytes".to_string(),
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) if e.is_retryable() => return,
-                    Err(e) => e.to_string(),
-                };
-                warn!(error = %refuse, "bad request from DP on a chunk stream");
-                let _ = want_tx.send(Want::Refuse(refuse)).await;
-                return;
-            }
+        let source = LibrarySource {
+            lib: self.lib.clone(),
+            faults: self.faults.clone(),
+            set,
+            package: f.package.clone(),
+            revision: f.revision,
         };
         let served = self.hub.served_counter(dp);
         let pacer = self.conns.pacer(dp);
-        let frames = async {
-            while let Some((frame, n)) = frame_rx.recv().await {
-                pacer.take(frame.len()).await;
-                send.write_chunk(frame)
-                    .await
-                    .map_err(|e| ferry_wire::WireError::Io(e.into()))?;
-                // Counted as handed to QUIC.
-                served.fetch_add(n, Ordering::Relaxed);
-            }
-            Ok::<(), ferry_wire::WireError>(())
-        };
-        tokio::pin!(wants);
-        tokio::pin!(frames);
-        let result = tokio::select! {
-            r = &mut frames => r,
-            () = &mut wants => (&mut frames).await,
-        };
-        reader.abort();
-        result
+        // A grant means nothing here: the site checks its own registry.
+        ferry_net::chunk_stream::serve(source, send, recv, pacer.pace(), &served, |_| Ok(())).await
     }
 }
 
-/// What the DP's half of a fetch stream hands the reader thread.
-enum Want {
-    /// Chunks to send, in order.
-    Ids(Vec<ChunkId>),
-    /// A bad request: answer this error after what came before, then stop.
-    Refuse(String),
+/// The chunks of one revision in the site's content library.
+struct LibrarySource {
+    lib: Arc<Library>,
+    faults: Arc<Faults>,
+    /// The revision's chunks: nothing else is sent on its stream.
+    set: ChunkSet,
+    package: String,
+    revision: u32,
+}
+
+impl ferry_net::chunk_stream::ChunkSource for LibrarySource {
+    fn put(&mut self, id: &ChunkId, out: &mut BytesMut) -> u64 {
+        let (package, revision) = (&self.package, self.revision);
+        if !self.set.contains(id) {
+            ferry_net::chunk_stream::put_not_in_revision(out, id, package, revision);
+            return 0;
+        }
+        match self.lib.with_chunk(id, |data| {
+            put_chunk_frame(out, id, data);
+            data.len() as u64
+        }) {
+            Ok(n) => {
+                if self.faults.corrupt_next_chunk() {
+                    if let Some(b) = out.last_mut() {
+                        *b ^= 0x80;
+                    }
+                }
+                n
+            }
+            Err(StoreError::MissingChunk(_)) => {
+                warn!(chunk = %id, "DP asked for a chunk the library does not have");
+                put_frame(
+                    out,
+                    &pb::Reply::error(
+                        Code::NotFound,
+                        format!("chunk {id} is not in the site's content library"),
+                    ),
+                );
+                0
+            }
+            Err(e) => {
+                warn!(chunk = %id, error = %e, "cannot read a chunk for a DP");
+                put_frame(out, &pb::Reply::error(Code::Internal, e.to_string()));
+                0
+            }
+        }
+    }
 }
 
 async fn reply_error(

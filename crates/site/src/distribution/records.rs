@@ -75,6 +75,31 @@ pub struct TransferReport {
     /// When the report arrived (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     pub updated: OffsetDateTime,
+    /// Where the chunk bytes came from: `site` or a source DP, with the
+    /// bytes from each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceBytes>,
+    /// A pull DP waiting for this source to get the revision first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+}
+
+/// Chunk bytes a transfer received from one source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceBytes {
+    /// `site`, or a source DP's name.
+    pub source: String,
+    /// Bytes received from it.
+    pub bytes: u64,
+}
+
+/// One of a pull DP's sources (`ferry dp set NAME --pull-from SRC:RANK`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullFrom {
+    /// The source DP.
+    pub dp: String,
+    /// Lower first; a random one among equals.
+    pub rank: u32,
 }
 
 /// One distribution point.
@@ -166,6 +191,14 @@ pub struct DpRecord {
     /// recently ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub multicast_sessions: Vec<ferry_mcast::SessionView>,
+    /// The DPs it pulls its chunks from (`--pull-from`), lowest rank
+    /// first; empty: the site pushes to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_from: Vec<PullFrom>,
+    /// Where it serves chunks to pull DPs, as it last said (`[peers]` of
+    /// its dp.toml).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_address: Option<String>,
 }
 
 impl DpRecord {
@@ -194,6 +227,8 @@ impl DpRecord {
             client_names: Vec::new(),
             multicast: None,
             multicast_sessions: Vec::new(),
+            pull_from: Vec::new(),
+            peer_address: None,
         }
     }
 }

@@ -405,6 +405,11 @@ impl Hub {
             for g in r.groups.values_mut() {
                 g.members.remove(name);
             }
+            // Its pull DPs take their chunks from their other sources, or
+            // the site.
+            for d in r.dps.values_mut() {
+                d.pull_from.retain(|s| s.dp != name);
+            }
             Ok(())
         })?;
         self.unsaved
@@ -731,17 +736,30 @@ impl Hub {
         .map(|_| ())
     }
 
-    /// Changes an operator's setting of DP `dp` (written, and the DP told
-    /// at once when connected).
-    pub(crate) fn set_dp(&self, dp: &str, f: impl FnOnce(&mut DpRecord)) -> Result<(), HubError> {
-        self.update(true, |reg| {
-            let d = reg
-                .dps
-                .get_mut(dp)
-                .ok_or_else(|| HubError::NoDp(dp.to_string()))?;
-            f(d);
-            Ok(())
-        })
+    /// Records where DP `dp` serves chunks to pull DPs (`None`: it does
+    /// not); written, and its pull DPs told, when it changed.
+    pub fn set_peer_address(&self, dp: &str, address: Option<String>) -> Result<(), HubError> {
+        let changed = self
+            .update_dp(dp, |d| {
+                let changed = d.peer_address != address;
+                d.peer_address = address;
+                (changed, changed)
+            })?
+            .unwrap_or(false);
+        if changed {
+            self.notify();
+        }
+        Ok(())
+    }
+
+    /// Whether some DP pulls from `dp`.
+    pub fn is_source(&self, dp: &str) -> bool {
+        self.reg
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dps
+            .values()
+            .any(|d| d.pull_from.iter().any(|s| s.dp == dp))
     }
 
     /// Records a contact of DP `dp`: now, from `address` when it just
@@ -878,6 +896,8 @@ mod tests {
             next_retry: None,
             started: None,
             updated: now(),
+            sources: Vec::new(),
+            waiting_for: None,
         }
     }
 

@@ -55,6 +55,12 @@ pub struct DpView {
     /// Whether it takes its content from prestage bundles only.
     #[serde(default)]
     pub prestaged: bool,
+    /// The DPs it pulls its chunks from, by rank (empty: a push DP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_from: Vec<crate::distribution::records::PullFrom>,
+    /// Where it serves chunks to pull DPs, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_address: Option<String>,
     /// Its multicast settings (absent: never set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<crate::distribution::multicast::DpMulticast>,
@@ -110,6 +116,8 @@ pub fn dps(hub: &Hub, conns: &Connections) -> Vec<DpView> {
             rate: d.rate,
             window: d.window.clone(),
             prestaged: d.prestaged,
+            pull_from: d.pull_from.clone(),
+            peer_address: d.peer_address.clone(),
             multicast: d.multicast.clone(),
             multicast_sessions: d.multicast_sessions.clone(),
         })
@@ -183,6 +191,13 @@ pub struct StatusRow {
     /// waits for one (`ferry content prestage`, `ferry dp prestage`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waits_for_prestage: bool,
+    /// Where the transfer's chunk bytes came from: `site` or a source DP
+    /// (a pull DP), with the bytes from each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<crate::distribution::records::SourceBytes>,
+    /// A pull DP waiting for this source DP to get the revision first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// The DP's multicast sessions of this package: those running, and
     /// the last that ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -279,6 +294,8 @@ pub fn rows(
                 paused_until: None,
                 paused_until_site: None,
                 waits_for_prestage: false,
+                sources: Vec::new(),
+                waiting_for: None,
                 multicast: sessions,
                 multicast_warning: (only && !runs_sessions && want.is_some()).then(|| {
                     format!(
@@ -308,6 +325,8 @@ pub fn rows(
                     row.manifest_bytes = t.manifest_bytes;
                     row.error = t.error.clone();
                     row.next_retry = t.next_retry;
+                    row.sources = t.sources.clone();
+                    row.waiting_for = t.waiting_for.clone();
                     if t.state == TransferState::Validating {
                         row.percent = row.validation.as_ref().map(|v| {
                             (v.bytes_checked.saturating_mul(100))
