@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole job on one machine: a site and two distribution points on
-# loopback, a WIM made on the spot, import, distribute, offline servicing in
-# Ferry (updates applied with wimlib, a new revision sent to the DPs as a
-# delta), status, history, content validation and repair on a DP, an OS
+# The whole job on one machine: a site and three distribution points on
+# loopback (one a pull DP that takes its chunks from another), a WIM made
+# on the spot, import, distribute, offline servicing in Ferry (updates
+# applied with wimlib, a new revision sent to the DPs as a delta), status, history, content validation and repair on a DP, an OS
 # upgrade package with one image index, a computer downloading that
 # package from a DP over HTTPS with a client token, and two computers
 # receiving the image from a DP in one encrypted multicast session.
@@ -30,6 +30,7 @@ step "Making a sample WIM (2000 files, LZX) and a software update that replaces 
 udp_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 dp_port=$(udp_port)
 https_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+peer_port=$(udp_port)
 
 step "ferry site init / serve (operator API on 127.0.0.1:$port, DP endpoint on UDP 127.0.0.1:$dp_port)"
 "$ferry" site init --data "$work/site" --listen "127.0.0.1:$port" --dp-listen "127.0.0.1:$dp_port"
@@ -39,16 +40,22 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true' EXIT
 export FERRY_DATA="$work/site"
 for _ in $(seq 100); do "$ferry" image list >/dev/null 2>&1 && break; sleep 0.1; done
 
-for dp in dp1 dp2; do
+for dp in dp1 dp2 dp3; do
   step "ferry dp add $dp, then on the DP: ferry dp init / ferry dp serve"
   token=$("$ferry" dp add "$dp")
-  clients=()
-  # dp1 also serves the computers being deployed, over HTTPS.
-  [ "$dp" = dp1 ] && clients=(--client-listen "127.0.0.1:$https_port" --client-name 127.0.0.1 --client-name localhost)
-  "$ferry" dp init --data "$work/$dp" --site "127.0.0.1:$dp_port" --token "$token" "${clients[@]}"
+  extra=()
+  # dp1 also serves the computers being deployed, over HTTPS, and pull DPs
+  # over QUIC.
+  [ "$dp" = dp1 ] && extra=(--client-listen "127.0.0.1:$https_port" --client-name 127.0.0.1 --client-name localhost
+                            --peer-listen "127.0.0.1:$peer_port")
+  "$ferry" dp init --data "$work/$dp" --site "127.0.0.1:$dp_port" --token "$token" "${extra[@]}"
   "$ferry" dp serve --data "$work/$dp" 2>"$work/$dp.log" &
   pids+=($!)
 done
+
+step "ferry dp set dp3 --pull-from dp1: dp3 is a pull DP, it takes its chunks from dp1, not the site"
+for _ in $(seq 100); do "$ferry" dp list --json | grep -c '"peer_address"' >/dev/null && break; sleep 0.1; done
+"$ferry" dp set dp3 --pull-from dp1
 
 step "ferry image add base.wim"
 base=$("$ferry" image add "$work/wims/base.wim" --version 23H2 --comment "golden image")
@@ -72,14 +79,15 @@ sys.exit(0 if rows and all(r["state"] == "installed" and r["revision"] == want f
   return 1
 }
 
-step "ferry distribute --dry-run $base --dp dp1 dp2 (bytes each DP still needs)"
-"$ferry" distribute --dry-run "$base" --dp dp1 dp2
-step "ferry distribute $base --dp dp1; ferry group create branch; group add branch dp2; distribute --group branch"
+step "ferry distribute --dry-run $base --dp dp1 dp2 dp3 (bytes each DP still needs)"
+"$ferry" distribute --dry-run "$base" --dp dp1 dp2 dp3
+step "ferry distribute $base --dp dp1; ferry group create branch; group add branch dp2 dp3; distribute --group branch"
 "$ferry" distribute "$base" --dp dp1
 "$ferry" group create branch
-"$ferry" group add branch dp2
+"$ferry" group add branch dp2 dp3
 "$ferry" distribute "$base" --group branch
 wait_installed "$base" 1
+step "ferry status: dp3 got every chunk byte from dp1 (RECEIVED … from dp1), dp1 and dp2 from the site"
 "$ferry" status
 "$ferry" dp list
 
@@ -114,8 +122,8 @@ for r in rows:
           f"{wire / floor:.3f}x the blob floor ({floor:,}), {wire * 100 / full:.1f}% of the image ({full:,})")
 PY
 
-step "Each DP's copy, compared with the site's revision 2"
-for dp in dp1 dp2; do
+step "Each DP's copy, compared with the site's revision 2 (dp3's delta came from dp1)"
+for dp in dp1 dp2 dp3; do
   f="$work/$dp/content/$base/base.wim"
   cmp "$f" "$work/serviced-by-ferry.wim" && echo "$dp: $f byte-identical"
   wimverify "$f" | tail -1
@@ -203,4 +211,4 @@ for s in json.load(sys.stdin)["sessions"][:1]:
         s["session"], s["clients_joined"], s["clients_done"], s["passes"], format(s["bytes_sent"], ","),
         format(s["package_bytes"], ","), s["bytes_sent"] / s["package_bytes"], s["encrypted"]))'
 
-step "Done. Files are in $work (logs: $work/site.log, $work/dp1.log, $work/dp2.log)"
+step "Done. Files are in $work (logs: $work/site.log, $work/dp1.log, $work/dp2.log, $work/dp3.log)"
