@@ -64,13 +64,6 @@ fn read(data: &Path, file: &str, what: &str) -> Result<String> {
     std::fs::read_to_string(&p).map_err(|e| DpError::io(format!("read the {what}"), &p, e))
 }
 
-/// The name a pull DP dials its sources by (they are pinned by
-/// certificate, not by name).
-const PEER_SERVER_NAME: &str = "ferry-dp";
-/// How long a pull DP waits for a source to answer before it turns to the
-/// next.
-const SOURCE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Waits on a listener's task: never while it runs; when it stops, why.
 async fn stopped(
     task: Option<tokio::task::JoinHandle<Result<(), DpError>>>,
@@ -810,7 +803,7 @@ impl DpAgent {
                 pull::Pick::Source(src) => src,
             };
             let attempt = async {
-                let peer = self.dial_source(&src).await?;
+                let peer = pull::dial(&src, &self.identity, self.cfg.transport()).await?;
                 let supply = transfer::Supply {
                     conn: &peer,
                     name: &src.dp,
@@ -903,40 +896,6 @@ impl DpAgent {
             e = conn.closed() => return Err(Failure::lost(&e)),
         }
         Ok(())
-    }
-
-    /// A connection to source DP `src`, pinned to its certificate.
-    async fn dial_source(&self, src: &pb::PullSource) -> Result<quinn::Connection> {
-        let addr: std::net::SocketAddr = src.address.parse().map_err(|_| {
-            DpError::Usage(format!(
-                "source DP {} has no usable address ({:?})",
-                src.dp, src.address
-            ))
-        })?;
-        let identity = ferry_net::tls::Identity::from_pem(
-            &self.identity.0,
-            &self.identity.1,
-            "DP certificate",
-        )?;
-        let client =
-            ferry_net::tls::dp_peer_client(identity, &src.fingerprint, self.cfg.transport())?;
-        let endpoint = crate::client_endpoint(addr)?;
-        let connecting = endpoint
-            .connect_with(client, addr, PEER_SERVER_NAME)
-            .map_err(|e| {
-                DpError::net(
-                    format!("cannot dial source DP {}", src.dp),
-                    std::io::Error::other(e),
-                )
-            })?;
-        match tokio::time::timeout(SOURCE_CONNECT_TIMEOUT, connecting).await {
-            Ok(c) => c.with_context(|| format!("cannot connect to source DP {} at {addr}", src.dp)),
-            Err(_) => Err(DpError::Disconnected(format!(
-                "source DP {} did not answer at {addr} within {} s",
-                src.dp,
-                SOURCE_CONNECT_TIMEOUT.as_secs()
-            ))),
-        }
     }
 
     /// Fetches and checks the signed manifest of an assignment, in compact

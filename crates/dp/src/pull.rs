@@ -2,9 +2,52 @@
 //! --pull-from SRC:RANK,…`), from what the site's latest assignments say:
 //! a source that holds it, lowest rank first and a random one among equal
 //! ranks, skipping those that failed this transfer; else wait for a source
-//! that is getting it; else the site.
+//! that is getting it; else the site. And how it reaches one ([`dial`]).
 
 use ferry_wire::pb;
+
+use crate::error::{Context as _, DpError, Result};
+
+/// The name a pull DP dials its sources by (they are pinned by
+/// certificate, not by name).
+const PEER_SERVER_NAME: &str = "ferry-dp";
+/// How long a pull DP waits for a source to answer before it turns to the
+/// next.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection to source DP `src` with this DP's certificate and key
+/// (`identity`, PEM), the source pinned to the certificate the site named.
+pub(crate) async fn dial(
+    src: &pb::PullSource,
+    identity: &(String, String),
+    transport: ferry_net::tls::TransportOptions,
+) -> Result<quinn::Connection> {
+    let addr: std::net::SocketAddr = src.address.parse().map_err(|_| {
+        DpError::Usage(format!(
+            "source DP {} has no usable address ({:?})",
+            src.dp, src.address
+        ))
+    })?;
+    let me = ferry_net::tls::Identity::from_pem(&identity.0, &identity.1, "DP certificate")?;
+    let client = ferry_net::tls::dp_peer_client(me, &src.fingerprint, transport)?;
+    let endpoint = crate::client_endpoint(addr)?;
+    let connecting = endpoint
+        .connect_with(client, addr, PEER_SERVER_NAME)
+        .map_err(|e| {
+            DpError::net(
+                format!("cannot dial source DP {}", src.dp),
+                std::io::Error::other(e),
+            )
+        })?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(c) => c.with_context(|| format!("cannot connect to source DP {} at {addr}", src.dp)),
+        Err(_) => Err(DpError::Disconnected(format!(
+            "source DP {} did not answer at {addr} within {} s",
+            src.dp,
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
 
 /// Where to take a revision from now.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -125,6 +125,13 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, PkiError> {
     Ok(Arc::new(roots))
 }
 
+/// What a sender buffers per connection, sent or not: several
+/// bandwidth-delay products of a gigabit WAN link, and a bound on the
+/// sender's memory per peer when it reads faster than it can encrypt. A
+/// site sending to many DPs at once shares a budget among them instead
+/// (`Connection::set_send_window`).
+pub const SEND_WINDOW: u64 = 16 << 20;
+
 /// Transport limits both sides use: at most
 /// [`MAX_STREAMS`](ferry_wire::MAX_STREAMS) bidirectional streams open per
 /// connection, none unidirectional, windows large enough for loopback and
@@ -147,10 +154,7 @@ pub fn transport(congestion: Congestion) -> Arc<quinn::TransportConfig> {
     // and each MiB buffered here is DP memory.
     t.stream_receive_window((8u32 << 20).into());
     t.receive_window((32u32 << 20).into());
-    // What the sender buffers per connection, sent or not: several
-    // bandwidth-delay products of a gigabit WAN link, and a bound on the
-    // site's memory per DP when it reads faster than it can encrypt.
-    t.send_window(16 << 20);
+    t.send_window(SEND_WINDOW);
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // 20 s fits a u32 of milliseconds; the conversion cannot fail.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());

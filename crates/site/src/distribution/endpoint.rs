@@ -869,6 +869,9 @@ impl DpServer {
         };
         let served = self.hub.served_counter(dp);
         let pacer = self.conns.pacer(dp);
+        // Held while the stream runs: its connection's share of the
+        // site's send buffer.
+        let _sending = self.conns.sending(dp);
         // A grant means nothing here: the site checks its own registry.
         ferry_net::chunk_stream::serve(source, send, recv, pacer.pace(), &served, |_| Ok(())).await
     }

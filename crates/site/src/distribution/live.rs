@@ -26,11 +26,59 @@ pub struct Online {
     pub conn: quinn::Connection,
 }
 
-/// The connections of the DPs online, by name, and their pacers.
+/// The connections of the DPs online, by name, their pacers, and the DPs
+/// being sent chunks right now.
 #[derive(Debug, Default)]
 pub struct Connections {
     online: Mutex<HashMap<String, Online>>,
     pacers: Mutex<HashMap<String, Arc<Pacer>>>,
+    /// The connections with chunk streams open, by DP, and how many.
+    sending: Mutex<HashMap<String, (quinn::Connection, usize)>>,
+}
+
+/// What the site buffers for the chunk streams of all DPs together, sent
+/// or not yet acknowledged: the QUIC send windows of the connections being
+/// sent to share it, so a hundred DPs fetching at once do not hold a
+/// hundred full windows ([`ferry_net::tls::SEND_WINDOW`] each) of the
+/// site's memory.
+pub const SEND_BUDGET: u64 = 256 << 20;
+
+/// The least a connection being sent to may buffer however many share
+/// [`SEND_BUDGET`]: a bandwidth-delay product of 100 Mbit/s at 160 ms.
+pub const MIN_SEND_WINDOW: u64 = 2 << 20;
+
+/// The send window of each of `n` connections sharing [`SEND_BUDGET`].
+fn send_share(n: usize) -> u64 {
+    (SEND_BUDGET / n.max(1) as u64).clamp(MIN_SEND_WINDOW, ferry_net::tls::SEND_WINDOW)
+}
+
+/// A chunk stream's hold on its DP's share of [`SEND_BUDGET`]
+/// ([`Connections::sending`]); given back when dropped.
+#[derive(Debug)]
+pub struct Sending {
+    conns: Arc<Connections>,
+    dp: String,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        let mut sending = self.conns.lock_sending();
+        if let Some((_, streams)) = sending.get_mut(&self.dp) {
+            *streams -= 1;
+            if *streams == 0 {
+                sending.remove(&self.dp);
+                rebalance(&sending);
+            }
+        }
+    }
+}
+
+/// Gives every connection being sent to its share of [`SEND_BUDGET`].
+fn rebalance(sending: &HashMap<String, (quinn::Connection, usize)>) {
+    let window = send_share(sending.len());
+    for (conn, _) in sending.values() {
+        conn.set_send_window(window);
+    }
 }
 
 /// The pace of the chunk bytes sent to one DP, across all its chunk
@@ -178,6 +226,33 @@ impl Connections {
         self.lock().contains_key(dp)
     }
 
+    fn lock_sending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (quinn::Connection, usize)>> {
+        self.sending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A chunk stream to `dp` starts: its connection takes a share of
+    /// [`SEND_BUDGET`] (and the others give some back) until every stream
+    /// to it has dropped what this returns. `None` when `dp` is not
+    /// connected.
+    pub fn sending(self: &Arc<Self>, dp: &str) -> Option<Sending> {
+        let conn = self.get(dp)?.conn;
+        let mut sending = self.lock_sending();
+        let entry = sending.entry(dp.to_string()).or_insert((conn.clone(), 0));
+        // A newer connection of the DP's takes the older one's place.
+        let newer = entry.0.stable_id() != conn.stable_id();
+        entry.0 = conn;
+        entry.1 += 1;
+        if entry.1 == 1 || newer {
+            rebalance(&sending);
+        }
+        Some(Sending {
+            conns: self.clone(),
+            dp: dp.to_string(),
+        })
+    }
+
     /// The pacer of the chunks sent to `dp`.
     pub fn pacer(&self, dp: &str) -> Arc<Pacer> {
         self.pacers
@@ -194,5 +269,26 @@ impl Connections {
         if let Some(o) = self.lock().remove(dp) {
             o.conn.close(CLOSE_REVOKED.into(), why);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dps_sent_to_at_once_share_the_send_budget_within_bounds() {
+        let full = ferry_net::tls::SEND_WINDOW;
+        // Up to 16 DPs at once each keep the full window.
+        assert_eq!(send_share(0), full);
+        assert_eq!(send_share(1), full);
+        assert_eq!(send_share(16), full);
+        // More share the budget…
+        assert_eq!(send_share(32), 8 << 20);
+        assert_eq!(send_share(100), SEND_BUDGET / 100);
+        assert!(send_share(100) * 100 <= SEND_BUDGET);
+        // …down to the floor, past which memory grows with the DPs again.
+        assert_eq!(send_share(128), MIN_SEND_WINDOW);
+        assert_eq!(send_share(1000), MIN_SEND_WINDOW);
     }
 }
