@@ -222,6 +222,8 @@ pub struct ApiState {
     pub keep_revisions: u32,
     /// The manifest signing key, which signs client tokens.
     pub signing_key: Arc<ferry_net::pki::SigningKey>,
+    /// What `/metrics` counts as it happens.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Body of `POST /api/v1/client-tokens`.
@@ -425,8 +427,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/client-tokens/{name}/revoke", post(revoke_client_token))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES));
+    // Prometheus scrapes with the operator token too
+    // (`authorization: credentials_file:` in its scrape config).
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .merge(metrics)
         .nest("/api/v1", api)
         .with_state(state)
 }
@@ -455,6 +463,30 @@ async fn authenticate(
             .into_response()
         }
     }
+}
+
+/// `GET /metrics`: the site's Prometheus metrics ([`crate::metrics`]).
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let (hub, conns, lib, jobs) = (
+        s.hub.clone(),
+        s.conns.clone(),
+        s.lib.clone(),
+        s.jobs.clone(),
+    );
+    let now = blocking(move || {
+        Ok(crate::metrics::Snapshot {
+            rows: status::rows(&hub, &conns, &lib, None, None)?,
+            dps: status::dps(&hub, &conns),
+            jobs: jobs.list(None),
+        })
+    })
+    .await?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (kind, text) = s.metrics.encode(now, accept).map_err(internal)?;
+    Ok(([(header::CONTENT_TYPE, kind)], text).into_response())
 }
 
 async fn list_images(State(s): State<ApiState>) -> Result<Response, ApiError> {
@@ -756,6 +788,7 @@ fn import_stream(
     tokio::task::spawn_blocking(move || {
         let span = tracing::info_span!("import", path = %path.display());
         let _g = span.enter();
+        let started = std::time::Instant::now();
         let mut last_percent = u64::MAX;
         let result = work(&lib, &s.data, &s.site_code, &mut |p: Progress| {
             let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
@@ -765,6 +798,7 @@ fn import_stream(
                 let _ = tx.try_send(ndjson_line(&ImportEvent::Progress(p)));
             }
         });
+        s.metrics.imported(result.is_ok(), started.elapsed());
         let event = match result {
             Ok(view) => {
                 let st = view.record.latest().map(|r| r.stats).unwrap_or_default();

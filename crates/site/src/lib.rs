@@ -16,6 +16,7 @@ pub mod api;
 pub mod config;
 pub mod distribution;
 pub mod library;
+pub mod metrics;
 pub(crate) mod schedule;
 pub mod servicing;
 pub mod windows;
@@ -353,8 +354,12 @@ impl Site {
         let (endpoint, conns) = self.start_dp_endpoint()?;
         let (lib, data, hub) = (self.lib.clone(), self.data.clone(), self.hub.clone());
         let keep = self.config.keep_revisions;
+        let metrics = Arc::new(metrics::Metrics::default());
+        let counted = metrics.clone();
         tokio::spawn(self.jobs.clone().scheduler(move |job| {
+            let started = std::time::Instant::now();
             let mut run = service::run(&lib, &data, job);
+            counted.serviced(run.outcome.name(), started.elapsed());
             if run.revision.is_some() {
                 if run.distributed {
                     hub.notify();
@@ -375,6 +380,7 @@ impl Site {
             dp_listen: endpoint.local_addr().unwrap_or(self.config.dp.listen),
             keep_revisions: self.config.keep_revisions,
             signing_key: Arc::new(self.signing_key()?),
+            metrics,
         };
         tracing::info!(%listen, data = %self.data.display(), "site serving the operator API");
         axum::serve(listener, api::router(state))

@@ -1,0 +1,172 @@
+//! Prometheus metrics at `/metrics` on the site's operator listener, read
+//! the way Prometheus reads them (curl with the operator token) and checked
+//! by Prometheus's own `promtool check metrics`, while a transfer runs and
+//! after it is installed.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferry_tests::harness::{wait_for, DpProc, SiteProc};
+use ferry_tests::wimtools;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// `GET /metrics` with curl: the HTTP status, the content type and the body
+/// (Prometheus's text format: what curl, and promtool, read).
+fn scrape(site: &SiteProc, token: Option<&str>) -> (u16, String, String) {
+    scrape_as(site, token, "*/*")
+}
+
+fn scrape_as(site: &SiteProc, token: Option<&str>, accept: &str) -> (u16, String, String) {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "-w", "\n%{http_code} %{content_type}"]);
+    c.args(["-H", &format!("Accept: {accept}")]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c
+        .arg(format!("http://127.0.0.1:{}/metrics", site.port))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, tail) = text.rsplit_once('\n').unwrap();
+    let (code, ctype) = tail.split_once(' ').unwrap();
+    (code.parse().unwrap(), ctype.to_string(), body.to_string())
+}
+
+/// `promtool check metrics` on `text`: what it says when it finds fault.
+fn promtool(text: &str) -> Result<(), String> {
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/setup.sh installs it)");
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
+
+/// The value of the series written exactly `series` (name and labels).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
+}
+
+#[test]
+fn metrics_pass_promtool_and_move_as_a_transfer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = wimtools::big_wim(dir.path(), 96, 21).unwrap();
+    let site = SiteProc::start(dir.path()).unwrap();
+    let token = std::fs::read_to_string(site.data.join("operator.token")).unwrap();
+    let token = token.trim();
+
+    // Behind the operator token, as the API.
+    let (code, _, _) = scrape(&site, None);
+    assert_eq!(code, 401);
+    let (code, _, _) = scrape(&site, Some("not-the-token"));
+    assert_eq!(code, 401);
+
+    let _dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let id = site.add_image(&wim, &[]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Slow enough to be read in the middle on any machine.
+    site.cli_ok(&["dp", "set", "dp1", "--rate", "16M"]).unwrap();
+    let (code, ctype, before) = scrape(&site, Some(token));
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    promtool(&before).unwrap();
+    // Prometheus asks for OpenMetrics first, and gets it.
+    let (code, ctype, om) = scrape_as(
+        &site,
+        Some(token),
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    );
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    assert!(om.ends_with("# EOF\n") && om.contains("# TYPE ferry_imports counter"));
+    assert_eq!(
+        value(&before, "ferry_imports_total{outcome=\"succeeded\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &before,
+            "ferry_import_duration_seconds_count{outcome=\"succeeded\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(value(&before, "ferry_dp_online{dp=\"dp1\"}"), Some(1.0));
+    assert_eq!(
+        value(&before, "ferry_transfers{state=\"in-progress\"}"),
+        Some(0.0)
+    );
+
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    let need = format!("ferry_need_bytes{{package=\"{id}\",dp=\"dp1\"}}");
+    let received =
+        format!("ferry_transfer_received_bytes{{package=\"{id}\",dp=\"dp1\",source=\"site\"}}");
+    // Read while it runs: a third or more of it received, not all.
+    let (mid, full) = wait_for("the transfer to be under way", LIMIT, || {
+        let r = site.row(&id, "dp1")?.unwrap();
+        assert_ne!(r["state"], "installed", "finished before it was read");
+        let (done, needed) = (
+            r["bytes_done"].as_u64().unwrap_or(0),
+            r["bytes_needed"].as_u64().unwrap_or(0),
+        );
+        if needed == 0 || done * 3 < needed {
+            return Ok(None);
+        }
+        let (_, _, text) = scrape(&site, Some(token));
+        Ok(Some((text, needed)))
+    })
+    .unwrap();
+    promtool(&mid).unwrap();
+    assert_eq!(
+        value(&mid, "ferry_transfers{state=\"in-progress\"}"),
+        Some(1.0)
+    );
+    let need_mid = value(&mid, &need).unwrap();
+    assert!(
+        need_mid > 0.0 && need_mid < full as f64,
+        "need {need_mid} of {full}"
+    );
+    let sent_mid = value(&mid, "ferry_dp_sent_bytes_total{dp=\"dp1\"}").unwrap();
+    assert!(sent_mid > 0.0, "{mid}");
+
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    let (_, _, after) = scrape(&site, Some(token));
+    promtool(&after).unwrap();
+    assert_eq!(
+        value(&after, "ferry_transfers{state=\"installed\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&after, "ferry_transfers{state=\"in-progress\"}"),
+        Some(0.0)
+    );
+    assert_eq!(value(&after, &need), Some(0.0));
+    let sent = value(&after, "ferry_dp_sent_bytes_total{dp=\"dp1\"}").unwrap();
+    assert!(
+        sent > sent_mid,
+        "sent {sent} after, {sent_mid} in the middle"
+    );
+    // Every chunk byte the DP needed came from the site, and was counted.
+    assert_eq!(value(&after, &received), Some(full as f64));
+    assert!(sent >= full as f64, "sent {sent} < needed {full}");
+}
