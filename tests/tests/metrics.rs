@@ -1,24 +1,25 @@
-//! Prometheus metrics at `/metrics` on the site's operator listener, read
-//! the way Prometheus reads them (curl with the operator token) and checked
-//! by Prometheus's own `promtool check metrics`, while a transfer runs and
-//! after it is installed.
+//! Prometheus metrics at `/metrics` on the site's operator listener and on
+//! a DP's `[metrics] listen`, read the way Prometheus reads them (curl, with
+//! the operator token at the site) and checked by Prometheus's own
+//! `promtool check metrics`, while a transfer runs and after it is
+//! installed.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferry_tests::harness::{wait_for, DpProc, SiteProc};
+use ferry_tests::harness::{free_port, wait_for, DpProc, SiteProc};
 use ferry_tests::wimtools;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// `GET /metrics` with curl: the HTTP status, the content type and the body
-/// (Prometheus's text format: what curl, and promtool, read).
+/// The site's `GET /metrics` with curl: the HTTP status, the content type
+/// and the body (Prometheus's text format: what curl, and promtool, read).
 fn scrape(site: &SiteProc, token: Option<&str>) -> (u16, String, String) {
-    scrape_as(site, token, "*/*")
+    scrape_as(site.port, token, "*/*")
 }
 
-fn scrape_as(site: &SiteProc, token: Option<&str>, accept: &str) -> (u16, String, String) {
+fn scrape_as(port: u16, token: Option<&str>, accept: &str) -> (u16, String, String) {
     let mut c = Command::new("curl");
     c.args(["-sS", "-w", "\n%{http_code} %{content_type}"]);
     c.args(["-H", &format!("Accept: {accept}")]);
@@ -26,7 +27,7 @@ fn scrape_as(site: &SiteProc, token: Option<&str>, accept: &str) -> (u16, String
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
     let out = c
-        .arg(format!("http://127.0.0.1:{}/metrics", site.port))
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
         .output()
         .unwrap();
     assert!(out.status.success(), "curl: {out:?}");
@@ -80,7 +81,26 @@ fn metrics_pass_promtool_and_move_as_a_transfer_runs() {
     let (code, _, _) = scrape(&site, Some("not-the-token"));
     assert_eq!(code, 401);
 
-    let _dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    // The DP serves its own, where dp.toml says.
+    let mut dp = DpProc::enroll(dir.path(), "dp1", &site).unwrap();
+    let dp_port = free_port().unwrap();
+    let toml = dp.data.join("dp.toml");
+    let mut cfg = std::fs::read_to_string(&toml).unwrap();
+    cfg.push_str(&format!("\n[metrics]\nlisten = \"127.0.0.1:{dp_port}\"\n"));
+    std::fs::write(&toml, cfg).unwrap();
+    dp.serve().unwrap();
+    let dp_scrape = || {
+        wait_for("the DP's metrics", LIMIT, || {
+            let out = Command::new("curl")
+                .args(["-sf", &format!("http://127.0.0.1:{dp_port}/metrics")])
+                .output()?;
+            Ok(out
+                .status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+        })
+        .unwrap()
+    };
     let id = site.add_image(&wim, &[]).unwrap()["id"]
         .as_str()
         .unwrap()
@@ -93,7 +113,7 @@ fn metrics_pass_promtool_and_move_as_a_transfer_runs() {
     promtool(&before).unwrap();
     // Prometheus asks for OpenMetrics first, and gets it.
     let (code, ctype, om) = scrape_as(
-        &site,
+        site.port,
         Some(token),
         "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
     );
@@ -112,6 +132,11 @@ fn metrics_pass_promtool_and_move_as_a_transfer_runs() {
         Some(1.0)
     );
     assert_eq!(value(&before, "ferry_dp_online{dp=\"dp1\"}"), Some(1.0));
+    let dp_before = dp_scrape();
+    promtool(&dp_before).unwrap();
+    let dp_received = "ferry_dp_received_bytes_total{source=\"site\"}";
+    assert_eq!(value(&dp_before, dp_received), Some(0.0));
+    assert_eq!(value(&dp_before, "ferry_dp_site_connected"), Some(1.0));
     assert_eq!(
         value(&before, "ferry_transfers{state=\"in-progress\"}"),
         Some(0.0)
@@ -133,9 +158,16 @@ fn metrics_pass_promtool_and_move_as_a_transfer_runs() {
             return Ok(None);
         }
         let (_, _, text) = scrape(&site, Some(token));
-        Ok(Some((text, needed)))
+        Ok(Some(((text, dp_scrape()), needed)))
     })
     .unwrap();
+    let (mid, dp_mid) = mid;
+    promtool(&dp_mid).unwrap();
+    let got_mid = value(&dp_mid, dp_received).unwrap();
+    assert!(
+        got_mid > 0.0 && got_mid < full as f64,
+        "DP received {got_mid} of {full}"
+    );
     promtool(&mid).unwrap();
     assert_eq!(
         value(&mid, "ferry_transfers{state=\"in-progress\"}"),
@@ -169,4 +201,11 @@ fn metrics_pass_promtool_and_move_as_a_transfer_runs() {
     // Every chunk byte the DP needed came from the site, and was counted.
     assert_eq!(value(&after, &received), Some(full as f64));
     assert!(sent >= full as f64, "sent {sent} < needed {full}");
+    let dp_after = dp_scrape();
+    promtool(&dp_after).unwrap();
+    assert_eq!(value(&dp_after, dp_received), Some(full as f64));
+    assert_eq!(
+        value(&dp_after, "ferry_dp_chunks_refetched_total"),
+        Some(0.0)
+    );
 }

@@ -57,6 +57,8 @@ pub struct DpAgent {
     identity: (String, String),
     /// The listener for pull DPs, when `[peers]` says where.
     peers: Option<Arc<crate::peers::PeerServer>>,
+    /// What `/metrics` shows.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn read(data: &Path, file: &str, what: &str) -> Result<String> {
@@ -116,6 +118,7 @@ impl DpAgent {
         std::fs::create_dir_all(&content).map_err(|e| DpError::io("create", &content, e))?;
         let opened = Arc::new(crate::open_store(data, &cfg)?);
         let store = Arc::new(std::sync::Mutex::new(Some(opened.clone())));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let peers = match &cfg.peers {
             Some(p) => Some(Arc::new(crate::peers::PeerServer::new(
                 p.clone(),
@@ -123,6 +126,7 @@ impl DpAgent {
                 store.clone(),
                 manifest_key.clone(),
                 cfg.site_code.clone(),
+                metrics.clone(),
             ))),
             None => None,
         };
@@ -147,6 +151,7 @@ impl DpAgent {
             latest: watch::channel(None).0,
             identity: pem,
             peers,
+            metrics,
         })
     }
 
@@ -184,6 +189,10 @@ impl DpAgent {
             .peers
             .clone()
             .map(|p| tokio::spawn(p.run().instrument(span.clone())));
+        let metrics = self.cfg.metrics.clone().map(|cfg| {
+            let serve = crate::metrics::serve(cfg, self.metrics.clone(), self.multicast.clone());
+            tokio::spawn(serve.instrument(span.clone()))
+        });
         let main = async {
             info!(data = %self.data.display(), content = %self.cfg.content_dir(&self.data).display(), "DP agent starting");
             let mut failures = 0u32;
@@ -191,8 +200,10 @@ impl DpAgent {
                 match self.connect().await {
                     Ok(conn) => {
                         info!("connected to the site");
+                        self.metrics.connected(true);
                         failures = 0;
                         let err = self.session(&conn).await;
+                        self.metrics.connected(false);
                         if let Some(reason) = revoked(&conn) {
                             error!(%reason, "revoked by the site; stopping");
                             return Err(DpError::Revoked(reason));
@@ -211,12 +222,14 @@ impl DpAgent {
         let aborts: Vec<_> = https
             .iter()
             .chain(&peers)
+            .chain(&metrics)
             .map(|t| t.abort_handle())
             .collect();
         let out = tokio::select! {
             r = main.instrument(span) => r,
             r = stopped(https, "the HTTPS listener for clients") => r,
             r = stopped(peers, "the QUIC listener for pull DPs") => r,
+            r = stopped(metrics, "the metrics listener") => r,
             _ = shutdown => {
                 info!("DP agent stopping");
                 Ok(())
@@ -559,7 +572,8 @@ impl DpAgent {
                 wanted,
             } => match self.store().await {
                 Ok(store) => {
-                    crate::validate::run(conn, &store, *request, packages, wanted, reports).await
+                    let m = &self.metrics;
+                    crate::validate::run(conn, &store, *request, packages, wanted, reports, m).await
                 }
                 Err(e) => Err(Failure::Job(e)),
             },
@@ -784,6 +798,7 @@ impl DpAgent {
                         grants: None,
                         earlier: &earlier,
                         received: &received,
+                        metrics: &self.metrics,
                     };
                     let (p, w) = transfer::run(self.request(
                         supply,
@@ -810,6 +825,7 @@ impl DpAgent {
                     grants: Some(self.latest.subscribe()),
                     earlier: &earlier,
                     received: &received,
+                    metrics: &self.metrics,
                 };
                 info!(source = %src.dp, address = %src.address, "fetching from a source DP");
                 let r = transfer::run(self.request(

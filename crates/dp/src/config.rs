@@ -53,6 +53,18 @@ pub struct DpConfig {
     /// The QUIC listener pull DPs take chunks from, when it is a source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<PeersConfig>,
+    /// Where Prometheus reads the DP's metrics, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]` of `dp.toml`: where the DP serves `/metrics` (plain HTTP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address to listen on, `IP:PORT` (`127.0.0.1:9464`, or the
+    /// address Prometheus reaches).
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[peers]` of `dp.toml`: where the DP serves chunks to pull DPs
@@ -131,6 +143,18 @@ impl DpConfig {
                     )
                 })
                 .unwrap_or_default()
+            + &self
+                .metrics
+                .as_ref()
+                .map(|m| {
+                    format!(
+                        "\n# Prometheus metrics at http://ADDR/metrics.\n\
+                         [metrics]\n\
+                         listen = \"{}\"\n",
+                        m.listen
+                    )
+                })
+                .unwrap_or_default()
     }
 
     /// Parses configuration text; `path` only names the file in errors.
@@ -185,6 +209,7 @@ mod tests {
             cipher: Default::default(),
             clients: None,
             peers: None,
+            metrics: None,
         };
         assert_eq!(DpConfig::parse(&c.to_text(), Path::new("x")).unwrap(), c);
         let with = DpConfig {
@@ -194,6 +219,9 @@ mod tests {
             }),
             peers: Some(PeersConfig {
                 listen: "0.0.0.0:7444".parse().unwrap(),
+            }),
+            metrics: Some(MetricsConfig {
+                listen: "127.0.0.1:9464".parse().unwrap(),
             }),
             ..c.clone()
         };

@@ -23,6 +23,7 @@ mod error;
 mod gate;
 pub mod http;
 pub mod manifest;
+pub mod metrics;
 pub mod multicast;
 mod peers;
 pub mod prestage;
@@ -225,6 +226,7 @@ pub async fn enroll(
         cipher: Default::default(),
         clients,
         peers,
+        metrics: None,
     };
     let content = cfg.content_dir(data);
     std::fs::create_dir_all(&content).map_err(|e| DpError::io("create", &content, e))?;

@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -49,6 +48,7 @@ pub(crate) struct PeerServer {
     /// The pace of the chunks sent to each pull DP, over all its streams.
     pacers: Mutex<HashMap<String, Arc<Pacer>>>,
     indexes: Mutex<Vec<(Revision, Arc<RevisionIndex>)>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl PeerServer {
@@ -58,6 +58,7 @@ impl PeerServer {
         store: StoreSlot,
         manifest_key: Vec<u8>,
         site_code: String,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
             cfg,
@@ -67,6 +68,7 @@ impl PeerServer {
             site_code,
             pacers: Mutex::default(),
             indexes: Mutex::default(),
+            metrics,
         }
     }
 
@@ -212,10 +214,12 @@ impl PeerServer {
                 }
             }
         };
-        let served = AtomicU64::new(0);
-        let r = ferry_net::chunk_stream::serve(source, send, recv, &pacer, &served, renew).await;
-        let bytes = served.load(std::sync::atomic::Ordering::Relaxed);
-        info!(dp = %g.dp, %package, revision, bytes, "chunk stream to a pull DP ended");
+        // Counted as sent, straight into the pull DP's metric.
+        let served = self.metrics.peer_sent(&g.dp);
+        let r =
+            ferry_net::chunk_stream::serve(source, send, recv, &pacer, served.inner(), renew).await;
+        let sent_to_dp = served.get();
+        info!(dp = %g.dp, %package, revision, sent_to_dp, "chunk stream to a pull DP ended");
         r
     }
 

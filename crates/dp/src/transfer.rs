@@ -137,6 +137,8 @@ pub(crate) struct Supply<'a> {
     pub earlier: &'a [pb::SourceBytes],
     /// Chunk bytes received from this one, counted as they arrive.
     pub received: &'a AtomicU64,
+    /// The DP's metrics, which count them too.
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 impl Supply<'_> {
@@ -795,6 +797,9 @@ impl Loop<'_> {
                 self.supply
                     .received
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.supply
+                    .metrics
+                    .received(self.supply.name, data.len() as u64);
                 let job = Job::Write {
                     id,
                     len: p.chunk.len,
@@ -811,6 +816,7 @@ impl Loop<'_> {
             Ev::Written(id) => self.machine.handle_written(&id, now),
             Ev::Corrupt(id) => {
                 warn!(chunk = %id, "chunk failed verification; asking again");
+                self.supply.metrics.refetched();
                 self.machine.handle_corrupt(&id);
             }
             Ev::Copied { id, ok } => self.machine.handle_copied(id, ok, now),

@@ -34,6 +34,7 @@ pub(crate) async fn run(
     packages: &[String],
     wanted: &BTreeMap<String, u32>,
     reports: &mpsc::UnboundedSender<pb::Report>,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), Failure> {
     let named = |p: &String| packages.is_empty() || packages.contains(p);
     let s = store.clone();
@@ -59,7 +60,7 @@ pub(crate) async fn run(
             revision,
             ..pb::Assignment::default()
         };
-        let result = one(conn, store, request, &a, reports).await;
+        let result = one(conn, store, request, &a, reports, metrics).await;
         match result {
             Ok(v) => {
                 let mut r = report::of(&a, pb::State::Installed);
@@ -110,6 +111,7 @@ async fn one(
     request: u64,
     a: &pb::Assignment,
     reports: &mpsc::UnboundedSender<pb::Report>,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<pb::Validation, Failure> {
     let (s, p, rev) = (store.clone(), a.package.clone(), a.revision);
     let total: u64 = tokio::task::spawn_blocking(move || {
@@ -198,6 +200,7 @@ async fn one(
                 warn!(package = %a.package, path = %d.path, offset = d.offset, error = %e, "cannot repair a damaged chunk")
             }
         }
+        metrics.damaged(r.is_ok());
         v.damaged.push(pb::Damage {
             path: d.path.clone(),
             offset: d.offset,

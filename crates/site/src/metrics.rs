@@ -22,14 +22,7 @@ use prometheus_client::registry::Registry;
 use crate::distribution::status::{DpView, StatusRow};
 use crate::servicing::jobs::JobRecord;
 
-/// The content type of OpenMetrics, what Prometheus asks for first.
-pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// The content type of Prometheus's older text format, for every other
-/// reader (curl, `promtool check metrics`).
-pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Labels of one series.
-type Labels = Vec<(&'static str, String)>;
+use ferry_net::metrics::Labels;
 
 /// The states a transfer row can be in (`ferry status`), each exported
 /// even when no row is in it, so a rate or an alert sees a 0, not a gap.
@@ -125,62 +118,17 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// The exposition, these counters then `now`: OpenMetrics when the
-    /// reader `accept`s it, else Prometheus's text format. With its
-    /// content type.
+    /// The exposition, these counters then `now`, in the format `accept`
+    /// asks for ([`ferry_net::metrics::exposition`]), with its content type.
     pub fn encode(
         &self,
         now: Snapshot,
         accept: &str,
     ) -> Result<(&'static str, String), std::fmt::Error> {
-        use prometheus_client::encoding::text;
-        let mut out = String::new();
-        text::encode_registry(&mut out, &self.registry)?;
         let mut snap = Registry::default();
         snap.register_collector(Box::new(now));
-        text::encode_registry(&mut out, &snap)?;
-        text::encode_eof(&mut out)?;
-        if accept.contains("application/openmetrics-text") {
-            Ok((OPENMETRICS, out))
-        } else {
-            Ok((TEXT, text_format(&out)))
-        }
+        ferry_net::metrics::exposition(&[&self.registry, &snap], accept)
     }
-}
-
-/// Prometheus's text format (0.0.4) of an OpenMetrics exposition of
-/// counters, gauges and histograms without exemplars: a counter's HELP
-/// and TYPE name its samples (`x_total`, not `x`), and there is no UNIT or
-/// EOF line. prometheus-client writes only OpenMetrics; readers of the
-/// older format (`promtool check metrics`, Prometheus before 2.5) would
-/// see each counter's samples as an untyped metric without help.
-pub fn text_format(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| Some((p, line.strip_prefix(p)?)));
-        match meta {
-            Some((p, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                if counters.contains(name) {
-                    out.push_str(&format!("{p}{name}_total {tail}"));
-                } else {
-                    out.push_str(line);
-                }
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// Where content is, as `ferry status`, `dp list` and `jobs` show it now.
@@ -381,6 +329,7 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_net::metrics::{OPENMETRICS, TEXT};
 
     fn row(state: &str, needed: u64, done: u64, full: u64) -> StatusRow {
         serde_json::from_value(serde_json::json!({
