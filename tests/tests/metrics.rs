@@ -208,4 +208,83 @@ fn metrics_pass_promtool_and_move_as_a_transfer_runs() {
         value(&dp_after, "ferry_dp_chunks_refetched_total"),
         Some(0.0)
     );
+
+    // What deploy/ gives operators reads only what the two serve.
+    let served = names(&format!("{after}{dp_after}"));
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let rules = deploy.join("prometheus/ferry-rules.yml");
+    let config = deploy.join("prometheus/prometheus.yml");
+    let dashboard = deploy.join("grafana/ferry-dashboard.json");
+    check(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&rules),
+    );
+    check(
+        Command::new("promtool")
+            .args(["check", "config", "--syntax-only"])
+            .arg(&config),
+    );
+    let board: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard).unwrap()).unwrap();
+    let exprs: Vec<String> = board["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for (file, text) in [
+        (rules.clone(), std::fs::read_to_string(&rules).unwrap()),
+        (dashboard.clone(), exprs.join("\n")),
+    ] {
+        let used = names(&text);
+        assert!(!used.is_empty());
+        for n in used {
+            assert!(
+                served.contains(&n) || served.contains(&format!("{n}_total")),
+                "{} reads {n}, which neither /metrics serves",
+                file.display()
+            );
+        }
+    }
+}
+
+/// Every `ferry_…` metric name in `text`; a histogram's with its sample
+/// suffixes when `text` is an exposition.
+fn names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("ferry_") {
+        if text[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let n: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        out.insert(n);
+    }
+    for l in text.lines() {
+        if let Some(h) = l
+            .strip_prefix("# TYPE ")
+            .and_then(|r| r.strip_suffix(" histogram"))
+        {
+            for s in ["_bucket", "_sum", "_count"] {
+                out.insert(format!("{h}{s}"));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `c`; fails with what it said unless it succeeds.
+fn check(c: &mut Command) {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -60,11 +60,6 @@ impl Default for Metrics {
             refetched.clone(),
         );
         registry.register(
-            "ferry_dp_peer_sent_bytes",
-            "Chunk bytes served to pull DPs, by pull DP",
-            peer_sent.clone(),
-        );
-        registry.register(
             "ferry_dp_validation_damaged_chunks",
             "Damaged chunks validation found, by whether they were repaired",
             damaged.clone(),
@@ -124,13 +119,25 @@ impl Metrics {
     }
 }
 
-/// The multicast sessions as they are at a scrape.
+/// What a scrape reads as it is: the multicast sessions, and the bytes
+/// served to pull DPs (written here so that the family is described before
+/// any pull DP has come: a registered family without series is left out).
 #[derive(Debug)]
-struct Multicast(Vec<ferry_mcast::SessionView>);
+struct Now {
+    sessions: Vec<ferry_mcast::SessionView>,
+    peer_sent: Family<Labels, Counter>,
+}
 
-impl Collector for Multicast {
+impl Collector for Now {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let running: Vec<_> = self.0.iter().filter(|s| s.ended.is_none()).collect();
+        let m = enc.encode_descriptor(
+            "ferry_dp_peer_sent_bytes",
+            "Chunk bytes served to pull DPs, by pull DP",
+            None,
+            MetricType::Counter,
+        )?;
+        self.peer_sent.encode(m)?;
+        let running: Vec<_> = self.sessions.iter().filter(|s| s.ended.is_none()).collect();
         let mut m = enc.encode_descriptor(
             "ferry_dp_multicast_sessions",
             "Multicast sessions running",
@@ -161,7 +168,7 @@ impl Collector for Multicast {
             None,
             MetricType::Counter,
         )?;
-        for s in &self.0 {
+        for s in &self.sessions {
             let l: Labels = vec![
                 ("package", s.package.clone()),
                 ("session", s.session.clone()),
@@ -185,7 +192,10 @@ async fn scrape(State(s): State<Scraped>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mut now = Registry::default();
-    now.register_collector(Box::new(Multicast(s.multicast.views())));
+    now.register_collector(Box::new(Now {
+        sessions: s.multicast.views(),
+        peer_sent: s.metrics.peer_sent.clone(),
+    }));
     match ferry_net::metrics::exposition(&[&s.metrics.registry, &now], accept) {
         Ok((kind, text)) => ([(header::CONTENT_TYPE, kind)], text).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),

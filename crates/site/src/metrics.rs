@@ -83,7 +83,9 @@ impl Default for Metrics {
         for outcome in ["succeeded", "failed"] {
             let l = vec![("outcome", outcome.to_string())];
             let _ = imports.get_or_create(&l);
+            let _ = import_seconds.get_or_create(&l);
             let _ = servicing.get_or_create(&l);
+            let _ = servicing_seconds.get_or_create(&l);
         }
         Self {
             registry,
