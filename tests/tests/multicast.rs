@@ -15,6 +15,8 @@ use ferry_tests::wimtools;
 
 const LIMIT: Duration = Duration::from_secs(120);
 const PORT: u16 = 8443;
+/// Where the DP serves its metrics.
+const METRICS_PORT: u16 = 9464;
 /// What the image holds in clear, to look for on the wire.
 const MARKER: &[u8] = b"FERRY-MULTICAST-MARKER-0123456789";
 
@@ -64,6 +66,8 @@ struct Lab {
     dp: DpProc,
     id: String,
     base: String,
+    /// The DP's metrics address.
+    metrics: String,
     ca: PathBuf,
     token: String,
     wim: PathBuf,
@@ -89,7 +93,16 @@ fn lab(site_ip: &str, dp_ip: &str, dp_prefix: &[String], mib: usize) -> Lab {
         &["--client-listen", &listen, "--client-name", dp_ip],
     )
     .unwrap();
+    // Its Prometheus metrics, where the host reads them.
+    let toml = dp.data.join("dp.toml");
+    let cfg = fs::read_to_string(&toml).unwrap();
+    fs::write(
+        &toml,
+        format!("{cfg}\n[metrics]\nlisten = \"{dp_ip}:{METRICS_PORT}\"\n"),
+    )
+    .unwrap();
     dp.serve().unwrap();
+    let metrics = format!("http://{dp_ip}:{METRICS_PORT}/metrics");
     let wim = image(&w, mib);
     let id = site.add_image(&wim, &["--name", "Win11"]).unwrap()["id"]
         .as_str()
@@ -99,6 +112,7 @@ fn lab(site_ip: &str, dp_ip: &str, dp_prefix: &[String], mib: usize) -> Lab {
     Lab {
         dir: w,
         base: format!("https://{listen}"),
+        metrics,
         ca: site.data.join("ca.pem"),
         _work: work,
         client_at: (Vec::new(), None),
@@ -111,6 +125,16 @@ fn lab(site_ip: &str, dp_ip: &str, dp_prefix: &[String], mib: usize) -> Lab {
 }
 
 impl Lab {
+    /// The DP's `/metrics` (Prometheus's text format).
+    fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sSf", &self.metrics])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// `curl` on the host: status and body.
     fn curl(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
         let mut c = Command::new("curl");
@@ -312,6 +336,14 @@ fn one_session_sends_the_image_once_to_two_clients() {
         "{s}"
     );
     let sent = s["bytes_sent"].as_u64().unwrap();
+    // The DP's metrics say the same.
+    let m = lab.metrics();
+    let series = format!(
+        "ferry_dp_multicast_sent_bytes_total{{package=\"{id}\",session=\"{}\"}} {sent}\n",
+        s["session"].as_str().unwrap()
+    );
+    assert!(m.contains(&series), "no {series:?} in\n{m}");
+    assert!(m.contains("\nferry_dp_multicast_sessions 0\n"), "{m}");
     let crossed = rx1 - rx0;
     eprintln!("image {image_bytes} B, session sent {sent} B, veth carried {crossed} B");
     assert!(sent >= image_bytes, "{sent} < {image_bytes}");

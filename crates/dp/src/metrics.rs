@@ -138,13 +138,13 @@ impl Collector for Now {
         )?;
         self.peer_sent.encode(m)?;
         let running: Vec<_> = self.sessions.iter().filter(|s| s.ended.is_none()).collect();
-        let mut m = enc.encode_descriptor(
+        let m = enc.encode_descriptor(
             "ferry_dp_multicast_sessions",
             "Multicast sessions running",
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(running.len() as i64).encode(m.encode_family(&Labels::new())?)?;
+        ConstGauge::new(running.len() as i64).encode(m)?;
         let mut m = enc.encode_descriptor(
             "ferry_dp_multicast_clients",
             "Computers in the running multicast sessions, by state (joined, done, left)",
