@@ -1076,3 +1076,73 @@ fn a_prestaged_dp_installs_with_no_chunk_bytes_over_the_network_and_bad_bundles_
     let file = dp.content().join(&id).join("base.wim");
     assert!(same_file(&file, &pair.serviced), "dp1 holds revision 2");
 }
+
+#[test]
+fn status_watch_redraws_until_the_transfer_is_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let wim = big_wim(dir.path(), 64);
+    let site = SiteProc::start(dir.path()).unwrap();
+    let _dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let id = id_of(&site.add_image(&wim, &[]).unwrap());
+    // Several seconds long, so frames catch it in progress.
+    site.cli_ok(&["dp", "set", "dp1", "--rate", "16M"]).unwrap();
+    let watch = |json: bool| {
+        let mut c = std::process::Command::new(ferry_tests::harness::ferry_bin());
+        c.arg("--data").arg(&site.data);
+        if json {
+            c.arg("--json");
+        }
+        c.args(["status", &id, "--watch", "300ms"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (table, json) = (watch(false), watch(true));
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    site.wait_installed(&id, "dp1", 1, LIMIT).unwrap();
+    // A few frames more after it is installed.
+    std::thread::sleep(Duration::from_secs(1));
+    let stop = |mut c: std::process::Child| {
+        c.kill().unwrap();
+        String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let (table, json) = (stop(table), stop(json));
+
+    // Frames one after another, each with its time, the transfer moving
+    // through them and the last one installed.
+    let frames: Vec<&str> = table.split("every 300ms: ferry status, ").skip(1).collect();
+    assert!(frames.len() >= 5, "{table}");
+    let first_progress = frames
+        .iter()
+        .position(|f| f.contains("in-progress"))
+        .unwrap_or_else(|| panic!("no frame shows it in progress:\n{table}"));
+    let installed = frames.iter().position(|f| f.contains("installed")).unwrap();
+    assert!(first_progress < installed, "{table}");
+    assert!(frames.last().unwrap().contains("installed"), "{table}");
+    // The percent shown grows.
+    let percents: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| {
+            let at = f.find("% ")?;
+            let digits: String = f[..at]
+                .chars()
+                .rev()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.chars().rev().collect::<String>().parse().ok()
+        })
+        .collect();
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?}");
+
+    // With --json: one array of rows per line.
+    let states: Vec<String> = json
+        .lines()
+        .map(|l| {
+            let rows: serde_json::Value = serde_json::from_str(l).unwrap();
+            rows[0]["state"].as_str().unwrap_or("none").to_string()
+        })
+        .collect();
+    assert!(states.len() >= 5, "{json}");
+    assert!(states.iter().any(|s| s == "in-progress"), "{states:?}");
+    assert_eq!(states.last().unwrap(), "installed", "{states:?}");
+}

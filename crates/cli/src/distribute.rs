@@ -44,6 +44,17 @@ pub(crate) struct StatusCmd {
     /// in progress, pending, failed, …
     #[arg(long)]
     pub(crate) summary: bool,
+    /// Show it again every EVERY (2s when not given: 500ms, 10s, 1m)
+    /// until interrupted: redrawn in place on a terminal, one frame after
+    /// another elsewhere (with `--json`, one JSON line per frame).
+    #[arg(
+        long,
+        value_name = "EVERY",
+        num_args = 0..=1,
+        default_missing_value = "2s",
+        value_parser = crate::dp::parse_duration
+    )]
+    pub(crate) watch: Option<std::time::Duration>,
 }
 
 /// One package's line of `ferry status --summary`.
@@ -182,6 +193,53 @@ fn eta(secs: u64) -> String {
 
 pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
+    let Some(every) = cmd.watch else {
+        let rows = status_rows(&client, &cmd).await?;
+        return show(&rows, &cmd, g);
+    };
+    let every = every.max(std::time::Duration::from_millis(100));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Read first, then draw: the screen is never blank while waiting.
+        let rows = status_rows(&client, &cmd).await;
+        if g.json {
+            // One frame per line, for a script reading them as they come.
+            match rows {
+                Ok(rows) => println!("{}", serde_json::to_string(&rows)?),
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            continue;
+        }
+        if terminal {
+            // Home and clear, as watch(1) does.
+            print!("\x1b[H\x1b[2J");
+        }
+        let now = time::OffsetDateTime::now_utc();
+        println!(
+            "every {}: ferry status, {} UTC (Ctrl-C stops)",
+            humantime::format_duration(every),
+            now.format(&time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]"
+            ))?
+        );
+        match rows {
+            Ok(rows) => show(&rows, &cmd, g)?,
+            // The site restarting is no reason to stop watching it.
+            Err(e) => println!("cannot read the status: {e:#}"),
+        }
+        if !terminal {
+            println!();
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+    }
+}
+
+/// The rows `cmd` asks the site for.
+async fn status_rows(client: &Client, cmd: &StatusCmd) -> anyhow::Result<Vec<StatusRow>> {
     let mut req = client.request(Method::GET, "/status");
     if let Some(id) = &cmd.id {
         req = req.query(&[("package", id)]);
@@ -189,9 +247,13 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
     if let Some(dp) = &cmd.dp {
         req = req.query(&[("dp", dp)]);
     }
-    let rows: Vec<StatusRow> = client.json(req).await?;
+    client.json(req).await
+}
+
+/// Prints `rows` as `cmd` and `g` ask: a table, a summary, or JSON.
+fn show(rows: &[StatusRow], cmd: &StatusCmd, g: &Global) -> anyhow::Result<()> {
     if cmd.summary {
-        let sums = summarize(&rows);
+        let sums = summarize(rows);
         return emit(g, &sums, || {
             let mut t = table(&[
                 "PACKAGE",
@@ -236,7 +298,7 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
         "WIRE",
         "LAST CONTACT",
     ]);
-    for r in &rows {
+    for r in rows {
         let state = match r.state.as_str() {
             s @ ("in-progress" | "pending") if r.waits_for_prestage => {
                 format!("{s}, waiting for a prestage bundle")
@@ -306,7 +368,7 @@ pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
-    for r in &rows {
+    for r in rows {
         for v in &r.multicast {
             println!("{}", crate::output::session_line(&r.dp, v));
         }
