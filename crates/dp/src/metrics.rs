@@ -137,28 +137,21 @@ impl Collector for Now {
             MetricType::Counter,
         )?;
         self.peer_sent.encode(m)?;
-        let running: Vec<_> = self.sessions.iter().filter(|s| s.ended.is_none()).collect();
+        let (running, clients) = ferry_mcast::view::running(&self.sessions);
         let m = enc.encode_descriptor(
             "ferry_dp_multicast_sessions",
             "Multicast sessions running",
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(running.len() as i64).encode(m)?;
+        ConstGauge::new(running as i64).encode(m)?;
         let mut m = enc.encode_descriptor(
             "ferry_dp_multicast_clients",
             "Computers in the running multicast sessions, by state (joined, done, left)",
             None,
             MetricType::Gauge,
         )?;
-        let sum = |f: fn(&ferry_mcast::SessionView) -> u32| {
-            running.iter().map(|s| i64::from(f(s))).sum::<i64>()
-        };
-        for (state, n) in [
-            ("joined", sum(|s| s.clients_joined)),
-            ("done", sum(|s| s.clients_done)),
-            ("left", sum(|s| s.clients_left)),
-        ] {
+        for (state, n) in clients {
             let l: Labels = vec![("state", state.to_string())];
             ConstGauge::new(n).encode(m.encode_family(&l)?)?;
         }

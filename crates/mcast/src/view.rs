@@ -65,3 +65,38 @@ impl SessionView {
         self.dropped.values().sum()
     }
 }
+
+/// The sessions of `views` still running, and the computers in them by
+/// state (`joined`, `done`, `left`), as metrics count them.
+pub fn running(views: &[SessionView]) -> (usize, [(&'static str, u64); 3]) {
+    let live: Vec<&SessionView> = views.iter().filter(|s| s.ended.is_none()).collect();
+    let sum = |f: fn(&SessionView) -> u32| live.iter().map(|s| u64::from(f(s))).sum();
+    (
+        live.len(),
+        [
+            ("joined", sum(|s| s.clients_joined)),
+            ("done", sum(|s| s.clients_done)),
+            ("left", sum(|s| s.clients_left)),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod running_tests {
+    use super::*;
+
+    #[test]
+    fn only_running_sessions_and_their_computers_count() {
+        let s = |joined, done, ended| SessionView {
+            clients_joined: joined,
+            clients_done: done,
+            clients_left: 1,
+            ended,
+            ..SessionView::default()
+        };
+        let (n, clients) = running(&[s(3, 1, None), s(9, 9, Some(5)), s(2, 0, None)]);
+        assert_eq!(n, 2);
+        assert_eq!(clients, [("joined", 5), ("done", 1), ("left", 2)]);
+        assert_eq!(running(&[]), (0, [("joined", 0), ("done", 0), ("left", 0)]));
+    }
+}

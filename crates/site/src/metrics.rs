@@ -272,17 +272,12 @@ impl Collector for Snapshot {
             "Whether a DP is in maintenance mode (no new transfers)",
             dps.iter().map(|d| (dp(d), i64::from(d.maintenance))),
         )?;
-        fn running(d: &DpView) -> Vec<&ferry_mcast::SessionView> {
-            d.multicast_sessions
-                .iter()
-                .filter(|s| s.ended.is_none())
-                .collect()
-        }
+        let running = |d: &DpView| ferry_mcast::view::running(&d.multicast_sessions);
         gauges(
             &mut enc,
             "ferry_multicast_sessions",
             "Multicast sessions running on a DP",
-            dps.iter().map(|d| (dp(d), running(d).len() as i64)),
+            dps.iter().map(|d| (dp(d), running(d).0 as i64)),
         )?;
         gauges(
             &mut enc,
@@ -290,19 +285,10 @@ impl Collector for Snapshot {
             "Computers in a DP's running multicast sessions, by state (joined and \
              receiving, done, left)",
             dps.iter().flat_map(|d| {
-                let r = running(d);
-                let sum = |f: fn(&ferry_mcast::SessionView) -> u32| {
-                    r.iter().map(|s| i64::from(f(s))).sum::<i64>()
-                };
-                [
-                    ("joined", sum(|s| s.clients_joined)),
-                    ("done", sum(|s| s.clients_done)),
-                    ("left", sum(|s| s.clients_left)),
-                ]
-                .map(|(state, n)| {
+                running(d).1.map(|(state, n)| {
                     let mut l = dp(d);
                     l.push(("state", state.to_string()));
-                    (l, n)
+                    (l, int(n))
                 })
             }),
         )?;
