@@ -1,8 +1,8 @@
-//! What DP reports cost the site, and how fast `ferry status` answers, with
-//! 100 DPs × 20 packages in the registry and every DP reporting progress on
-//! all of its packages four times a second; then, with one more DP
-//! connecting and disconnecting in a loop on top (each connection and each
-//! disconnection is a durable write of the registry).
+//! What DP reports cost the site, and how fast `ferry status` and the web
+//! status page answer, with 100 DPs × 20 packages in the registry and every
+//! DP reporting progress on all of its packages four times a second; then,
+//! with one more DP connecting and disconnecting in a loop on top (each
+//! connection and each disconnection is a durable write of the registry).
 //!
 //! ```text
 //! scripts/bench.sh --bench status
@@ -156,6 +156,68 @@ fn time_status(site: &SiteProc, runs: usize) -> anyhow::Result<(Duration, Durati
     Ok((times[times.len() / 2], times[times.len() - 1], rows, moving))
 }
 
+/// The web status page's overview (`GET /ui/`, logged in), fetched by curl
+/// `runs` times: the server's time (first byte back after the request was
+/// sent) median and slowest, the whole fetch's median, and the page's bytes
+/// and rows.
+fn time_page(
+    site: &SiteProc,
+    cookie: &str,
+    part: bool,
+    runs: usize,
+) -> anyhow::Result<(Duration, Duration, Duration, u64, usize)> {
+    let (mut server, mut whole) = (Vec::new(), Vec::new());
+    let (mut size, mut rows) = (0, 0);
+    for _ in 0..runs {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--fail", "-b", cookie]);
+        if part {
+            c.args(["-H", "x-ferry-part: live"]);
+        }
+        let out = c
+            .args([
+                "-w",
+                "\n%{time_pretransfer} %{time_starttransfer} %{time_total}",
+            ])
+            .arg(format!("http://127.0.0.1:{}/ui/", site.port))
+            .output()?;
+        anyhow::ensure!(out.status.success(), "GET /ui/: {out:?}");
+        let text = String::from_utf8(out.stdout)?;
+        let (body, times) = text.rsplit_once('\n').context("curl's times")?;
+        let t: Vec<f64> = times.split(' ').map(str::parse).collect::<Result<_, _>>()?;
+        server.push(Duration::from_secs_f64(t[1] - t[0]));
+        whole.push(Duration::from_secs_f64(t[2]));
+        size = body.len() as u64;
+        rows = body.matches("<tr data-package=").count();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.sort();
+    whole.sort();
+    Ok((
+        server[runs / 2],
+        server[runs - 1],
+        whole[runs / 2],
+        size,
+        rows,
+    ))
+}
+
+/// Logs in to the status page as a browser does; the session cookie.
+fn login(site: &SiteProc) -> anyhow::Result<String> {
+    let token = fs::read_to_string(site.data.join("operator.token"))?;
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "/dev/null", "-d"])
+        .arg(format!("token={}", token.trim()))
+        .arg(format!("http://127.0.0.1:{}/ui/login", site.port))
+        .output()?;
+    let head = String::from_utf8(out.stdout)?;
+    let id = head
+        .split_once("ferry_session=")
+        .and_then(|(_, rest)| rest.split(';').next())
+        .with_context(|| format!("no session cookie: {head}"))?;
+    Ok(format!("ferry_session={id}"))
+}
+
 fn main() -> anyhow::Result<()> {
     if ferry_benches::listing() {
         return Ok(());
@@ -245,6 +307,15 @@ fn main() -> anyhow::Result<()> {
     let busy = core_share(pid, WINDOW)?;
     let rate = (sent.load(Ordering::Relaxed) - before) as f64 / WINDOW.as_secs_f64();
     let (median, max, rows, moving) = time_status(&site, 15)?;
+    let cookie = login(&site)?;
+    let (page_median, page_max, page_whole, page_bytes, page_rows) =
+        time_page(&site, &cookie, false, 15)?;
+    let (part_median, part_max, ..) = time_page(&site, &cookie, true, 15)?;
+    anyhow::ensure!(
+        page_rows == DPS * PACKAGES,
+        "the status page showed {page_rows} rows, not {}",
+        DPS * PACKAGES
+    );
     // And one DP connecting and leaving in a loop.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cycles = Arc::new(AtomicU64::new(0));
@@ -274,7 +345,10 @@ Every DP connected over QUIC with its own certificate, reporting progress on eac
 | DPs connected, silent | {:.1} % | {:.0} ms | {:.0} ms |\n\
 | every DP reporting | {:.1} % | {:.0} ms | {:.0} ms |\n\
 | every DP reporting, one more connecting and leaving ({churn_rate:.1}/s) | | {:.0} ms | {:.0} ms |\n\n\
-CPU for the reports: {:.1} % of a core. `ferry status` lists {rows} rows (process start included).\n",
+CPU for the reports: {:.1} % of a core. `ferry status` lists {rows} rows (process start included).\n\n\
+The web status page with every DP reporting, logged in, fetched by curl 15 times: server time (request sent to first byte) \
+median {:.1} ms, slowest {:.1} ms; whole fetch median {:.1} ms; {} KiB of HTML, {page_rows} rows. \
+Its live part alone (what the page's script fetches every 2 s): median {:.1} ms, slowest {:.1} ms.\n",
         idle * 100.0,
         idle_median.as_secs_f64() * 1000.0,
         idle_max.as_secs_f64() * 1000.0,
@@ -284,6 +358,12 @@ CPU for the reports: {:.1} % of a core. `ferry status` lists {rows} rows (proces
         churn_median.as_secs_f64() * 1000.0,
         churn_max.as_secs_f64() * 1000.0,
         reports_share * 100.0,
+        page_median.as_secs_f64() * 1000.0,
+        page_max.as_secs_f64() * 1000.0,
+        page_whole.as_secs_f64() * 1000.0,
+        page_bytes / 1024,
+        part_median.as_secs_f64() * 1000.0,
+        part_max.as_secs_f64() * 1000.0,
     );
     let results = json!({
         "dps": DPS, "packages": PACKAGES, "reports_per_sec": rate,
@@ -295,6 +375,12 @@ CPU for the reports: {:.1} % of a core. `ferry status` lists {rows} rows (proces
         "status_ms_churn_median": churn_median.as_secs_f64() * 1000.0,
         "status_ms_churn_max": churn_max.as_secs_f64() * 1000.0,
         "rows": rows,
+        "page_server_ms_median": page_median.as_secs_f64() * 1000.0,
+        "page_server_ms_max": page_max.as_secs_f64() * 1000.0,
+        "page_fetch_ms_median": page_whole.as_secs_f64() * 1000.0,
+        "page_bytes": page_bytes,
+        "page_live_ms_median": part_median.as_secs_f64() * 1000.0,
+        "page_live_ms_max": part_max.as_secs_f64() * 1000.0,
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     drop(site);

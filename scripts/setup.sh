@@ -7,10 +7,12 @@
 # filesystem, iproute2 for network namespaces, nftables for packet loss inside
 # one), and prometheus for promtool (the /metrics tests check the exposition
 # with it), and systemd for systemd-analyze, -sysusers and -tmpfiles (the
-# deploy test checks the units and snippets with them). Safe to run again: it installs only what is absent.
+# deploy test checks the units and snippets with them), and chromium with
+# chromium-driver (the status page test drives headless Chromium by
+# WebDriver). Safe to run again: it installs only what is absent.
 set -euo pipefail
 
-packages=(libclang-dev libwim-dev ntfs-3g-dev libfuse-dev pkg-config wimtools rsync casync zsync b3sum xfsprogs iproute2 nftables curl prometheus systemd)
+packages=(libclang-dev libwim-dev ntfs-3g-dev libfuse-dev pkg-config wimtools rsync casync zsync b3sum xfsprogs iproute2 nftables curl prometheus systemd chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -519,3 +519,91 @@ fn a_source_dp_serves_only_what_a_site_grant_allows_the_dp_it_names() {
     let log = src.log_text();
     assert!(log.contains("chunks refused to a pull DP"), "{log}");
 }
+
+/// A connection without a DP certificate (as `ferry dp init` opens) from
+/// `from`.
+async fn enrolling(site: &SiteProc, ca_pem: &str, from: &str) -> quinn::Connection {
+    let fp = ferry_net::pki::fingerprint(&ferry_net::pki::cert_der(ca_pem, "ca").unwrap());
+    let cfg = ferry_net::tls::enroll_client(&fp).unwrap();
+    let ep = quinn::Endpoint::client(format!("{from}:0").parse().unwrap()).unwrap();
+    ep.connect_with(
+        cfg,
+        site.dp_addr().parse().unwrap(),
+        ferry_net::pki::SITE_SERVER_NAME,
+    )
+    .unwrap()
+    .await
+    .unwrap()
+}
+
+/// Whether the site closed `conn` within a moment, and its reason.
+async fn closed_by_site(conn: &quinn::Connection) -> Option<(u32, String)> {
+    match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some((
+            c.error_code.into_inner() as u32,
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        )),
+        Ok(other) => Some((0, other.to_string())),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn enrollment_connections_are_capped_per_address_and_in_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = SiteProc::start(dir.path()).unwrap();
+    site.edit_config(|t| {
+        t.replace("max_enrolling = 64", "max_enrolling = 5")
+            .replace(
+                "max_enrolling_per_address = 4",
+                "max_enrolling_per_address = 2",
+            )
+    })
+    .unwrap();
+    let ca = std::fs::read_to_string(site.data.join("ca.pem")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a1 = enrolling(&site, &ca, "127.0.0.1").await;
+        let a2 = enrolling(&site, &ca, "127.0.0.1").await;
+        let a3 = enrolling(&site, &ca, "127.0.0.1").await;
+        let (code, why) = closed_by_site(&a3)
+            .await
+            .expect("the third from one address is closed");
+        assert_eq!(code, ferry_wire::CLOSE_BUSY);
+        assert!(
+            why.contains("127.0.0.1") && why.contains("max_enrolling_per_address"),
+            "{why}"
+        );
+        assert!(closed_by_site(&a1).await.is_none() && closed_by_site(&a2).await.is_none());
+        let b1 = enrolling(&site, &ca, "127.0.0.2").await;
+        let b2 = enrolling(&site, &ca, "127.0.0.2").await;
+        let c1 = enrolling(&site, &ca, "127.0.0.3").await;
+        let c2 = enrolling(&site, &ca, "127.0.0.3").await;
+        let (code, why) = closed_by_site(&c2)
+            .await
+            .expect("the sixth in all is closed");
+        assert_eq!(code, ferry_wire::CLOSE_BUSY);
+        assert!(
+            why.contains("the site has 5") && why.contains("[dp] max_enrolling)"),
+            "{why}"
+        );
+        assert!(closed_by_site(&b1).await.is_none());
+        // A place freed is a place taken again.
+        a1.close(0u32.into(), b"done");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c3 = enrolling(&site, &ca, "127.0.0.3").await;
+        assert!(
+            closed_by_site(&c3).await.is_none(),
+            "admitted once a place was free"
+        );
+        for c in [a2, b1, b2, c1, c3] {
+            c.close(0u32.into(), b"done");
+        }
+    });
+    // Once they are gone, a DP enrolls as ever.
+    std::thread::sleep(Duration::from_millis(500));
+    let _dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    let log = std::fs::read_to_string(&site.log).unwrap();
+    assert!(log.contains("enrollment connection refused"), "logged");
+    assert!(!log.contains("panicked"));
+}

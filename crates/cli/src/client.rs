@@ -51,30 +51,40 @@ impl Client {
     /// Finds the site: `--site`/`--token` (or FERRY_SITE/FERRY_TOKEN) when
     /// given, else the address and token in the `--data` folder.
     pub(crate) fn new(g: &Global) -> anyhow::Result<Self> {
-        let (base, token) = match (&g.site, &g.token, &g.data) {
-            (Some(site), Some(token), _) => (check_url(site)?, token.clone()),
+        let (base, token, data) = match (&g.site, &g.token, &g.data) {
+            (Some(site), Some(token), data) => (check_url(site)?, token.clone(), data.as_deref()),
             (site, token, Some(data)) => {
                 let cfg = SiteConfig::load(data)?;
                 let base = match site {
                     Some(s) => check_url(s)?,
-                    None => format!("http://{}", cfg.operator.listen),
+                    None => cfg.operator.url(),
                 };
                 let token = match token {
                     Some(t) => t.clone(),
                     None => ferry_site::read_token(data)?,
                 };
-                (base, token)
+                (base, token, Some(data.as_path()))
             }
             _ => bail!(
                 "which site? pass --data DIR (the folder made by `ferry site init`), \
                  or --site URL and --token TOKEN (or set FERRY_DATA, or FERRY_SITE and FERRY_TOKEN)"
             ),
         };
-        Ok(Self {
-            http: reqwest::Client::new(),
-            base,
-            token,
-        })
+        let http = if base.starts_with("https://") {
+            // The site CA pins the operator certificate: no other CA is
+            // trusted, so a bearer token goes only to this site.
+            let ca = match (&g.ca, data) {
+                (Some(ca), _) => ca.clone(),
+                (None, Some(d)) => d.join(ferry_site::CA_CERT_FILE),
+                (None, None) => bail!(
+                    "{base} speaks HTTPS: pass --ca FILE, the site CA certificate (ca.pem in the site's data folder)"
+                ),
+            };
+            crate::fetch::http_client(&ca)?
+        } else {
+            reqwest::Client::new()
+        };
+        Ok(Self { http, base, token })
     }
 
     pub(crate) fn request(&self, method: Method, path: &str) -> RequestBuilder {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::Subcommand;
 use ferry_site::distribution::clients::{ClientTokenView, IssuedToken};
 use reqwest::Method;
@@ -60,10 +61,6 @@ pub(crate) struct FromDp {
     /// Folder to write the package's files into.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// The site CA certificate (ca.pem of the site's or a DP's data
-    /// folder); the DP's certificate must be issued by it.
-    #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
     /// The site's manifest key (hex, manifest.pub of a DP) to prove the
     /// manifest with, instead of the one the DP presents.
     #[arg(long, value_name = "HEX")]
@@ -88,7 +85,9 @@ impl FromDp {
                 .token
                 .clone()
                 .or_else(|| std::env::var("FERRY_CLIENT_TOKEN").ok()),
-            ca: self.ca,
+            ca: g.ca.clone().context(
+                "--ca FILE is needed: the site CA certificate (ca.pem of the site's or a DP's data folder) that issued the DP's certificate",
+            )?,
             parallel,
             manifest_key: self.manifest_key,
         })

@@ -183,14 +183,6 @@ pub(crate) async fn redistribute(t: Targets, g: &Global) -> anyhow::Result<()> {
     })
 }
 
-fn eta(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
-        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
 pub(crate) async fn status(cmd: StatusCmd, g: &Global) -> anyhow::Result<()> {
     let client = Client::new(g)?;
     let Some(every) = cmd.watch else {
@@ -299,65 +291,13 @@ fn show(rows: &[StatusRow], cmd: &StatusCmd, g: &Global) -> anyhow::Result<()> {
         "LAST CONTACT",
     ]);
     for r in rows {
-        let state = match r.state.as_str() {
-            s @ ("in-progress" | "pending") if r.waits_for_prestage => {
-                format!("{s}, waiting for a prestage bundle")
-            }
-            "pending" if r.waiting_for.is_some() => format!(
-                "pending, waiting for {} to get it first",
-                r.waiting_for.as_deref().unwrap_or_default()
-            ),
-            s @ ("in-progress" | "pending") if r.paused_until_site.is_some() => format!(
-                "{s}, paused until {} (site time)",
-                r.paused_until_site.as_deref().unwrap_or_default()
-            ),
-            "failed" => format!(
-                "failed: {}{}",
-                r.error.clone().unwrap_or_default(),
-                r.next_retry
-                    .as_ref()
-                    .map(|n| format!(" (retry {})", crate::output::ago(*n)))
-                    .unwrap_or_default()
-            ),
-            "pending" => match (r.holds_revision, r.maintenance) {
-                (Some(h), true) => format!("pending (holds r{h}; DP in maintenance)"),
-                (None, true) => "pending (DP in maintenance)".into(),
-                (Some(h), false) => format!("pending (holds r{h})"),
-                (None, false) => "pending".into(),
-            },
-            "installed" => match r.validation.as_ref().filter(|v| v.done) {
-                Some(v) if v.damaged.is_empty() => "installed, validated".into(),
-                Some(v) => {
-                    let fixed = v.damaged.iter().filter(|d| d.repaired).count();
-                    format!(
-                        "installed, {} damaged chunk(s) found, {fixed} repaired",
-                        v.damaged.len()
-                    )
-                }
-                None => "installed".into(),
-            },
-            s => s.to_string(),
-        };
-        let progress = match (r.state.as_str(), r.percent) {
-            ("in-progress", Some(p)) => format!(
-                "{p}% {}/{}{}",
-                bytes(r.bytes_done),
-                bytes(r.bytes_needed),
-                r.eta_secs
-                    .map(|s| format!(" eta {}", eta(s)))
-                    .unwrap_or_default()
-            ),
-            ("installed", _) => "100%".into(),
-            ("validating", Some(p)) => format!("validating {p}%"),
-            _ => "-".into(),
-        };
         t.add_row(vec![
             format!("{} {}", r.package, r.name),
             format!("{}{}", r.dp, if r.online { "" } else { " (offline)" }),
             r.revision.map_or("-".into(), |v| v.to_string()),
-            state,
-            progress,
-            received(r.bytes_done, &r.sources),
+            r.describe(),
+            r.progress(),
+            r.received(),
             bytes(r.full_bytes),
             bytes(r.wire_bytes),
             if r.online {
@@ -377,14 +317,4 @@ fn show(rows: &[StatusRow], cmd: &StatusCmd, g: &Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Bytes received, and where they came from when the DP said: "12 MB
-/// from dp3", "60 MB from dp3 + site".
-fn received(n: u64, sources: &[ferry_site::distribution::records::SourceBytes]) -> String {
-    if sources.is_empty() {
-        return bytes(n);
-    }
-    let from: Vec<&str> = sources.iter().map(|s| s.source.as_str()).collect();
-    format!("{} from {}", bytes(n), from.join(" + "))
 }

@@ -32,7 +32,8 @@ struct Cli {
     /// read the API address and token from it.
     #[arg(long, global = true, env = "FERRY_DATA")]
     data: Option<PathBuf>,
-    /// Operator API URL (http://HOST:PORT), instead of reading it from --data.
+    /// Operator API URL (https://HOST:PORT, or http:// on loopback), instead
+    /// of reading it from --data.
     /// For `dp init`: the site's DP endpoint HOST:PORT.
     #[arg(long, global = true, env = "FERRY_SITE")]
     site: Option<String>,
@@ -41,6 +42,11 @@ struct Cli {
     /// (FERRY_CLIENT_TOKEN too).
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The site CA certificate (ca.pem of the site's or a DP's data folder).
+    /// Pins the operator API's HTTPS certificate (default: ca.pem in
+    /// --data); for `client fetch` and `client multicast`, the DP's.
+    #[arg(long, global = true, env = "FERRY_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -93,6 +99,7 @@ pub(crate) struct Global {
     pub(crate) data: Option<PathBuf>,
     pub(crate) site: Option<String>,
     pub(crate) token: Option<String>,
+    pub(crate) ca: Option<PathBuf>,
     pub(crate) json: bool,
 }
 
@@ -134,6 +141,7 @@ fn main() -> ExitCode {
         data: cli.data,
         site: cli.site,
         token: cli.token,
+        ca: cli.ca,
         json: cli.json,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

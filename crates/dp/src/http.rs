@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{DpError, Result};
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -164,7 +163,7 @@ impl Listener {
                     // before the next range request of a keep-alive
                     // connection can start.
                     let _ = sock.set_nodelay(true);
-                    tokio::spawn(connection(sock, peer, tls.clone(), app.clone()));
+                    tokio::spawn(ferry_net::https::connection(sock, peer, tls.clone(), app.clone()));
                 }
                 changed = self.cert.changed() => {
                     changed?;
@@ -179,45 +178,6 @@ impl Listener {
                 _ = sweep.tick() => sh.expire(),
             }
         }
-    }
-}
-
-/// How long a client may take for the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn connection(
-    sock: tokio::net::TcpStream,
-    peer: SocketAddr,
-    tls: Arc<rustls::ServerConfig>,
-    app: Router,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(client = %peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            warn!(client = %peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    let service =
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let app = app.clone();
-            async move {
-                use tower::ServiceExt as _;
-                app.oneshot(req.map(Body::new)).await
-            }
-        });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    if let Err(e) = conn.await {
-        tracing::debug!(client = %peer, error = %e, "client connection ended");
     }
 }
 
@@ -251,7 +211,7 @@ pub(crate) async fn ensure_cert(
         pb::reply::Kind::ServerCert(c) => Some(c.cert_der),
         _ => None,
     })?;
-    let pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()));
+    let pem = ferry_net::pki::cert_pem(&cert);
     replace(data, config::HTTPS_KEY_FILE, &key_pem, true)?;
     replace(data, config::HTTPS_CERT_FILE, &pem, false)?;
     replace(data, HTTPS_NAMES_FILE, &want, false)?;

@@ -206,13 +206,15 @@ pub async fn enroll(
         ));
     }
     std::fs::create_dir_all(data).map_err(|e| DpError::io("create", data, e))?;
-    let pem = |tag: &str, der: &[u8]| pem::encode(&pem::Pem::new(tag, der.to_vec()));
     ferry_net::pki::write_secret(&data.join(config::KEY_FILE), &key_pem)?;
     ferry_net::pki::write_public(
         &data.join(config::CERT_FILE),
-        &pem("CERTIFICATE", &e.cert_der),
+        &ferry_net::pki::cert_pem(&e.cert_der),
     )?;
-    ferry_net::pki::write_public(&data.join(config::CA_FILE), &pem("CERTIFICATE", &e.ca_der))?;
+    ferry_net::pki::write_public(
+        &data.join(config::CA_FILE),
+        &ferry_net::pki::cert_pem(&e.ca_der),
+    )?;
     ferry_net::pki::write_public(
         &data.join(config::MANIFEST_KEY_FILE),
         &hex::encode(&e.manifest_key),

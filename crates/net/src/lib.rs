@@ -18,6 +18,7 @@
 pub mod chunk_stream;
 pub mod client_token;
 pub mod grant;
+pub mod https;
 pub mod metrics;
 pub mod pace;
 pub mod pki;

@@ -350,6 +350,11 @@ pub fn verify_signature(public: &[u8], body: &[u8], signature: &[u8]) -> bool {
         .is_ok()
 }
 
+/// A certificate's DER as PEM text.
+pub fn cert_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
 /// A fresh random secret as 64 hex digits (256 bits).
 pub fn random_token() -> Result<String, PkiError> {
     let mut b = [0u8; 32];

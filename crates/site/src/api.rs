@@ -47,7 +47,9 @@
 //! | POST | `/api/v1/client-tokens/{name}/revoke` | `{}` |
 //!
 //! Errors answer `{"error": "..."}` with 4xx for bad input, 5xx for site
-//! failures.
+//! failures. Bodies over [`MAX_REQUEST_BYTES`] are answered 413, request
+//! targets over [`MAX_URI_BYTES`] 414. The status page (`/ui/`,
+//! [`crate::web`]) shares the listener.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,6 +82,9 @@ pub const HASH_HEADER: &str = "x-ferry-blake3";
 pub const PATH_HEADER: &str = "x-ferry-path";
 /// Largest request body accepted (JSON requests are small).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request target (path and query) accepted on the operator
+/// listener; longer ones are answered 414.
+pub const MAX_URI_BYTES: usize = 4096;
 
 /// One line of the import response stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +229,11 @@ pub struct ApiState {
     pub signing_key: Arc<ferry_net::pki::SigningKey>,
     /// What `/metrics` counts as it happens.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The status page's logged-in browsers.
+    pub sessions: Arc<crate::web::Sessions>,
+    /// Whether the operator listener speaks HTTPS (session cookies are
+    /// then `Secure`).
+    pub https: bool,
 }
 
 /// Body of `POST /api/v1/client-tokens`.
@@ -275,7 +285,7 @@ pub fn error_code(status: StatusCode) -> &'static str {
         StatusCode::CONFLICT => "conflict",
         StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => "invalid",
         StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::PAYLOAD_TOO_LARGE => "too-large",
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::URI_TOO_LONG => "too-large",
         s if s.is_server_error() => "site-failure",
         _ => "error",
     }
@@ -435,8 +445,25 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(metrics)
+        .merge(crate::web::router(state.clone()))
         .nest("/api/v1", api)
         .with_state(state)
+        .layer(middleware::from_fn(limit_uri))
+}
+
+/// Refuses request targets longer than [`MAX_URI_BYTES`] before any route
+/// sees them.
+async fn limit_uri(req: Request, next: Next) -> Response {
+    let n = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if n > MAX_URI_BYTES {
+        tracing::warn!(bytes = n, "operator request refused: path too long");
+        return ApiError {
+            status: StatusCode::URI_TOO_LONG,
+            message: format!("the request's path and query are {n} bytes: at most {MAX_URI_BYTES}"),
+        }
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn authenticate(
@@ -581,7 +608,10 @@ pub struct RevisionsView {
     pub revisions: Vec<RevisionRow>,
 }
 
-fn revisions_view(s: &ApiState, rec: crate::library::catalog::PackageRecord) -> RevisionsView {
+pub(crate) fn revisions_view(
+    s: &ApiState,
+    rec: crate::library::catalog::PackageRecord,
+) -> RevisionsView {
     let reg = s.hub.snapshot();
     let (target, latest) = (rec.target(), rec.latest().map(|r| r.revision));
     let revisions = rec

@@ -8,6 +8,7 @@
 //! of the computers that download from DPs ([`clients`]) and multicast
 //! settings ([`multicast`]).
 
+pub mod admission;
 pub mod clients;
 pub(crate) mod endpoint;
 pub mod live;

@@ -15,10 +15,12 @@
 pub mod api;
 pub mod config;
 pub mod distribution;
+pub mod human;
 pub mod library;
 pub mod metrics;
 pub(crate) mod schedule;
 pub mod servicing;
+pub mod web;
 pub mod windows;
 
 use distribution::{endpoint, registry, validation};
@@ -47,6 +49,13 @@ pub const SITE_CERT_FILE: &str = "site.pem";
 pub const SITE_KEY_FILE: &str = "site.key";
 /// The manifest signing key (Ed25519, PKCS#8 hex) inside the data folder.
 pub const SIGNING_KEY_FILE: &str = "manifest.key";
+/// The operator listener's HTTPS certificate (issued by the site CA at
+/// start when HTTPS is on and it is missing or its names changed).
+pub const OPERATOR_CERT_FILE: &str = "operator-https.pem";
+/// The key of [`OPERATOR_CERT_FILE`].
+pub const OPERATOR_KEY_FILE: &str = "operator-https.key";
+/// The names [`OPERATOR_CERT_FILE`] was issued for, one per line.
+const OPERATOR_NAMES_FILE: &str = "operator-https.names";
 
 /// Why a site could not be made, opened or run.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +211,32 @@ pub fn host_name() -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
+/// Serves `app` over HTTPS on `listener` until `shutdown` completes; each
+/// connection as [`ferry_net::https::connection`] serves it.
+async fn serve_https(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    tokio::spawn(ferry_net::https::connection(sock, peer, tls.clone(), app.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept an operator connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Runs `f`, which waits for the disk, without stalling the async
 /// runtime: on a worker of the multi-threaded runtime the worker's other
 /// tasks move to another thread while it waits (`block_in_place`); outside
@@ -297,6 +332,40 @@ impl Site {
         )?)
     }
 
+    /// The operator listener's TLS: its certificate, issued by the site CA
+    /// for [`config::OperatorConfig::cert_names`] when missing or when the
+    /// names changed.
+    fn operator_tls(&self) -> Result<Arc<rustls::ServerConfig>, SiteError> {
+        let (cert, key, names_file) = (
+            self.data.join(OPERATOR_CERT_FILE),
+            self.data.join(OPERATOR_KEY_FILE),
+            self.data.join(OPERATOR_NAMES_FILE),
+        );
+        let names = self.config.operator.cert_names(host_name().as_deref());
+        let want = names.join("\n");
+        let have = std::fs::read_to_string(&names_file).ok();
+        if !cert.exists() || !key.exists() || have.as_deref() != Some(want.as_str()) {
+            let (key_pem, csr) = ferry_net::pki::make_csr("ferry-site-operator")?;
+            let der = ferry_net::pki::sign_server_csr(
+                &read_ca(&self.data)?,
+                &csr,
+                "ferry-site-operator",
+                &names,
+            )?;
+            let _ = std::fs::remove_file(&key);
+            ferry_net::pki::write_secret(&key, &key_pem)?;
+            ferry_net::pki::write_public(&cert, &ferry_net::pki::cert_pem(&der))?;
+            ferry_net::pki::write_public(&names_file, &want)?;
+            tracing::info!(?names, "operator HTTPS certificate issued by the site CA");
+        }
+        let id = ferry_net::tls::Identity::from_pem(
+            &read_file(&cert, "operator HTTPS certificate")?,
+            &read_file(&key, "operator HTTPS key")?,
+            "operator HTTPS certificate",
+        )?;
+        Ok(ferry_net::tls::https_server(id)?)
+    }
+
     /// Binds the QUIC endpoint for DPs and starts answering them.
     /// Returns the endpoint and the connections it holds.
     fn start_dp_endpoint(
@@ -320,15 +389,21 @@ impl Site {
                 config: self.data.join(CONFIG_FILE),
                 source,
             })?;
-        let srv = Arc::new(endpoint::DpServer::new(
-            self.hub.clone(),
-            self.lib.clone(),
-            ca,
-            ca_der.to_vec(),
-            key,
-            self.config.site_code.clone(),
-            self.config.keep_revisions,
-        ));
+        let srv = Arc::new(
+            endpoint::DpServer::new(
+                self.hub.clone(),
+                self.lib.clone(),
+                ca,
+                ca_der.to_vec(),
+                key,
+                self.config.site_code.clone(),
+                self.config.keep_revisions,
+            )
+            .admitting(distribution::admission::Admission::new(
+                self.config.dp.max_enrolling_per_address,
+                self.config.dp.max_enrolling,
+            )),
+        );
         let conns = srv.connections();
         tokio::spawn(srv.serve(endpoint.clone()));
         tracing::info!(%listen, "site serving distribution points (QUIC)");
@@ -351,6 +426,10 @@ impl Site {
                 config: self.data.join(CONFIG_FILE),
                 source,
             })?;
+        let tls = match self.config.operator.https() {
+            true => Some(self.operator_tls()?),
+            false => None,
+        };
         let (endpoint, conns) = self.start_dp_endpoint()?;
         let (lib, data, hub) = (self.lib.clone(), self.data.clone(), self.hub.clone());
         let keep = self.config.keep_revisions;
@@ -381,12 +460,23 @@ impl Site {
             keep_revisions: self.config.keep_revisions,
             signing_key: Arc::new(self.signing_key()?),
             metrics,
+            sessions: Default::default(),
+            https: tls.is_some(),
         };
-        tracing::info!(%listen, data = %self.data.display(), "site serving the operator API");
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(SiteError::Api)?;
+        let app = api::router(state);
+        match tls {
+            Some(tls) => {
+                tracing::info!(%listen, data = %self.data.display(), "site serving the operator API over HTTPS");
+                serve_https(listener, tls, app, shutdown).await;
+            }
+            None => {
+                tracing::info!(%listen, data = %self.data.display(), "site serving the operator API");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .map_err(SiteError::Api)?;
+            }
+        }
         endpoint.close(0u32.into(), b"site stopping");
         // Progress reports kept in memory only.
         self.hub.flush()?;

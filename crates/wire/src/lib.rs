@@ -34,6 +34,9 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub const CLOSE_REVOKED: u32 = 0x10;
 /// QUIC application close code: the certificate is not accepted.
 pub const CLOSE_NOT_ALLOWED: u32 = 0x11;
+/// QUIC application close code: the site holds as many connections of
+/// this kind as it may (enrollment), or this one outlived its deadline.
+pub const CLOSE_BUSY: u32 = 0x12;
 /// Largest frame a DP may send (requests, reports): a `GetChunks` of
 /// [`MAX_BATCH_CHUNKS`] ids fits many times over.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;

@@ -25,6 +25,7 @@ use crate::distribution::pull;
 use crate::distribution::records::{SourceBytes, TransferReport, TransferState};
 use crate::distribution::registry::{now, Hub, Unknown, CLOSE_NOT_ALLOWED, CLOSE_REVOKED};
 use crate::library::packages;
+use ferry_wire::CLOSE_BUSY;
 
 /// Longest report string kept (errors, paths): a DP cannot grow the
 /// registry without bound.
@@ -112,6 +113,8 @@ pub(crate) struct DpServer {
     /// The site's `keep_revisions`.
     keep_revisions: u32,
     faults: Arc<Faults>,
+    /// Caps on connections without a DP certificate (enrollment).
+    admission: Arc<crate::distribution::admission::Admission>,
     chunk_sets: Mutex<Vec<(Revision, ChunkSet)>>,
     /// Held while a chunk set is built: a DP opens its fetch streams at
     /// once, and each building its own copy of a large revision's set (and
@@ -130,8 +133,10 @@ impl DpServer {
         site_code: String,
         keep_revisions: u32,
     ) -> Self {
+        use crate::distribution::admission::{Admission, DEFAULT_PER_ADDRESS, DEFAULT_TOTAL};
         Self {
             keep_revisions,
+            admission: Admission::new(DEFAULT_PER_ADDRESS, DEFAULT_TOTAL),
             hub,
             conns: Arc::new(Connections::default()),
             lib,
@@ -143,6 +148,16 @@ impl DpServer {
             chunk_sets: Mutex::new(Vec::new()),
             chunk_set_build: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// This server with `admission` capping the connections without a DP
+    /// certificate (the defaults otherwise).
+    pub(crate) fn admitting(
+        mut self,
+        admission: Arc<crate::distribution::admission::Admission>,
+    ) -> Self {
+        self.admission = admission;
+        self
     }
 
     /// The DPs connected now (the operator API reads them and closes a
@@ -184,6 +199,31 @@ impl DpServer {
                 }
             },
         };
+        // Without a certificate it may only enroll: capped per address and
+        // in total, and closed at the deadline.
+        let _slot = match &who {
+            Some(_) => None,
+            None => match self.admission.admit(remote.ip()) {
+                Ok(slot) => Some(slot),
+                Err(refused) => {
+                    warn!(%remote, %refused, "enrollment connection refused");
+                    conn.close(CLOSE_BUSY.into(), refused.to_string().as_bytes());
+                    return;
+                }
+            },
+        };
+        if who.is_none() {
+            let c = conn.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = c.closed() => {}
+                    _ = tokio::time::sleep(crate::distribution::admission::ENROLL_DEADLINE) => {
+                        warn!(%remote, "enrollment connection closed: open longer than the deadline");
+                        c.close(CLOSE_BUSY.into(), b"an enrollment connection lasts at most 60 s");
+                    }
+                }
+            });
+        }
         let span = tracing::info_span!("dp", name = who.as_deref().unwrap_or("-"), %remote);
         async {
             if let Some(dp) = &who {

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use ferry_core::units::bytes;
 use ferry_core::ChunkId;
 use ferry_store::Library;
 use serde::{Deserialize, Serialize};
@@ -162,6 +163,9 @@ pub struct StatusRow {
     pub percent: Option<u64>,
     /// Estimated seconds left (in progress).
     pub eta_secs: Option<u64>,
+    /// Bytes per second received since the transfer started (in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_bps: Option<u64>,
     /// Why it failed.
     pub error: Option<String>,
     /// When the DP tries again.
@@ -206,6 +210,80 @@ pub struct StatusRow {
     /// DP (a multicast-only package on a DP that runs no sessions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast_warning: Option<String>,
+}
+
+impl StatusRow {
+    /// The state as an operator reads it, with why it waits or failed:
+    /// "pending (holds r1; DP in maintenance)", "failed: … (retry in 2 min)",
+    /// "installed, validated".
+    pub fn describe(&self) -> String {
+        match self.state.as_str() {
+            s @ ("in-progress" | "pending") if self.waits_for_prestage => {
+                format!("{s}, waiting for a prestage bundle")
+            }
+            "pending" if self.waiting_for.is_some() => format!(
+                "pending, waiting for {} to get it first",
+                self.waiting_for.as_deref().unwrap_or_default()
+            ),
+            s @ ("in-progress" | "pending") if self.paused_until_site.is_some() => format!(
+                "{s}, paused until {} (site time)",
+                self.paused_until_site.as_deref().unwrap_or_default()
+            ),
+            "failed" => format!(
+                "failed: {}{}",
+                self.error.clone().unwrap_or_default(),
+                self.next_retry
+                    .map(|n| format!(" (retry {})", crate::human::ago(n)))
+                    .unwrap_or_default()
+            ),
+            "pending" => match (self.holds_revision, self.maintenance) {
+                (Some(h), true) => format!("pending (holds r{h}; DP in maintenance)"),
+                (None, true) => "pending (DP in maintenance)".into(),
+                (Some(h), false) => format!("pending (holds r{h})"),
+                (None, false) => "pending".into(),
+            },
+            "installed" => match self.validation.as_ref().filter(|v| v.done) {
+                Some(v) if v.damaged.is_empty() => "installed, validated".into(),
+                Some(v) => {
+                    let fixed = v.damaged.iter().filter(|d| d.repaired).count();
+                    format!(
+                        "installed, {} damaged chunk(s) found, {fixed} repaired",
+                        v.damaged.len()
+                    )
+                }
+                None => "installed".into(),
+            },
+            s => s.to_string(),
+        }
+    }
+
+    /// How far along: "42% 12 MiB/30 MiB eta 3m05s", "100%",
+    /// "validating 40%", or "-".
+    pub fn progress(&self) -> String {
+        match (self.state.as_str(), self.percent) {
+            ("in-progress", Some(p)) => format!(
+                "{p}% {}/{}{}",
+                bytes(self.bytes_done),
+                bytes(self.bytes_needed),
+                self.eta_secs
+                    .map(|s| format!(" eta {}", crate::human::eta(s)))
+                    .unwrap_or_default()
+            ),
+            ("installed", _) => "100%".into(),
+            ("validating", Some(p)) => format!("validating {p}%"),
+            _ => "-".into(),
+        }
+    }
+
+    /// Bytes received, and where they came from when the DP said: "12 MiB
+    /// from dp3", "60 MiB from dp3 + site".
+    pub fn received(&self) -> String {
+        if self.sources.is_empty() {
+            return bytes(self.bytes_done);
+        }
+        let from: Vec<&str> = self.sources.iter().map(|s| s.source.as_str()).collect();
+        format!("{} from {}", bytes(self.bytes_done), from.join(" + "))
+    }
 }
 
 fn seconds_since(t: OffsetDateTime) -> f64 {
@@ -286,6 +364,7 @@ pub fn rows(
                 validation: d.validation.results.get(&p).cloned(),
                 percent: None,
                 eta_secs: None,
+                rate_bps: None,
                 error: None,
                 next_retry: None,
                 last_contact: d.last_contact,
@@ -347,6 +426,7 @@ pub fn rows(
                             let rate = t.bytes_done as f64 / el;
                             let left = t.bytes_needed.saturating_sub(t.bytes_done) as f64;
                             row.eta_secs = Some((left / rate).ceil() as u64);
+                            row.rate_bps = Some(rate as u64);
                         }
                     }
                 }

@@ -428,10 +428,27 @@ pub fn catalog_dir(data: &Path) -> PathBuf {
     data.join(UPDATES_DIR)
 }
 
+/// Most bytes an update archive may unpack to, whatever its size.
+pub const MAX_UNPACKED_BYTES: u64 = 32 << 30;
+/// Most bytes an update archive may unpack to per byte of itself: update
+/// payloads (`.msu`, `.cab`, WIM files) are compressed already, so a real
+/// archive unpacks to about its own size; a gzip bomb to a thousand times.
+pub const MAX_UNPACK_RATIO: u64 = 100;
+/// Most entries an update archive may hold.
+pub const MAX_ENTRIES: usize = 100_000;
+
 /// Unpacks a `.tar`, `.tar.gz` or `.tgz` into `into`, refusing links,
-/// special files and paths that step out.
+/// special files and paths that step out, and stopping (with an error) at
+/// [`MAX_ENTRIES`] entries or once the files written pass
+/// [`MAX_UNPACK_RATIO`] × the archive's size or [`MAX_UNPACKED_BYTES`].
 fn unpack(archive: &Path, into: &Path) -> Result<(), UpdateError> {
+    use std::io::Read as _;
     let file = std::fs::File::open(archive).map_err(|e| bad(archive, e.to_string()))?;
+    let packed = file.metadata().map_err(io(archive))?.len();
+    let limit = packed
+        .saturating_mul(MAX_UNPACK_RATIO)
+        .clamp(1 << 20, MAX_UNPACKED_BYTES);
+    let mut written = 0u64;
     let name = archive.to_string_lossy().to_ascii_lowercase();
     let reader: Box<dyn std::io::Read> = if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
         Box::new(flate2::read::GzDecoder::new(file))
@@ -440,7 +457,13 @@ fn unpack(archive: &Path, into: &Path) -> Result<(), UpdateError> {
     };
     let mut ar = tar::Archive::new(reader);
     let entries = ar.entries().map_err(|e| bad(archive, e.to_string()))?;
-    for entry in entries {
+    for (n, entry) in entries.enumerate() {
+        if n >= MAX_ENTRIES {
+            return Err(bad(
+                archive,
+                format!("holds more than {MAX_ENTRIES} entries; an update has a few files"),
+            ));
+        }
         let mut entry = entry.map_err(|e| bad(archive, format!("not a readable archive: {e}")))?;
         let path = entry
             .path()
@@ -464,7 +487,24 @@ fn unpack(archive: &Path, into: &Path) -> Result<(), UpdateError> {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
         let mut out = std::fs::File::create(&dest).map_err(io(&dest))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| bad(archive, format!("{path}: {e}")))?;
+        // One byte past what is left tells an entry that goes over.
+        let left = limit - written;
+        let copied = std::io::copy(&mut (&mut entry).take(left + 1), &mut out)
+            .map_err(|e| bad(archive, format!("{path}: {e}")))?;
+        written += copied;
+        if copied > left {
+            let bytes = ferry_core::units::bytes;
+            return Err(bad(
+                archive,
+                format!(
+                    "unpacks to more than {} ({MAX_UNPACK_RATIO}× the archive's {}, and at most {} for any archive): \
+                     stopped in {path}; is it a compression bomb?",
+                    bytes(limit),
+                    bytes(packed),
+                    bytes(MAX_UNPACKED_BYTES),
+                ),
+            ));
+        }
     }
     // An archive of the folder itself (`KB123/update.toml`) is accepted too.
     if !into.join(MANIFEST_FILE).exists() {
@@ -863,6 +903,49 @@ delete = ["Windows/System32/old.dll"]
             list(&data).unwrap().is_empty(),
             "nothing reached the catalog"
         );
+    }
+
+    #[test]
+    fn a_compression_bomb_is_stopped_at_the_stated_size() {
+        use std::io::{Read as _, Write as _};
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("site");
+        // 256 MiB of zeros: a .tar.gz of about 250 KiB, 1000 × its size.
+        let p = dir.path().join("bomb.tar.gz");
+        let gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&p).unwrap(),
+            flate2::Compression::best(),
+        );
+        let mut b = tar::Builder::new(gz);
+        let mut h = tar::Header::new_gnu();
+        let size = 256u64 << 20;
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "payload/zeros.bin", std::io::repeat(0).take(size))
+            .unwrap();
+        b.into_inner().unwrap().finish().unwrap().flush().unwrap();
+        let packed = std::fs::metadata(&p).unwrap().len();
+        assert!(packed * MAX_UNPACK_RATIO < size, "{packed}");
+        let e = import(&data, &p).unwrap_err().to_string();
+        assert!(
+            e.contains("bomb.tar.gz")
+                && e.contains("unpacks to more than")
+                && e.contains("zeros.bin"),
+            "{e}"
+        );
+        assert!(
+            list(&data).unwrap().is_empty(),
+            "nothing reached the catalog"
+        );
+        // Nothing of it is left in the site's work folders either.
+        let left: u64 = walkdir::WalkDir::new(&data)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(left < packed * MAX_UNPACK_RATIO, "{left} bytes left behind");
     }
 
     #[test]
