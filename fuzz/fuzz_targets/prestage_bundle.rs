@@ -8,7 +8,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((mut r, _header)) = ferry_wire::prestage::BundleReader::open(data) {
         let mut n = 0u64;
         while let Ok(Some((id, bytes))) = r.next_chunk() {
-            assert_eq!(ferry_core::ChunkId::of(&bytes), id, "chunks come out checked");
+            assert_eq!(
+                ferry_core::ChunkId::of(&bytes),
+                id,
+                "chunks come out checked"
+            );
             n += 1;
             if n > 1 << 16 {
                 break;

@@ -7,7 +7,10 @@ fuzz_target!(|data: &[u8]| {
     let mut r = std::io::Cursor::new(data);
     if let Ok(layout) = ferry_wim::layout::Layout::read(&mut r, data.len() as u64) {
         for s in &layout.segments {
-            assert!(s.offset.checked_add(s.len).is_some_and(|e| e <= data.len() as u64));
+            assert!(s
+                .offset
+                .checked_add(s.len)
+                .is_some_and(|e| e <= data.len() as u64));
         }
     }
 });
