@@ -76,6 +76,12 @@ use crate::library::upgrade::UpgradeRequest;
 use crate::servicing::jobs::{JobError, Jobs, ServiceRequest};
 use crate::servicing::updates::UpdateError;
 
+pub use ferry_api::requests::{
+    AddDpRequest, ClientTokenRequest, DistributeRequest, FileQuery, GroupRequest, JobsQuery,
+    MembersRequest, PrestageQuery, RefreshRequest, RemoveDpQuery, RollbackRequest, StatusQuery,
+    UpdateImportRequest, VerifyRequest,
+};
+
 /// Header carrying the exported file's whole-file BLAKE3.
 pub const HASH_HEADER: &str = "x-ferry-blake3";
 /// Header carrying the exported file's path inside the package.
@@ -104,43 +110,6 @@ pub enum ImportEvent {
     },
 }
 
-/// Body of `POST /api/v1/content/verify`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerifyRequest {
-    /// One package, or the whole library when absent.
-    pub id: Option<String>,
-}
-
-/// Query of `GET /api/v1/content/{id}/file`.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct FileQuery {
-    /// Revision; the latest when absent.
-    pub revision: Option<u32>,
-    /// File path inside the package; the first file when absent.
-    pub path: Option<String>,
-}
-
-/// Body of `POST /api/v1/images/{id}/refresh`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefreshRequest {
-    /// A new source file (absolute path); the recorded source when absent.
-    pub source: Option<PathBuf>,
-    /// Skip checking every WIM resource against its SHA-1.
-    #[serde(default)]
-    pub no_verify: bool,
-}
-
-/// Body of `POST /api/v1/dps`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AddDpRequest {
-    /// The DP's name.
-    pub name: String,
-    /// A new token for a DP that never finished enrolling (the old one
-    /// stops working).
-    #[serde(default)]
-    pub reissue: bool,
-}
-
 /// Answer of `POST /api/v1/dps`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddDpReply {
@@ -150,36 +119,6 @@ pub struct AddDpReply {
     pub token: String,
     /// The site's DP endpoint for `ferry dp init --site` (HOST:PORT).
     pub site: String,
-}
-
-/// Body of `POST /api/v1/groups`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupRequest {
-    /// The group's name.
-    pub name: String,
-}
-
-/// Body of `POST /api/v1/groups/{name}/members`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MembersRequest {
-    /// DPs to add.
-    pub dps: Vec<String>,
-}
-
-/// Body of `POST /api/v1/distribute`, `/undistribute` and `/redistribute`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DistributeRequest {
-    /// The package.
-    pub package: String,
-    /// DPs by name.
-    #[serde(default)]
-    pub dps: Vec<String>,
-    /// Groups by name.
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// Only report what each DP would need.
-    #[serde(default)]
-    pub dry_run: bool,
 }
 
 /// Answer of `POST /api/v1/distribute`.
@@ -193,15 +132,6 @@ pub struct DistributeReply {
     pub assigned: bool,
     /// Cost per DP reached (groups expanded), computed before assigning.
     pub needs: Vec<status::Need>,
-}
-
-/// Query of `GET /api/v1/status`.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct StatusQuery {
-    /// Only this package.
-    pub package: Option<String>,
-    /// Only this DP.
-    pub dp: Option<String>,
 }
 
 /// What handlers share.
@@ -234,30 +164,6 @@ pub struct ApiState {
     /// Whether the operator listener speaks HTTPS (session cookies are
     /// then `Secure`).
     pub https: bool,
-}
-
-/// Body of `POST /api/v1/client-tokens`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientTokenRequest {
-    /// The token's name.
-    pub name: String,
-    /// Seconds it is valid; forever when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub valid_secs: Option<u64>,
-}
-
-/// Body of `POST /api/v1/updates`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UpdateImportRequest {
-    /// Absolute path of the update folder or archive on the site server.
-    pub path: PathBuf,
-}
-
-/// Query of `GET /api/v1/jobs`.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct JobsQuery {
-    /// Only this package's jobs.
-    pub package: Option<String>,
 }
 
 /// An error answer.
@@ -551,13 +457,6 @@ async fn set_multicast(
     // DPs learn which packages they must not serve over HTTPS.
     s.hub.notify();
     Ok(Json(rec).into_response())
-}
-
-/// Body of `POST /api/v1/images/{id}/rollback`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RollbackRequest {
-    /// The kept revision to release.
-    pub to: u32,
 }
 
 async fn rollback_image(
@@ -901,16 +800,6 @@ async fn export_file(
     Ok((headers, Body::from_stream(stream)).into_response())
 }
 
-/// Query of `GET /api/v1/content/{id}/prestage`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-pub struct PrestageQuery {
-    /// The DP the bundle is for.
-    pub dp: String,
-    /// Every chunk of the revision, not only those the DP lacks.
-    #[serde(default)]
-    pub full: bool,
-}
-
 /// Header of a prestage bundle: the chunks in it.
 pub const PRESTAGE_CHUNKS_HEADER: &str = "x-ferry-prestage-chunks";
 /// Header of a prestage bundle: their bytes.
@@ -1013,14 +902,6 @@ fn dp_endpoint(listen: std::net::SocketAddr) -> String {
     }
     let host = crate::host_name().unwrap_or_else(|| "SITE_HOST".into());
     format!("{host}:{}", listen.port())
-}
-
-/// Query of `DELETE /api/v1/dps/{name}`.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct RemoveDpQuery {
-    /// Remove it even while it is connected.
-    #[serde(default)]
-    pub force: bool,
 }
 
 async fn remove_dp(

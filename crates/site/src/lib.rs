@@ -18,10 +18,10 @@ pub mod distribution;
 pub mod human;
 pub mod library;
 pub mod metrics;
-pub(crate) mod schedule;
 pub mod servicing;
 pub mod web;
-pub mod windows;
+
+pub use ferry_api::{schedule, windows};
 
 use distribution::{endpoint, registry, validation};
 use library::packages;
@@ -181,22 +181,7 @@ fn ensure_keys(data: &Path, site_code: &str) -> Result<(), SiteError> {
     Ok(())
 }
 
-/// Now (UTC), to the second: what every record keeps, written as RFC 3339.
-pub fn now() -> time::OffsetDateTime {
-    to_the_second(time::OffsetDateTime::now_utc())
-}
-
-/// `t` without its fraction of a second.
-pub fn to_the_second(t: time::OffsetDateTime) -> time::OffsetDateTime {
-    t.replace_nanosecond(0).unwrap_or(t)
-}
-
-/// `t` as RFC 3339, for messages and logs (records and views carry the
-/// typed time and serialize it so themselves).
-pub fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
+pub use ferry_api::{now, rfc3339, to_the_second};
 
 /// Writes `value` as JSON to `path` whole or not at all: a synced temporary
 /// file in the same folder, renamed over it, and the folder synced so the

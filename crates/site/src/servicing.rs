@@ -5,4 +5,5 @@
 
 pub mod jobs;
 pub mod service;
-pub mod updates;
+
+pub use ferry_api::updates;

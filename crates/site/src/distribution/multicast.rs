@@ -8,58 +8,13 @@
 
 use std::net::Ipv4Addr;
 
-use serde::{Deserialize, Serialize};
-
 use crate::distribution::records::Registry;
 pub use crate::distribution::records::{
     DpMulticast, DEFAULT_GROUP, DEFAULT_MAX_CLIENTS, DEFAULT_PORTS, DEFAULT_RATE,
 };
 use crate::distribution::registry::{Hub, HubError};
 
-/// Body of `POST /api/v1/dps/{name}/multicast`: what to change; the rest
-/// stays as it was (or at its default the first time).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MulticastChange {
-    /// Turn sessions on (`true`) or off (`false`).
-    pub enable: bool,
-    /// Group range, CIDR.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    /// Port range `FIRST-LAST`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<String>,
-    /// Clients per session at most.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_clients: Option<u32>,
-    /// Bytes per second at most.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate: Option<u64>,
-    /// Seconds to wait after the first client joined.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_delay_secs: Option<u64>,
-    /// Clients that start a session at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_clients: Option<u32>,
-    /// IP time to live.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<u32>,
-    /// Interface address; `""` goes back to the routing table's choice.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
-}
-
-/// `FIRST-LAST` (or one port) as a range.
-pub fn parse_ports(s: &str) -> Result<(u16, u16), String> {
-    let bad = || format!("{s:?}: give UDP ports as FIRST-LAST, e.g. 63000-64000");
-    let (a, b) = s.split_once('-').unwrap_or((s, s));
-    let a: u16 = a.trim().parse().map_err(|_| bad())?;
-    let b: u16 = b.trim().parse().map_err(|_| bad())?;
-    if a == 0 || a > b {
-        return Err(bad());
-    }
-    Ok((a, b))
-}
+pub use ferry_api::requests::{parse_ports, MulticastChange};
 
 impl DpMulticast {
     /// These settings with `c` applied, checked.

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub use ferry_api::requests::PullFrom;
+
 /// Where one package stands on one DP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -91,15 +93,6 @@ pub struct SourceBytes {
     pub source: String,
     /// Bytes received from it.
     pub bytes: u64,
-}
-
-/// One of a pull DP's sources (`ferry dp set NAME --pull-from SRC:RANK`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PullFrom {
-    /// The source DP.
-    pub dp: String,
-    /// Lower first; a random one among equals.
-    pub rank: u32,
 }
 
 /// One distribution point.

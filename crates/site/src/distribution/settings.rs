@@ -3,44 +3,14 @@
 //! prestaging and the DPs it pulls from. A request is checked whole, then written as one change: a
 //! setting that does not read leaves every other as it was.
 
-use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::distribution::records::{PullFrom, Registry};
+use crate::distribution::records::Registry;
 use crate::distribution::registry::{Hub, HubError};
 use crate::schedule::Schedule;
 use crate::windows::Windows;
 
-/// Body of `POST /api/v1/dps/{name}/settings`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DpSettings {
-    /// Five-field cron (UTC) for scheduled validation; `"off"` clears it.
-    #[serde(default)]
-    pub validate_schedule: Option<String>,
-    /// Let clients without a token download from the DP's HTTPS listener.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub anonymous_clients: Option<bool>,
-    /// Put the DP in maintenance (no transfer to or from it starts), or
-    /// take it out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub maintenance: Option<bool>,
-    /// Limit the chunk bytes sent to the DP to this many per second; 0
-    /// takes the limit away.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate: Option<u64>,
-    /// Transfer windows in the site's local time ([`crate::windows`]);
-    /// `"off"` takes them away.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window: Option<String>,
-    /// The DP takes its content from prestage bundles only (the site sends
-    /// it no chunk), or not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prestaged: Option<bool>,
-    /// The DPs it takes its chunks from, by rank (`--pull-from`); empty:
-    /// from the site again (`--push`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pull_from: Option<Vec<PullFrom>>,
-}
+pub use ferry_api::requests::DpSettings;
 
 /// `text`, unless it says "off" (or nothing): `None`.
 fn unless_off(text: &str) -> Option<&str> {
@@ -169,7 +139,7 @@ fn check_sources(reg: &Registry, dp: &str) -> Result<(), HubError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distribution::records::DpRecord;
+    use crate::distribution::records::{DpRecord, PullFrom};
 
     fn reg(edges: &[(&str, &[&str])]) -> Registry {
         let mut r = Registry::default();

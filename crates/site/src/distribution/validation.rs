@@ -19,13 +19,7 @@ use crate::distribution::records::ValidationResult;
 use crate::distribution::registry::{Hub, HubError};
 use crate::schedule::Schedule;
 
-/// Body of `POST /api/v1/dps/{name}/validate`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ValidateRequest {
-    /// Only these packages (all the DP holds when empty).
-    #[serde(default)]
-    pub packages: Vec<String>,
-}
+pub use ferry_api::requests::ValidateRequest;
 
 /// Answer of `POST /api/v1/dps/{name}/validate`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

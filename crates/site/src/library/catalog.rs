@@ -6,6 +6,8 @@ use ferry_wim::{ImageInfo, WimInfo};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub use ferry_api::requests::MulticastSettings;
+
 /// The kinds of content a site holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -65,47 +67,6 @@ pub struct PackageRecord {
     /// Whether and how DPs may send it by multicast.
     #[serde(default, skip_serializing_if = "MulticastSettings::is_off")]
     pub multicast: MulticastSettings,
-}
-
-/// A package's multicast settings (Configuration Manager's three boxes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MulticastSettings {
-    /// DPs may send it to clients by multicast.
-    #[serde(default)]
-    pub allow: bool,
-    /// Every multicast packet is sealed under a per-session key.
-    #[serde(default)]
-    pub encrypt: bool,
-    /// Only by multicast: DPs refuse HTTPS downloads of it.
-    #[serde(default)]
-    pub only: bool,
-}
-
-impl MulticastSettings {
-    /// Not allowed at all.
-    pub fn is_off(&self) -> bool {
-        *self == Self::default()
-    }
-
-    /// How `image show` says it.
-    pub fn describe(&self) -> String {
-        match (self.allow, self.encrypt, self.only) {
-            (false, _, _) => "off (HTTPS only)".into(),
-            (true, enc, only) => format!(
-                "allowed{}, {}",
-                if only {
-                    " and the only way (HTTPS downloads refused)"
-                } else {
-                    ""
-                },
-                if enc {
-                    "packets encrypted per session"
-                } else {
-                    "packets in clear (not encrypted)"
-                }
-            ),
-        }
-    }
 }
 
 /// One revision: one import of the content.

@@ -22,27 +22,7 @@ use crate::library::catalog::{
 };
 use crate::library::ingest::{ingest, IngestError};
 
-/// What `ferry image add` asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportRequest {
-    /// Absolute path of the WIM on the site server.
-    pub path: PathBuf,
-    /// Name; defaults to the first image's name in the WIM.
-    pub name: Option<String>,
-    /// Version string.
-    pub version: Option<String>,
-    /// Comment.
-    pub comment: Option<String>,
-    /// Import only this image index (exported into a new WIM first).
-    pub index: Option<u32>,
-    /// Add the file as the next revision of this existing package instead of
-    /// creating one (`ferry content refresh`).
-    #[serde(default)]
-    pub package: Option<String>,
-    /// Skip checking every resource against its SHA-1 while importing.
-    #[serde(default)]
-    pub no_verify: bool,
-}
+pub use ferry_api::requests::{ImportRequest, Properties};
 
 /// Why an operation on images failed. The text is shown to operators as is.
 #[derive(Debug, thiserror::Error)]
@@ -1082,29 +1062,6 @@ pub fn rollback(lib: &Library, id: &str, to: u32) -> Result<PackageRecord, Image
         rec.released = (to != latest).then_some(to);
         Ok(())
     })
-}
-
-/// What `ferry image set` may change; `None` leaves a property as it is.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Properties {
-    /// Operator-facing name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// The organisation's version string.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    /// Free text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comment: Option<String>,
-    /// Upgrade packages: architecture.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub architecture: Option<String>,
-    /// Upgrade packages: language.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub language: Option<String>,
-    /// Revisions to keep (0: back to the site's `keep_revisions`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keep: Option<u32>,
 }
 
 /// Sets package `id`'s multicast settings (`--only` and `--encrypt` need

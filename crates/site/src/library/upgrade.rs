@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use ferry_core::{FileHash, Manifest};
 use ferry_wim::Layout;
-use serde::{Deserialize, Serialize};
 
 use crate::library::catalog::{
     FileRecord, ImportStats, PackageKind, PackageRecord, PackageView, RevisionRecord, SourceRecord,
@@ -20,36 +19,7 @@ use crate::library::catalog::{
 };
 use crate::library::packages::{self, ImageError, Progress};
 
-/// What `ferry upgrade add` asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UpgradeRequest {
-    /// Absolute path of the setup folder on the site server.
-    pub path: PathBuf,
-    /// Unique name (required for a new package).
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Version string.
-    #[serde(default)]
-    pub version: Option<String>,
-    /// Comment.
-    #[serde(default)]
-    pub comment: Option<String>,
-    /// Architecture (`x64`, `arm64`, …); read from install.wim when absent.
-    #[serde(default)]
-    pub arch: Option<String>,
-    /// Language (`en-US`, …); read from install.wim when absent.
-    #[serde(default)]
-    pub lang: Option<String>,
-    /// Keep only this image of `sources/install.wim`.
-    #[serde(default)]
-    pub extract_index: Option<u32>,
-    /// A new revision of this package (`ferry content refresh`).
-    #[serde(default)]
-    pub package: Option<String>,
-    /// Skip checking every WIM resource against its SHA-1 while importing.
-    #[serde(default)]
-    pub no_verify: bool,
-}
+pub use ferry_api::requests::UpgradeRequest;
 
 /// Characters Windows does not allow in a file name.
 const WINDOWS_FORBIDDEN: &[char] = &['<', '>', ':', '"', '\\', '|', '?', '*'];

@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 
-use crate::schedule::Schedule;
+use crate::schedule::{next_occurrence, parse_at};
+
+pub use ferry_api::requests::ServiceRequest;
 
 /// The jobs file inside the data folder.
 pub const JOBS_FILE: &str = "jobs.json";
@@ -90,31 +91,6 @@ impl JobState {
     pub fn is_final(self) -> bool {
         !matches!(self, JobState::Scheduled | JobState::Running)
     }
-}
-
-/// What `ferry image service` asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceRequest {
-    /// Update ids, applied in this order.
-    #[serde(default)]
-    pub updates: Vec<String>,
-    /// Run once at this time (RFC 3339, `YYYY-MM-DD HH:MM[:SS]` in UTC, or
-    /// `+N[s|m|h|d]` from now) instead of now.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<String>,
-    /// Run at every occurrence of this cron expression (UTC; 5 fields, or 6
-    /// with seconds first).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schedule: Option<String>,
-    /// Record a failing update and apply the rest.
-    #[serde(default)]
-    pub continue_on_error: bool,
-    /// Send the new revision to every DP that holds the package.
-    #[serde(default)]
-    pub distribute: bool,
-    /// Rebuild the WIM so data nothing refers to any more is dropped.
-    #[serde(default)]
-    pub optimize: bool,
 }
 
 /// What happened to one update in a run.
@@ -305,54 +281,6 @@ impl JobsFile {
         out.next_id = out.next_id.max(highest);
         Ok(out)
     }
-}
-
-/// Reads `--at`: RFC 3339, `YYYY-MM-DD HH:MM[:SS]` (UTC), or `+N[s|m|h|d]`.
-pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    let at = at.trim();
-    if let Some(rel) = at.strip_prefix('+') {
-        let d = humantime::parse_duration(rel.trim()).map_err(|e| match e {
-            humantime::DurationError::NumberOverflow => format!("--at {at:?} is too far ahead"),
-            e => {
-                format!("--at {at:?}: expected + and a duration such as +90s, +30m or +1h30m ({e})")
-            }
-        })?;
-        return time::Duration::try_from(d)
-            .ok()
-            .and_then(|d| now.checked_add(d))
-            .ok_or_else(|| format!("--at {at:?} is too far ahead"));
-    }
-    if let Ok(t) = OffsetDateTime::parse(at, &Rfc3339) {
-        return Ok(t);
-    }
-    for fmt in [
-        "[year]-[month]-[day] [hour]:[minute]:[second]",
-        "[year]-[month]-[day] [hour]:[minute]",
-    ] {
-        let Ok(f) = time::format_description::parse_borrowed::<2>(fmt) else {
-            continue;
-        };
-        if let Ok(t) = time::PrimitiveDateTime::parse(at, &f) {
-            return Ok(t.assume_utc());
-        }
-    }
-    Err(format!(
-        "--at {at:?} is not a time: give RFC 3339 (2026-11-22T03:00:00Z), \"2026-11-22 03:00\" (UTC) or +30m"
-    ))
-}
-
-/// Parses a `--schedule`: standard five-field cron (minute hour
-/// day-of-month month weekday, weekdays 0–6 from Sunday, 7 also Sunday,
-/// or names), in UTC ([`crate::schedule`]).
-pub fn parse_cron(expr: &str) -> Result<Schedule, String> {
-    Schedule::parse(expr).map_err(|e| format!("--schedule {e}"))
-}
-
-/// The next occurrence of `expr` strictly after `after`.
-pub fn next_occurrence(expr: &str, after: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    parse_cron(expr)?
-        .next_after(after)
-        .ok_or_else(|| format!("--schedule {expr:?} never fires again"))
 }
 
 /// The job list with its lock and wake-up signal.
@@ -642,78 +570,6 @@ impl Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(s: &str) -> OffsetDateTime {
-        OffsetDateTime::parse(s, &Rfc3339).unwrap()
-    }
-
-    #[test]
-    fn at_accepts_rfc3339_plain_utc_and_relative() {
-        let now = t("2026-11-22T01:00:00Z");
-        assert_eq!(
-            parse_at("2026-11-22T03:00:00Z", now).unwrap(),
-            t("2026-11-22T03:00:00Z")
-        );
-        assert_eq!(
-            parse_at("2026-11-22 03:00", now).unwrap(),
-            t("2026-11-22T03:00:00Z")
-        );
-        assert_eq!(parse_at("+90s", now).unwrap(), t("2026-11-22T01:01:30Z"));
-        assert_eq!(parse_at("+2h", now).unwrap(), t("2026-11-22T03:00:00Z"));
-        assert!(parse_at("tomorrow", now)
-            .unwrap_err()
-            .contains("not a time"));
-        assert_eq!(parse_at("+1h30m", now).unwrap(), t("2026-11-22T02:30:00Z"));
-        assert!(parse_at("+3 fortnights", now)
-            .unwrap_err()
-            .contains("+1h30m"));
-        assert!(parse_at("+9223372036854775807d", now)
-            .unwrap_err()
-            .contains("too far"));
-    }
-
-    #[test]
-    fn cron_is_standard_five_fields_in_utc_with_weekdays_from_sunday() {
-        // 2026-11-22 is a Sunday.
-        let now = t("2026-11-22T01:00:00Z");
-        assert_eq!(
-            next_occurrence("30 3 * * *", now).unwrap(),
-            t("2026-11-22T03:30:00Z")
-        );
-        // The README's "Saturday at 02:00".
-        assert_eq!(
-            next_occurrence("0 2 * * 6", now).unwrap(),
-            t("2026-11-28T02:00:00Z")
-        );
-        for sunday in ["0 2 * * 0", "0 2 * * 7", "0 2 * * sun"] {
-            assert_eq!(
-                next_occurrence(sunday, now).unwrap(),
-                t("2026-11-22T02:00:00Z"),
-                "{sunday}"
-            );
-        }
-        assert_eq!(
-            next_occurrence("0 2 * * MON-FRI", now).unwrap(),
-            t("2026-11-23T02:00:00Z")
-        );
-        let e = parse_cron("* * *").unwrap_err();
-        assert!(e.contains("5 fields") && e.contains("\"* * *\""), "{e}");
-        let e = parse_cron("0 2 * * 8").unwrap_err();
-        assert!(
-            e.contains("\"0 2 * * 8\"") && !e.contains("0 0 2"),
-            "names what was typed: {e}"
-        );
-        assert!(parse_cron("99 * * * *").is_err());
-        // Six fields: seconds first, weekdays as in five.
-        assert_eq!(
-            next_occurrence("*/10 * * * * *", now).unwrap(),
-            t("2026-11-22T01:00:10Z")
-        );
-        assert_eq!(
-            next_occurrence("0 0 2 * * 6", now).unwrap(),
-            t("2026-11-28T02:00:00Z")
-        );
-    }
 
     #[test]
     fn jobs_persist_and_only_scheduled_ones_cancel() {

@@ -45,7 +45,7 @@ pub fn check(
 ) -> Result<(), String> {
     if let Some(at) = &req.at {
         let now = time::OffsetDateTime::now_utc();
-        if crate::servicing::jobs::parse_at(at, now)? < now - time::Duration::MINUTE {
+        if crate::schedule::parse_at(at, now)? < now - time::Duration::MINUTE {
             return Err(format!(
                 "--at {at} is in the past (times are UTC; now is {})",
                 crate::now()
@@ -53,7 +53,7 @@ pub fn check(
         }
     }
     if let Some(expr) = &req.schedule {
-        crate::servicing::jobs::parse_cron(expr)?;
+        crate::schedule::parse_cron(expr)?;
     }
     let rec = packages::record(lib, package).map_err(|e| e.to_string())?;
     let latest = rec

@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ferry_wim::{ImageInfo, UpdateCmd};
+
+use crate::{now, rfc3339};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -38,7 +40,7 @@ pub enum UpdateError {
     #[error("no update {0} in the catalog; `ferry update list` shows the ids")]
     Unknown(String),
     /// The id is in the catalog already.
-    #[error("update {id} is already in the catalog (imported {}); updates are immutable, give a changed one a new id", crate::rfc3339(*imported))]
+    #[error("update {id} is already in the catalog (imported {}); updates are immutable, give a changed one a new id", rfc3339(*imported))]
     Exists {
         /// The id.
         id: String,
@@ -441,7 +443,7 @@ pub const MAX_ENTRIES: usize = 100_000;
 /// special files and paths that step out, and stopping (with an error) at
 /// [`MAX_ENTRIES`] entries or once the files written pass
 /// [`MAX_UNPACK_RATIO`] × the archive's size or [`MAX_UNPACKED_BYTES`].
-fn unpack(archive: &Path, into: &Path) -> Result<(), UpdateError> {
+pub fn unpack(archive: &Path, into: &Path) -> Result<(), UpdateError> {
     use std::io::Read as _;
     let file = std::fs::File::open(archive).map_err(|e| bad(archive, e.to_string()))?;
     let packed = file.metadata().map_err(io(archive))?.len();
@@ -593,7 +595,7 @@ pub fn import(data: &Path, source: &Path) -> Result<UpdateRecord, UpdateError> {
     }
     let record = UpdateRecord {
         manifest,
-        imported: crate::now(),
+        imported: now(),
         source: source.display().to_string(),
         payload_bytes,
     };

@@ -13,6 +13,7 @@
 
 use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
+use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 /// A parsed schedule.
@@ -117,6 +118,54 @@ impl Schedule {
     }
 }
 
+/// Reads `--at`: RFC 3339, `YYYY-MM-DD HH:MM[:SS]` (UTC), or `+N[s|m|h|d]`.
+pub fn parse_at(at: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    let at = at.trim();
+    if let Some(rel) = at.strip_prefix('+') {
+        let d = humantime::parse_duration(rel.trim()).map_err(|e| match e {
+            humantime::DurationError::NumberOverflow => format!("--at {at:?} is too far ahead"),
+            e => {
+                format!("--at {at:?}: expected + and a duration such as +90s, +30m or +1h30m ({e})")
+            }
+        })?;
+        return time::Duration::try_from(d)
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .ok_or_else(|| format!("--at {at:?} is too far ahead"));
+    }
+    if let Ok(t) = OffsetDateTime::parse(at, &Rfc3339) {
+        return Ok(t);
+    }
+    for fmt in [
+        "[year]-[month]-[day] [hour]:[minute]:[second]",
+        "[year]-[month]-[day] [hour]:[minute]",
+    ] {
+        let Ok(f) = time::format_description::parse_borrowed::<2>(fmt) else {
+            continue;
+        };
+        if let Ok(t) = time::PrimitiveDateTime::parse(at, &f) {
+            return Ok(t.assume_utc());
+        }
+    }
+    Err(format!(
+        "--at {at:?} is not a time: give RFC 3339 (2026-11-22T03:00:00Z), \"2026-11-22 03:00\" (UTC) or +30m"
+    ))
+}
+
+/// Parses a `--schedule`: standard five-field cron (minute hour
+/// day-of-month month weekday, weekdays 0–6 from Sunday, 7 also Sunday,
+/// or names), in UTC ([`Schedule`]).
+pub fn parse_cron(expr: &str) -> Result<Schedule, String> {
+    Schedule::parse(expr).map_err(|e| format!("--schedule {e}"))
+}
+
+/// The next occurrence of `expr` strictly after `after`.
+pub fn next_occurrence(expr: &str, after: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    parse_cron(expr)?
+        .next_after(after)
+        .ok_or_else(|| format!("--schedule {expr:?} never fires again"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +253,82 @@ mod tests {
         assert!(e.contains("hour field \"25\""), "{e}");
         assert!(Schedule::parse("99 * * * *").is_err());
         assert_eq!(Schedule::parse(" 0  3 * * * ").unwrap().expr(), "0 3 * * *");
+    }
+
+    #[test]
+    fn at_accepts_rfc3339_plain_utc_and_relative() {
+        let now = datetime("2026-11-22T01:00:00Z");
+        assert_eq!(
+            parse_at("2026-11-22T03:00:00Z", now).unwrap(),
+            datetime("2026-11-22T03:00:00Z")
+        );
+        assert_eq!(
+            parse_at("2026-11-22 03:00", now).unwrap(),
+            datetime("2026-11-22T03:00:00Z")
+        );
+        assert_eq!(
+            parse_at("+90s", now).unwrap(),
+            datetime("2026-11-22T01:01:30Z")
+        );
+        assert_eq!(
+            parse_at("+2h", now).unwrap(),
+            datetime("2026-11-22T03:00:00Z")
+        );
+        assert!(parse_at("tomorrow", now)
+            .unwrap_err()
+            .contains("not a time"));
+        assert_eq!(
+            parse_at("+1h30m", now).unwrap(),
+            datetime("2026-11-22T02:30:00Z")
+        );
+        assert!(parse_at("+3 fortnights", now)
+            .unwrap_err()
+            .contains("+1h30m"));
+        assert!(parse_at("+9223372036854775807d", now)
+            .unwrap_err()
+            .contains("too far"));
+    }
+
+    #[test]
+    fn cron_is_standard_five_fields_in_utc_with_weekdays_from_sunday() {
+        // 2026-11-22 is a Sunday.
+        let now = datetime("2026-11-22T01:00:00Z");
+        assert_eq!(
+            next_occurrence("30 3 * * *", now).unwrap(),
+            datetime("2026-11-22T03:30:00Z")
+        );
+        // The README's "Saturday at 02:00".
+        assert_eq!(
+            next_occurrence("0 2 * * 6", now).unwrap(),
+            datetime("2026-11-28T02:00:00Z")
+        );
+        for sunday in ["0 2 * * 0", "0 2 * * 7", "0 2 * * sun"] {
+            assert_eq!(
+                next_occurrence(sunday, now).unwrap(),
+                datetime("2026-11-22T02:00:00Z"),
+                "{sunday}"
+            );
+        }
+        assert_eq!(
+            next_occurrence("0 2 * * MON-FRI", now).unwrap(),
+            datetime("2026-11-23T02:00:00Z")
+        );
+        let e = parse_cron("* * *").unwrap_err();
+        assert!(e.contains("5 fields") && e.contains("\"* * *\""), "{e}");
+        let e = parse_cron("0 2 * * 8").unwrap_err();
+        assert!(
+            e.contains("\"0 2 * * 8\"") && !e.contains("0 0 2"),
+            "names what was typed: {e}"
+        );
+        assert!(parse_cron("99 * * * *").is_err());
+        // Six fields: seconds first, weekdays as in five.
+        assert_eq!(
+            next_occurrence("*/10 * * * * *", now).unwrap(),
+            datetime("2026-11-22T01:00:10Z")
+        );
+        assert_eq!(
+            next_occurrence("0 0 2 * * 6", now).unwrap(),
+            datetime("2026-11-28T02:00:00Z")
+        );
     }
 }
