@@ -414,6 +414,22 @@ fn the_login_sets_an_httponly_cookie_that_opens_pages_but_not_the_api() {
         part.contains("class=\"cards\"") && !part.contains("<html"),
         "{part}"
     );
+    // A browser that takes gzip gets the page gzipped (curl unpacks it).
+    let (code, head, page) = curl(&["--compressed", "-b", &cookie, &format!("{base}/ui/")]);
+    assert_eq!(code, 200);
+    let h = head.to_ascii_lowercase();
+    assert!(h.contains("content-encoding: gzip"), "{head}");
+    assert!(h.contains("vary: accept-encoding"), "{head}");
+    assert!(
+        page.contains("Overview") && page.trim_end().ends_with("</html>"),
+        "{page}"
+    );
+    // Rows by state, and a query that does not read is refused.
+    let (code, _, only) = curl(&["-b", &cookie, &format!("{base}/ui/?state=failed&page=2")]);
+    assert_eq!(code, 200);
+    assert!(only.contains("Only ") && only.contains("no row"), "{only}");
+    let (code, _, _) = curl(&["-b", &cookie, &format!("{base}/ui/?page=two")]);
+    assert_eq!(code, 400);
     // The API keeps bearer tokens: the cookie does not open it.
     let (code, _, _) = curl(&["-b", &cookie, &format!("{base}/api/v1/dps")]);
     assert_eq!(code, 401);

@@ -185,7 +185,7 @@ async fn require_session(
         .path_and_query()
         .map_or("/ui/", |p| p.as_str())
         .to_string();
-    Redirect::to(&format!("/ui/login?next={}", encode_next(&next_path))).into_response()
+    Redirect::to(&format!("/ui/login?next={}", pages::percent(&next_path))).into_response()
 }
 
 /// A path safe to go back to after login: one of the status pages, never
@@ -195,17 +195,6 @@ fn safe_next(next: Option<&str>) -> &str {
         Some(n) if n.starts_with("/ui/") && !n.contains("//") && !n.contains('\\') => n,
         _ => "/ui/",
     }
-}
-
-fn encode_next(path: &str) -> String {
-    path.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' => {
-                (b as char).to_string()
-            }
-            b => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Query of the login form.
@@ -281,12 +270,67 @@ fn html(body: maud::Markup) -> Response {
         .into_response()
 }
 
-/// The whole page, or only its live part when the script asks.
+/// The whole page, or only its live part when the script asks; gzipped
+/// for a browser that takes it.
 fn page(headers: &HeaderMap, p: pages::Page) -> Response {
-    if wants_part(headers) {
-        html(p.live)
+    let body = if wants_part(headers) {
+        p.live
     } else {
-        html(pages::layout(&p))
+        pages::layout(&p)
+    };
+    if takes_gzip(headers) {
+        gzipped_html(body.into_string())
+    } else {
+        html(body)
+    }
+}
+
+/// Pages smaller than this go as they are.
+const GZIP_FROM_BYTES: usize = 1024;
+
+/// Whether `Accept-Encoding` takes gzip (and does not refuse it with q=0).
+fn takes_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip")) && !refused
+        })
+}
+
+/// An HTML page gzipped. The page is rendered whole in memory, so one
+/// call of flate2 (already a dependency) over it is all compression takes;
+/// tower-http's `CompressionLayer` would bring async-compression and a
+/// streaming body for the same result.
+fn gzipped_html(body: String) -> Response {
+    use std::io::Write as _;
+    if body.len() < GZIP_FROM_BYTES {
+        return html(maud::PreEscaped(body));
+    }
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 8),
+        flate2::Compression::fast(),
+    );
+    match gz.write_all(body.as_bytes()).and_then(|()| gz.finish()) {
+        Ok(packed) => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CONTENT_ENCODING, "gzip"),
+                (header::VARY, "accept-encoding"),
+            ],
+            packed,
+        )
+            .into_response(),
+        Err(_) => html(maud::PreEscaped(body)),
     }
 }
 
@@ -342,10 +386,14 @@ pub fn overview_data(s: &ApiState) -> Result<pages::Overview, packages::ImageErr
     })
 }
 
-async fn overview(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+async fn overview(
+    State(s): State<ApiState>,
+    Query(f): Query<pages::RowFilter>,
+    headers: HeaderMap,
+) -> Response {
     render(headers, move || {
         overview_data(&s)
-            .map(|o| pages::overview(&o))
+            .map(|o| pages::overview(&o, &f))
             .map_err(failure)
     })
     .await
@@ -434,6 +482,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gzip_is_taken_when_offered_and_not_refused() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+            takes_gzip(&h)
+        };
+        assert!(with("gzip, deflate, br, zstd"));
+        assert!(with("br;q=1.0, GZIP;q=0.5"));
+        assert!(!with("br, deflate"));
+        assert!(!with("gzip;q=0, br"));
+        assert!(!with("gzipped"));
+        assert!(!takes_gzip(&HeaderMap::new()));
+        let small = gzipped_html("<p>hi</p>".into());
+        assert!(small.headers().get(header::CONTENT_ENCODING).is_none());
+        let big = gzipped_html("<tr><td>row</td></tr>".repeat(500));
+        assert_eq!(big.headers()[header::CONTENT_ENCODING], "gzip");
+        assert_eq!(big.headers()[header::VARY], "accept-encoding");
+    }
+
+    #[test]
     fn sessions_open_check_and_close() {
         let s = Sessions::default();
         let a = s.open().unwrap();
@@ -475,7 +543,7 @@ mod tests {
             assert_eq!(safe_next(bad), "/ui/", "{bad:?}");
         }
         assert_eq!(
-            encode_next("/ui/dps/a b?x=1&y"),
+            pages::percent("/ui/dps/a b?x=1&y"),
             "/ui/dps/a%20b%3Fx%3D1%26y"
         );
     }

@@ -212,7 +212,7 @@ fn source(r: &StatusRow, prestaged: bool) -> Markup {
 
 /// The rows table; `package` and `dp` say whether those columns show.
 fn rows_table(
-    rows: &[StatusRow],
+    rows: &[&StatusRow],
     dps: &[DpView],
     now: OffsetDateTime,
     package: bool,
@@ -288,8 +288,86 @@ fn counts(rows: &[StatusRow]) -> Vec<(&'static str, usize)> {
     .collect()
 }
 
-/// The overview: counts, packages, and one row per package × DP.
-pub fn overview(o: &Overview) -> Page {
+/// Rows of the package × DP table on one page of the overview.
+pub const ROWS_PER_PAGE: usize = 200;
+
+/// Which of the package × DP rows the overview shows (`/ui/?state=&page=`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct RowFilter {
+    /// Only rows in this state.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// The page, from 1.
+    #[serde(default)]
+    pub page: Option<usize>,
+}
+
+/// The order an operator reads rows in: what needs them first (failed,
+/// then moving, then waiting), installed last.
+fn attention(state: &str) -> u8 {
+    match state {
+        "failed" => 0,
+        "in-progress" => 1,
+        "validating" => 2,
+        "pending" => 3,
+        "removing" => 4,
+        "revoked" => 5,
+        _ => 6,
+    }
+}
+
+/// `text` percent-encoded for a query value: letters, digits and
+/// `/-_.` stay.
+pub(super) fn percent(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `/ui/` with `state` and `page` set.
+fn overview_href(state: Option<&str>, page: usize) -> String {
+    let mut q = Vec::new();
+    if let Some(s) = state {
+        q.push(format!("state={}", percent(s)));
+    }
+    if page > 1 {
+        q.push(format!("page={page}"));
+    }
+    if q.is_empty() {
+        "/ui/".into()
+    } else {
+        format!("/ui/?{}", q.join("&"))
+    }
+}
+
+/// The rows `f` selects in reading order, the page shown (clamped) and
+/// the count of pages.
+fn select<'a>(rows: &'a [StatusRow], f: &RowFilter) -> (Vec<&'a StatusRow>, usize, usize, usize) {
+    let mut chosen: Vec<&StatusRow> = rows
+        .iter()
+        .filter(|r| f.state.as_deref().is_none_or(|s| r.state == s))
+        .collect();
+    chosen.sort_by_key(|r| attention(&r.state));
+    let total = chosen.len();
+    let pages = total.div_ceil(ROWS_PER_PAGE).max(1);
+    let page = f.page.unwrap_or(1).clamp(1, pages);
+    let shown = chosen
+        .into_iter()
+        .skip((page - 1) * ROWS_PER_PAGE)
+        .take(ROWS_PER_PAGE)
+        .collect();
+    (shown, total, page, pages)
+}
+
+/// The overview: counts, packages, and one row per package × DP, those
+/// that need attention first, [`ROWS_PER_PAGE`] at a time, filtered by
+/// state when `f` says so.
+pub fn overview(o: &Overview, f: &RowFilter) -> Page {
     let online = o.dps.iter().filter(|d| d.online).count();
     let running = o
         .jobs
@@ -301,7 +379,8 @@ pub fn overview(o: &Overview) -> Page {
             div.card { b { (o.packages.len()) } " packages" }
             div.card { b { (online) " of " (o.dps.len()) } " DPs online" }
             @for (s, n) in counts(&o.rows) {
-                div class={ "card c-" (s) } { b { (n) } " " (s) }
+                a class={ "card c-" (s) @if f.state.as_deref() == Some(s) { " chosen" } }
+                    href=(overview_href(Some(s), 1)) title={ "only the rows " (s) } { b { (n) } " " (s) }
             }
             div.card { b { (running) } " servicing job(s) running" }
         }
@@ -331,8 +410,20 @@ pub fn overview(o: &Overview) -> Page {
                 }
             }
         }
-        h2 { "Package × DP" }
-        (rows_table(&o.rows, &o.dps, o.now, true, true))
+        h2 #package-dp { "Package × DP" }
+        @let (shown, total, page, pages) = select(&o.rows, f);
+        p.pager {
+            @if let Some(s) = &f.state { "Only " (state_badge(s)) ": " }
+            @if total == 0 { "no row" }
+            @else {
+                "rows " ((page - 1) * ROWS_PER_PAGE + 1) "–" ((page - 1) * ROWS_PER_PAGE + shown.len())
+                " of " (total) ", failed first, installed last"
+            }
+            @if f.state.is_some() { " · " a href="/ui/" { "all rows" } }
+            @if page > 1 { " · " a rel="prev" href=(overview_href(f.state.as_deref(), page - 1)) { "← previous" } }
+            @if page < pages { " · " a rel="next" href=(overview_href(f.state.as_deref(), page + 1)) { "next →" } }
+        }
+        (rows_table(&shown, &o.dps, o.now, true, true))
         h2 { "DPs" }
         (dps_table(&o.dps, o.now))
     };
@@ -466,7 +557,7 @@ pub fn package(p: &PackagePage) -> Page {
         }
         p.muted { "Keeps " (p.revisions.keep) " revisions." }
         h2 { "On its DPs" }
-        (rows_table(&p.rows, &[], p.now, false, true))
+        (rows_table(&p.rows.iter().collect::<Vec<_>>(), &[], p.now, false, true))
         h2 { "Servicing history" }
         @match &p.history {
             Some(h) => {
@@ -544,7 +635,7 @@ pub fn dp(p: &DpPage) -> Page {
             dt { "Multicast" } dd { (d.multicast.as_ref().map_or("off".into(), |m| m.describe())) }
         }
         h2 { "Packages" }
-        (rows_table(&p.rows, std::slice::from_ref(d), p.now, true, false))
+        (rows_table(&p.rows.iter().collect::<Vec<_>>(), std::slice::from_ref(d), p.now, true, false))
         h2 { "Validation" }
         p {
             @match &v.schedule { Some(s) => { "Schedule " code { (s) } }, None => "No schedule" }
@@ -674,6 +765,71 @@ mod tests {
     }
 
     #[test]
+    fn the_overview_shows_rows_failed_first_a_page_at_a_time_and_filters_by_state() {
+        let states = ["installed", "pending", "failed", "in-progress"];
+        let rows: Vec<StatusRow> = (0..450)
+            .map(|i| {
+                let mut r = row(states[i % 4], Some(10));
+                r.dp = format!("dp{i:03}");
+                r
+            })
+            .collect();
+        let o = Overview {
+            rows,
+            dps: vec![],
+            packages: vec![],
+            jobs: vec![],
+            now: OffsetDateTime::now_utc(),
+        };
+        let shown = |f: &RowFilter| {
+            let html = overview(&o, f).live.into_string();
+            let states: Vec<String> = html
+                .split(" data-state=\"")
+                .skip(1)
+                .map(|s| s[..s.find('"').unwrap()].to_string())
+                .collect();
+            (html, states)
+        };
+        let (html, first) = shown(&RowFilter::default());
+        assert_eq!(first.len(), ROWS_PER_PAGE);
+        // 112 failed, then 112 in progress (88 of them on this page).
+        assert!(first[..112].iter().all(|s| s == "failed"), "{first:?}");
+        assert!(first[112..].iter().all(|s| s == "in-progress"), "{first:?}");
+        assert!(html.contains("rows 1–200 of 450"), "{html}");
+        assert!(html.contains(r#"href="/ui/?page=2">next →"#), "{html}");
+        let (html, last) = shown(&RowFilter {
+            state: None,
+            page: Some(9),
+        });
+        assert_eq!(last.len(), 50, "a page past the end is the last page");
+        assert!(last.iter().all(|s| s == "installed"));
+        assert!(
+            html.contains("rows 401–450 of 450") && !html.contains("next →"),
+            "{html}"
+        );
+        assert!(html.contains(r#"href="/ui/?page=2">← previous"#), "{html}");
+        let f = RowFilter {
+            state: Some("pending".into()),
+            page: None,
+        };
+        let (html, pending) = shown(&f);
+        assert_eq!(pending.len(), 113);
+        assert!(pending.iter().all(|s| s == "pending"));
+        assert!(html.contains(r#"class="card c-pending chosen""#), "{html}");
+        assert!(html.contains(r#"href="/ui/?state=pending""#), "{html}");
+        let f = RowFilter {
+            state: Some("<b>&x=1".into()),
+            page: None,
+        };
+        let (html, none) = shown(&f);
+        assert!(none.is_empty());
+        assert!(
+            html.contains("no row") && !html.contains("<b>&x"),
+            "escaped: {html}"
+        );
+    }
+
+    #[test]
     fn a_row_says_state_percent_bytes_rate_and_eta_escaped() {
         let o = Overview {
             rows: vec![row("in-progress", Some(42))],
@@ -682,7 +838,7 @@ mod tests {
             jobs: vec![],
             now: OffsetDateTime::now_utc(),
         };
-        let html = overview(&o).live.into_string();
+        let html = overview(&o, &RowFilter::default()).live.into_string();
         assert!(
             html.contains(r#"data-package="SITE0001" data-dp="dp1" data-state="in-progress""#),
             "{html}"
@@ -710,19 +866,22 @@ mod tests {
     fn a_failed_row_gives_the_reason() {
         let mut r = row("failed", None);
         r.error = Some("disk full on D:".into());
-        let html = rows_table(&[r], &[], OffsetDateTime::now_utc(), true, true).into_string();
+        let html = rows_table(&[&r], &[], OffsetDateTime::now_utc(), true, true).into_string();
         assert!(html.contains("failed: disk full on D:"), "{html}");
     }
 
     #[test]
     fn the_page_pulls_its_script_and_style_from_the_site_only() {
-        let html = layout(&overview(&Overview {
-            rows: vec![],
-            dps: vec![],
-            packages: vec![],
-            jobs: vec![],
-            now: OffsetDateTime::now_utc(),
-        }))
+        let html = layout(&overview(
+            &Overview {
+                rows: vec![],
+                dps: vec![],
+                packages: vec![],
+                jobs: vec![],
+                now: OffsetDateTime::now_utc(),
+            },
+            &RowFilter::default(),
+        ))
         .into_string();
         assert!(html.starts_with("<!DOCTYPE html>"));
         assert!(html.contains(r#"<script src="/ui/assets/live.js" defer>"#));
