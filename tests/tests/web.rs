@@ -585,7 +585,74 @@ fn off_loopback_the_operator_api_speaks_https_only_and_the_cli_pins_the_site_ca(
     assert_eq!(code, 303, "{head}");
     let head = head.to_ascii_lowercase();
     assert!(head.contains("; secure"), "{head}");
+    let _ = serving.kill();
+    let _ = serving.wait();
 
+    // A damaged operator key: the site does not start, names the file and
+    // what to do; the rest of the data folder is as it was. Deleted, the
+    // key and certificate are issued again.
+    let key = data.join("operator-https.key");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\ndamaged\n").unwrap();
+    let out = ferry(&["site", "serve", "--data", data.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = said(&out);
+    assert!(err.contains("operator HTTPS"), "{err}");
+    assert!(err.contains("operator-https.key"), "{err}");
+    assert!(data.join("ca.key").exists() && data.join("operator-https.pem").exists());
+    std::fs::remove_file(&key).unwrap();
+    let log = std::fs::File::create(dir.path().join("https-site-again.log")).unwrap();
+    let mut serving = Command::new(ferry_tests::harness::ferry_bin())
+        .args(["site", "serve", "--data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let again = wait_for("the site over HTTPS with a new key", LIMIT, || {
+        let out = Command::new("curl")
+            .args(["-sS", "--cacert", ca.to_str().unwrap()])
+            .arg(format!("{https}/healthz"))
+            .output()?;
+        Ok((out.stdout == b"ok").then_some(()))
+    });
+    if let Err(e) = again {
+        let log = std::fs::read_to_string(dir.path().join("https-site-again.log"));
+        panic!("{e:#}: {log:?}");
+    }
+    let _ = serving.kill();
+    let _ = serving.wait();
+
+    // New names in site.toml: a certificate for them at the next start.
+    let named = wide.replace("[operator]\n", "[operator]\nnames = [\"ferry.example\"]\n");
+    assert_ne!(named, wide);
+    std::fs::write(&cfg_path, &named).unwrap();
+    let log = std::fs::File::create(dir.path().join("https-site-named.log")).unwrap();
+    let mut serving = Command::new(ferry_tests::harness::ferry_bin())
+        .args(["site", "serve", "--data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let resolve = format!("ferry.example:{}:127.0.0.1", site.port);
+    let named_url = format!("https://ferry.example:{}/healthz", site.port);
+    let reached = wait_for("the site over HTTPS by its new name", LIMIT, || {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--cacert",
+                ca.to_str().unwrap(),
+                "--resolve",
+                &resolve,
+            ])
+            .arg(&named_url)
+            .output()?;
+        Ok((out.stdout == b"ok").then_some(()))
+    });
+    if let Err(e) = reached {
+        let log = std::fs::read_to_string(dir.path().join("https-site-named.log"));
+        panic!("{e:#}: {log:?}");
+    }
     let _ = serving.kill();
     let _ = serving.wait();
 }

@@ -66,6 +66,17 @@ impl Schedule {
                 ))
             }
         };
+        // croner reads an empty item of a list (`0 , , * 6`) as a field
+        // that matches nothing: a schedule that never fires, found only
+        // after searching years ahead.
+        for (i, f) in five.iter().enumerate() {
+            if f.split(',').any(str::is_empty) {
+                return Err(format!(
+                    "{expr:?}: {} field {f:?} has an empty item in its list",
+                    FIELDS[i]
+                ));
+            }
+        }
         let inner = parser().parse(&fields.join(" ")).map_err(|e| {
             // Name the field: the first that fails alone among stars.
             let field = (0..5).find(|&i| {
@@ -78,11 +89,18 @@ impl Schedule {
                 None => format!("{expr:?}: {e}"),
             }
         })?;
-        Ok(Self {
+        let schedule = Self {
             expr: expr.split_whitespace().collect::<Vec<_>>().join(" "),
             inner,
             zone,
-        })
+        };
+        // A day that does not exist (`0 0 30 2 *`) reads, and never comes.
+        if schedule.next_after(OffsetDateTime::now_utc()).is_none() {
+            return Err(format!(
+                "{expr:?} never fires: no such day comes (the 30th of February, the 31st of April?)"
+            ));
+        }
+        Ok(schedule)
     }
 
     /// The zone the expression is read in: a tz database name, or "UTC".
@@ -321,6 +339,14 @@ mod tests {
             "names what was typed: {e}"
         );
         assert!(parse_cron("99 * * * *").is_err());
+        // Found by fuzzing: an empty item read as "never", then searched
+        // for years ahead at every evaluation.
+        let e = parse_cron("0 , , * 6").unwrap_err();
+        assert!(e.contains("hour field \",\" has an empty item"), "{e}");
+        assert!(parse_cron("0 0 1, * *").unwrap_err().contains("empty item"));
+        let e = parse_cron("0 0 30 2 *").unwrap_err();
+        assert!(e.contains("never fires"), "{e}");
+        assert!(parse_cron("0 0 29 2 *").is_ok(), "leap days come");
         // Six fields: seconds first, weekdays as in five.
         assert_eq!(
             next_occurrence("*/10 * * * * *", now).unwrap(),

@@ -337,16 +337,27 @@ impl Site {
                 "ferry-site-operator",
                 &names,
             )?;
-            let _ = std::fs::remove_file(&key);
+            // Written new (the writers refuse to overwrite): an old pair
+            // goes, as the names it was issued for do.
+            for old in [&key, &cert, &names_file] {
+                let _ = std::fs::remove_file(old);
+            }
             ferry_net::pki::write_secret(&key, &key_pem)?;
             ferry_net::pki::write_public(&cert, &ferry_net::pki::cert_pem(&der))?;
             ferry_net::pki::write_public(&names_file, &want)?;
             tracing::info!(?names, "operator HTTPS certificate issued by the site CA");
         }
+        // Damaged files name themselves and the way out: deleted, they are
+        // issued again at the next start.
+        let what = format!(
+            "operator HTTPS certificate {} with key {} (delete both to have the site CA issue them again)",
+            cert.display(),
+            key.display()
+        );
         let id = ferry_net::tls::Identity::from_pem(
             &read_file(&cert, "operator HTTPS certificate")?,
             &read_file(&key, "operator HTTPS key")?,
-            "operator HTTPS certificate",
+            &what,
         )?;
         Ok(ferry_net::tls::https_server(id)?)
     }

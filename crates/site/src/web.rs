@@ -482,6 +482,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_page_the_site_cannot_read_is_a_500_that_says_why_escaped() {
+        let r = Trouble::Failed("library: <closed>".into()).response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "text/html; charset=utf-8"
+        );
+        let r = Trouble::Missing("no DP x".into()).response();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let html = pages::trouble("library: <closed>").into_string();
+        assert!(html.contains("library: &lt;closed&gt;"), "{html}");
+    }
+
+    #[test]
     fn gzip_is_taken_when_offered_and_not_refused() {
         let with = |v: &str| {
             let mut h = HeaderMap::new();
