@@ -462,6 +462,33 @@ fn ferry(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Starts `ferry site serve` on `data` (its log in `log`) and waits until
+/// `url`'s /healthz answers over HTTPS trusting only `ca` (`resolve`: a
+/// curl `--resolve` for a name); the log in the panic when it does not.
+fn serve_https(data: &Path, log: &Path, ca: &Path, url: &str, resolve: Option<&str>) -> Child {
+    let mut serving = Command::new(ferry_tests::harness::ferry_bin())
+        .args(["site", "serve", "--data"])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let up = wait_for("the site over HTTPS", LIMIT, || {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--cacert"]).arg(ca);
+        if let Some(r) = resolve {
+            c.args(["--resolve", r]);
+        }
+        let out = c.arg(format!("{url}/healthz")).output()?;
+        Ok((out.stdout == b"ok").then_some(()))
+    });
+    if let Err(e) = up {
+        let _ = serving.kill();
+        panic!("{e:#} at {url}: {:?}", std::fs::read_to_string(log));
+    }
+    serving
+}
+
 #[test]
 fn off_loopback_the_operator_api_speaks_https_only_and_the_cli_pins_the_site_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -491,23 +518,8 @@ fn off_loopback_the_operator_api_speaks_https_only_and_the_cli_pins_the_site_ca(
 
     // Off loopback without the setting: HTTPS, a certificate from the site CA.
     std::fs::write(&cfg_path, &wide).unwrap();
-    let log = std::fs::File::create(dir.path().join("https-site.log")).unwrap();
-    let mut serving = Command::new(ferry_tests::harness::ferry_bin())
-        .args(["site", "serve", "--data"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
     let https = format!("https://127.0.0.1:{}", site.port);
-    wait_for("the site over HTTPS", LIMIT, || {
-        let out = Command::new("curl")
-            .args(["-sS", "--cacert", ca.to_str().unwrap()])
-            .arg(format!("{https}/healthz"))
-            .output()?;
-        Ok((out.stdout == b"ok").then_some(()))
-    })
-    .unwrap();
+    let mut serving = serve_https(&data, &dir.path().join("https-site.log"), &ca, &https, None);
     // Not in clear, and not to a client that does not trust the site CA.
     let (code, _, _) = {
         let out = Command::new("curl")
@@ -600,25 +612,13 @@ fn off_loopback_the_operator_api_speaks_https_only_and_the_cli_pins_the_site_ca(
     assert!(err.contains("operator-https.key"), "{err}");
     assert!(data.join("ca.key").exists() && data.join("operator-https.pem").exists());
     std::fs::remove_file(&key).unwrap();
-    let log = std::fs::File::create(dir.path().join("https-site-again.log")).unwrap();
-    let mut serving = Command::new(ferry_tests::harness::ferry_bin())
-        .args(["site", "serve", "--data"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let again = wait_for("the site over HTTPS with a new key", LIMIT, || {
-        let out = Command::new("curl")
-            .args(["-sS", "--cacert", ca.to_str().unwrap()])
-            .arg(format!("{https}/healthz"))
-            .output()?;
-        Ok((out.stdout == b"ok").then_some(()))
-    });
-    if let Err(e) = again {
-        let log = std::fs::read_to_string(dir.path().join("https-site-again.log"));
-        panic!("{e:#}: {log:?}");
-    }
+    let mut serving = serve_https(
+        &data,
+        &dir.path().join("https-site-again.log"),
+        &ca,
+        &https,
+        None,
+    );
     let _ = serving.kill();
     let _ = serving.wait();
 
@@ -626,33 +626,15 @@ fn off_loopback_the_operator_api_speaks_https_only_and_the_cli_pins_the_site_ca(
     let named = wide.replace("[operator]\n", "[operator]\nnames = [\"ferry.example\"]\n");
     assert_ne!(named, wide);
     std::fs::write(&cfg_path, &named).unwrap();
-    let log = std::fs::File::create(dir.path().join("https-site-named.log")).unwrap();
-    let mut serving = Command::new(ferry_tests::harness::ferry_bin())
-        .args(["site", "serve", "--data"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
     let resolve = format!("ferry.example:{}:127.0.0.1", site.port);
-    let named_url = format!("https://ferry.example:{}/healthz", site.port);
-    let reached = wait_for("the site over HTTPS by its new name", LIMIT, || {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--cacert",
-                ca.to_str().unwrap(),
-                "--resolve",
-                &resolve,
-            ])
-            .arg(&named_url)
-            .output()?;
-        Ok((out.stdout == b"ok").then_some(()))
-    });
-    if let Err(e) = reached {
-        let log = std::fs::read_to_string(dir.path().join("https-site-named.log"));
-        panic!("{e:#}: {log:?}");
-    }
+    let named_url = format!("https://ferry.example:{}", site.port);
+    let mut serving = serve_https(
+        &data,
+        &dir.path().join("https-site-named.log"),
+        &ca,
+        &named_url,
+        Some(&resolve),
+    );
     let _ = serving.kill();
     let _ = serving.wait();
 }
