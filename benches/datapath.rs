@@ -138,6 +138,61 @@ struct Row {
     wire: (u64, u64),
 }
 
+/// The bare-quinn ceiling (`quic-ceiling`, benches/ceiling.rs) over the
+/// same veth: the sender on the host, the receiver in the namespace, one
+/// stream of `bytes` from memory to memory. The row, and the CPU seconds of
+/// sender and receiver.
+fn ceiling(
+    ns: &Netns,
+    w: &Path,
+    bytes: u64,
+    cc: &str,
+    cipher: &str,
+) -> anyhow::Result<(Row, f64, f64)> {
+    use std::io::BufRead as _;
+    let bin = env!("CARGO_BIN_EXE_quic-ceiling");
+    let dir = w.join(format!("ceiling-{cc}-{cipher}"));
+    fs::create_dir_all(&dir)?;
+    let addr = format!("{}:{}", ns.host_ip, ferry_tests::harness::free_port()?);
+    let mut sender = std::process::Command::new(bin)
+        .args(["send", &addr])
+        .arg(&dir)
+        .args([cc, cipher])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut said = std::io::BufReader::new(sender.stdout.take().context("sender's stdout")?);
+    let mut line = String::new();
+    said.read_line(&mut line)?;
+    anyhow::ensure!(line.trim() == "ready", "quic-ceiling send said {line:?}");
+    let before = ns.host_bytes()?;
+    let prefix = ns.exec_prefix();
+    let out = std::process::Command::new(&prefix[0])
+        .args(&prefix[1..])
+        .arg(bin)
+        .args(["recv", &addr])
+        .arg(&dir)
+        .args([&bytes.to_string(), cc, cipher])
+        .output()?;
+    let after = ns.host_bytes()?;
+    anyhow::ensure!(out.status.success(), "quic-ceiling recv: {out:?}");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    line.clear();
+    said.read_line(&mut line)?;
+    anyhow::ensure!(sender.wait()?.success(), "quic-ceiling send failed");
+    let sent: serde_json::Value = serde_json::from_str(&line).context("sender's CPU")?;
+    let seconds = got["seconds"].as_f64().context("seconds")?;
+    Ok((
+        Row {
+            what: format!("bare quinn, one stream, memory to memory (**ceiling**), {cc}, {cipher}"),
+            seconds,
+            bytes,
+            wire: (after.0 - before.0, after.1 - before.1),
+        },
+        sent["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
+        got["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     if ferry_benches::listing() {
         return Ok(());
@@ -191,6 +246,16 @@ fn main() -> anyhow::Result<()> {
                 times.join(", ")
             );
             rows.push(best);
+        }
+        // The ceiling, in the same run: what one quinn connection moves over
+        // this veth with Ferry's own configurations and nothing else.
+        let mut ceiling_cpu = Vec::new();
+        if run("first") {
+            for cc in ["bbr", "cubic"] {
+                let (row, send_cpu, recv_cpu) = ceiling(&ns, w, big_len, cc, "aes-128-gcm")?;
+                ceiling_cpu.push((row.what.clone(), send_cpu, recv_cpu, row.seconds));
+                rows.push(row);
+            }
         }
         let mut site = site_for(&ns, w, "site")?;
         let id = site.add_image(&big, &[])?["id"]
@@ -248,23 +313,34 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             let rsync_s = rows[0].seconds;
+            let ceiling_s = rows[1].seconds;
             report += &format!(
         "## First copy of a {:.2} GiB WIM over a veth into a network namespace\n\n\
          Site (or rsync daemon) on the host, DP (or rsync client) in the namespace; \
          until the DP has the file installed. Wire: bytes the kernel counted on the \
          host side of the veth (into the namespace / out of it).\n\n\
-         | what | time | MB/s | ÷ rsync throughput | wire in | wire out |\n|---|---|---|---|---|---|\n",
+         | what | time | MB/s | ÷ rsync throughput | ÷ ceiling (bbr) throughput | wire in | wire out |\n|---|---|---|---|---|---|---|\n",
         big_len as f64 / (1u64 << 30) as f64
     );
             for r in &rows {
                 report += &format!(
-                    "| {} | {:.2} s | {:.0} | {:.2} | {} | {} |\n",
+                    "| {} | {:.2} s | {:.0} | {:.2} | {:.2} | {} | {} |\n",
                     r.what,
                     r.seconds,
                     mbps(r.bytes, Duration::from_secs_f64(r.seconds)),
                     rsync_s / r.seconds,
+                    ceiling_s / r.seconds,
                     r.wire.1,
                     r.wire.0
+                );
+            }
+            report += "\nCPU of the ceiling (sender on the host, receiver in the namespace), per GB moved:\n\n| run | sender | receiver |\n|---|---|---|\n";
+            for (what, send, recv, _) in &ceiling_cpu {
+                let gb = big_len as f64 / 1e9;
+                report += &format!(
+                    "| {what} | {:.2} CPU-s/GB | {:.2} CPU-s/GB |\n",
+                    send / gb,
+                    recv / gb
                 );
             }
             report += "\nPeak memory (VmHWM) of the processes that served and received it:\n\n| run | site | DP |\n|---|---|---|\n";
