@@ -17,7 +17,8 @@
 //! ```text
 //! scripts/bench.sh --bench datapath
 //! ```
-//! Uses `$FERRY_BIN` (bench.sh: the release build) and `$FERRY_BIN_DEV` for
+//! `FERRY_BENCH_MTU=9000` gives both ends of the veth jumbo frames (1500 by
+//! default). Uses `$FERRY_BIN` (bench.sh: the release build) and `$FERRY_BIN_DEV` for
 //! the dev-build row. Writes `$CARGO_TARGET_DIR/ferry-bench/datapath.md`
 //! and `.json`.
 
@@ -201,6 +202,14 @@ fn main() -> anyhow::Result<()> {
     let mut report = String::new();
     let mut results = serde_json::Map::new();
     let ns = Netns::create("bench", 9)?;
+    // FERRY_BENCH_MTU=9000: jumbo frames on both ends of the veth.
+    let mtu: u32 = std::env::var("FERRY_BENCH_MTU")
+        .ok()
+        .map(|m| m.parse())
+        .transpose()
+        .context("FERRY_BENCH_MTU")?
+        .unwrap_or(1500);
+    ns.mtu(mtu)?;
     // FERRY_BENCH_ONLY=first,wan,redist,memory runs only those sections.
     let run = ferry_benches::section;
 
@@ -315,7 +324,7 @@ fn main() -> anyhow::Result<()> {
             let rsync_s = rows[0].seconds;
             let ceiling_s = rows[1].seconds;
             report += &format!(
-        "## First copy of a {:.2} GiB WIM over a veth into a network namespace\n\n\
+        "## First copy of a {:.2} GiB WIM over a veth (MTU {mtu}) into a network namespace\n\n\
          Site (or rsync daemon) on the host, DP (or rsync client) in the namespace; \
          until the DP has the file installed. Wire: bytes the kernel counted on the \
          host side of the veth (into the namespace / out of it).\n\n\

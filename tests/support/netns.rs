@@ -35,6 +35,8 @@ pub struct Netns {
     pub name: String,
     /// The host side's interface.
     pub host_if: String,
+    /// The namespace side's interface.
+    pub ns_if: String,
     /// The host side's address.
     pub host_ip: String,
     /// The namespace side's address.
@@ -55,6 +57,7 @@ impl Netns {
         let me = Self {
             name: name.clone(),
             host_if: host_if.clone(),
+            ns_if: ns_if.clone(),
             host_ip: format!("10.77.{n}.1"),
             ns_ip: format!("10.77.{n}.2"),
         };
@@ -92,20 +95,78 @@ impl Netns {
         ]
     }
 
+    /// Sets the MTU of both ends of the veth.
+    pub fn mtu(&self, mtu: u32) -> anyhow::Result<()> {
+        let mtu = mtu.to_string();
+        ip(&["link", "set", &self.host_if, "mtu", &mtu])?;
+        ip(&[
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "link",
+            "set",
+            &self.ns_if,
+            "mtu",
+            &mtu,
+        ])
+    }
+
+    /// Makes the host side cut GSO batches into their datagrams before the
+    /// veth (`gso_max_segs 1`): a veth carries a batch of UDP datagrams as
+    /// one packet otherwise, so its counters and nftables in the namespace
+    /// would see batches of up to 64 KiB, not the datagrams a real link
+    /// carries.
+    pub fn datagrams_as_packets(&self) -> anyhow::Result<()> {
+        ip(&["link", "set", "dev", &self.host_if, "gso_max_segs", "1"])
+    }
+
+    /// Drops every UDP packet longer than `bytes` (IP length) that arrives
+    /// in the namespace: a path that loses what it cannot carry, without a
+    /// word (nftables in the namespace).
+    pub fn drop_udp_longer_than(&self, bytes: u32) -> anyhow::Result<()> {
+        let nft = |args: &[&str]| {
+            let mut v = vec!["netns", "exec", self.name.as_str(), "nft"];
+            v.extend_from_slice(args);
+            ip(&v)
+        };
+        nft(&["add", "table", "inet", "ferrymtu"])?;
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            "ferrymtu",
+            "in",
+            "{ type filter hook input priority 0 ; }",
+        ])?;
+        let limit = bytes.to_string();
+        nft(&[
+            "add", "rule", "inet", "ferrymtu", "in", "meta", "l4proto", "udp", "meta", "length",
+            ">", &limit, "counter", "drop",
+        ])
+    }
+
+    /// Packets the kernel counted on the host side of the veth: (received
+    /// from the namespace, sent into it).
+    pub fn host_packets(&self) -> anyhow::Result<(u64, u64)> {
+        Ok((self.stat("rx_packets")?, self.stat("tx_packets")?))
+    }
+
+    fn stat(&self, what: &str) -> anyhow::Result<u64> {
+        let p = Path::new("/sys/class/net")
+            .join(&self.host_if)
+            .join("statistics")
+            .join(what);
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .trim()
+            .parse()?)
+    }
+
     /// Bytes the kernel counted on the host side of the veth:
     /// (received from the namespace, sent into it).
     pub fn host_bytes(&self) -> anyhow::Result<(u64, u64)> {
-        let read = |what: &str| -> anyhow::Result<u64> {
-            let p = Path::new("/sys/class/net")
-                .join(&self.host_if)
-                .join("statistics")
-                .join(what);
-            Ok(std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read {}", p.display()))?
-                .trim()
-                .parse()?)
-        };
-        Ok((read("rx_bytes")?, read("tx_bytes")?))
+        Ok((self.stat("rx_bytes")?, self.stat("tx_bytes")?))
     }
 
     /// Limits what the host sends into the namespace with a token bucket

@@ -552,3 +552,69 @@ fn a_window_that_closes_mid_transfer_pauses_it_and_it_resumes_where_it_was() {
         .unwrap();
     assert!(site.dp_row("dp1").unwrap()["window"].is_null());
 }
+
+/// A site on the host distributes `wim` to a DP in `ns`; the packets and
+/// bytes the host sent into the namespace meanwhile. Panics unless the DP
+/// installs it byte-identical.
+fn distribute_into(ns: &Netns, w: &Path, wim: &Path) -> (u64, u64) {
+    let site = SiteProc::start_at(w, "site", &ns.host_ip, &[]).unwrap();
+    let site_addr = format!("{}:{}", ns.host_ip, site.dp_port);
+    let mut dp = DpProc::enroll_with(w, "dp1", &site, &site_addr, &ns.exec_prefix(), &[]).unwrap();
+    dp.serve().unwrap();
+    let id = id_of(&site.add_image(wim, &[]).unwrap());
+    let (p0, b0) = (ns.host_packets().unwrap().1, ns.host_bytes().unwrap().1);
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    wait_for("installed", LIMIT, || {
+        Ok(site
+            .row(&id, "dp1")?
+            .is_some_and(|r| r["state"] == "installed")
+            .then_some(()))
+    })
+    .unwrap();
+    let (p1, b1) = (ns.host_packets().unwrap().1, ns.host_bytes().unwrap().1);
+    let file = dp.content().join(&id).join(wim.file_name().unwrap());
+    assert!(same_file(&file, wim), "the DP's copy is the image");
+    (p1 - p0, b1 - b0)
+}
+
+#[test]
+fn over_jumbo_frames_the_chunks_go_in_datagrams_larger_than_ethernet_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let wim = wimtools::big_wim(w, 64, 61).unwrap();
+    let ns = Netns::create("jumbo", 61).unwrap();
+    ns.mtu(9000).unwrap();
+    ns.datagrams_as_packets().unwrap();
+    let (packets, bytes) = distribute_into(&ns, w, &wim);
+    let average = bytes / packets.max(1);
+    eprintln!("{packets} packets, {bytes} bytes into the DP's namespace: {average} bytes each");
+    // At MTU 1500 the average stays below 1,500 bytes; past it, most of the
+    // chunk bytes went in datagrams up to ferry_net::tls::MAX_DATAGRAM.
+    assert!(
+        average > 3000,
+        "{average} bytes a packet on average: the datagrams stayed at Ethernet's size"
+    );
+    assert!(
+        average <= u64::from(ferry_net::tls::MAX_DATAGRAM) + 28 + 14,
+        "{average} bytes a packet: larger than Ferry's bound"
+    );
+}
+
+#[test]
+fn a_path_that_drops_datagrams_over_1500_bytes_still_carries_a_whole_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let wim = wimtools::big_wim(w, 64, 62).unwrap();
+    let ns = Netns::create("blackhole", 62).unwrap();
+    // Both ends say 9,000 bytes, the path between loses what is over 1,500.
+    ns.mtu(9000).unwrap();
+    ns.datagrams_as_packets().unwrap();
+    ns.drop_udp_longer_than(1500).unwrap();
+    let (packets, bytes) = distribute_into(&ns, w, &wim);
+    let average = bytes / packets.max(1);
+    eprintln!("{packets} packets, {bytes} bytes into the DP's namespace: {average} bytes each");
+    assert!(
+        average <= 1500 + 14,
+        "{average} bytes a packet on average through a path that drops larger ones"
+    );
+}
