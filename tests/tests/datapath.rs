@@ -554,9 +554,9 @@ fn a_window_that_closes_mid_transfer_pauses_it_and_it_resumes_where_it_was() {
 }
 
 /// A site on the host distributes `wim` to a DP in `ns`; the packets and
-/// bytes the host sent into the namespace meanwhile. Panics unless the DP
-/// installs it byte-identical.
-fn distribute_into(ns: &Netns, w: &Path, wim: &Path) -> (u64, u64) {
+/// bytes the host sent into the namespace meanwhile, and the path MTU
+/// `dp list` shows after. Panics unless the DP installs it byte-identical.
+fn distribute_into(ns: &Netns, w: &Path, wim: &Path) -> (u64, u64, u64) {
     let site = SiteProc::start_at(w, "site", &ns.host_ip, &[]).unwrap();
     let site_addr = format!("{}:{}", ns.host_ip, site.dp_port);
     let mut dp = DpProc::enroll_with(w, "dp1", &site, &site_addr, &ns.exec_prefix(), &[]).unwrap();
@@ -574,7 +574,11 @@ fn distribute_into(ns: &Netns, w: &Path, wim: &Path) -> (u64, u64) {
     let (p1, b1) = (ns.host_packets().unwrap().1, ns.host_bytes().unwrap().1);
     let file = dp.content().join(&id).join(wim.file_name().unwrap());
     assert!(same_file(&file, wim), "the DP's copy is the image");
-    (p1 - p0, b1 - b0)
+    let dps = site.cli_json(&["dp", "list"]).unwrap();
+    let mtu = dps[0]["path_mtu"]
+        .as_u64()
+        .expect("a connected DP's path MTU");
+    (p1 - p0, b1 - b0, mtu)
 }
 
 #[test]
@@ -585,9 +589,14 @@ fn over_jumbo_frames_the_chunks_go_in_datagrams_larger_than_ethernet_ones() {
     let ns = Netns::create("jumbo", 61).unwrap();
     ns.mtu(9000).unwrap();
     ns.datagrams_as_packets().unwrap();
-    let (packets, bytes) = distribute_into(&ns, w, &wim);
+    let (packets, bytes, mtu) = distribute_into(&ns, w, &wim);
     let average = bytes / packets.max(1);
     eprintln!("{packets} packets, {bytes} bytes into the DP's namespace: {average} bytes each");
+    assert_eq!(
+        mtu,
+        u64::from(ferry_net::tls::MAX_DATAGRAM),
+        "dp list's path MTU"
+    );
     // At MTU 1500 the average stays below 1,500 bytes; past it, most of the
     // chunk bytes went in datagrams up to ferry_net::tls::MAX_DATAGRAM.
     assert!(
@@ -610,7 +619,11 @@ fn a_path_that_drops_datagrams_over_1500_bytes_still_carries_a_whole_copy() {
     ns.mtu(9000).unwrap();
     ns.datagrams_as_packets().unwrap();
     ns.drop_udp_longer_than(1500).unwrap();
-    let (packets, bytes) = distribute_into(&ns, w, &wim);
+    let (packets, bytes, mtu) = distribute_into(&ns, w, &wim);
+    assert!(
+        mtu <= 1472,
+        "dp list's path MTU {mtu} through a path that drops larger"
+    );
     let average = bytes / packets.max(1);
     eprintln!("{packets} packets, {bytes} bytes into the DP's namespace: {average} bytes each");
     assert!(

@@ -624,6 +624,9 @@ async fn list(g: &Global) -> anyhow::Result<()> {
             state(d),
             {
                 let mut a = d.address.clone().unwrap_or_else(|| "-".into());
+                if let Some(m) = d.path_mtu {
+                    a += &format!("\npath MTU {m} B");
+                }
                 if let Some(p) = &d.peer_address {
                     a += &format!("\npeers: {p}");
                 }

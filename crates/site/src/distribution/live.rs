@@ -221,6 +221,11 @@ impl Connections {
         self.lock().get(dp).cloned()
     }
 
+    /// The UDP payload `dp`'s connection carries now, if it is connected.
+    pub fn path_mtu(&self, dp: &str) -> Option<u16> {
+        self.get(dp).map(|o| o.conn.stats().path.current_mtu)
+    }
+
     /// Whether `dp` is connected.
     pub fn is_online(&self, dp: &str) -> bool {
         self.lock().contains_key(dp)

@@ -25,6 +25,11 @@ pub struct DpView {
     pub online: bool,
     /// Address it is (or was last) connected from.
     pub address: Option<String>,
+    /// The largest UDP payload its connection carries now (path MTU
+    /// discovery: 1,452 on Ethernet, up to `ferry_net::tls::MAX_DATAGRAM`
+    /// with jumbo frames); absent when it is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_mtu: Option<u16>,
     /// Last time it was connected.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub last_contact: Option<OffsetDateTime>,
@@ -97,6 +102,7 @@ pub fn dps(hub: &Hub, conns: &Connections) -> Vec<DpView> {
             .into(),
             online: conns.is_online(&d.name),
             address: d.address.clone(),
+            path_mtu: conns.path_mtu(&d.name),
             last_contact: d.last_contact,
             groups: reg.groups_of(&d.name),
             assigned: reg.assigned(&d.name).into_iter().collect(),
