@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_tests::harness::{DpProc, SiteProc};
+use ferry_tests::harness::{wait_for, DpProc, SiteProc};
 use ferry_tests::tree::Content;
 use ferry_tests::wimtools;
 
@@ -166,6 +166,25 @@ fn damaged_chunk_is_named_and_export_refuses_it() {
         leftovers.is_empty(),
         "part file of the export removed: {leftovers:?}"
     );
+
+    // Served to a DP (read without RocksDB's block checksum: the DP hashes
+    // every chunk against its id), the damaged chunk is asked for again,
+    // then the transfer fails naming it and the site's copy; nothing is
+    // installed.
+    let dp = DpProc::start(dir.path(), "dp1", &site).unwrap();
+    site.cli_ok(&["distribute", &id, "--dp", "dp1"]).unwrap();
+    let row = wait_for(
+        "the DP to refuse the damaged chunk",
+        Duration::from_secs(120),
+        || Ok(site.row(&id, "dp1")?.filter(|r| r["state"] == "failed")),
+    )
+    .unwrap();
+    let err = row["error"].as_str().unwrap();
+    assert!(
+        err.contains("failed verification 3 times") && err.contains("site's copy"),
+        "{err}"
+    );
+    assert!(!dp.content().join(&id).exists(), "nothing installed");
 }
 
 /// What an operator sees of DPs, groups and assignments, without what

@@ -455,16 +455,41 @@ impl Library {
     }
 
     /// Hands the stored bytes of a chunk to `f`, wherever they are, without
-    /// hashing them (they were hashed when imported; RocksDB's checksums
-    /// still catch a bad read; `content verify` and scrubs catch rot). For
-    /// serving chunks. Chunk blocks are read once per request and would only
-    /// push the index out of the block cache, so they bypass it.
+    /// hashing them (they were hashed when imported); RocksDB's block
+    /// checksums catch a bad read. Chunk blocks are read once per request
+    /// and would only push the index out of the block cache, so they bypass
+    /// it.
     pub fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
+        self.chunk_bytes(id, true, f)
+    }
+
+    /// [`with_chunk`](Self::with_chunk) for a chunk on its way to a DP,
+    /// without RocksDB's block checksums: the DP hashes every chunk against
+    /// its id (end to end, and stronger), asks again for one that does not
+    /// match, then fails naming the chunk and the site's copy. Checksumming
+    /// here as well was a sixth of the site's CPU per gigabyte served
+    /// (BENCHMARKS.md). `content verify`, exports and servicing keep the
+    /// checksums.
+    pub fn with_chunk_for_dp<R>(
+        &self,
+        id: &ChunkId,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, StoreError> {
+        self.chunk_bytes(id, false, f)
+    }
+
+    fn chunk_bytes<R>(
+        &self,
+        id: &ChunkId,
+        verify: bool,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, StoreError> {
         let Some(entry) = self.entry(id)? else {
             return Err(StoreError::MissingChunk(*id));
         };
         let mut ro = ReadOptions::default();
         ro.fill_cache(false);
+        ro.set_verify_checksums(verify);
         let got = match &entry.pack {
             Some(k) => self.db.get_pinned_cf_opt(self.cf(CF_PACKS), k, &ro),
             None => self

@@ -402,6 +402,7 @@ pub fn file_from_wire(f: &pb::FileManifest) -> Result<Manifest, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_core::chunker::MAX_CHUNK_BYTES;
     use proptest::prelude::*;
 
     fn run<F: std::future::Future>(f: F) -> F::Output {
@@ -514,7 +515,16 @@ mod tests {
     #[test]
     fn chunk_frames_decode_as_replies_without_copying() {
         run(async {
-            for len in [0usize, 1, 127, 128, 16_383, 16_384, 300_000] {
+            for len in [
+                0usize,
+                1,
+                127,
+                128,
+                16_383,
+                16_384,
+                MAX_CHUNK_BYTES,
+                300_000,
+            ] {
                 let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
                 let id = ChunkId::of(&data);
                 let frame = chunk_frame(&id, &data);
@@ -535,8 +545,37 @@ mod tests {
                     .unwrap()
                     .unwrap();
                 assert_eq!(got, want);
+                // Read in packet-sized pieces (the buffer grows as they
+                // arrive): the same reply.
+                let got: pb::Reply = read_frame(&mut Pieces(frame.as_ref()), MAX_REPLY_BYTES)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(got, want, "len {len}");
+                // A frame cut short is an error.
+                let cut = &frame[..frame.len() - 1];
+                let r: Result<Option<pb::Reply>, _> =
+                    read_frame(&mut Pieces(cut), MAX_REPLY_BYTES).await;
+                assert!(matches!(r, Err(WireError::Truncated { .. })), "{r:?}");
             }
         });
+    }
+
+    /// A reader handing out at most 1,452 bytes a read, as a QUIC stream
+    /// does packet by packet.
+    struct Pieces<'a>(&'a [u8]);
+
+    impl tokio::io::AsyncRead for Pieces<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self.0.len().min(buf.remaining()).min(1_452);
+            buf.put_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            std::task::Poll::Ready(Ok(()))
+        }
     }
 
     #[test]

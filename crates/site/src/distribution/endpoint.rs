@@ -934,7 +934,7 @@ impl ferry_net::chunk_stream::ChunkSource for LibrarySource {
             ferry_net::chunk_stream::put_not_in_revision(out, id, package, revision);
             return 0;
         }
-        match self.lib.with_chunk(id, |data| {
+        match self.lib.with_chunk_for_dp(id, |data| {
             put_chunk_frame(out, id, data);
             data.len() as u64
         }) {
