@@ -57,6 +57,47 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    // A DP receives each chunk in packet-sized pieces (issue 24): BLAKE3
+    // over the pieces as they are (`read_chunk`, no copy) against copying
+    // them into one buffer and hashing that (what `read_frame` does).
+    let chunk = 256 << 10;
+    for piece in [1_452usize, 6_550] {
+        g.bench_function(
+            BenchmarkId::new(
+                "blake3 of 256 KiB chunks, in place",
+                format!("{piece} B pieces"),
+            ),
+            |b| {
+                b.iter(|| {
+                    for c in data.chunks(chunk) {
+                        let mut h = blake3::Hasher::new();
+                        for p in c.chunks(piece) {
+                            h.update(p);
+                        }
+                        std::hint::black_box(h.finalize());
+                    }
+                })
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new(
+                "blake3 of 256 KiB chunks, copied whole",
+                format!("{piece} B pieces"),
+            ),
+            |b| {
+                let mut buf = Vec::with_capacity(chunk);
+                b.iter(|| {
+                    for c in data.chunks(chunk) {
+                        buf.clear();
+                        for p in c.chunks(piece) {
+                            buf.extend_from_slice(p);
+                        }
+                        std::hint::black_box(blake3::hash(&buf));
+                    }
+                })
+            },
+        );
+    }
     g.finish();
 }
 

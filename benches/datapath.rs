@@ -18,7 +18,9 @@
 //! scripts/bench.sh --bench datapath
 //! ```
 //! `FERRY_BENCH_MTU=9000` gives both ends of the veth jumbo frames (1500 by
-//! default). Uses `$FERRY_BIN` (bench.sh: the release build) and `$FERRY_BIN_DEV` for
+//! default); `FERRY_BENCH_QUICK=1` runs the first copy with the default
+//! transport only (twice); `FERRY_BENCH_PERF=DIR` records a `perf` profile
+//! of site and DP per first-copy row into DIR. Uses `$FERRY_BIN` (bench.sh: the release build) and `$FERRY_BIN_DEV` for
 //! the dev-build row. Writes `$CARGO_TARGET_DIR/ferry-bench/datapath.md`
 //! and `.json`.
 
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_benches::{
-    big_wim, cached_wim, mbps, peak_rss, root, rsync_daemon_at, rsync_get_via, timed,
+    big_wim, cached_wim, cpu_time, mbps, peak_rss, root, rsync_daemon_at, rsync_get_via, timed,
 };
 use ferry_tests::harness::{wait_for, DpProc, SiteProc};
 use ferry_tests::netns::Netns;
@@ -260,7 +262,12 @@ fn main() -> anyhow::Result<()> {
         // this veth with Ferry's own configurations and nothing else.
         let mut ceiling_cpu = Vec::new();
         if run("first") {
-            for cc in ["bbr", "cubic"] {
+            let quick = std::env::var_os("FERRY_BENCH_QUICK").is_some();
+            for cc in if quick {
+                &["bbr"][..]
+            } else {
+                &["bbr", "cubic"]
+            } {
                 let (row, send_cpu, recv_cpu) = ceiling(&ns, w, big_len, cc, "aes-128-gcm")?;
                 ceiling_cpu.push((row.what.clone(), send_cpu, recv_cpu, row.seconds));
                 rows.push(row);
@@ -274,13 +281,29 @@ fn main() -> anyhow::Result<()> {
         let site_addr = format!("{}:{}", ns.host_ip, site.dp_port);
         if run("first") {
             let mut memory = Vec::new();
-            let variants = [
+            let mut cpu = Vec::new();
+            let mut variants = vec![
                 ("bbr", "aes-128-gcm", None),
                 ("bbr", "chacha20-poly1305", None),
                 ("bbr", "aes-256-gcm", None),
                 ("cubic", "aes-128-gcm", None),
                 ("bbr", "aes-128-gcm", std::env::var_os("FERRY_BIN_DEV")),
             ];
+            // FERRY_BENCH_QUICK=1: the default transport twice, nothing else
+            // (for trying a change).
+            if std::env::var_os("FERRY_BENCH_QUICK").is_some() {
+                variants = vec![("bbr", "aes-128-gcm", None), ("bbr", "aes-128-gcm", None)];
+            }
+            // A warm-up copy, untimed: the first distribution of a run
+            // otherwise pays for cold caches (the pack files, RocksDB's
+            // blocks, the DP side's page cache) and is the slowest row.
+            {
+                let mut dp = dp_in(&ns, w, "warm", &site, &site_addr)?;
+                distribute(&site, &id, "warm")?;
+                dp.stop()?;
+                site.cli_ok(&["undistribute", &id, "--dp", "warm"])?;
+                let _ = fs::remove_dir_all(&dp.data);
+            }
             let release_bin = std::env::var_os("FERRY_BIN");
             for (n, (cc, cipher, bin)) in variants.iter().enumerate() {
                 let dev = bin.is_some();
@@ -292,12 +315,42 @@ fn main() -> anyhow::Result<()> {
                 let name = format!("dp{n}");
                 let mut dp = dp_in(&ns, w, &name, &site, &site_addr)?;
                 let before = ns.host_bytes()?;
+                let (site_pid, dp_pid) = (site.pid().context("pid")?, dp.pid().context("pid")?);
+                // FERRY_BENCH_PERF=DIR: a call-graph profile of both
+                // processes per row (perf record; slows them a little).
+                let perf = match std::env::var_os("FERRY_BENCH_PERF") {
+                    Some(dir) => Some(
+                        std::process::Command::new("perf")
+                            .args(["record", "-q", "-g", "-F", "999", "-p"])
+                            .arg(format!("{site_pid},{dp_pid}"))
+                            .arg("-o")
+                            .arg(Path::new(&dir).join(format!("{name}.data")))
+                            .spawn()
+                            .context("perf record")?,
+                    ),
+                    None => None,
+                };
+                let cpu_before = (cpu_time(site_pid)?, cpu_time(dp_pid)?);
                 let (t, _) = distribute(&site, &id, &name)?;
+                let cpu_after = (cpu_time(site_pid)?, cpu_time(dp_pid)?);
+                if let Some(mut p) = perf {
+                    // SIGINT: perf writes its file and exits.
+                    let _ = std::process::Command::new("kill")
+                        .args(["-INT", &p.id().to_string()])
+                        .status();
+                    p.wait()?;
+                }
                 let after = ns.host_bytes()?;
                 let got = dp.content().join(&id).join("big.wim");
                 anyhow::ensure!(same(&got, &big)?, "{name}'s copy differs");
+                let run_name = format!("{cc}, {cipher}{}", if dev { ", dev build" } else { "" });
+                cpu.push((
+                    run_name.clone(),
+                    (cpu_after.0 - cpu_before.0).as_secs_f64(),
+                    (cpu_after.1 - cpu_before.1).as_secs_f64(),
+                ));
                 memory.push((
-                    format!("{cc}, {cipher}{}", if dev { ", dev build" } else { "" }),
+                    run_name,
                     peak_rss(site.pid().context("pid")?)?,
                     peak_rss(dp.pid().context("pid")?)?,
                 ));
@@ -350,6 +403,15 @@ fn main() -> anyhow::Result<()> {
                     "| {what} | {:.2} CPU-s/GB | {:.2} CPU-s/GB |\n",
                     send / gb,
                     recv / gb
+                );
+            }
+            report += "\nCPU of Ferry's site and DP processes from `ferry distribute` until installed (`/proc/PID/stat`, user + system), per GB of the image:\n\n| run | site | DP |\n|---|---|---|\n";
+            for (what, s, d) in &cpu {
+                let gb = big_len as f64 / 1e9;
+                report += &format!(
+                    "| {what} | {:.2} CPU-s/GB | {:.2} CPU-s/GB |\n",
+                    s / gb,
+                    d / gb
                 );
             }
             report += "\nPeak memory (VmHWM) of the processes that served and received it:\n\n| run | site | DP |\n|---|---|---|\n";
@@ -421,6 +483,42 @@ fn main() -> anyhow::Result<()> {
                     drops.1,
                 );
                 wan.push(json!({"congestion": cc, "seconds": t.as_secs_f64(), "bytes": big_len, "wire_in": wire_in, "goodput_share": goodput / link}));
+                dp.stop()?;
+                site.cli_ok(&["undistribute", &id, "--dp", &name])?;
+                let _ = fs::remove_dir_all(&dp.data);
+            }
+            drop(relay);
+            // 40 ms RTT and 2 % of datagrams lost each way (the relay
+            // drops them), same link, with BBR only: cubic halves its
+            // window at every loss and moved 0.26 MB/s here (217 MB in 14
+            // minutes, 2026-12-07), a run of an hour and a half.
+            let relay = Relay::start(
+                format!("{}:0", ns.host_ip).parse()?,
+                site_addr.parse()?,
+                Impairment {
+                    delay: Duration::from_millis(20),
+                    loss: 0.02,
+                    ..Impairment::default()
+                },
+            )?;
+            for (n, cc) in ["bbr"].iter().enumerate() {
+                set_transport(&mut site, cc, "aes-128-gcm")?;
+                let name = format!("lossy{n}");
+                let mut dp = dp_in(&ns, w, &name, &site, &relay.addr.to_string())?;
+                let (t, _) = distribute(&site, &id, &name)?;
+                anyhow::ensure!(
+                    same(&dp.content().join(&id).join("big.wim"), &big)?,
+                    "copy differs"
+                );
+                let goodput = big_len as f64 / t.as_secs_f64();
+                report += &format!(
+                    "| {cc}, **40 ms RTT, 2 % loss each way** (relay) | {:.2} s | {:.1} MB/s | **{:.1} %** | | {} dropped by the relay |\n",
+                    t.as_secs_f64(),
+                    goodput / 1e6,
+                    goodput / link * 100.0,
+                    relay.stats.dropped.load(Ordering::Relaxed),
+                );
+                wan.push(json!({"congestion": cc, "rtt_ms": 40, "loss": 0.02, "seconds": t.as_secs_f64(), "bytes": big_len, "goodput_share": goodput / link}));
                 dp.stop()?;
                 site.cli_ok(&["undistribute", &id, "--dp", &name])?;
                 let _ = fs::remove_dir_all(&dp.data);

@@ -7,7 +7,9 @@
 //!    bytes that left the site (the kernel's counter on the bridge, which
 //!    does not see what DPs send each other), the site's peak memory and
 //!    CPU.
-//! 2. `agents`: 100 DP agents on loopback, each a real `ferry dp serve`
+//! 2. `direct`: the same WIM to 10 DPs at once straight from the site,
+//!    beside one DP alone: time, the site's CPU per GB sent.
+//! 3. `agents`: 100 DP agents on loopback, each a real `ferry dp serve`
 //!    with its own index, and a small image: time until all installed, the
 //!    site's CPU and peak memory, and `ferry status` latency (the whole CLI
 //!    command, 100 rows) once they are.
@@ -155,23 +157,29 @@ fn segment(
     Ok((site, dps))
 }
 
+/// The ten DPs' names.
+fn ten() -> Vec<String> {
+    (0..10).map(|i| format!("dp{i:02}")).collect()
+}
+
+/// The big WIM to one DP alone on a segment: what the ten are held to.
+fn one_dp(big: &std::path::Path) -> anyhow::Result<Run> {
+    let seg = Bridge::create("fan1", 71, &["dp00"])?;
+    let work = tempfile::tempdir_in(root())?;
+    let (site, dps) = segment(&seg, work.path(), &ten()[..1], &[])?;
+    let id = add(&site, big)?;
+    Run::distribute(&seg, &site, &dps, &id, &["dp00"])
+}
+
 fn tree(
     report: &mut String,
     results: &mut serde_json::Map<String, serde_json::Value>,
+    big: &std::path::Path,
+    one: &Run,
 ) -> anyhow::Result<()> {
-    let big = big_wim()?;
-    let len = fs::metadata(&big)?.len();
-    let names: Vec<String> = (0..10).map(|i| format!("dp{i:02}")).collect();
+    let len = fs::metadata(big)?.len();
+    let names = ten();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-
-    // One DP alone, on the same kind of segment.
-    let one = {
-        let seg = Bridge::create("fan1", 71, &["dp00"])?;
-        let work = tempfile::tempdir_in(root())?;
-        let (site, dps) = segment(&seg, work.path(), &names[..1], &[])?;
-        let id = add(&site, &big)?;
-        Run::distribute(&seg, &site, &dps, &id, &["dp00"])?
-    };
     let (t_one, sent_one, rss_one, cpu_one, all_one) =
         (one.time, one.sent, one.site_rss, one.site_cpu, one.all_cpu);
 
@@ -193,7 +201,7 @@ fn tree(
     ] {
         site.cli_ok(&["dp", "set", dp, "--pull-from", from])?;
     }
-    let id = add(&site, &big)?;
+    let id = add(&site, big)?;
     let Run {
         time: t_tree,
         sent,
@@ -264,6 +272,71 @@ fn tree(
                "tree_s": t_tree.as_secs_f64(), "tree_sent": sent, "tree_site_cpu_s": cpu.as_secs_f64(),
                "tree_site_rss": rss, "tree_dp_rss_max": rss_dp, "from": from,
                "one_cpu_all_s": all_one.as_secs_f64(), "tree_cpu_all_s": all.as_secs_f64(), "cores": cores}),
+    );
+    Ok(())
+}
+
+/// Ten DPs straight from the site at once (no pull tree): the site sends
+/// ten copies over ten connections, which the runtime spreads over its
+/// threads. Site CPU per GB sent, and the time against one DP's.
+fn direct(
+    report: &mut String,
+    results: &mut serde_json::Map<String, serde_json::Value>,
+    big: &std::path::Path,
+    one: &Run,
+) -> anyhow::Result<()> {
+    let len = fs::metadata(big)?.len();
+    let names = ten();
+    let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
+    let seg = Bridge::create("fan10d", 73, &names_ref)?;
+    let work = tempfile::tempdir_in(root())?;
+    let (site, dps) = segment(&seg, work.path(), &names, &[])?;
+    let id = add(&site, big)?;
+    let ten = Run::distribute(&seg, &site, &dps, &id, &names_ref)?;
+    drop(dps);
+    drop(site);
+    let per_gb = |cpu: Duration, sent: u64| cpu.as_secs_f64() / (sent as f64 / 1e9);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    *report += &format!(
+        "## Ten DPs at once, straight from the site ({len} byte WIM)\n\n\
+         Each DP in its own network namespace on one bridge, all ten named in one \
+         `ferry distribute`; beside the same image to one DP alone. Site CPU per GB \
+         is per GB that left the site (the bridge's tx counter). Site and DPs share \
+         this machine's {cores} cores.\n\n\
+         | figure | one DP | 10 DPs | 10 ÷ one |\n|---|---|---|---|\n\
+         | time until all installed | {:.2} s | {:.2} s | {:.2} |\n\
+         | bytes that left the site | {} | {} | {:.2} |\n\
+         | site CPU | {:.2} s | {:.2} s | {:.2} |\n\
+         | site CPU per GB sent | {:.2} CPU-s/GB | {:.2} CPU-s/GB | {:.2} |\n\
+         | CPU of site and DPs together | {:.2} s | {:.2} s | {:.2} |\n\
+         | aggregate rate | {:.0} MB/s | {:.0} MB/s | {:.2} |\n\n",
+        one.time.as_secs_f64(),
+        ten.time.as_secs_f64(),
+        ten.time.as_secs_f64() / one.time.as_secs_f64(),
+        one.sent,
+        ten.sent,
+        ten.sent as f64 / one.sent.max(1) as f64,
+        one.site_cpu.as_secs_f64(),
+        ten.site_cpu.as_secs_f64(),
+        ten.site_cpu.as_secs_f64() / one.site_cpu.as_secs_f64().max(0.001),
+        per_gb(one.site_cpu, one.sent),
+        per_gb(ten.site_cpu, ten.sent),
+        per_gb(ten.site_cpu, ten.sent) / per_gb(one.site_cpu, one.sent),
+        one.all_cpu.as_secs_f64(),
+        ten.all_cpu.as_secs_f64(),
+        ten.all_cpu.as_secs_f64() / one.all_cpu.as_secs_f64().max(0.001),
+        mbps(len, one.time),
+        mbps(10 * len, ten.time),
+        mbps(10 * len, ten.time) / mbps(len, one.time),
+    );
+    results.insert(
+        "direct".into(),
+        json!({"wim_bytes": len, "one_s": one.time.as_secs_f64(), "one_sent": one.sent,
+               "one_site_cpu_s": one.site_cpu.as_secs_f64(),
+               "ten_s": ten.time.as_secs_f64(), "ten_sent": ten.sent,
+               "ten_site_cpu_s": ten.site_cpu.as_secs_f64(),
+               "one_cpu_all_s": one.all_cpu.as_secs_f64(), "ten_cpu_all_s": ten.all_cpu.as_secs_f64(),
+               "cores": cores}),
     );
     Ok(())
 }
@@ -378,8 +451,15 @@ fn main() -> anyhow::Result<()> {
     fs::create_dir_all(root())?;
     let mut report = String::new();
     let mut results = serde_json::Map::new();
-    if section("tree") {
-        tree(&mut report, &mut results)?;
+    if section("tree") || section("direct") {
+        let big = big_wim()?;
+        let one = one_dp(&big)?;
+        if section("direct") {
+            direct(&mut report, &mut results, &big, &one)?;
+        }
+        if section("tree") {
+            tree(&mut report, &mut results, &big, &one)?;
+        }
     }
     if section("agents") {
         agents(&mut report, &mut results)?;
