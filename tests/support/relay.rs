@@ -233,11 +233,11 @@ impl Lane {
             if let Some(r) = run.as_mut() {
                 r.3 += 1;
             }
-            // A shorter datagram ends a GSO run.
-            if run
-                .as_ref()
-                .is_some_and(|(_, _, size, _)| p.data.len() < *size)
-            {
+            // A shorter datagram ends a GSO run; one longer than an
+            // Ethernet frame carries (an MTU probe) leaves alone.
+            if run.as_ref().is_some_and(|(_, _, size, _)| {
+                p.data.len() < *size || p.data.len() > ETHERNET_PAYLOAD
+            }) {
                 flush(&mut run, out);
             }
         }
@@ -256,6 +256,14 @@ fn timespec(d: Duration) -> Timespec {
 /// limit. A larger one fails, and quinn-udp swallows that error (QUIC would
 /// resend), so every datagram in it would be silently lost.
 const MAX_GSO_BYTES: usize = 65_507;
+
+/// The UDP payload a 1,500-byte Ethernet frame carries. A longer datagram
+/// (QUIC's path MTU probe) is sent on its own: where the next hop cannot
+/// carry it, the kernel refuses the send and quinn-udp drops it without a
+/// word — batched in one GSO send, the datagrams after it would be dropped
+/// with it, losses a router would not cause (they once cost cubic half of
+/// its rate through this relay; BENCHMARKS.md).
+const ETHERNET_PAYLOAD: usize = 1_472;
 
 /// The shortest and longest a lane waits for datagrams between releases.
 const MIN_WAIT: Duration = Duration::from_micros(20);
