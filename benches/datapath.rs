@@ -196,6 +196,23 @@ fn ceiling(
     ))
 }
 
+/// A table of CPU seconds per GB of `bytes`: a row per run, two processes.
+fn cpu_table(title: &str, heads: (&str, &str), rows: &[(String, f64, f64)], bytes: u64) -> String {
+    let gb = bytes as f64 / 1e9;
+    let mut t = format!(
+        "\n{title}:\n\n| run | {} | {} |\n|---|---|---|\n",
+        heads.0, heads.1
+    );
+    for (what, a, b) in rows {
+        t += &format!(
+            "| {what} | {:.2} CPU-s/GB | {:.2} CPU-s/GB |\n",
+            a / gb,
+            b / gb
+        );
+    }
+    t
+}
+
 fn main() -> anyhow::Result<()> {
     if ferry_benches::listing() {
         return Ok(());
@@ -269,7 +286,7 @@ fn main() -> anyhow::Result<()> {
                 &["bbr", "cubic"]
             } {
                 let (row, send_cpu, recv_cpu) = ceiling(&ns, w, big_len, cc, "aes-128-gcm")?;
-                ceiling_cpu.push((row.what.clone(), send_cpu, recv_cpu, row.seconds));
+                ceiling_cpu.push((row.what.clone(), send_cpu, recv_cpu));
                 rows.push(row);
             }
         }
@@ -396,24 +413,18 @@ fn main() -> anyhow::Result<()> {
                     r.wire.0
                 );
             }
-            report += "\nCPU of the ceiling (sender on the host, receiver in the namespace), per GB moved:\n\n| run | sender | receiver |\n|---|---|---|\n";
-            for (what, send, recv, _) in &ceiling_cpu {
-                let gb = big_len as f64 / 1e9;
-                report += &format!(
-                    "| {what} | {:.2} CPU-s/GB | {:.2} CPU-s/GB |\n",
-                    send / gb,
-                    recv / gb
-                );
-            }
-            report += "\nCPU of Ferry's site and DP processes from `ferry distribute` until installed (`/proc/PID/stat`, user + system), per GB of the image:\n\n| run | site | DP |\n|---|---|---|\n";
-            for (what, s, d) in &cpu {
-                let gb = big_len as f64 / 1e9;
-                report += &format!(
-                    "| {what} | {:.2} CPU-s/GB | {:.2} CPU-s/GB |\n",
-                    s / gb,
-                    d / gb
-                );
-            }
+            report += &cpu_table(
+                "CPU of the ceiling (sender on the host, receiver in the namespace), per GB moved",
+                ("sender", "receiver"),
+                &ceiling_cpu,
+                big_len,
+            );
+            report += &cpu_table(
+                "CPU of Ferry's site and DP processes from `ferry distribute` until installed (`/proc/PID/stat`, user + system), per GB of the image",
+                ("site", "DP"),
+                &cpu,
+                big_len,
+            );
             report += "\nPeak memory (VmHWM) of the processes that served and received it:\n\n| run | site | DP |\n|---|---|---|\n";
             for (what, s, d) in &memory {
                 report += &format!(
